@@ -1,0 +1,374 @@
+//! Settings. Names follow PostgreSQL wherever the meaning is the same; the
+//! file format is TOML. Sizes take PostgreSQL's units (`"16MB"`, `"8kB"`) or
+//! a plain number of bytes; durations take `"200ms"`, `"5s"`, `"5min"` or a
+//! plain number in the setting's base unit (as PostgreSQL does).
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How the flusher makes WAL writes durable (`wal_sync_method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMethod {
+    /// Segments opened with O_DSYNC: each write is durable when it completes.
+    OpenDatasync,
+    /// Plain writes, then one fdatasync per batch (linked after the writes).
+    Fdatasync,
+    /// Segments opened with O_SYNC.
+    OpenSync,
+    /// Plain writes, then one fsync per batch.
+    Fsync,
+}
+
+impl SyncMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncMethod::OpenDatasync => "open_datasync",
+            SyncMethod::Fdatasync => "fdatasync",
+            SyncMethod::OpenSync => "open_sync",
+            SyncMethod::Fsync => "fsync",
+        }
+    }
+
+    /// True when the open flags make every write durable by itself.
+    pub fn syncs_on_write(self) -> bool {
+        matches!(self, SyncMethod::OpenDatasync | SyncMethod::OpenSync)
+    }
+
+    pub fn parse(s: &str) -> Option<SyncMethod> {
+        Some(match s {
+            "open_datasync" => SyncMethod::OpenDatasync,
+            "fdatasync" => SyncMethod::Fdatasync,
+            "open_sync" => SyncMethod::OpenSync,
+            "fsync" => SyncMethod::Fsync,
+            _ => return None,
+        })
+    }
+}
+
+/// Which flusher writes the WAL. `uring` is the real one; `pwrite` (plain
+/// pwrite + fdatasync, one batch at a time) exists for benchmark comparisons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlusherKind {
+    Uring,
+    Pwrite,
+}
+
+/// A size in bytes, written as a number or with PostgreSQL's units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit (B, kB, MB, GB, TB)"))?;
+        let mul = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" | "k" | "K" => 1 << 10,
+            "MB" | "M" => 1 << 20,
+            "GB" | "G" => 1 << 30,
+            "TB" | "T" => 1 << 40,
+            other => return Err(format!("invalid unit {other:?} in size {s:?}: valid units are B, kB, MB, GB, TB")),
+        };
+        n.checked_mul(mul)
+            .map(Size)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => Size::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration in milliseconds when written as a bare number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn duration(self) -> Duration {
+        Duration::from_millis(self.0)
+    }
+
+    pub fn parse(s: &str) -> Result<Millis, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected a number with an optional unit (ms, s, min, h)"))?;
+        let ms = match unit.trim() {
+            "" | "ms" => n,
+            "s" => n * 1000,
+            "min" => n * 60_000,
+            "h" => n * 3_600_000,
+            other => return Err(format!("invalid unit {other:?} in duration {s:?}: valid units are ms, s, min, h")),
+        };
+        Ok(Millis(ms))
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Millis(n)),
+            Raw::S(s) => Millis::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Every setting, with its default. docs and `systemd/walden.toml` list them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory of WAL segment files (meant for its own device).
+    pub wal_dir: PathBuf,
+    /// Directory of the page store (meant for a second device).
+    pub data_dir: PathBuf,
+    /// Size of one WAL segment file: a power of two from 1MB to 1GB.
+    pub wal_segment_size: Size,
+    /// Size of the in-memory WAL ring (`wal_buffers`), a multiple of 4kB.
+    pub wal_buffers: Size,
+    /// How WAL writes are made durable.
+    pub wal_sync_method: SyncMethod,
+    /// `false` skips every sync: for benchmarks and tests only, never for data you keep.
+    pub fsync: bool,
+    /// The longest an `off` record waits before the flusher writes it.
+    pub wal_writer_delay: Millis,
+    /// Microseconds the flusher waits before a sync when at least
+    /// `commit_siblings` other commits are waiting, to let more join the group.
+    pub commit_delay: u64,
+    pub commit_siblings: u32,
+    /// Number of insert slots (shards); 0 means one per online CPU.
+    pub insert_shards: u32,
+    /// CPUs the shards (and the flusher, last) are pinned to; empty: no pinning.
+    pub cpu_affinity: Vec<usize>,
+    /// Largest payload one record may carry; at most half of `wal_buffers`.
+    pub max_record_size: Size,
+    /// Segments kept ready ahead of the insert position.
+    pub wal_prealloc: u32,
+    /// Zero-fill new segments (fast overwrites later) rather than fallocate.
+    pub wal_init_zero: bool,
+    /// Reuse released segments by renaming them rather than deleting them.
+    pub wal_recycle: bool,
+    /// Which flusher to run (`uring`, or `pwrite` for comparisons).
+    pub wal_flusher: FlusherKind,
+    /// Most write batches the io_uring flusher keeps in flight at once.
+    pub wal_max_inflight: u32,
+    /// Largest single write the flusher submits, in bytes.
+    pub wal_max_write: Size,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            wal_dir: PathBuf::from("walden-data/wal"),
+            data_dir: PathBuf::from("walden-data/data"),
+            wal_segment_size: Size(16 << 20),
+            wal_buffers: Size(16 << 20),
+            wal_sync_method: SyncMethod::OpenDatasync,
+            fsync: true,
+            wal_writer_delay: Millis(200),
+            commit_delay: 0,
+            commit_siblings: 5,
+            insert_shards: 0,
+            cpu_affinity: Vec::new(),
+            max_record_size: Size(1 << 20),
+            wal_prealloc: 2,
+            wal_init_zero: true,
+            wal_recycle: true,
+            wal_flusher: FlusherKind::Uring,
+            wal_max_inflight: 4,
+            wal_max_write: Size(1 << 20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for parameter \"{name}\": {message}")]
+    Invalid { name: &'static str, message: String },
+    #[error("unrecognized configuration parameter \"{0}\"")]
+    Unknown(String),
+}
+
+impl Config {
+    /// A configuration whose WAL lives in `dir/wal` and pages in `dir/data`.
+    pub fn with_data_directory(dir: &Path) -> Config {
+        Config {
+            wal_dir: dir.join("wal"),
+            data_dir: dir.join("data"),
+            ..Config::default()
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies one `name=value` override (as `postgres -c name=value`).
+    pub fn set(&mut self, assignment: &str) -> Result<(), ConfigError> {
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Unknown(assignment.to_string()))?;
+        let (name, value) = (name.trim(), value.trim());
+        // Reuse the TOML parser so that -c accepts exactly what the file does.
+        let quoted = if value.parse::<i64>().is_ok()
+            || value == "true"
+            || value == "false"
+            || value.starts_with('[')
+            || value.starts_with('"')
+        {
+            value.to_string()
+        } else {
+            format!("{value:?}")
+        };
+        let mut table = toml::Table::try_from(&*self).expect("config serializes");
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {quoted}"))
+            .map_err(|e| ConfigError::Invalid {
+                name: "-c",
+                message: format!("{name}={value}: {e}"),
+            })?
+            .remove("v")
+            .unwrap();
+        if !table.contains_key(name) {
+            return Err(ConfigError::Unknown(name.to_string()));
+        }
+        table.insert(name.to_string(), parsed);
+        *self = table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
+            name: "-c",
+            message: format!("{name}={value}: {}", e.message()),
+        })?;
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: String| Err(ConfigError::Invalid { name, message });
+        let seg = self.wal_segment_size.0;
+        if !seg.is_power_of_two() || !((1 << 20)..=(1 << 30)).contains(&seg) {
+            return invalid(
+                "wal_segment_size",
+                format!("{seg} is not a power of two between 1MB and 1GB"),
+            );
+        }
+        let ring = self.wal_buffers.0;
+        if ring % 4096 != 0 || ring < (64 << 10) || ring > (1 << 30) {
+            return invalid(
+                "wal_buffers",
+                format!("{ring} must be a multiple of 4kB between 64kB and 1GB"),
+            );
+        }
+        if !ring.is_power_of_two() {
+            return invalid("wal_buffers", format!("{ring} must be a power of two"));
+        }
+        let max_rec = self.max_record_size.0;
+        if max_rec == 0 || max_rec + 4096 > ring / 2 || max_rec > crate::record::MAX_TOTAL_LEN as u64 / 2 {
+            return invalid(
+                "max_record_size",
+                format!(
+                    "{max_rec} must be positive and leave room in half of wal_buffers ({ring}): \
+                     a larger record could wait forever for ring space"
+                ),
+            );
+        }
+        if self.wal_max_inflight == 0 || self.wal_max_inflight > 64 {
+            return invalid("wal_max_inflight", format!("{} is not between 1 and 64", self.wal_max_inflight));
+        }
+        let w = self.wal_max_write.0;
+        if w < 4096 || w % 4096 != 0 {
+            return invalid("wal_max_write", format!("{w} must be a multiple of 4kB"));
+        }
+        if self.wal_writer_delay.0 == 0 || self.wal_writer_delay.0 > 10_000 {
+            return invalid("wal_writer_delay", format!("{}ms is not between 1ms and 10s", self.wal_writer_delay.0));
+        }
+        if self.commit_delay > 100_000 {
+            return invalid("commit_delay", format!("{}us is more than 100000us", self.commit_delay));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_take_postgres_units() {
+        assert_eq!(Size::parse("16MB"), Ok(Size(16 << 20)));
+        assert_eq!(Size::parse("8kB"), Ok(Size(8192)));
+        assert_eq!(Size::parse("4096"), Ok(Size(4096)));
+        assert!(Size::parse("12 parsecs").unwrap_err().contains("invalid unit"));
+        assert_eq!(Millis::parse("200ms"), Ok(Millis(200)));
+        assert_eq!(Millis::parse("5min"), Ok(Millis(300_000)));
+    }
+
+    #[test]
+    fn file_and_overrides() {
+        let cfg: Config = toml::from_str(
+            "wal_buffers = \"4MB\"\nwal_sync_method = \"fdatasync\"\nwal_writer_delay = 10\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.wal_buffers, Size(4 << 20));
+        assert_eq!(cfg.wal_sync_method, SyncMethod::Fdatasync);
+        cfg.validate().unwrap();
+        let mut cfg = cfg;
+        cfg.set("wal_segment_size=1MB").unwrap();
+        assert_eq!(cfg.wal_segment_size, Size(1 << 20));
+        cfg.set("fsync=false").unwrap();
+        assert!(!cfg.fsync);
+        assert!(matches!(cfg.set("no_such_thing=1"), Err(ConfigError::Unknown(_))));
+        assert!(cfg.set("wal_sync_method=sometimes").is_err());
+        let bad = toml::from_str::<Config>("wal_bufers = 3").unwrap_err();
+        assert!(bad.to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut cfg = Config::default();
+        cfg.wal_segment_size = Size(3 << 20);
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("wal_segment_size"), "{e}");
+        let mut cfg = Config::default();
+        cfg.max_record_size = Size(9 << 20);
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("max_record_size"), "{e}");
+    }
+}

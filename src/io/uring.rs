@@ -1,0 +1,361 @@
+//! The flusher's io_uring: registered buffers (the WAL ring and a few bounce
+//! blocks), fixed-buffer writes, linked fsync/fdatasync, an eventfd that wakes
+//! the flusher, and waits with a timeout.
+//!
+//! Ownership: the queue holds the registered memory (an `Arc` of the ring and
+//! its own bounce blocks) and, when dropped, first waits for every operation
+//! it submitted. So the kernel can never write from freed memory, whatever the
+//! caller does.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::aligned::{AlignedBuf, SharedBuf};
+use super::BLOCK;
+
+const WAKE_USER_DATA: u64 = u64::MAX;
+const RING_BUF_INDEX: u16 = 0;
+const BOUNCE_BUF_INDEX: u16 = 1;
+
+/// One finished operation: the caller's `user_data` and the kernel's result
+/// (bytes written, 0 for a sync, or a negative errno).
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+}
+
+/// An eventfd other threads use to wake a thread waiting in its io_uring.
+pub struct EventFd {
+    fd: RawFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes plain integers and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(EventFd { fd })
+    }
+
+    /// Adds one to the counter, waking a pending read. Never blocks.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to our own descriptor.
+        // EAGAIN (counter saturated) already means "a wake-up is pending".
+        unsafe { libc::write(self.fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor and close it once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The flusher's submission/completion queue.
+pub struct WalQueue {
+    // Field order matters: the ring is dropped (after Drop::drop drained it)
+    // before the memory it had registered.
+    ring: IoUring,
+    shared: Arc<SharedBuf>,
+    bounce: AlignedBuf,
+    bounce_busy: Vec<Option<u64>>,
+    wake: Arc<EventFd>,
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+    in_flight: usize,
+    single_issuer: bool,
+}
+
+impl WalQueue {
+    /// Builds the queue on the calling thread (with SINGLE_ISSUER and
+    /// DEFER_TASKRUN where the kernel has them, only this thread may use it)
+    /// and registers `shared` and `bounce_blocks` blocks of bounce memory.
+    pub fn new(
+        entries: u32,
+        shared: Arc<SharedBuf>,
+        bounce_blocks: usize,
+        wake: Arc<EventFd>,
+    ) -> io::Result<WalQueue> {
+        let (ring, single_issuer) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+        {
+            Ok(r) => (r, true),
+            Err(_) => (IoUring::new(entries)?, false),
+        };
+        let bounce = AlignedBuf::zeroed(bounce_blocks.max(1) * BLOCK);
+        let iovecs = [
+            libc::iovec {
+                iov_base: shared.as_ptr() as *mut libc::c_void,
+                iov_len: shared.len(),
+            },
+            libc::iovec {
+                iov_base: bounce.as_ptr() as *mut libc::c_void,
+                iov_len: bounce.len(),
+            },
+        ];
+        // SAFETY: both buffers are owned by the returned queue (the Arc and
+        // the AlignedBuf) and outlive the ring, which is dropped first.
+        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        Ok(WalQueue {
+            ring,
+            shared,
+            bounce_busy: vec![None; bounce.len() / BLOCK],
+            bounce,
+            wake,
+            wake_buf: Box::new([0; 8]),
+            wake_armed: false,
+            in_flight: 0,
+            single_issuer,
+        })
+    }
+
+    /// Whether the kernel accepted SINGLE_ISSUER | DEFER_TASKRUN.
+    pub fn is_single_issuer(&self) -> bool {
+        self.single_issuer
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn bounce_blocks(&self) -> usize {
+        self.bounce_busy.len()
+    }
+
+    /// Whether bounce block `i` is free to fill.
+    pub fn bounce_free(&self, i: usize) -> bool {
+        self.bounce_busy[i].is_none()
+    }
+
+    /// Mutable access to bounce block `i`. Panics if a write from it is in flight.
+    pub fn bounce_mut(&mut self, i: usize) -> &mut [u8] {
+        assert!(self.bounce_busy[i].is_none(), "bounce block {i} is in flight");
+        &mut self.bounce[i * BLOCK..(i + 1) * BLOCK]
+    }
+
+    /// Entries one chain may hold: a linked chain must be queued whole
+    /// within one submission, or the kernel ends it at the boundary.
+    pub fn max_chain(&self) -> usize {
+        (self.ring.params().sq_entries() as usize / 2).max(2)
+    }
+
+    /// Makes room for `n` more entries: call before queueing a chain of `n`
+    /// (at most [`WalQueue::max_chain`]), so it is never split across
+    /// two submissions.
+    pub fn begin_chain(&mut self, n: usize) -> io::Result<()> {
+        assert!(n <= self.max_chain(), "chain of {n} entries is too long");
+        let free = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free < n + 1 {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        if self.ring.submission().is_full() {
+            // Only reached outside a chain (begin_chain made room for chains).
+            self.ring.submit()?;
+        }
+        // SAFETY: every buffer an entry points at is registered memory owned
+        // by self (bounds checked by the callers below) or self.wake_buf, and
+        // self waits for all in-flight entries before that memory is freed.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&entry)
+                .map_err(|_| io::Error::other("submission queue full"))?
+        };
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Queues a write of `len` bytes of the shared ring at `ring_offset` to
+    /// `fd` at `file_offset`. `link` makes the next queued entry wait for it.
+    pub fn write_ring(
+        &mut self,
+        fd: RawFd,
+        ring_offset: usize,
+        len: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
+        assert!(ring_offset + len <= self.shared.len() && len <= u32::MAX as usize);
+        assert!(user_data != WAKE_USER_DATA);
+        // SAFETY (pointer arithmetic): in bounds, asserted above.
+        let ptr = unsafe { self.shared.as_ptr().add(ring_offset) };
+        let mut e = opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, RING_BUF_INDEX)
+            .offset(file_offset)
+            .build()
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push(e)
+    }
+
+    /// Queues a write of bounce block `i` (all [`BLOCK`] bytes).
+    pub fn write_bounce(
+        &mut self,
+        fd: RawFd,
+        i: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
+        assert!(self.bounce_busy[i].is_none(), "bounce block {i} is in flight");
+        assert!(user_data != WAKE_USER_DATA);
+        // SAFETY (pointer arithmetic): i < bounce_busy.len() (indexed above).
+        let ptr = unsafe { self.bounce.as_ptr().add(i * BLOCK) };
+        let mut e = opcode::WriteFixed::new(types::Fd(fd), ptr, BLOCK as u32, BOUNCE_BUF_INDEX)
+            .offset(file_offset)
+            .build()
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.bounce_busy[i] = Some(user_data);
+        self.push(e)
+    }
+
+    /// Queues fdatasync (or fsync) of `fd`. When the previous entry was
+    /// queued with `link`, it runs only after that entry succeeded, and fails
+    /// with ECANCELED otherwise; `link` chains the next entry to this one.
+    pub fn sync(&mut self, fd: RawFd, datasync: bool, user_data: u64, link: bool) -> io::Result<()> {
+        assert!(user_data != WAKE_USER_DATA);
+        let flags = if datasync {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let mut e = opcode::Fsync::new(types::Fd(fd))
+            .flags(flags)
+            .build()
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push(e)
+    }
+
+    /// Keeps a read of the eventfd pending, so that [`EventFd::signal`] ends a wait.
+    fn arm_wake(&mut self) -> io::Result<()> {
+        if self.wake_armed {
+            return Ok(());
+        }
+        let e = opcode::Read::new(types::Fd(self.wake.raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
+        self.push(e)?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    /// Submits what is queued and waits until at least `want` operations
+    /// completed, the eventfd was signalled, or `timeout` passed.
+    pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        self.arm_wake()?;
+        let res = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            None => self.ring.submitter().submit_and_wait(want),
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits what is queued without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves finished operations into `out`; eventfd wake-ups are consumed
+    /// here and reported only as the return value.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) -> bool {
+        let mut woken = false;
+        for cqe in self.ring.completion() {
+            self.in_flight -= 1;
+            let user_data = cqe.user_data();
+            if user_data == WAKE_USER_DATA {
+                self.wake_armed = false;
+                woken = true;
+                continue;
+            }
+            if let Some(slot) = self.bounce_busy.iter_mut().find(|b| **b == Some(user_data)) {
+                *slot = None;
+            }
+            out.push(Completion {
+                user_data,
+                result: cqe.result(),
+            });
+        }
+        woken
+    }
+}
+
+impl Drop for WalQueue {
+    fn drop(&mut self) {
+        // IMPORTANT: the kernel may still read registered memory for writes in
+        // flight; wait for them (the pending eventfd read is woken first).
+        if self.wake_armed {
+            self.wake.signal();
+        }
+        let mut sink = Vec::new();
+        while self.in_flight > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.reap(&mut sink);
+        }
+    }
+}
+
+impl EventFd {
+    /// Blocks until signalled or `timeout` passes; consumes the signal.
+    /// For threads that do not wait in an io_uring (the pwrite flusher).
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms.max(if timeout.is_zero() { 0 } else { 1 })) };
+        if n <= 0 {
+            return false;
+        }
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local; non-blocking descriptor.
+        unsafe { libc::read(self.fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        true
+    }
+}

@@ -1,0 +1,25 @@
+//! walden: a write-ahead-log appliance for Linux.
+//!
+//! Clients append records; walden gives each an LSN, makes it durable with
+//! group commit, and acknowledges it at the level asked for. This crate is the
+//! engine (embeddable: see [`Wal`]) and the `walden` binary's subcommands.
+//!
+//! What it is not: a database. Records are opaque bytes; the page store
+//! materialised from page records arrives in `store`.
+//!
+//! Floors, from the bottom: [`io`] (every syscall and `unsafe`), [`lsn`],
+//! [`record`], [`config`], [`wal`]. Nothing imports upward.
+
+pub mod config;
+pub mod io;
+pub mod lsn;
+pub mod record;
+#[doc(hidden)]
+pub mod testkit;
+pub mod topology;
+pub mod wal;
+
+pub use config::Config;
+pub use lsn::Lsn;
+pub use record::Kind;
+pub use wal::{Appended, Durability, Inserter, Wal, WalError};

@@ -1,0 +1,48 @@
+//! The `walden` binary: one command, subcommands for every job. The code of
+//! the tools lives in `tools/`.
+
+#[path = "../tools/mod.rs"]
+mod tools;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "walden",
+    version,
+    about = "walden: a write-ahead-log appliance for Linux",
+    long_about = "walden appends records to a write-ahead log with group commit and acknowledges \
+                  each at the durability level asked for (off, local, remote_write, on, remote_apply)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load generator, like pgbench: appends records and reports rate and commit latency.
+    Bench(tools::bench::BenchArgs),
+    /// (testing) Append records, printing one line per acknowledged record, until killed.
+    #[command(hide = true)]
+    WalChild(tools::wal_child::WalChildArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WALDEN_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => tools::bench::run(args),
+        Command::WalChild(args) => tools::wal_child::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("walden: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,555 @@
+//! The WAL engine: lock-free insertion into a ring, one io_uring flusher with
+//! group commit, segment files, and recovery of the end of WAL at startup.
+//!
+//! ```no_run
+//! use walden::{Config, Durability, Kind, Wal};
+//! let wal = Wal::open(Config::with_data_directory("walden-data".as_ref()))?;
+//! let rec = wal.append(Kind::DATA, b"hello")?;
+//! wal.wait(rec.end, Durability::Local)?; // durable: survives kill -9 and power loss
+//! for r in wal.reader(rec.lsn) {
+//!     let r = r?;
+//!     println!("{} {:?}", r.lsn, r.payload);
+//! }
+//! wal.close()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! What it is not: a page store (see `store`), a server (see `server`) or a
+//! replication sender; those sit on top of it.
+
+pub mod buffer;
+pub mod commit;
+pub mod flusher;
+pub mod insert;
+pub mod reader;
+pub mod segments;
+pub mod startup;
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, ConfigError, FlusherKind};
+use crate::io::file::{self, FileError};
+use crate::io::uring::EventFd;
+use crate::lsn::Lsn;
+use crate::record::{self, Kind};
+
+use buffer::WalBuffer;
+use commit::{GroupCommit, WalStats};
+use insert::{InsertState, SlotGuard};
+use reader::WalReader;
+use segments::Segments;
+
+/// The timeline every WAL starts on (timelines arrive with point-in-time restore).
+pub const TIMELINE: u32 = 1;
+
+/// When an append is acknowledged, as PostgreSQL's `synchronous_commit`.
+/// Without standbys, `remote_write`, `on` and `remote_apply` behave as `local`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Durability {
+    /// In the ring; the flusher writes it within `wal_writer_delay`.
+    Off,
+    /// Flushed to the local WAL device.
+    Local,
+    /// Local, and written by a quorum of standbys.
+    RemoteWrite,
+    /// Local, and flushed by a quorum of standbys.
+    On,
+    /// Local, and replayed by a quorum of standbys.
+    RemoteApply,
+}
+
+impl Durability {
+    pub const ALL: [Durability; 5] = [
+        Durability::Off,
+        Durability::Local,
+        Durability::RemoteWrite,
+        Durability::On,
+        Durability::RemoteApply,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Off => "off",
+            Durability::Local => "local",
+            Durability::RemoteWrite => "remote_write",
+            Durability::On => "on",
+            Durability::RemoteApply => "remote_apply",
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Durability::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("invalid durability level {s:?}: expected off, local, remote_write, on or remote_apply"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("record of {len} bytes is larger than max_record_size ({max} bytes)")]
+    RecordTooLarge { len: usize, max: u64 },
+    #[error("the WAL is shut down")]
+    Closed,
+    #[error("invalid WAL directory {dir}: {message}")]
+    BadDirectory { dir: String, message: String },
+    #[error("cannot release WAL before {requested}: only WAL before the flush LSN {flushed} may be released")]
+    ReleaseAhead { requested: Lsn, flushed: Lsn },
+    #[error("invalid record kind 0: kinds are 1..=255")]
+    InvalidKind,
+    #[error("could not set up io_uring for the WAL flusher: {0} (io_uring needs Linux 5.11 or later, and locked memory for wal_buffers: raise LimitMEMLOCK)")]
+    Uring(std::io::Error),
+    #[error("could not start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, WalError>;
+
+/// Where an appended record landed: its LSN, and the LSN just past it (what
+/// to wait for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub lsn: Lsn,
+    pub end: Lsn,
+}
+
+pub(crate) struct WalShared {
+    pub insert: InsertState,
+    pub commit: GroupCommit,
+    pub segments: Arc<Segments>,
+    pub stats: Arc<WalStats>,
+    cfg: Config,
+    /// First record of the retained WAL (persisted in `wal_start`).
+    start_lsn: AtomicU64,
+    /// Where this process started appending (the end found at startup).
+    opened_at: Lsn,
+    closed: AtomicBool,
+    release_lock: Mutex<()>,
+}
+
+/// The embedded WAL engine. Share it between threads by reference (or Arc).
+pub struct Wal {
+    shared: Arc<WalShared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `cfg.wal_dir`, finds the end of valid
+    /// WAL, and starts the flusher and the segment preparer.
+    pub fn open(cfg: Config) -> Result<Wal> {
+        cfg.validate()?;
+        let dir = cfg.wal_dir.clone();
+        file::create_dir_all(&dir)?;
+        let seg_size = cfg.wal_segment_size.0;
+        let bad = |message: String| WalError::BadDirectory {
+            dir: dir.display().to_string(),
+            message,
+        };
+        let present = segments::list_segments(&dir, TIMELINE, seg_size)?;
+        if let Some(&first) = present.first() {
+            let len = std::fs::metadata(segments_path(&dir, first, seg_size))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            if len != seg_size {
+                return Err(bad(format!(
+                    "segment files are {len} bytes but wal_segment_size is {seg_size}: \
+                     wal_segment_size cannot change after the WAL is created"
+                )));
+            }
+        }
+        let start = match segments::read_wal_start(&dir)? {
+            Some(l) => l,
+            None if present.is_empty() || present[0] == 1 => {
+                let l = Lsn(seg_size);
+                segments::write_wal_start(&dir, l)?;
+                l
+            }
+            None => {
+                return Err(bad(format!(
+                    "segments exist (the first is {}) but {} is missing: cannot tell where the first record starts",
+                    segments_path(&dir, present[0], seg_size).display(),
+                    segments::WAL_START_FILE
+                )))
+            }
+        };
+
+        let began = Instant::now();
+        let scan = startup::scan(&dir, seg_size, TIMELINE, start)?;
+        let end = scan.end;
+        // The scan ran into a missing segment (directly, or inside a record
+        // that spans into it) while later segments exist: that is lost or
+        // misplaced WAL, not the end of it. Refuse rather than discard.
+        let first_gap = (start.segno(seg_size)..)
+            .find(|s| present.binary_search(s).is_err())
+            .expect("finite");
+        if end.segno(seg_size) + 1 >= first_gap {
+            if let Some(later) = present.iter().find(|&&s| s > first_gap) {
+                return Err(bad(format!(
+                    "WAL segment {} is missing but a later one exists ({}): \
+                     refusing to start, because continuing would discard the later WAL. \
+                     Restore the missing segment, or move the later ones away if they are not needed",
+                    crate::lsn::segment_file_name(TIMELINE, first_gap, seg_size),
+                    crate::lsn::segment_file_name(TIMELINE, *later, seg_size)
+                )));
+            }
+        }
+        match &scan.reason {
+            Some(reason) => tracing::info!(
+                "end of WAL at {end}: {reason}; {} records ({} bytes) from {start} checked in {:.3} s",
+                scan.records,
+                end.0 - start.0,
+                began.elapsed().as_secs_f64()
+            ),
+            None => tracing::info!("end of WAL at {end}"),
+        }
+
+        let stats = Arc::new(WalStats::default());
+        let segments = Arc::new(Segments::new(
+            &dir,
+            seg_size,
+            TIMELINE,
+            cfg.wal_init_zero,
+            cfg.wal_recycle,
+            cfg.wal_prealloc,
+            Arc::clone(&stats),
+        ));
+        let (zeroed, removed) = startup::clear_after(&segments, end)?;
+        if zeroed + removed > 0 {
+            tracing::info!(
+                "cleared {zeroed} bytes after the end of WAL and removed {removed} later segment file(s)"
+            );
+        }
+        let end_segno = end.segno(seg_size);
+        // IMPORTANT: WAL found valid may have been written but never synced
+        // before a crash (its write was in flight). Make it durable before
+        // anything is acknowledged after it, or a power cut could leave a
+        // hole in front of acknowledged records.
+        startup::sync_segments(&segments, start.segno(seg_size), end_segno)?;
+        segments.release_before(start.align_down(seg_size), end_segno)?;
+        let tail = startup::read_tail(&segments, end)?;
+
+        let insert = InsertState::new(
+            WalBuffer::new(cfg.wal_buffers.0),
+            end,
+            &tail,
+            crate::topology::insert_shards(&cfg),
+        );
+        let wake = Arc::new(EventFd::new().map_err(|e| WalError::Thread("flusher eventfd", e))?);
+        let shared = Arc::new(WalShared {
+            insert,
+            commit: GroupCommit::new(end, wake),
+            segments: Arc::clone(&segments),
+            stats,
+            start_lsn: AtomicU64::new(start.0),
+            opened_at: end,
+            closed: AtomicBool::new(false),
+            release_lock: Mutex::new(()),
+            cfg,
+        });
+        if !shared.cfg.fsync {
+            tracing::warn!(
+                "fsync is off: acknowledged WAL can be lost on a crash or power failure; use it only for benchmarks and tests"
+            );
+        }
+
+        let mut threads = Vec::new();
+        segments.advance(end_segno);
+        let seg = Arc::clone(&segments);
+        threads.push(
+            std::thread::Builder::new()
+                .name("walden-walprep".into())
+                .spawn(move || seg.run_preparer())
+                .map_err(|e| WalError::Thread("segment preparer", e))?,
+        );
+        let fl = Arc::clone(&shared);
+        let settings = flusher::FlushSettings::from_config(&shared.cfg);
+        let pin = shared.cfg.cpu_affinity.last().copied();
+        let kind = shared.cfg.wal_flusher;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        threads.push(
+            std::thread::Builder::new()
+                .name("walden-flusher".into())
+                .spawn(move || {
+                    if let Some(core) = pin {
+                        crate::topology::pin_current_thread(core);
+                    }
+                    match kind {
+                        FlusherKind::Uring => flusher::run_uring(fl, settings, ready_tx),
+                        FlusherKind::Pwrite => {
+                            let _ = ready_tx.send(Ok(()));
+                            flusher::run_pwrite(fl, settings)
+                        }
+                    }
+                })
+                .map_err(|e| WalError::Thread("flusher", e))?,
+        );
+        let wal = Wal {
+            shared,
+            threads: Mutex::new(threads),
+        };
+        // The io_uring is built on the flusher's own thread (SINGLE_ISSUER);
+        // report a failure here rather than abort later.
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(wal),
+            Ok(Err(e)) => Err(WalError::Uring(e)),
+            Err(_) => Err(WalError::Thread("flusher", std::io::Error::other("flusher exited at startup"))),
+        }
+    }
+
+    /// Appends one record through any free insert slot.
+    pub fn append(&self, kind: Kind, payload: &[u8]) -> Result<Appended> {
+        self.inserter().append(kind, payload)
+    }
+
+    /// Appends many records with one reservation per half-ring of bytes;
+    /// pushes each record's LSN to `lsns` and returns the end of the last.
+    pub fn append_batch(&self, records: &[(Kind, &[u8])], lsns: &mut Vec<Lsn>) -> Result<Lsn> {
+        self.inserter().append_batch(records, lsns)
+    }
+
+    /// Takes an insert slot for the life of the returned handle: a thread that
+    /// appends often (a server shard) keeps one instead of taking a free slot
+    /// per call.
+    pub fn inserter(&self) -> Inserter<'_> {
+        Inserter {
+            wal: &self.shared,
+            slot: self.shared.insert.acquire_slot(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Waits until WAL up to `end` (an [`Appended::end`]) reaches `level`.
+    pub fn wait(&self, end: Lsn, level: Durability) -> Result<()> {
+        self.shared.wait(end, level)
+    }
+
+    /// The next LSN to be handed out.
+    pub fn insert_lsn(&self) -> Lsn {
+        self.shared.insert.insert_lsn()
+    }
+
+    /// WAL below this has been written to the kernel (maybe not yet durable).
+    pub fn write_lsn(&self) -> Lsn {
+        self.shared.commit.write_lsn()
+    }
+
+    /// WAL below this is durable.
+    pub fn flush_lsn(&self) -> Lsn {
+        self.shared.commit.flush_lsn()
+    }
+
+    /// The first record of the retained WAL.
+    pub fn start_lsn(&self) -> Lsn {
+        Lsn(self.shared.start_lsn.load(Acquire))
+    }
+
+    /// Where this process began appending (the end of WAL found at open).
+    pub fn opened_at(&self) -> Lsn {
+        self.shared.opened_at
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub fn stats(&self) -> &WalStats {
+        &self.shared.stats
+    }
+
+    /// Records appended since open.
+    pub fn records_appended(&self) -> u64 {
+        self.shared.insert.records()
+    }
+
+    /// Times an appender waited for ring space.
+    pub fn ring_full_waits(&self) -> u64 {
+        self.shared.insert.ring_full_waits.load(Relaxed)
+    }
+
+    pub fn insert_shards(&self) -> usize {
+        self.shared.insert.slot_count()
+    }
+
+    /// A reader from `from` (a record start) up to the flush LSN now.
+    pub fn reader(&self, from: Lsn) -> WalReader {
+        WalReader::new(
+            &self.shared.cfg.wal_dir,
+            self.shared.cfg.wal_segment_size.0,
+            TIMELINE,
+            from,
+            Some(self.flush_lsn()),
+        )
+    }
+
+    /// Releases the segments wholly before `lsn`, a record start at or below
+    /// the flush LSN: recycled or removed. The new start is made durable
+    /// first, so a crash in between never leaves a WAL whose start is gone.
+    /// Returns (recycled, removed). The checkpointer calls this with its redo LSN.
+    pub fn remove_before(&self, lsn: Lsn) -> Result<(u64, u64)> {
+        let _g = self.shared.release_lock.lock().unwrap();
+        let flushed = self.flush_lsn();
+        if lsn > flushed {
+            return Err(WalError::ReleaseAhead {
+                requested: lsn,
+                flushed,
+            });
+        }
+        if lsn <= self.start_lsn() {
+            return Ok((0, 0));
+        }
+        // The new start must be a record start: check it decodes.
+        let mut r = self.reader(lsn);
+        if lsn < flushed
+            && r.next_record()?.is_none()
+            && !matches!(r.end(), Some(reader::EndOfWal::Limit(_)))
+        {
+            return Err(WalError::BadDirectory {
+                dir: self.shared.cfg.wal_dir.display().to_string(),
+                message: format!("{lsn} is not the start of a valid record: {}", r.end().unwrap()),
+            });
+        }
+        segments::write_wal_start(&self.shared.cfg.wal_dir, lsn)?;
+        self.shared.start_lsn.store(lsn.0, Release);
+        let seg_size = self.shared.segments.segment_size();
+        let current = self.shared.commit.flush_lsn().segno(seg_size);
+        Ok(self.shared.segments.release_before(lsn, current)?)
+    }
+
+    /// Flushes everything appended and stops the threads. Appends racing
+    /// with close may fail with [`WalError::Closed`].
+    pub fn close(self) -> Result<()> {
+        self.shutdown();
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        if self.shared.closed.swap(true, SeqCst) {
+            return;
+        }
+        self.shared.commit.shut_down();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        let mut handles = threads.into_iter();
+        let preparer = handles.next();
+        for h in handles {
+            let _ = h.join();
+        }
+        self.shared.segments.stop_preparer();
+        if let Some(h) = preparer {
+            let _ = h.join();
+        }
+        tracing::info!("WAL shut down at {}", self.flush_lsn());
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn segments_path(dir: &std::path::Path, segno: u64, seg_size: u64) -> std::path::PathBuf {
+    dir.join(crate::lsn::segment_file_name(TIMELINE, segno, seg_size))
+}
+
+impl WalShared {
+    fn wait(&self, end: Lsn, level: Durability) -> Result<()> {
+        if level == Durability::Off {
+            return Ok(());
+        }
+        if self.commit.wait_flushed(end) {
+            Ok(())
+        } else {
+            Err(WalError::Closed)
+        }
+    }
+
+    fn check_record(&self, kind: Kind, len: usize) -> Result<()> {
+        if kind.0 == 0 {
+            return Err(WalError::InvalidKind);
+        }
+        let max = self.cfg.max_record_size.0;
+        if len as u64 > max {
+            return Err(WalError::RecordTooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn wait_for_space(&self, start: Lsn, needed: Lsn) {
+        self.commit.request(start);
+        self.commit
+            .wait_until(|| self.insert.reclaim_lsn() >= needed, Some(Duration::from_millis(2)));
+    }
+}
+
+/// An insert slot held by one thread; see [`Wal::inserter`].
+pub struct Inserter<'a> {
+    wal: &'a WalShared,
+    slot: SlotGuard<'a>,
+    scratch: Vec<Lsn>,
+}
+
+impl Inserter<'_> {
+    pub fn append(&mut self, kind: Kind, payload: &[u8]) -> Result<Appended> {
+        let w = self.wal;
+        w.check_record(kind, payload.len())?;
+        if w.closed.load(Relaxed) {
+            return Err(WalError::Closed);
+        }
+        self.scratch.clear();
+        let (start, end) = w.insert.insert(&self.slot, &[(kind, payload)], &mut self.scratch, |s, n| {
+            w.wait_for_space(s, n)
+        });
+        Ok(Appended { lsn: start, end })
+    }
+
+    /// See [`Wal::append_batch`].
+    pub fn append_batch(&mut self, records: &[(Kind, &[u8])], lsns: &mut Vec<Lsn>) -> Result<Lsn> {
+        let w = self.wal;
+        for (kind, p) in records {
+            w.check_record(*kind, p.len())?;
+        }
+        if w.closed.load(Relaxed) {
+            return Err(WalError::Closed);
+        }
+        let max = w.insert.max_reservation();
+        let mut end = w.insert.insert_lsn();
+        let mut i = 0;
+        while i < records.len() {
+            let mut total = 0;
+            let mut j = i;
+            while j < records.len() {
+                let l = record::stream_len(records[j].1.len());
+                if total + l > max {
+                    break;
+                }
+                total += l;
+                j += 1;
+            }
+            let (_, e) = w.insert.insert(&self.slot, &records[i..j], lsns, |s, n| w.wait_for_space(s, n));
+            end = e;
+            i = j;
+        }
+        Ok(end)
+    }
+
+    pub fn wait(&self, end: Lsn, level: Durability) -> Result<()> {
+        self.wal.wait(end, level)
+    }
+}

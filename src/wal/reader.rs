@@ -1,0 +1,264 @@
+//! Sequential decoding of WAL from any record start, across segment files,
+//! up to an optional limit (the flush LSN of a live WAL). The reader stops at
+//! the first invalid record and reports why: it never trusts bytes past it.
+
+use std::path::{Path, PathBuf};
+
+use crate::io::file::{FileError, OpenMode, SegmentFile};
+use crate::lsn::{self, Lsn};
+use crate::record::{self, Header, Kind, RecordError, HEADER_LEN};
+
+const READ_CHUNK: usize = 1 << 20;
+
+/// One decoded record, borrowed from the reader's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub lsn: Lsn,
+    pub kind: Kind,
+    pub flags: u8,
+    pub header: Header,
+    pub payload: &'a [u8],
+}
+
+impl Record<'_> {
+    /// The LSN just past this record (and its padding): the next record's start.
+    pub fn end_lsn(&self) -> Lsn {
+        Lsn(self.lsn.0 + self.header.stream_len())
+    }
+
+    pub fn to_owned(&self) -> OwnedRecord {
+        OwnedRecord {
+            lsn: self.lsn,
+            kind: self.kind,
+            flags: self.flags,
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRecord {
+    pub lsn: Lsn,
+    pub kind: Kind,
+    pub flags: u8,
+    pub payload: Vec<u8>,
+}
+
+/// Why reading stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndOfWal {
+    /// The bytes at the position are not a valid record.
+    Invalid(RecordError),
+    /// The segment holding the position does not exist (or is short).
+    MissingSegment { at: Lsn, segment: String },
+    /// The configured limit was reached (a live WAL's flush LSN).
+    Limit(Lsn),
+}
+
+impl EndOfWal {
+    pub fn lsn(&self) -> Lsn {
+        match self {
+            EndOfWal::Invalid(e) => e.lsn(),
+            EndOfWal::MissingSegment { at, .. } => *at,
+            EndOfWal::Limit(l) => *l,
+        }
+    }
+}
+
+impl std::fmt::Display for EndOfWal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndOfWal::Invalid(e) => write!(f, "{e}"),
+            EndOfWal::MissingSegment { at, segment } => {
+                write!(f, "could not find WAL segment {segment} for {at}")
+            }
+            EndOfWal::Limit(l) => write!(f, "reached the flush LSN {l}"),
+        }
+    }
+}
+
+pub struct WalReader {
+    dir: PathBuf,
+    segment_size: u64,
+    timeline: u32,
+    /// Next record's start.
+    pos: Lsn,
+    limit: Option<Lsn>,
+    /// Bytes of the stream starting at LSN `buf_start`.
+    buf: Vec<u8>,
+    buf_start: Lsn,
+    file: Option<(u64, SegmentFile)>,
+    end: Option<EndOfWal>,
+}
+
+impl WalReader {
+    /// A reader of the WAL in `dir` starting at `from`, which must be a record
+    /// start (a wrong position shows up at once as an invalid record).
+    pub fn new(dir: &Path, segment_size: u64, timeline: u32, from: Lsn, limit: Option<Lsn>) -> WalReader {
+        WalReader {
+            dir: dir.to_owned(),
+            segment_size,
+            timeline,
+            pos: from,
+            limit,
+            buf: Vec::new(),
+            buf_start: from,
+            file: None,
+            end: None,
+        }
+    }
+
+    /// The next record's start LSN (after the end: where valid WAL ends).
+    pub fn position(&self) -> Lsn {
+        self.pos
+    }
+
+    /// Why the last call to [`WalReader::next_record`] returned `None`.
+    pub fn end(&self) -> Option<&EndOfWal> {
+        self.end.as_ref()
+    }
+
+    /// Raises the limit (a live WAL whose flush LSN advanced); reading can
+    /// continue past an earlier [`EndOfWal::Limit`].
+    pub fn set_limit(&mut self, limit: Option<Lsn>) {
+        self.limit = limit;
+        if matches!(self.end, Some(EndOfWal::Limit(_))) {
+            self.end = None;
+        }
+    }
+
+    /// The next valid record, or `None` at the end of valid WAL (see
+    /// [`WalReader::end`]). `Err` only for I/O errors other than a missing file.
+    pub fn next_record(&mut self) -> Result<Option<Record<'_>>, FileError> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        let at = self.pos;
+        if let Some(limit) = self.limit {
+            if at >= limit {
+                self.end = Some(EndOfWal::Limit(limit));
+                return Ok(None);
+            }
+        }
+        if let Err(end) = self.fill(HEADER_LEN)? {
+            self.end = Some(end);
+            return Ok(None);
+        }
+        let off = (at.0 - self.buf_start.0) as usize;
+        let hdr_bytes: [u8; HEADER_LEN] = self.buf[off..off + HEADER_LEN].try_into().unwrap();
+        let hdr = match record::decode_header(&hdr_bytes, at) {
+            Ok(h) => h,
+            Err(e) => {
+                self.end = Some(EndOfWal::Invalid(e));
+                return Ok(None);
+            }
+        };
+        if let Err(end) = self.fill(hdr.tot_len as usize)? {
+            // A record cut short by a missing segment: its tail was never
+            // written, the end is this record's start. Cut by the limit: the
+            // rest is not flushed yet; a raised limit continues here.
+            self.end = Some(match end {
+                EndOfWal::MissingSegment { .. } => EndOfWal::Invalid(RecordError::Truncated {
+                    at,
+                    need: hdr.tot_len as usize,
+                    have: self.buffered_from(at),
+                }),
+                other => other,
+            });
+            return Ok(None);
+        }
+        let off = (at.0 - self.buf_start.0) as usize;
+        let payload = &self.buf[off + HEADER_LEN..off + hdr.tot_len as usize];
+        if let Err(e) = record::verify_payload(&hdr_bytes, &hdr, payload) {
+            self.end = Some(EndOfWal::Invalid(e));
+            return Ok(None);
+        }
+        self.pos = Lsn(at.0 + hdr.stream_len());
+        Ok(Some(Record {
+            lsn: at,
+            kind: hdr.kind,
+            flags: hdr.flags,
+            header: hdr,
+            payload,
+        }))
+    }
+
+    fn buffered_from(&self, at: Lsn) -> usize {
+        (self.buf_start.0 + self.buf.len() as u64).saturating_sub(at.0) as usize
+    }
+
+    /// Makes `n` bytes from `self.pos` available in the buffer. `Ok(Err(end))`
+    /// when the stream ends before that.
+    fn fill(&mut self, n: usize) -> Result<Result<(), EndOfWal>, FileError> {
+        let at = self.pos;
+        if self.buf_start > at || self.buf_start.0 + (self.buf.len() as u64) < at.0 {
+            self.buf.clear();
+            self.buf_start = at;
+        } else if at.0 - self.buf_start.0 > (READ_CHUNK as u64) {
+            // Drop consumed bytes so the buffer does not grow without bound.
+            let consumed = (at.0 - self.buf_start.0) as usize;
+            self.buf.drain(..consumed);
+            self.buf_start = at;
+        }
+        while self.buffered_from(at) < n {
+            let next = Lsn(self.buf_start.0 + self.buf.len() as u64);
+            let mut want = (n - self.buffered_from(at)).max(READ_CHUNK);
+            if let Some(limit) = self.limit {
+                if next >= limit {
+                    return Ok(Err(EndOfWal::Limit(limit)));
+                }
+                want = want.min((limit.0 - next.0) as usize);
+            }
+            let segno = next.segno(self.segment_size);
+            let seg_off = next.segment_offset(self.segment_size);
+            want = want.min((self.segment_size - seg_off) as usize);
+            if self.file.as_ref().map(|(s, _)| *s) != Some(segno) {
+                let path = self.segment_path(segno);
+                match SegmentFile::open(&path, OpenMode::default()) {
+                    Ok(f) => self.file = Some((segno, f)),
+                    Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                        self.file = None;
+                        return Ok(Err(EndOfWal::MissingSegment {
+                            at: next,
+                            segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
+                        }));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let (_, file) = self.file.as_ref().unwrap();
+            let old = self.buf.len();
+            self.buf.resize(old + want, 0);
+            let got = file.read_at(&mut self.buf[old..], seg_off)?;
+            self.buf.truncate(old + got);
+            if got < want {
+                if got == 0 {
+                    return Ok(Err(EndOfWal::MissingSegment {
+                        at: next,
+                        segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
+                    }));
+                }
+                // A short segment file: take what there is, the next round
+                // reports it missing.
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn segment_path(&self, segno: u64) -> PathBuf {
+        self.dir
+            .join(lsn::segment_file_name(self.timeline, segno, self.segment_size))
+    }
+}
+
+impl Iterator for WalReader {
+    type Item = Result<OwnedRecord, FileError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_record() {
+            Ok(Some(r)) => Some(Ok(r.to_owned())),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Segment files: naming, creation (zero-filled or allocated, then fsynced
+//! with their directory), recycling by rename, removal, and the preparer
+//! thread that keeps `wal_prealloc` segments ready ahead of the flusher.
+//!
+//! Every creation, recycle and removal runs under one mutex (never on the
+//! insert path, and on the flusher's only when the preparer fell behind), and
+//! never renames onto an existing name: a segment the flusher has open is
+//! never replaced under it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::io::aligned::AlignedBuf;
+use crate::io::file::{self, FileError, OpenMode, SegmentFile};
+use crate::lsn::{self, Lsn};
+
+use super::commit::WalStats;
+
+/// Name of the file, in the WAL directory, that holds the LSN of the first
+/// record of the retained WAL (where a scan may start).
+pub const WAL_START_FILE: &str = "wal_start";
+const TEMP_PREFIX: &str = "xlogtemp.";
+static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Recycled segments kept beyond the preallocated ones (the checkpointer
+/// will size this from max_wal_size).
+const MAX_RECYCLED_AHEAD: u64 = 8;
+
+pub struct Segments {
+    dir: PathBuf,
+    segment_size: u64,
+    timeline: u32,
+    init_zero: bool,
+    recycle: bool,
+    prealloc: u64,
+    /// Serialises creation, recycling and removal.
+    files: Mutex<()>,
+    preparer: Mutex<PreparerState>,
+    preparer_cond: Condvar,
+    stats: Arc<WalStats>,
+}
+
+#[derive(Default)]
+struct PreparerState {
+    /// The segment the flusher is writing; the preparer keeps the next
+    /// `prealloc` ready.
+    current: u64,
+    shutdown: bool,
+}
+
+impl Segments {
+    pub fn new(
+        dir: &Path,
+        segment_size: u64,
+        timeline: u32,
+        init_zero: bool,
+        recycle: bool,
+        prealloc: u32,
+        stats: Arc<WalStats>,
+    ) -> Segments {
+        Segments {
+            dir: dir.to_owned(),
+            segment_size,
+            timeline,
+            init_zero,
+            recycle,
+            prealloc: prealloc as u64,
+            files: Mutex::new(()),
+            preparer: Mutex::new(PreparerState::default()),
+            preparer_cond: Condvar::new(),
+            stats,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
+    pub fn timeline(&self) -> u32 {
+        self.timeline
+    }
+
+    pub fn path(&self, segno: u64) -> PathBuf {
+        self.dir
+            .join(lsn::segment_file_name(self.timeline, segno, self.segment_size))
+    }
+
+    /// Segment numbers present on this timeline, ascending.
+    pub fn list(&self) -> Result<Vec<u64>, FileError> {
+        list_segments(&self.dir, self.timeline, self.segment_size)
+    }
+
+    /// Makes sure segment `segno` exists, creating it durably if not.
+    /// Returns true if it had to create it. The slow part (zero-filling a
+    /// temporary file) runs without the lock, so the flusher never waits
+    /// behind the preparer's zero-fill.
+    pub fn ensure(&self, segno: u64) -> Result<bool, FileError> {
+        let path = self.path(segno);
+        // Without the lock: a name that exists is never replaced (every
+        // rename below checks under the lock that its target is free).
+        if path.exists() {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(format!(
+            "{TEMP_PREFIX}{}.{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Relaxed)
+        ));
+        self.fill_new(&tmp)?;
+        let _g = self.files.lock().unwrap();
+        if path.exists() {
+            drop(_g);
+            let _ = file::remove_file(&tmp);
+            return Ok(false);
+        }
+        file::rename(&tmp, &path)?;
+        // IMPORTANT: the new name must be durable before anything is written
+        // to the segment and acknowledged. A failed directory fsync is fatal.
+        if let Err(e) = file::sync_dir(&self.dir) {
+            super::flusher::fatal(format_args!("{e}"));
+        }
+        self.stats.segments_created.fetch_add(1, Relaxed);
+        Ok(true)
+    }
+
+    /// Creates `tmp` as a full-size segment: zero-filled (`wal_init_zero`) or
+    /// allocated, and fsynced.
+    fn fill_new(&self, tmp: &Path) -> Result<(), FileError> {
+        let f = SegmentFile::open(
+            tmp,
+            OpenMode {
+                write: true,
+                create_new: true,
+                direct: true,
+                ..Default::default()
+            },
+        )?;
+        let filled = (|| {
+            if self.init_zero {
+                // Writing real zeros (not just allocating) makes later
+                // overwrites cheaper: measured here, +100-200 us per sync on
+                // unwritten extents.
+                let chunk = AlignedBuf::zeroed(1 << 20);
+                let mut off = 0;
+                while off < self.segment_size {
+                    let n = chunk.len().min((self.segment_size - off) as usize);
+                    f.write_all_at(&chunk[..n], off)?;
+                    off += n as u64;
+                }
+            } else {
+                f.allocate(self.segment_size)?;
+            }
+            f.fsync()
+        })();
+        if filled.is_err() {
+            let _ = file::remove_file(tmp);
+        }
+        filled
+    }
+
+    /// Opens segment `segno` for the flusher, creating it in the foreground
+    /// if the preparer has not (counted: it means the preparer fell behind).
+    pub fn open_for_write(&self, segno: u64, mode: OpenMode) -> Result<SegmentFile, FileError> {
+        if self.ensure(segno)? {
+            self.stats.segments_created_by_flusher.fetch_add(1, Relaxed);
+            tracing::debug!(segment = %self.path(segno).display(), "flusher created a segment itself");
+        }
+        self.advance(segno);
+        SegmentFile::open(&self.path(segno), mode)
+    }
+
+    /// Tells the preparer which segment is being written.
+    pub fn advance(&self, current: u64) {
+        let mut st = self.preparer.lock().unwrap();
+        if current > st.current {
+            st.current = current;
+            self.preparer_cond.notify_one();
+        }
+    }
+
+    /// The preparer thread's body: keep `prealloc` segments ready ahead.
+    pub fn run_preparer(&self) {
+        let mut st = self.preparer.lock().unwrap();
+        loop {
+            if st.shutdown {
+                return;
+            }
+            let current = st.current;
+            drop(st);
+            for segno in current + 1..=current + self.prealloc {
+                if let Err(e) = self.ensure(segno) {
+                    // The flusher will retry in the foreground (and fail
+                    // loudly there if the device is really full).
+                    tracing::warn!("could not preallocate WAL segment: {e}");
+                    break;
+                }
+            }
+            st = self.preparer.lock().unwrap();
+            if st.current == current && !st.shutdown {
+                st = self
+                    .preparer_cond
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .unwrap()
+                    .0;
+            }
+        }
+    }
+
+    pub fn stop_preparer(&self) {
+        self.preparer.lock().unwrap().shutdown = true;
+        self.preparer_cond.notify_all();
+    }
+
+    /// Releases every segment that ends at or before `lsn`: renamed to a
+    /// future segment number when `wal_recycle` is on and fewer than the
+    /// allowed number are waiting, otherwise removed. `current` is the segment
+    /// being written; segments at or after it are never touched.
+    /// Returns (recycled, removed).
+    pub fn release_before(&self, lsn: Lsn, current: u64) -> Result<(u64, u64), FileError> {
+        let _g = self.files.lock().unwrap();
+        let last_release = lsn.segno(self.segment_size); // exclusive
+        let present = self.list()?;
+        let mut next_future = current + 1;
+        let future_limit = current + self.prealloc + MAX_RECYCLED_AHEAD;
+        let (mut recycled, mut removed) = (0, 0);
+        for &segno in present.iter().filter(|&&s| s < last_release && s < current) {
+            let old = self.path(segno);
+            let mut done = false;
+            if self.recycle {
+                while next_future <= future_limit && present.binary_search(&next_future).is_ok() {
+                    next_future += 1;
+                }
+                let target = self.path(next_future);
+                if next_future <= future_limit && !target.exists() {
+                    file::rename(&old, &target)?;
+                    next_future += 1;
+                    recycled += 1;
+                    done = true;
+                }
+            }
+            if !done {
+                file::remove_file(&old)?;
+                removed += 1;
+            }
+        }
+        if recycled + removed > 0 {
+            file::sync_dir(&self.dir)?;
+        }
+        self.stats.segments_recycled.fetch_add(recycled, Relaxed);
+        self.stats.segments_removed.fetch_add(removed, Relaxed);
+        Ok((recycled, removed))
+    }
+
+    /// Removes segments after `segno` and leftover temporary files. Used at
+    /// startup after the end of WAL was found: those files can hold records
+    /// with valid LSNs that were never acknowledged.
+    pub fn remove_after(&self, segno: u64) -> Result<u64, FileError> {
+        let _g = self.files.lock().unwrap();
+        let mut removed = 0;
+        for s in self.list()?.into_iter().filter(|&s| s > segno) {
+            file::remove_file(&self.path(s))?;
+            removed += 1;
+        }
+        for name in file::list_files(&self.dir)? {
+            if name.starts_with(TEMP_PREFIX) {
+                file::remove_file(&self.dir.join(name))?;
+            }
+        }
+        file::sync_dir(&self.dir)?;
+        Ok(removed)
+    }
+}
+
+/// Segment numbers of `timeline` in `dir`, ascending.
+pub fn list_segments(dir: &Path, timeline: u32, segment_size: u64) -> Result<Vec<u64>, FileError> {
+    let mut segs: Vec<u64> = file::list_files(dir)?
+        .iter()
+        .filter_map(|n| lsn::parse_segment_file_name(n, segment_size))
+        .filter(|&(tli, _)| tli == timeline)
+        .map(|(_, s)| s)
+        .collect();
+    segs.sort_unstable();
+    Ok(segs)
+}
+
+/// Reads the retained WAL's first record LSN from `dir/wal_start`.
+pub fn read_wal_start(dir: &Path) -> Result<Option<Lsn>, FileError> {
+    let path = dir.join(WAL_START_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FileError::new("read file", &path, e)),
+    };
+    let bad = |why: &str| {
+        FileError::new(
+            "parse file",
+            &path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string()),
+        )
+    };
+    let (lsn_text, crc_text) = text.trim().split_once(' ').ok_or_else(|| bad("expected \"LSN CRC\""))?;
+    let crc = u32::from_str_radix(crc_text, 16).map_err(|_| bad("bad crc field"))?;
+    if crc != crc32c::crc32c(lsn_text.as_bytes()) {
+        return Err(bad("crc mismatch: the file is damaged"));
+    }
+    lsn_text.parse::<Lsn>().map(Some).map_err(|_| bad("bad LSN"))
+}
+
+/// Replaces `dir/wal_start` atomically: temporary file, fsync, rename, fsync
+/// of the directory.
+pub fn write_wal_start(dir: &Path, start: Lsn) -> Result<(), FileError> {
+    let path = dir.join(WAL_START_FILE);
+    let tmp = dir.join(format!("{WAL_START_FILE}.tmp"));
+    let text = start.to_string();
+    let body = format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()));
+    std::fs::write(&tmp, body).map_err(|e| FileError::new("write file", &tmp, e))?;
+    SegmentFile::open(
+        &tmp,
+        OpenMode {
+            write: true,
+            ..Default::default()
+        },
+    )?
+    .fsync()?;
+    file::rename(&tmp, &path)?;
+    file::sync_dir(dir)
+}

@@ -1,0 +1,292 @@
+//! `walden bench`: a pgbench-like load generator. With `--embedded` it runs
+//! the engine in-process (threads append and wait at the chosen level); the
+//! server mode arrives with `walden serve`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use crossbeam::utils::CachePadded;
+use hdrhistogram::Histogram;
+use walden::config::{FlusherKind, Size, SyncMethod};
+use walden::{Durability, Kind, Lsn, Wal};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Run the WAL engine inside this process (no server).
+    #[arg(long)]
+    embedded: bool,
+    /// Data directory (WAL in DIR/wal). Existing WAL is continued.
+    #[arg(short = 'D', long, default_value = "walden-data")]
+    data_dir: PathBuf,
+    /// Configuration file (TOML); -D and --set override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Appending threads (embedded: one client each).
+    #[arg(short = 'j', long = "threads", default_value_t = 1)]
+    threads: usize,
+    /// Clients; in embedded mode the same as --threads.
+    #[arg(short = 'c', long = "clients")]
+    clients: Option<usize>,
+    /// Duration in seconds.
+    #[arg(short = 'T', long = "time", default_value_t = 10.0)]
+    time: f64,
+    /// Payload bytes per record.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Durability level to wait for: off, local, remote_write, on, remote_apply.
+    #[arg(long, default_value = "local")]
+    level: Durability,
+    /// Records per append (one reservation per batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print a progress line every N seconds (0: never).
+    #[arg(short = 'P', long = "progress", default_value_t = 0.0)]
+    progress: f64,
+    /// wal_sync_method: open_datasync, fdatasync, open_sync, fsync.
+    #[arg(long)]
+    sync_method: Option<String>,
+    /// Which flusher: uring (the real one) or pwrite (plain pwrite+fdatasync, for comparison).
+    #[arg(long)]
+    flusher: Option<String>,
+    /// Keep at most this much WAL (older segments are recycled as a checkpointer would).
+    #[arg(long, default_value = "1GB")]
+    keep_wal: String,
+    /// Any setting, as name=value (repeatable), e.g. --set fsync=off.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Default)]
+struct Interval {
+    n: u64,
+    sum_ns: f64,
+    sum_sq: f64,
+}
+
+struct Client {
+    interval: Mutex<Interval>,
+    records: AtomicU64,
+    /// Start LSN of this client's latest durable record (for WAL release).
+    durable_lsn: AtomicU64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.embedded {
+        bail!("only --embedded is available until `walden serve` exists: try `walden bench --embedded`");
+    }
+    let mut overrides = args.set.clone();
+    if let Some(m) = &args.sync_method {
+        if SyncMethod::parse(m).is_none() {
+            bail!("invalid --sync-method {m:?}: expected open_datasync, fdatasync, open_sync or fsync");
+        }
+        overrides.push(format!("wal_sync_method={m}"));
+    }
+    if let Some(f) = &args.flusher {
+        overrides.push(format!("wal_flusher={f}"));
+    }
+    for o in overrides.iter_mut() {
+        // Accept PostgreSQL's spelling of booleans.
+        if let Some(v) = o.strip_suffix("=off") {
+            *o = format!("{v}=false");
+        } else if let Some(v) = o.strip_suffix("=on") {
+            *o = format!("{v}=true");
+        }
+    }
+    let cfg = super::common::load_config(args.config.as_deref(), Some(&args.data_dir), &overrides)?;
+    let keep = Size::parse(&args.keep_wal).map_err(anyhow::Error::msg)?.0;
+    let threads = args.clients.unwrap_or(args.threads).max(1);
+    let batch = args.batch.max(1);
+    if args.size as u64 > cfg.max_record_size.0 {
+        bail!("--size {} is larger than max_record_size ({})", args.size, cfg.max_record_size.0);
+    }
+
+    let wal = Wal::open(cfg.clone())?;
+    println!(
+        "walden bench: embedded, {} thread(s), {} B records, batch {}, level {}, {} s, wal_sync_method={}{}, flusher={}, insert shards {}",
+        threads,
+        args.size,
+        batch,
+        args.level,
+        args.time,
+        cfg.wal_sync_method.name(),
+        if cfg.fsync { "" } else { " (fsync=off)" },
+        match cfg.wal_flusher {
+            FlusherKind::Uring => "uring",
+            FlusherKind::Pwrite => "pwrite",
+        },
+        wal.insert_shards()
+    );
+
+    let clients: Vec<CachePadded<Client>> = (0..threads)
+        .map(|_| {
+            CachePadded::new(Client {
+                interval: Mutex::new(Interval::default()),
+                records: AtomicU64::new(0),
+                durable_lsn: AtomicU64::new(0),
+            })
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.time);
+    let stats = wal.stats();
+    let syncs0 = stats.syncs.load(Relaxed);
+    let flushes0 = stats.flushes.load(Relaxed);
+    let lsn0 = wal.insert_lsn();
+
+    let hist = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (t, client) in clients.iter().enumerate() {
+            let (wal, stop, args) = (&wal, &stop, &args);
+            handles.push(s.spawn(move || {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+                let mut payload = vec![0u8; args.size];
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b = (i as u8).wrapping_mul(31).wrapping_add(t as u8);
+                }
+                let mut lsns: Vec<Lsn> = Vec::with_capacity(batch);
+                // A thread may keep an insert slot only if there are enough
+                // for every thread; otherwise it takes one per append (a
+                // held slot would lock the other threads out).
+                let mut held = (threads <= wal.insert_shards()).then(|| wal.inserter());
+                let mut n: u64 = 0;
+                while !stop.load(Relaxed) {
+                    n += 1;
+                    payload[..8.min(args.size)].copy_from_slice(&n.to_le_bytes()[..8.min(args.size)]);
+                    let t0 = Instant::now();
+                    let (first, end) = if batch == 1 {
+                        let a = match held.as_mut() {
+                            Some(ins) => ins.append(Kind::DATA, &payload),
+                            None => wal.append(Kind::DATA, &payload),
+                        }
+                        .expect("append");
+                        (a.lsn, a.end)
+                    } else {
+                        let recs: Vec<(Kind, &[u8])> = (0..batch).map(|_| (Kind::DATA, &payload[..])).collect();
+                        lsns.clear();
+                        let end = match held.as_mut() {
+                            Some(ins) => ins.append_batch(&recs, &mut lsns),
+                            None => wal.append_batch(&recs, &mut lsns),
+                        }
+                        .expect("append");
+                        (lsns[0], end)
+                    };
+                    if wal.wait(end, args.level).is_err() {
+                        break;
+                    }
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    h.saturating_record(ns.max(1));
+                    client.records.fetch_add(batch as u64, Relaxed);
+                    if args.level != Durability::Off {
+                        client.durable_lsn.store(first.0, Relaxed);
+                    }
+                    let mut iv = client.interval.lock().unwrap();
+                    iv.n += 1;
+                    iv.sum_ns += ns as f64;
+                    iv.sum_sq += (ns as f64) * (ns as f64);
+                }
+                h
+            }));
+        }
+
+        // Monitor: progress lines, and release of old WAL.
+        let tick = if args.progress > 0.0 {
+            Duration::from_secs_f64(args.progress)
+        } else {
+            Duration::from_millis(500)
+        };
+        let mut last = Instant::now();
+        let mut last_records = 0u64;
+        let mut last_syncs = syncs0;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep(tick.min(deadline - now));
+            let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
+            let syncs = stats.syncs.load(Relaxed);
+            let dt = last.elapsed().as_secs_f64();
+            if args.progress > 0.0 {
+                let (mut n, mut sum, mut sq) = (0u64, 0.0, 0.0);
+                for c in &clients {
+                    let mut iv = c.interval.lock().unwrap();
+                    n += iv.n;
+                    sum += iv.sum_ns;
+                    sq += iv.sum_sq;
+                    *iv = Interval::default();
+                }
+                let avg = if n > 0 { sum / n as f64 } else { 0.0 };
+                let sd = if n > 0 { (sq / n as f64 - avg * avg).max(0.0).sqrt() } else { 0.0 };
+                let rate = (records - last_records) as f64 / dt;
+                println!(
+                    "progress: {:.1} s, {:.1} rec/s, {:.1} MB/s, lat {:.3} ms stddev {:.3}, syncs {:.0}/s",
+                    started.elapsed().as_secs_f64(),
+                    rate,
+                    rate * args.size as f64 / 1e6,
+                    avg / 1e6,
+                    sd / 1e6,
+                    (syncs - last_syncs) as f64 / dt
+                );
+            }
+            last = Instant::now();
+            last_records = records;
+            last_syncs = syncs;
+            // Release WAL older than `keep`, as a checkpointer would.
+            if wal.insert_lsn().0 - wal.start_lsn().0 > keep {
+                let oldest_recent = clients
+                    .iter()
+                    .map(|c| c.durable_lsn.load(Relaxed))
+                    .filter(|&l| l != 0)
+                    .min();
+                if let Some(l) = oldest_recent {
+                    if Lsn(l) <= wal.flush_lsn() {
+                        if let Err(e) = wal.remove_before(Lsn(l)) {
+                            eprintln!("walden bench: could not release old WAL: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        stop.store(true, Relaxed);
+        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        for h in handles {
+            total.add(h.join().expect("bench thread")).unwrap();
+        }
+        total
+    });
+    // Records counted by the threads up to the stop flag; the last waits
+    // finish a moment later, so measure to now.
+    let elapsed = started.elapsed().as_secs_f64();
+    let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
+    let syncs = stats.syncs.load(Relaxed) - syncs0;
+    let flushes = stats.flushes.load(Relaxed) - flushes0;
+    let wal_bytes = wal.insert_lsn().0 - lsn0.0;
+    let ms = |ns: f64| ns / 1e6;
+    println!("records: {records}");
+    println!("rec/s: {:.1}", records as f64 / elapsed);
+    println!("MB/s: {:.1}", records as f64 * args.size as f64 / elapsed / 1e6);
+    println!("WAL MB/s: {:.1}", wal_bytes as f64 / elapsed / 1e6);
+    println!("latency avg: {:.3} ms", ms(hist.mean()));
+    println!("latency stddev: {:.3} ms", ms(hist.stdev()));
+    println!("latency p50: {:.3} ms", ms(hist.value_at_quantile(0.50) as f64));
+    println!("latency p99: {:.3} ms", ms(hist.value_at_quantile(0.99) as f64));
+    println!("latency p99.9: {:.3} ms", ms(hist.value_at_quantile(0.999) as f64));
+    println!("syncs/s: {:.1}", syncs as f64 / elapsed);
+    println!("flushes/s: {:.1}", flushes as f64 / elapsed);
+    println!(
+        "mean group size: {:.1}",
+        if flushes > 0 { records as f64 / flushes as f64 } else { 0.0 }
+    );
+    println!("ring full waits: {}", wal.ring_full_waits());
+    println!(
+        "segments created by the flusher: {}",
+        stats.segments_created_by_flusher.load(Relaxed)
+    );
+    wal.close()?;
+    Ok(())
+}
