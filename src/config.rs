@@ -372,3 +372,25 @@ mod tests {
         assert!(e.contains("max_record_size"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// systemd/walden.toml documents every setting at its default.
+    #[test]
+    fn example_config_lists_every_setting_at_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/walden.toml");
+        let cfg = Config::from_file(&path).unwrap();
+        let mut expected = Config::default();
+        expected.wal_dir = "/var/lib/walden/wal".into();
+        expected.data_dir = "/var/lib/walden/data".into();
+        assert_eq!(toml::to_string(&cfg).unwrap(), toml::to_string(&expected).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let all = toml::Table::try_from(&expected).unwrap();
+        for key in all.keys() {
+            assert!(table.contains_key(key), "systemd/walden.toml does not document {key}");
+        }
+    }
+}

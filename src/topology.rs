@@ -74,4 +74,12 @@ mod tests {
         assert_eq!(parse_cpu_list("3-1"), None);
         assert!(!online_cpus().is_empty());
     }
+
+    /// With the feature on, hwloc and /sys must agree on the online CPUs.
+    #[cfg(feature = "hwloc")]
+    #[test]
+    fn hwloc_agrees_with_sys() {
+        let sys = parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap()).unwrap();
+        assert_eq!(hwloc_cpus().expect("hwloc topology"), sys);
+    }
 }
