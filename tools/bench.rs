@@ -136,6 +136,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let stats = wal.stats();
     let syncs0 = stats.syncs.load(Relaxed);
     let flushes0 = stats.flushes.load(Relaxed);
+    let flush_ns0 = stats.flush_ns.load(Relaxed);
     let lsn0 = wal.insert_lsn();
 
     let hist = std::thread::scope(|s| {
@@ -278,6 +279,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("latency p99.9: {:.3} ms", ms(hist.value_at_quantile(0.999) as f64));
     println!("syncs/s: {:.1}", syncs as f64 / elapsed);
     println!("flushes/s: {:.1}", flushes as f64 / elapsed);
+    let flush_ns = stats.flush_ns.load(Relaxed) - flush_ns0;
+    println!(
+        "flush time avg: {:.3} ms",
+        if flushes > 0 { flush_ns as f64 / flushes as f64 / 1e6 } else { 0.0 }
+    );
     println!(
         "mean group size: {:.1}",
         if flushes > 0 { records as f64 / flushes as f64 } else { 0.0 }
