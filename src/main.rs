@@ -23,6 +23,12 @@ struct Cli {
 enum Command {
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
+    /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
+    TestFsync(tools::test_fsync::TestFsyncArgs),
+    /// Decode and print WAL records, like pg_waldump.
+    Waldump(tools::waldump::WaldumpArgs),
+    /// Print the control information of a walden data directory, like pg_controldata.
+    Controldata(tools::controldata::ControldataArgs),
     /// (testing) Append records, printing one line per acknowledged record, until killed.
     #[command(hide = true)]
     WalChild(tools::wal_child::WalChildArgs),
@@ -39,6 +45,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => tools::bench::run(args),
+        Command::TestFsync(args) => tools::test_fsync::run(args),
+        Command::Waldump(args) => tools::waldump::run(args),
+        Command::Controldata(args) => tools::controldata::run(args),
         Command::WalChild(args) => tools::wal_child::run(args),
     };
     if let Err(e) = result {
