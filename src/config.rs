@@ -179,6 +179,9 @@ pub struct Config {
     pub wal_max_inflight: u32,
     /// Largest single write the flusher submits, in bytes.
     pub wal_max_write: Size,
+    /// When a flush is one write and nothing is in flight, the io_uring
+    /// flusher writes (and syncs) with plain syscalls: cheaper at depth 1.
+    pub wal_sync_at_depth_1: bool,
 }
 
 impl Default for Config {
@@ -202,6 +205,7 @@ impl Default for Config {
             wal_flusher: FlusherKind::Uring,
             wal_max_inflight: 4,
             wal_max_write: Size(1 << 20),
+            wal_sync_at_depth_1: true,
         }
     }
 }

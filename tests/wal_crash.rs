@@ -63,6 +63,8 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
     for cycle in 0..cycles {
         let method = methods[cycle as usize % methods.len()];
         let flusher = if cycle % 5 == 4 { "pwrite" } else { "uring" };
+        // Every third cycle, io_uring even at queue depth 1.
+        let depth1 = if cycle % 3 == 2 { "false" } else { "true" };
         let mut child = Command::new(env!("CARGO_BIN_EXE_walden"))
             .args(["wal-child", "-D"])
             .arg(dir.path())
@@ -70,6 +72,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
             .args(["--seed", &(cycle + 1).to_string()])
             .args(["-c", "wal_segment_size=1MB", "-c", "wal_buffers=256kB", "-c", "max_record_size=64kB"])
             .args(["-c", &format!("wal_sync_method={method}"), "-c", &format!("wal_flusher={flusher}")])
+            .args(["-c", &format!("wal_sync_at_depth_1={depth1}")])
             .env("WALDEN_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

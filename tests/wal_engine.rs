@@ -121,11 +121,12 @@ fn concurrent_appends_tiny_segments_records_span_them() {
 #[test]
 fn every_sync_method_and_both_flushers() {
     for method in [SyncMethod::OpenDatasync, SyncMethod::Fdatasync, SyncMethod::OpenSync, SyncMethod::Fsync] {
-        for flusher in [FlusherKind::Uring, FlusherKind::Pwrite] {
+        for (flusher, depth1) in [(FlusherKind::Uring, true), (FlusherKind::Uring, false), (FlusherKind::Pwrite, true)] {
             let d = tempfile::tempdir().unwrap();
             let mut cfg = config(d.path());
             cfg.wal_sync_method = method;
             cfg.wal_flusher = flusher;
+            cfg.wal_sync_at_depth_1 = depth1;
             cfg.wal_buffers = Size(128 << 10);
             cfg.max_record_size = Size(20 << 10);
             concurrent_appends(cfg, 3, 500, 5000, Durability::Local);
