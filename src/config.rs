@@ -65,16 +65,22 @@ impl Size {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit (B, kB, MB, GB, TB)"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!(
+                "invalid size {s:?}: expected a number with an optional unit (B, kB, MB, GB, TB)"
+            )
+        })?;
         let mul = match unit.trim() {
             "" | "B" => 1,
             "kB" | "KB" | "k" | "K" => 1 << 10,
             "MB" | "M" => 1 << 20,
             "GB" | "G" => 1 << 30,
             "TB" | "T" => 1 << 40,
-            other => return Err(format!("invalid unit {other:?} in size {s:?}: valid units are B, kB, MB, GB, TB")),
+            other => {
+                return Err(format!(
+                    "invalid unit {other:?} in size {s:?}: valid units are B, kB, MB, GB, TB"
+                ))
+            }
         };
         n.checked_mul(mul)
             .map(Size)
@@ -110,15 +116,21 @@ impl Millis {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected a number with an optional unit (ms, s, min, h)"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!(
+                "invalid duration {s:?}: expected a number with an optional unit (ms, s, min, h)"
+            )
+        })?;
         let ms = match unit.trim() {
             "" | "ms" => n,
             "s" => n * 1000,
             "min" => n * 60_000,
             "h" => n * 3_600_000,
-            other => return Err(format!("invalid unit {other:?} in duration {s:?}: valid units are ms, s, min, h")),
+            other => {
+                return Err(format!(
+                    "invalid unit {other:?} in duration {s:?}: valid units are ms, s, min, h"
+                ))
+            }
         };
         Ok(Millis(ms))
     }
@@ -277,10 +289,12 @@ impl Config {
             return Err(ConfigError::Unknown(name.to_string()));
         }
         table.insert(name.to_string(), parsed);
-        *self = table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
-            name: "-c",
-            message: format!("{name}={value}: {}", e.message()),
-        })?;
+        *self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                name: "-c",
+                message: format!("{name}={value}: {}", e.message()),
+            })?;
         Ok(())
     }
 
@@ -294,7 +308,7 @@ impl Config {
             );
         }
         let ring = self.wal_buffers.0;
-        if ring % 4096 != 0 || ring < (64 << 10) || ring > (1 << 30) {
+        if ring % 4096 != 0 || !((64 << 10)..=(1 << 30)).contains(&ring) {
             return invalid(
                 "wal_buffers",
                 format!("{ring} must be a multiple of 4kB between 64kB and 1GB"),
@@ -304,7 +318,10 @@ impl Config {
             return invalid("wal_buffers", format!("{ring} must be a power of two"));
         }
         let max_rec = self.max_record_size.0;
-        if max_rec == 0 || max_rec + 4096 > ring / 2 || max_rec > crate::record::MAX_TOTAL_LEN as u64 / 2 {
+        if max_rec == 0
+            || max_rec + 4096 > ring / 2
+            || max_rec > crate::record::MAX_TOTAL_LEN as u64 / 2
+        {
             return invalid(
                 "max_record_size",
                 format!(
@@ -314,17 +331,26 @@ impl Config {
             );
         }
         if self.wal_max_inflight == 0 || self.wal_max_inflight > 64 {
-            return invalid("wal_max_inflight", format!("{} is not between 1 and 64", self.wal_max_inflight));
+            return invalid(
+                "wal_max_inflight",
+                format!("{} is not between 1 and 64", self.wal_max_inflight),
+            );
         }
         let w = self.wal_max_write.0;
         if w < 4096 || w % 4096 != 0 {
             return invalid("wal_max_write", format!("{w} must be a multiple of 4kB"));
         }
         if self.wal_writer_delay.0 == 0 || self.wal_writer_delay.0 > 10_000 {
-            return invalid("wal_writer_delay", format!("{}ms is not between 1ms and 10s", self.wal_writer_delay.0));
+            return invalid(
+                "wal_writer_delay",
+                format!("{}ms is not between 1ms and 10s", self.wal_writer_delay.0),
+            );
         }
         if self.commit_delay > 100_000 {
-            return invalid("commit_delay", format!("{}us is more than 100000us", self.commit_delay));
+            return invalid(
+                "commit_delay",
+                format!("{}us is more than 100000us", self.commit_delay),
+            );
         }
         Ok(())
     }
@@ -339,7 +365,9 @@ mod tests {
         assert_eq!(Size::parse("16MB"), Ok(Size(16 << 20)));
         assert_eq!(Size::parse("8kB"), Ok(Size(8192)));
         assert_eq!(Size::parse("4096"), Ok(Size(4096)));
-        assert!(Size::parse("12 parsecs").unwrap_err().contains("invalid unit"));
+        assert!(Size::parse("12 parsecs")
+            .unwrap_err()
+            .contains("invalid unit"));
         assert_eq!(Millis::parse("200ms"), Ok(Millis(200)));
         assert_eq!(Millis::parse("5min"), Ok(Millis(300_000)));
     }
@@ -358,7 +386,10 @@ mod tests {
         assert_eq!(cfg.wal_segment_size, Size(1 << 20));
         cfg.set("fsync=false").unwrap();
         assert!(!cfg.fsync);
-        assert!(matches!(cfg.set("no_such_thing=1"), Err(ConfigError::Unknown(_))));
+        assert!(matches!(
+            cfg.set("no_such_thing=1"),
+            Err(ConfigError::Unknown(_))
+        ));
         assert!(cfg.set("wal_sync_method=sometimes").is_err());
         let bad = toml::from_str::<Config>("wal_bufers = 3").unwrap_err();
         assert!(bad.to_string().contains("unknown field"));
@@ -366,12 +397,16 @@ mod tests {
 
     #[test]
     fn validation_names_the_setting() {
-        let mut cfg = Config::default();
-        cfg.wal_segment_size = Size(3 << 20);
+        let cfg = Config {
+            wal_segment_size: Size(3 << 20),
+            ..Config::default()
+        };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("wal_segment_size"), "{e}");
-        let mut cfg = Config::default();
-        cfg.max_record_size = Size(9 << 20);
+        let cfg = Config {
+            max_record_size: Size(9 << 20),
+            ..Config::default()
+        };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_record_size"), "{e}");
     }
@@ -386,15 +421,23 @@ mod example_file {
     fn example_config_lists_every_setting_at_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/walden.toml");
         let cfg = Config::from_file(&path).unwrap();
-        let mut expected = Config::default();
-        expected.wal_dir = "/var/lib/walden/wal".into();
-        expected.data_dir = "/var/lib/walden/data".into();
-        assert_eq!(toml::to_string(&cfg).unwrap(), toml::to_string(&expected).unwrap());
+        let expected = Config {
+            wal_dir: "/var/lib/walden/wal".into(),
+            data_dir: "/var/lib/walden/data".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            toml::to_string(&cfg).unwrap(),
+            toml::to_string(&expected).unwrap()
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let table: toml::Table = toml::from_str(&text).unwrap();
         let all = toml::Table::try_from(&expected).unwrap();
         for key in all.keys() {
-            assert!(table.contains_key(key), "systemd/walden.toml does not document {key}");
+            assert!(
+                table.contains_key(key),
+                "systemd/walden.toml does not document {key}"
+            );
         }
     }
 }

@@ -148,14 +148,26 @@ mod tests {
         assert_eq!(name(1, "1/0", 16 * mib), "000000010000000100000000");
         assert_eq!(name(2, "0/3000060", 16 * mib), "000000020000000000000003");
         // 1 GiB segments: four per log.
-        assert_eq!(name(1, "5/C0000000", 1024 * mib), "000000010000000500000003");
+        assert_eq!(
+            name(1, "5/C0000000", 1024 * mib),
+            "000000010000000500000003"
+        );
         // 1 MiB segments: 4096 per log.
         assert_eq!(name(1, "0/FFF00000", mib), "000000010000000000000FFF");
         assert_eq!(name(1, "A/00100000", mib), "000000010000000A00000001");
         // 64 MiB segments (initdb --wal-segsize=64).
         assert_eq!(name(1, "0/4000000", 64 * mib), "000000010000000000000001");
-        assert_eq!(parse_segment_file_name("000000010000000000000001.partial", 16 * mib), None);
-        assert_eq!(parse_segment_file_name("00000001000000000000001g", 16 * mib), None);
-        assert_eq!(parse_segment_file_name("000000010000000000000100", 16 * mib), None);
+        assert_eq!(
+            parse_segment_file_name("000000010000000000000001.partial", 16 * mib),
+            None
+        );
+        assert_eq!(
+            parse_segment_file_name("00000001000000000000001g", 16 * mib),
+            None
+        );
+        assert_eq!(
+            parse_segment_file_name("000000010000000000000100", 16 * mib),
+            None
+        );
     }
 }

@@ -13,7 +13,12 @@ pub fn online_cpus() -> Vec<usize> {
         .ok()
         .and_then(|s| parse_cpu_list(&s))
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect())
+        .unwrap_or_else(|| {
+            (0..std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1))
+                .collect()
+        })
 }
 
 /// Parses the kernel's CPU list format: "0-3,6,8-9".
@@ -79,7 +84,9 @@ mod tests {
     #[cfg(feature = "hwloc")]
     #[test]
     fn hwloc_agrees_with_sys() {
-        let sys = parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap()).unwrap();
+        let sys =
+            parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap())
+                .unwrap();
         assert_eq!(hwloc_cpus().expect("hwloc topology"), sys);
     }
 }

@@ -25,12 +25,17 @@ struct Ack {
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Reads the whole valid WAL: LSN -> payload, and where it ends.
 fn scan(wal_dir: &std::path::Path) -> (HashMap<Lsn, Vec<u8>>, Lsn) {
-    let start = walden::wal::segments::read_wal_start(wal_dir).unwrap().unwrap();
+    let start = walden::wal::segments::read_wal_start(wal_dir)
+        .unwrap()
+        .unwrap();
     let mut r = WalReader::new(wal_dir, SEG, TIMELINE, start, None);
     let mut out = HashMap::new();
     while let Some(rec) = r.next_record().unwrap() {
@@ -44,7 +49,10 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
     let cycles = env_u64("WALDEN_CRASH_CYCLES", 20);
     let seed = env_u64(
         "WALDEN_CRASH_SEED",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
     );
     eprintln!("crash test: {cycles} cycles, WALDEN_CRASH_SEED={seed}");
     let mut rng = seed | 1;
@@ -70,8 +78,20 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
             .arg(dir.path())
             .args(["--level", "local", "--threads", "3", "--max-size", "6000"])
             .args(["--seed", &(cycle + 1).to_string()])
-            .args(["-c", "wal_segment_size=1MB", "-c", "wal_buffers=256kB", "-c", "max_record_size=64kB"])
-            .args(["-c", &format!("wal_sync_method={method}"), "-c", &format!("wal_flusher={flusher}")])
+            .args([
+                "-c",
+                "wal_segment_size=1MB",
+                "-c",
+                "wal_buffers=256kB",
+                "-c",
+                "max_record_size=64kB",
+            ])
+            .args([
+                "-c",
+                &format!("wal_sync_method={method}"),
+                "-c",
+                &format!("wal_flusher={flusher}"),
+            ])
             .args(["-c", &format!("wal_sync_at_depth_1={depth1}")])
             .env("WALDEN_LOG", "warn")
             .stdout(Stdio::piped())
@@ -99,10 +119,19 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
         let status = child.wait().unwrap();
         assert!(!status.success(), "the child was killed");
         let lines = reader.join().unwrap();
-        let start_line = lines.first().unwrap_or_else(|| panic!("cycle {cycle}: child printed nothing (seed {seed})"));
-        let opened_at: Lsn = start_line.strip_prefix("start ").expect("start line").parse().unwrap();
+        let start_line = lines
+            .first()
+            .unwrap_or_else(|| panic!("cycle {cycle}: child printed nothing (seed {seed})"));
+        let opened_at: Lsn = start_line
+            .strip_prefix("start ")
+            .expect("start line")
+            .parse()
+            .unwrap();
         if let Some(exp) = expected_start {
-            assert_eq!(opened_at, exp, "cycle {cycle}: appending must continue at the end of valid WAL (seed {seed})");
+            assert_eq!(
+                opened_at, exp,
+                "cycle {cycle}: appending must continue at the end of valid WAL (seed {seed})"
+            );
         }
         let before = acks.len();
         for l in &lines[1..] {
@@ -133,6 +162,10 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
         );
         expected_start = Some(end);
     }
-    assert!(acks.len() > 100, "the children acknowledged too little to prove anything ({})", acks.len());
+    assert!(
+        acks.len() > 100,
+        "the children acknowledged too little to prove anything ({})",
+        acks.len()
+    );
     println!("{} passed, 0 failed", acks.len());
 }

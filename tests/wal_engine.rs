@@ -19,9 +19,13 @@ fn config(dir: &Path) -> Config {
     cfg
 }
 
+type Records = Vec<(Lsn, Vec<u8>)>;
+
 /// Every record from the retained start, with the end of valid WAL.
-fn read_all(cfg: &Config) -> (Vec<(Lsn, Vec<u8>)>, Lsn, Option<EndOfWal>) {
-    let start = walden::wal::segments::read_wal_start(&cfg.wal_dir).unwrap().unwrap();
+fn read_all(cfg: &Config) -> (Records, Lsn, Option<EndOfWal>) {
+    let start = walden::wal::segments::read_wal_start(&cfg.wal_dir)
+        .unwrap()
+        .unwrap();
     let mut r = WalReader::new(&cfg.wal_dir, cfg.wal_segment_size.0, TIMELINE, start, None);
     let mut out = Vec::new();
     while let Some(rec) = r.next_record().unwrap() {
@@ -32,7 +36,13 @@ fn read_all(cfg: &Config) -> (Vec<(Lsn, Vec<u8>)>, Lsn, Option<EndOfWal>) {
 
 /// N threads x M appends of varied sizes; checks uniqueness, per-thread
 /// order, density, and that the reader returns exactly the payloads.
-fn concurrent_appends(cfg: Config, threads: usize, per_thread: usize, max_len: usize, level: Durability) {
+fn concurrent_appends(
+    cfg: Config,
+    threads: usize,
+    per_thread: usize,
+    max_len: usize,
+    level: Durability,
+) {
     let wal = Wal::open(cfg.clone()).unwrap();
     let first = wal.insert_lsn();
     let results: Vec<Vec<(Lsn, Lsn, u64, usize)>> = std::thread::scope(|s| {
@@ -67,7 +77,10 @@ fn concurrent_appends(cfg: Config, threads: usize, per_thread: usize, max_len: u
         }
         for &(lsn, e, seed, len) in per {
             assert_eq!(e.0 - lsn.0, record::stream_len(len));
-            assert!(by_lsn.insert(lsn, (e, seed, len)).is_none(), "LSN {lsn} handed out twice");
+            assert!(
+                by_lsn.insert(lsn, (e, seed, len)).is_none(),
+                "LSN {lsn} handed out twice"
+            );
         }
     }
     // Dense: each record starts where the previous ended.
@@ -90,7 +103,10 @@ fn concurrent_appends(cfg: Config, threads: usize, per_thread: usize, max_len: u
     // And after reopening, from disk.
     let (all, valid_end, _) = read_all(&cfg);
     assert_eq!(valid_end, end);
-    assert_eq!(all.iter().filter(|(l, _)| *l >= first).count(), by_lsn.len());
+    assert_eq!(
+        all.iter().filter(|(l, _)| *l >= first).count(),
+        by_lsn.len()
+    );
 }
 
 #[test]
@@ -120,8 +136,17 @@ fn concurrent_appends_tiny_segments_records_span_them() {
 
 #[test]
 fn every_sync_method_and_both_flushers() {
-    for method in [SyncMethod::OpenDatasync, SyncMethod::Fdatasync, SyncMethod::OpenSync, SyncMethod::Fsync] {
-        for (flusher, depth1) in [(FlusherKind::Uring, true), (FlusherKind::Uring, false), (FlusherKind::Pwrite, true)] {
+    for method in [
+        SyncMethod::OpenDatasync,
+        SyncMethod::Fdatasync,
+        SyncMethod::OpenSync,
+        SyncMethod::Fsync,
+    ] {
+        for (flusher, depth1) in [
+            (FlusherKind::Uring, true),
+            (FlusherKind::Uring, false),
+            (FlusherKind::Pwrite, true),
+        ] {
             let d = tempfile::tempdir().unwrap();
             let mut cfg = config(d.path());
             cfg.wal_sync_method = method;
@@ -157,12 +182,10 @@ fn batch_append_reserves_once_and_reads_back() {
 fn reopen_continues_exactly_at_the_end() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path());
-    let mut expected = Vec::new();
+    let mut expected: Records = Vec::new();
     for round in 0..3u64 {
         let wal = Wal::open(cfg.clone()).unwrap();
-        if let Some(&(_, ref p)) = expected.last() {
-            let p: &Vec<u8> = p;
-            let last_lsn: Lsn = expected.last().map(|(l, _)| *l).unwrap();
+        if let Some((last_lsn, p)) = expected.last() {
             assert_eq!(wal.opened_at().0, last_lsn.0 + record::stream_len(p.len()));
         }
         for i in 0..500 {
@@ -174,7 +197,10 @@ fn reopen_continues_exactly_at_the_end() {
     }
     let (all, _, end) = read_all(&cfg);
     assert_eq!(all, expected);
-    assert!(matches!(end, Some(EndOfWal::Invalid(ref e)) if e.is_zeroed()), "{end:?}");
+    assert!(
+        matches!(end, Some(EndOfWal::Invalid(ref e)) if e.is_zeroed()),
+        "{end:?}"
+    );
 }
 
 #[test]
@@ -210,7 +236,10 @@ fn recycled_segment_with_valid_old_records_is_not_replayed() {
 
     // The recycled files sit after the end and hold old records.
     let names: Vec<_> = walden::wal::segments::list_segments(&cfg.wal_dir, TIMELINE, seg).unwrap();
-    assert!(names.iter().any(|&s| s > end.segno(seg)), "a recycled segment lies ahead: {names:?}");
+    assert!(
+        names.iter().any(|&s| s > end.segno(seg)),
+        "a recycled segment lies ahead: {names:?}"
+    );
 
     // Also plant a raw copy of old records exactly where the next segment starts.
     let wal = Wal::open(cfg.clone()).unwrap();
@@ -243,7 +272,8 @@ fn stale_valid_records_after_the_end_are_cleared_at_startup() {
     for i in 0..100 {
         acked.push(wal.append(Kind::DATA, &payload(i, 64)).unwrap());
     }
-    wal.wait(acked.last().unwrap().end, Durability::Local).unwrap();
+    wal.wait(acked.last().unwrap().end, Durability::Local)
+        .unwrap();
     let end = wal.flush_lsn();
     wal.close().unwrap();
     // Forge what a crashed run could leave: a hole (zeros) of 8 KiB, then a
@@ -251,7 +281,11 @@ fn stale_valid_records_after_the_end_are_cleared_at_startup() {
     let seg = cfg.wal_segment_size.0;
     let ghost_lsn = Lsn(end.0 + 8192);
     let ghost = record::encode(ghost_lsn, Kind::DATA, b"never acknowledged");
-    let path = cfg.wal_dir.join(walden::lsn::segment_file_name(TIMELINE, ghost_lsn.segno(seg), seg));
+    let path = cfg.wal_dir.join(walden::lsn::segment_file_name(
+        TIMELINE,
+        ghost_lsn.segno(seg),
+        seg,
+    ));
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &ghost, ghost_lsn.segment_offset(seg)).unwrap();
     drop(f);
@@ -260,12 +294,17 @@ fn stale_valid_records_after_the_end_are_cleared_at_startup() {
     assert_eq!(wal.opened_at(), end);
     // Append exactly up to the ghost's position, then one more record.
     let gap = (ghost_lsn.0 - end.0) as usize;
-    let a = wal.append(Kind::DATA, &vec![7u8; gap - record::HEADER_LEN]).unwrap();
+    let a = wal
+        .append(Kind::DATA, &vec![7u8; gap - record::HEADER_LEN])
+        .unwrap();
     assert_eq!(a.end, ghost_lsn);
     wal.wait(a.end, Durability::Local).unwrap();
     wal.close().unwrap();
     let (all, valid_end, _) = read_all(&cfg);
-    assert_eq!(valid_end, ghost_lsn, "the ghost record must have been cleared");
+    assert_eq!(
+        valid_end, ghost_lsn,
+        "the ghost record must have been cleared"
+    );
     assert!(all.iter().all(|(_, p)| p != b"never acknowledged"));
 }
 
@@ -278,11 +317,19 @@ fn errors_are_clear() {
     let e = wal.append(Kind::DATA, &big).unwrap_err();
     assert!(matches!(e, WalError::RecordTooLarge { .. }));
     assert!(e.to_string().contains("larger than max_record_size"), "{e}");
-    assert!(wal.append(Kind::DATA, &vec![0u8; cfg.max_record_size.0 as usize]).is_ok());
+    assert!(wal
+        .append(Kind::DATA, &vec![0u8; cfg.max_record_size.0 as usize])
+        .is_ok());
     let e = wal.remove_before(Lsn(wal.flush_lsn().0 + 8)).unwrap_err();
     assert!(e.to_string().contains("flush LSN"), "{e}");
-    assert_eq!("remote_apply".parse::<Durability>(), Ok(Durability::RemoteApply));
-    assert!("sometimes".parse::<Durability>().unwrap_err().contains("invalid durability level"));
+    assert_eq!(
+        "remote_apply".parse::<Durability>(),
+        Ok(Durability::RemoteApply)
+    );
+    assert!("sometimes"
+        .parse::<Durability>()
+        .unwrap_err()
+        .contains("invalid durability level"));
     wal.close().unwrap();
 
     // A changed segment size is refused, with the reason.
@@ -300,7 +347,10 @@ fn levels_above_local_behave_as_local_without_standbys() {
         let a = wal.append(Kind::DATA, level.name().as_bytes()).unwrap();
         wal.wait(a.end, level).unwrap();
         if level != Durability::Off {
-            assert!(wal.flush_lsn() >= a.end, "{level} returned before the flush");
+            assert!(
+                wal.flush_lsn() >= a.end,
+                "{level} returned before the flush"
+            );
         }
     }
     // `off` records are flushed by the writer delay alone.
@@ -316,9 +366,14 @@ fn levels_above_local_behave_as_local_without_standbys() {
 fn kind_zero_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let wal = Wal::open(config(d.path())).unwrap();
-    assert!(matches!(wal.append(Kind(0), b"x"), Err(WalError::InvalidKind)));
+    assert!(matches!(
+        wal.append(Kind(0), b"x"),
+        Err(WalError::InvalidKind)
+    ));
     let mut lsns = Vec::new();
-    assert!(wal.append_batch(&[(Kind::DATA, b"a"), (Kind(0), b"b")], &mut lsns).is_err());
+    assert!(wal
+        .append_batch(&[(Kind::DATA, b"a"), (Kind(0), b"b")], &mut lsns)
+        .is_err());
     assert!(lsns.is_empty(), "nothing of a refused batch is inserted");
 }
 
@@ -331,12 +386,21 @@ fn live_reader_stops_at_the_limit_inside_a_record_and_continues() {
     let b = wal.append(Kind::DATA, &payload(2, 10_000)).unwrap();
     wal.wait(b.end, Durability::Local).unwrap();
     // A limit in the middle of the second record: not an invalid record.
-    let mut r = WalReader::new(&cfg.wal_dir, cfg.wal_segment_size.0, TIMELINE, a.lsn, Some(Lsn(b.lsn.0 + 5000)));
+    let mut r = WalReader::new(
+        &cfg.wal_dir,
+        cfg.wal_segment_size.0,
+        TIMELINE,
+        a.lsn,
+        Some(Lsn(b.lsn.0 + 5000)),
+    );
     assert_eq!(r.next_record().unwrap().unwrap().lsn, a.lsn);
     assert!(r.next_record().unwrap().is_none());
     assert!(matches!(r.end(), Some(EndOfWal::Limit(_))), "{:?}", r.end());
     r.set_limit(Some(b.end));
-    let rec = r.next_record().unwrap().expect("continues after the limit is raised");
+    let rec = r
+        .next_record()
+        .unwrap()
+        .expect("continues after the limit is raised");
     assert_eq!(rec.payload, &payload(2, 10_000)[..]);
 }
 
@@ -353,10 +417,18 @@ fn a_missing_segment_before_later_ones_refuses_to_start() {
     }
     wal.wait(last.unwrap().end, Durability::Local).unwrap();
     wal.close().unwrap();
-    let victim = cfg.wal_dir.join(walden::lsn::segment_file_name(TIMELINE, 2, seg));
+    let victim = cfg
+        .wal_dir
+        .join(walden::lsn::segment_file_name(TIMELINE, 2, seg));
     std::fs::rename(&victim, d.path().join("moved-away")).unwrap();
-    let e = Wal::open(cfg.clone()).err().expect("must refuse").to_string();
+    let e = Wal::open(cfg.clone())
+        .err()
+        .expect("must refuse")
+        .to_string();
     assert!(e.contains("is missing but a later one exists"), "{e}");
     // Nothing was deleted.
-    assert!(cfg.wal_dir.join(walden::lsn::segment_file_name(TIMELINE, 3, seg)).exists());
+    assert!(cfg
+        .wal_dir
+        .join(walden::lsn::segment_file_name(TIMELINE, 3, seg))
+        .exists());
 }

@@ -101,7 +101,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let threads = args.clients.unwrap_or(args.threads).max(1);
     let batch = args.batch.max(1);
     if args.size as u64 > cfg.max_record_size.0 {
-        bail!("--size {} is larger than max_record_size ({})", args.size, cfg.max_record_size.0);
+        bail!(
+            "--size {} is larger than max_record_size ({})",
+            args.size,
+            cfg.max_record_size.0
+        );
     }
 
     let wal = Wal::open(cfg.clone())?;
@@ -155,9 +159,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 // held slot would lock the other threads out).
                 let mut held = (threads <= wal.insert_shards()).then(|| wal.inserter());
                 let mut n: u64 = 0;
+                let batch_copy = payload.clone();
+                let batch_payload: Vec<(Kind, &[u8])> =
+                    (0..batch).map(|_| (Kind::DATA, &batch_copy[..])).collect();
                 while !stop.load(Relaxed) {
                     n += 1;
-                    payload[..8.min(args.size)].copy_from_slice(&n.to_le_bytes()[..8.min(args.size)]);
+                    payload[..8.min(args.size)]
+                        .copy_from_slice(&n.to_le_bytes()[..8.min(args.size)]);
                     let t0 = Instant::now();
                     let (first, end) = if batch == 1 {
                         let a = match held.as_mut() {
@@ -167,11 +175,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         .expect("append");
                         (a.lsn, a.end)
                     } else {
-                        let recs: Vec<(Kind, &[u8])> = (0..batch).map(|_| (Kind::DATA, &payload[..])).collect();
+                        // Every record of the batch carries the same payload.
+                        let recs: &[(Kind, &[u8])] = &batch_payload;
                         lsns.clear();
                         let end = match held.as_mut() {
-                            Some(ins) => ins.append_batch(&recs, &mut lsns),
-                            None => wal.append_batch(&recs, &mut lsns),
+                            Some(ins) => ins.append_batch(recs, &mut lsns),
+                            None => wal.append_batch(recs, &mut lsns),
                         }
                         .expect("append");
                         (lsns[0], end)
@@ -222,7 +231,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     *iv = Interval::default();
                 }
                 let avg = if n > 0 { sum / n as f64 } else { 0.0 };
-                let sd = if n > 0 { (sq / n as f64 - avg * avg).max(0.0).sqrt() } else { 0.0 };
+                let sd = if n > 0 {
+                    (sq / n as f64 - avg * avg).max(0.0).sqrt()
+                } else {
+                    0.0
+                };
                 let rate = (records - last_records) as f64 / dt;
                 println!(
                     "progress: {:.1} s, {:.1} rec/s, {:.1} MB/s, lat {:.3} ms stddev {:.3}, syncs {:.0}/s",
@@ -270,23 +283,43 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ms = |ns: f64| ns / 1e6;
     println!("records: {records}");
     println!("rec/s: {:.1}", records as f64 / elapsed);
-    println!("MB/s: {:.1}", records as f64 * args.size as f64 / elapsed / 1e6);
+    println!(
+        "MB/s: {:.1}",
+        records as f64 * args.size as f64 / elapsed / 1e6
+    );
     println!("WAL MB/s: {:.1}", wal_bytes as f64 / elapsed / 1e6);
     println!("latency avg: {:.3} ms", ms(hist.mean()));
     println!("latency stddev: {:.3} ms", ms(hist.stdev()));
-    println!("latency p50: {:.3} ms", ms(hist.value_at_quantile(0.50) as f64));
-    println!("latency p99: {:.3} ms", ms(hist.value_at_quantile(0.99) as f64));
-    println!("latency p99.9: {:.3} ms", ms(hist.value_at_quantile(0.999) as f64));
+    println!(
+        "latency p50: {:.3} ms",
+        ms(hist.value_at_quantile(0.50) as f64)
+    );
+    println!(
+        "latency p99: {:.3} ms",
+        ms(hist.value_at_quantile(0.99) as f64)
+    );
+    println!(
+        "latency p99.9: {:.3} ms",
+        ms(hist.value_at_quantile(0.999) as f64)
+    );
     println!("syncs/s: {:.1}", syncs as f64 / elapsed);
     println!("flushes/s: {:.1}", flushes as f64 / elapsed);
     let flush_ns = stats.flush_ns.load(Relaxed) - flush_ns0;
     println!(
         "flush time avg: {:.3} ms",
-        if flushes > 0 { flush_ns as f64 / flushes as f64 / 1e6 } else { 0.0 }
+        if flushes > 0 {
+            flush_ns as f64 / flushes as f64 / 1e6
+        } else {
+            0.0
+        }
     );
     println!(
         "mean group size: {:.1}",
-        if flushes > 0 { records as f64 / flushes as f64 } else { 0.0 }
+        if flushes > 0 {
+            records as f64 / flushes as f64
+        } else {
+            0.0
+        }
     );
     println!("ring full waits: {}", wal.ring_full_waits());
     println!(

@@ -80,9 +80,10 @@ impl SegmentFile {
         let (file, direct) = match attempt(mode.direct) {
             Ok(f) => (f, mode.direct),
             // tmpfs and some FUSE filesystems refuse O_DIRECT with EINVAL.
-            Err(e) if mode.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                (attempt(false).map_err(|e| FileError::new("open file", path, e))?, false)
-            }
+            Err(e) if mode.direct && e.raw_os_error() == Some(libc::EINVAL) => (
+                attempt(false).map_err(|e| FileError::new("open file", path, e))?,
+                false,
+            ),
             Err(e) => return Err(FileError::new("open file", path, e)),
         };
         Ok(SegmentFile {
@@ -103,6 +104,10 @@ impl SegmentFile {
 
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        self.len().map(|n| n == 0)
     }
 
     pub fn len(&self) -> Result<u64> {

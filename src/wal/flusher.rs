@@ -178,21 +178,18 @@ struct Files {
 
 impl Files {
     fn get(&mut self, shared: &WalShared, segno: u64, mode: OpenMode) -> &SegmentFile {
-        if !self.open.contains_key(&segno) {
-            match shared.segments.open_for_write(segno, mode) {
-                Ok(f) => {
-                    if !f.is_direct() {
-                        tracing::warn!(
-                            "O_DIRECT is not supported for \"{}\"; WAL writes go through the page cache",
-                            f.path().display()
-                        );
-                    }
-                    self.open.insert(segno, f);
+        self.open.entry(segno).or_insert_with(|| match shared.segments.open_for_write(segno, mode) {
+            Ok(f) => {
+                if !f.is_direct() {
+                    tracing::warn!(
+                        "O_DIRECT is not supported for \"{}\"; WAL writes go through the page cache",
+                        f.path().display()
+                    );
                 }
-                Err(e) => fatal(format_args!("could not open WAL segment for writing: {e}")),
+                f
             }
-        }
-        &self.open[&segno]
+            Err(e) => fatal(format_args!("could not open WAL segment for writing: {e}")),
+        })
     }
 
     /// Closes files wholly below `flushed` (no batch in flight uses them).
@@ -215,7 +212,13 @@ struct Demand {
 impl Demand {
     /// Returns Ok(true) to start, Ok(false) for no work, Err(deadline) to
     /// come back at a given time (commit_delay).
-    fn check(&mut self, shared: &WalShared, s: &FlushSettings, submitted: Lsn, safe: Lsn) -> Result<bool, Instant> {
+    fn check(
+        &mut self,
+        shared: &WalShared,
+        s: &FlushSettings,
+        submitted: Lsn,
+        safe: Lsn,
+    ) -> Result<bool, Instant> {
         if safe <= submitted {
             return Ok(false);
         }
@@ -227,7 +230,11 @@ impl Demand {
         if !(waited_for || shutting_down || pressure || timer) {
             return Ok(false);
         }
-        if waited_for && !shutting_down && !s.commit_delay.is_zero() && commit.waiting() >= s.commit_siblings {
+        if waited_for
+            && !shutting_down
+            && !s.commit_delay.is_zero()
+            && commit.waiting() >= s.commit_siblings
+        {
             let now = Instant::now();
             let until = *self.delay_until.get_or_insert(now + s.commit_delay);
             if now < until {
@@ -242,7 +249,11 @@ impl Demand {
 /// The io_uring flusher's thread body. Reports on `ready` whether its
 /// io_uring could be set up; returns after a shutdown once everything
 /// inserted is durable.
-pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sync::mpsc::Sender<std::io::Result<()>>) {
+pub(crate) fn run_uring(
+    shared: Arc<WalShared>,
+    s: FlushSettings,
+    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
     let wake = Arc::clone(shared.commit.wake_fd());
     let mut q = match WalQueue::new(256, shared.insert.buffer.memory(), s.max_inflight + 1, wake) {
         Ok(q) => {
@@ -255,7 +266,10 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
         }
     };
     drop(ready);
-    tracing::debug!(single_issuer = q.is_single_issuer(), "WAL flusher started (io_uring)");
+    tracing::debug!(
+        single_issuer = q.is_single_issuer(),
+        "WAL flusher started (io_uring)"
+    );
     let seg_size = shared.segments.segment_size();
     let ring_size = shared.insert.buffer.size();
     let mode = s.open_mode();
@@ -263,7 +277,9 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
     let datasync = s.method != SyncMethod::Fsync;
     // Writes plus one sync per segment must fit in one chain.
     let max_pieces = q.max_chain() / 2;
-    let mut files = Files { open: BTreeMap::new() };
+    let mut files = Files {
+        open: BTreeMap::new(),
+    };
     let mut flushed = shared.commit.flush_lsn();
     let mut submitted = flushed;
     let mut units: VecDeque<Unit> = VecDeque::new();
@@ -347,7 +363,9 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
             if u.last_of_batch {
                 batches_in_flight -= 1;
                 stats.flushes.fetch_add(1, Relaxed);
-                stats.flush_ns.fetch_add(u.started.elapsed().as_nanos() as u64, Relaxed);
+                stats
+                    .flush_ns
+                    .fetch_add(u.started.elapsed().as_nanos() as u64, Relaxed);
             }
             advanced = true;
         }
@@ -378,13 +396,24 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                     // this one's writes, and batches pipeline.
                     let commit = &shared.commit;
                     let whole = safe.align_down(B);
-                    let want = if whole > submitted && commit.request_lsn() <= whole && !commit.is_shut_down() {
+                    let want = if whole > submitted
+                        && commit.request_lsn() <= whole
+                        && !commit.is_shut_down()
+                    {
                         whole
                     } else {
                         safe
                     };
                     let from = submitted.align_down(B);
-                    let to = plan(from, want, seg_size, ring_size, s.max_write, max_pieces, &mut pieces);
+                    let to = plan(
+                        from,
+                        want,
+                        seg_size,
+                        ring_size,
+                        s.max_write,
+                        max_pieces,
+                        &mut pieces,
+                    );
                     let mut segnos: Vec<u64> = pieces.iter().map(|p| p.segno).collect();
                     segnos.dedup();
                     // Queue depth 1 (nothing in flight, one write): a plain
@@ -412,7 +441,11 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                             fatal(format_args!("{e} (WAL {}..{})", submitted, to));
                         }
                         if per_batch_sync {
-                            let res = if datasync { file.datasync() } else { file.fsync() };
+                            let res = if datasync {
+                                file.datasync()
+                            } else {
+                                file.fsync()
+                            };
                             if let Err(e) = res {
                                 fatal(format_args!("{e} (WAL up to {to})"));
                             }
@@ -423,7 +456,9 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                         stats.writes.fetch_add(1, Relaxed);
                         stats.write_bytes.fetch_add(p.len as u64, Relaxed);
                         stats.flushes.fetch_add(1, Relaxed);
-                        stats.flush_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+                        stats
+                            .flush_ns
+                            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
                         submitted = to;
                         flushed = to;
                         shared.insert.set_flushed(flushed);
@@ -443,10 +478,16 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                     let batch_seq = next_seq;
                     for (i, p) in pieces.iter().enumerate() {
                         let fd = files.get(&shared, p.segno, mode).raw_fd();
-                        let seq = if per_batch_sync { batch_seq } else { next_seq.wrapping_add(i as u32) };
+                        let seq = if per_batch_sync {
+                            batch_seq
+                        } else {
+                            next_seq.wrapping_add(i as u32)
+                        };
                         let ud = user_data(seq, Some(p.len));
                         let res = if p.tail {
-                            let bi = (0..q.bounce_blocks()).find(|&i| q.bounce_free(i)).expect("a free bounce block");
+                            let bi = (0..q.bounce_blocks())
+                                .find(|&i| q.bounce_free(i))
+                                .expect("a free bounce block");
                             let block = q.bounce_mut(bi);
                             let used = (to.0 - p.lsn.0) as usize;
                             // SAFETY: [p.lsn, to) is below the safe point and at
@@ -466,7 +507,11 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                             units.push_back(Unit {
                                 seq,
                                 start: p.lsn.max(submitted),
-                                end: if p.tail { to } else { Lsn(p.lsn.0 + p.len as u64) },
+                                end: if p.tail {
+                                    to
+                                } else {
+                                    Lsn(p.lsn.0 + p.len as u64)
+                                },
                                 pending: 1,
                                 writes_pending: 1,
                                 deferred_syncs: Vec::new(),
@@ -483,7 +528,8 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
                     if per_batch_sync {
                         if linked {
                             let fd = files.get(&shared, pieces[0].segno, mode).raw_fd();
-                            if let Err(e) = q.sync(fd, datasync, user_data(batch_seq, None), false) {
+                            if let Err(e) = q.sync(fd, datasync, user_data(batch_seq, None), false)
+                            {
                                 fatal(format_args!("could not queue a WAL sync: {e}"));
                             }
                         }
@@ -535,7 +581,9 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
             // fully copied yet (an inserter may have been preempted): poll.
             Duration::from_micros(20)
         } else {
-            (demand.last_flush + s.writer_delay).saturating_duration_since(now).max(Duration::from_micros(100))
+            (demand.last_flush + s.writer_delay)
+                .saturating_duration_since(now)
+                .max(Duration::from_micros(100))
         };
         if let Some(d) = wait_until {
             timeout = timeout.min(d.saturating_duration_since(now));
@@ -545,7 +593,10 @@ pub(crate) fn run_uring(shared: Arc<WalShared>, s: FlushSettings, ready: std::sy
         }
         if can_start {
             shared.commit.flusher_will_sleep();
-            if shared.commit.request_lsn() > submitted && shared.insert.safe_point() > submitted && wait_until.is_none() {
+            if shared.commit.request_lsn() > submitted
+                && shared.insert.safe_point() > submitted
+                && wait_until.is_none()
+            {
                 shared.commit.flusher_awake();
                 continue;
             }
@@ -564,7 +615,9 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
     let seg_size = shared.segments.segment_size();
     let ring_size = shared.insert.buffer.size();
     let mode = s.open_mode();
-    let mut files = Files { open: BTreeMap::new() };
+    let mut files = Files {
+        open: BTreeMap::new(),
+    };
     let mut flushed = shared.commit.flush_lsn();
     let mut pieces = Vec::new();
     let mut bounce = AlignedBuf::zeroed(BLOCK);
@@ -575,7 +628,10 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
     let wake = Arc::clone(shared.commit.wake_fd());
     loop {
         let safe = shared.insert.safe_point();
-        if shared.commit.is_shut_down() && flushed >= shared.insert.insert_lsn() && !shared.insert.any_inserting() {
+        if shared.commit.is_shut_down()
+            && flushed >= shared.insert.insert_lsn()
+            && !shared.insert.any_inserting()
+        {
             break;
         }
         match demand.check(&shared, &s, flushed, safe) {
@@ -583,11 +639,16 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
             other => {
                 let timeout = match other {
                     Err(d) => d.saturating_duration_since(Instant::now()),
-                    _ if safe > flushed && shared.commit.request_lsn() > flushed => Duration::from_micros(20),
-                    _ => Duration::from_millis(1).max((demand.last_flush + s.writer_delay).saturating_duration_since(Instant::now())),
+                    _ if safe > flushed && shared.commit.request_lsn() > flushed => {
+                        Duration::from_micros(20)
+                    }
+                    _ => Duration::from_millis(1).max(
+                        (demand.last_flush + s.writer_delay)
+                            .saturating_duration_since(Instant::now()),
+                    ),
                 };
                 shared.commit.flusher_will_sleep();
-                if matches!(other, Err(_)) || shared.commit.request_lsn() <= flushed || safe <= flushed {
+                if other.is_err() || shared.commit.request_lsn() <= flushed || safe <= flushed {
                     wake.wait(timeout);
                 }
                 shared.commit.flusher_awake();
@@ -595,7 +656,15 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
             }
         }
         let started = Instant::now();
-        let safe = plan(flushed.align_down(B), safe, seg_size, ring_size, s.max_write, usize::MAX, &mut pieces);
+        let safe = plan(
+            flushed.align_down(B),
+            safe,
+            seg_size,
+            ring_size,
+            s.max_write,
+            usize::MAX,
+            &mut pieces,
+        );
         let mut segnos: Vec<u64> = Vec::new();
         for p in &pieces {
             let file = files.get(&shared, p.segno, mode);
@@ -621,7 +690,11 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
         if s.needs_sync_op() {
             for segno in &segnos {
                 let f = files.get(&shared, *segno, mode);
-                let res = if s.method == SyncMethod::Fsync { f.fsync() } else { f.datasync() };
+                let res = if s.method == SyncMethod::Fsync {
+                    f.fsync()
+                } else {
+                    f.datasync()
+                };
                 if let Err(e) = res {
                     fatal(format_args!("{e} (WAL up to {safe})"));
                 }
@@ -632,9 +705,13 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
         }
         let stats = &shared.stats;
         stats.writes.fetch_add(pieces.len() as u64, Relaxed);
-        stats.write_bytes.fetch_add(pieces.iter().map(|p| p.len as u64).sum::<u64>(), Relaxed);
+        stats
+            .write_bytes
+            .fetch_add(pieces.iter().map(|p| p.len as u64).sum::<u64>(), Relaxed);
         stats.flushes.fetch_add(1, Relaxed);
-        stats.flush_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        stats
+            .flush_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         flushed = safe;
         shared.insert.set_flushed(flushed);
         shared.commit.publish(flushed, flushed);
@@ -652,22 +729,53 @@ mod tests {
         let mut out = Vec::new();
         let mib = 1 << 20;
         // From 1 MiB - 8 KiB to 1 MiB + 5000 B with 1 MiB segments and a 64 KiB ring.
-        plan(Lsn(mib - 8192), Lsn(mib + 5000), mib, 64 << 10, mib, 100, &mut out);
-        let got: Vec<(u64, u64, usize, bool)> = out.iter().map(|p| (p.segno, p.file_offset, p.len, p.tail)).collect();
+        plan(
+            Lsn(mib - 8192),
+            Lsn(mib + 5000),
+            mib,
+            64 << 10,
+            mib,
+            100,
+            &mut out,
+        );
+        let got: Vec<(u64, u64, usize, bool)> = out
+            .iter()
+            .map(|p| (p.segno, p.file_offset, p.len, p.tail))
+            .collect();
         assert_eq!(
             got,
-            vec![(0, mib - 8192, 8192, false), (1, 0, 4096, false), (1, 4096, 4096, true)]
+            vec![
+                (0, mib - 8192, 8192, false),
+                (1, 0, 4096, false),
+                (1, 4096, 4096, true)
+            ]
         );
         // Only a partial block.
         plan(Lsn(mib), Lsn(mib + 100), mib, 64 << 10, mib, 100, &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].tail);
         // Ring wrap inside one segment, and max_write.
-        plan(Lsn(mib + 60 * 1024), Lsn(mib + 80 * 1024), 16 * mib, 64 << 10, 8192, 100, &mut out);
+        plan(
+            Lsn(mib + 60 * 1024),
+            Lsn(mib + 80 * 1024),
+            16 * mib,
+            64 << 10,
+            8192,
+            100,
+            &mut out,
+        );
         let lens: Vec<usize> = out.iter().map(|p| p.len).collect();
         assert_eq!(lens, vec![4096, 8192, 8192]);
         // The piece cap ends the batch early, on a block boundary, without a tail.
-        let to = plan(Lsn(mib + 60 * 1024), Lsn(mib + 80 * 1024 + 5), 16 * mib, 64 << 10, 8192, 2, &mut out);
+        let to = plan(
+            Lsn(mib + 60 * 1024),
+            Lsn(mib + 80 * 1024 + 5),
+            16 * mib,
+            64 << 10,
+            8192,
+            2,
+            &mut out,
+        );
         assert_eq!(to, Lsn(mib + 72 * 1024));
         assert_eq!(out.len(), 2);
         assert!(!out.iter().any(|p| p.tail));

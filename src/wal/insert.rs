@@ -116,7 +116,9 @@ impl InsertState {
 
     /// True while some slot is between announcement and DONE.
     pub fn any_inserting(&self) -> bool {
-        self.slots.iter().any(|s| s.inserting_at.load(SeqCst) != DONE)
+        self.slots
+            .iter()
+            .any(|s| s.inserting_at.load(SeqCst) != DONE)
     }
 
     pub fn reclaim_lsn(&self) -> Lsn {
@@ -181,12 +183,19 @@ impl InsertState {
         lsns: &mut Vec<Lsn>,
         mut wait_space: impl FnMut(Lsn, Lsn),
     ) -> (Lsn, Lsn) {
-        let total: u64 = records.iter().map(|(_, p)| record::stream_len(p.len())).sum();
-        assert!(total <= self.max_reservation, "reservation larger than half the ring");
+        let total: u64 = records
+            .iter()
+            .map(|(_, p)| record::stream_len(p.len()))
+            .sum();
+        assert!(
+            total <= self.max_reservation,
+            "reservation larger than half the ring"
+        );
         let slot = slot.slot;
         let size = self.buffer.size();
 
-        slot.inserting_at.store(self.insert_pos.load(Relaxed), SeqCst);
+        slot.inserting_at
+            .store(self.insert_pos.load(Relaxed), SeqCst);
         let start = self.insert_pos.fetch_add(total, SeqCst);
         let end = start + total;
 
@@ -213,7 +222,8 @@ impl InsertState {
             unsafe {
                 self.buffer.put(Lsn(at), &hdr);
                 self.buffer.put(Lsn(at + HEADER_LEN as u64), payload);
-                self.buffer.zero(Lsn(at + (HEADER_LEN + payload.len()) as u64), pad);
+                self.buffer
+                    .zero(Lsn(at + (HEADER_LEN + payload.len()) as u64), pad);
             }
             lsns.push(Lsn(at));
             at += len;

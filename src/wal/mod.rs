@@ -309,7 +309,10 @@ impl Wal {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(wal),
             Ok(Err(e)) => Err(WalError::Uring(e)),
-            Err(_) => Err(WalError::Thread("flusher", std::io::Error::other("flusher exited at startup"))),
+            Err(_) => Err(WalError::Thread(
+                "flusher",
+                std::io::Error::other("flusher exited at startup"),
+            )),
         }
     }
 
@@ -422,7 +425,10 @@ impl Wal {
         {
             return Err(WalError::BadDirectory {
                 dir: self.shared.cfg.wal_dir.display().to_string(),
-                message: format!("{lsn} is not the start of a valid record: {}", r.end().unwrap()),
+                message: format!(
+                    "{lsn} is not the start of a valid record: {}",
+                    r.end().unwrap()
+                ),
             });
         }
         segments::write_wal_start(&self.shared.cfg.wal_dir, lsn)?;
@@ -493,8 +499,10 @@ impl WalShared {
 
     fn wait_for_space(&self, start: Lsn, needed: Lsn) {
         self.commit.request(start);
-        self.commit
-            .wait_until(|| self.insert.reclaim_lsn() >= needed, Some(Duration::from_millis(2)));
+        self.commit.wait_until(
+            || self.insert.reclaim_lsn() >= needed,
+            Some(Duration::from_millis(2)),
+        );
     }
 }
 
@@ -513,9 +521,11 @@ impl Inserter<'_> {
             return Err(WalError::Closed);
         }
         self.scratch.clear();
-        let (start, end) = w.insert.insert(&self.slot, &[(kind, payload)], &mut self.scratch, |s, n| {
-            w.wait_for_space(s, n)
-        });
+        let (start, end) =
+            w.insert
+                .insert(&self.slot, &[(kind, payload)], &mut self.scratch, |s, n| {
+                    w.wait_for_space(s, n)
+                });
         Ok(Appended { lsn: start, end })
     }
 
@@ -542,7 +552,9 @@ impl Inserter<'_> {
                 total += l;
                 j += 1;
             }
-            let (_, e) = w.insert.insert(&self.slot, &records[i..j], lsns, |s, n| w.wait_for_space(s, n));
+            let (_, e) = w.insert.insert(&self.slot, &records[i..j], lsns, |s, n| {
+                w.wait_for_space(s, n)
+            });
             end = e;
             i = j;
         }

@@ -94,7 +94,13 @@ pub struct WalReader {
 impl WalReader {
     /// A reader of the WAL in `dir` starting at `from`, which must be a record
     /// start (a wrong position shows up at once as an invalid record).
-    pub fn new(dir: &Path, segment_size: u64, timeline: u32, from: Lsn, limit: Option<Lsn>) -> WalReader {
+    pub fn new(
+        dir: &Path,
+        segment_size: u64,
+        timeline: u32,
+        from: Lsn,
+        limit: Option<Lsn>,
+    ) -> WalReader {
         WalReader {
             dir: dir.to_owned(),
             segment_size,
@@ -220,7 +226,11 @@ impl WalReader {
                         self.file = None;
                         return Ok(Err(EndOfWal::MissingSegment {
                             at: next,
-                            segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
+                            segment: lsn::segment_file_name(
+                                self.timeline,
+                                segno,
+                                self.segment_size,
+                            ),
                         }));
                     }
                     Err(e) => return Err(e),
@@ -231,23 +241,24 @@ impl WalReader {
             self.buf.resize(old + want, 0);
             let got = file.read_at(&mut self.buf[old..], seg_off)?;
             self.buf.truncate(old + got);
-            if got < want {
-                if got == 0 {
-                    return Ok(Err(EndOfWal::MissingSegment {
-                        at: next,
-                        segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
-                    }));
-                }
-                // A short segment file: take what there is, the next round
-                // reports it missing.
+            // A short segment file: take what there is, the next round
+            // reports it missing.
+            if got == 0 {
+                return Ok(Err(EndOfWal::MissingSegment {
+                    at: next,
+                    segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
+                }));
             }
         }
         Ok(Ok(()))
     }
 
     fn segment_path(&self, segno: u64) -> PathBuf {
-        self.dir
-            .join(lsn::segment_file_name(self.timeline, segno, self.segment_size))
+        self.dir.join(lsn::segment_file_name(
+            self.timeline,
+            segno,
+            self.segment_size,
+        ))
     }
 }
 

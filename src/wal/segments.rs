@@ -86,8 +86,11 @@ impl Segments {
     }
 
     pub fn path(&self, segno: u64) -> PathBuf {
-        self.dir
-            .join(lsn::segment_file_name(self.timeline, segno, self.segment_size))
+        self.dir.join(lsn::segment_file_name(
+            self.timeline,
+            segno,
+            self.segment_size,
+        ))
     }
 
     /// Segment numbers present on this timeline, ascending.
@@ -303,12 +306,18 @@ pub fn read_wal_start(dir: &Path) -> Result<Option<Lsn>, FileError> {
             std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string()),
         )
     };
-    let (lsn_text, crc_text) = text.trim().split_once(' ').ok_or_else(|| bad("expected \"LSN CRC\""))?;
+    let (lsn_text, crc_text) = text
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| bad("expected \"LSN CRC\""))?;
     let crc = u32::from_str_radix(crc_text, 16).map_err(|_| bad("bad crc field"))?;
     if crc != crc32c::crc32c(lsn_text.as_bytes()) {
         return Err(bad("crc mismatch: the file is damaged"));
     }
-    lsn_text.parse::<Lsn>().map(Some).map_err(|_| bad("bad LSN"))
+    lsn_text
+        .parse::<Lsn>()
+        .map(Some)
+        .map_err(|_| bad("bad LSN"))
 }
 
 /// Replaces `dir/wal_start` atomically: temporary file, fsync, rename, fsync

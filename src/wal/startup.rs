@@ -29,7 +29,12 @@ pub struct EndOfScan {
 
 /// Reads from `start` to the end of valid WAL, logging progress every few
 /// seconds on a long scan.
-pub fn scan(dir: &Path, segment_size: u64, timeline: u32, start: Lsn) -> Result<EndOfScan, FileError> {
+pub fn scan(
+    dir: &Path,
+    segment_size: u64,
+    timeline: u32,
+    start: Lsn,
+) -> Result<EndOfScan, FileError> {
     let mut reader = WalReader::new(dir, segment_size, timeline, start, None);
     let mut records = 0u64;
     let began = Instant::now();
@@ -108,7 +113,10 @@ pub fn read_tail(segments: &Segments, end: Lsn) -> Result<Vec<u8>, FileError> {
         return Err(FileError::new(
             "read the last WAL block of",
             f.path(),
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file is shorter than the valid WAL"),
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file is shorter than the valid WAL",
+            ),
         ));
     }
     Ok(buf[..n].to_vec())
