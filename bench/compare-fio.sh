@@ -2,7 +2,7 @@
 # Compare walden against fio on the same directory, same run (see
 # /work/shared/BENCHMARKING.md): bandwidth ceiling and single-writer commit latency.
 #
-#   bench/compare-fio.sh [DIR]      env: SECS (10), REPEAT (3), WALDEN (binary), PREFILL (0)
+#   bench/compare-fio.sh [DIR]      env: SECS (10), REPEAT (3), WALDEN (binary), PREFILL (1)
 #
 # DIR defaults to a fresh ./walden-fio-XXXX (removed at exit). Walden writes to
 # DIR/walden, so both sides share one filesystem.
@@ -14,11 +14,12 @@ REPEAT=${REPEAT:-3}
 # walden's "MB/s" is 10^6 bytes/s of payload (checked: it equals rec/s * size / 1e6);
 # fio's figure is MiB/s, so walden's is converted. Override if walden changes unit.
 WALDEN_MB_BYTES=${WALDEN_MB_BYTES:-1000000}
-# PREFILL=1 writes the sync-test file out before timing, so fio overwrites
-# written blocks as pg_test_fsync does (and as walden does with its zero-filled
-# segments). Default 0: fio writes a fresh file, and on ext4 each fdatasync then
-# also commits the journal (~160 us vs ~70 us p50 measured here).
-PREFILL=${PREFILL:-0}
+# PREFILL=1 (the default) writes the sync-test file out before timing, so fio
+# overwrites written blocks as pg_test_fsync does and as walden does with its
+# zero-filled segments: the like-for-like (and harder) reference. PREFILL=0
+# times a fresh file, where on ext4 each fdatasync also commits the journal
+# (~160 us vs ~70 us p50 measured here).
+PREFILL=${PREFILL:-1}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 die() { echo "compare-fio: $*" >&2; exit 1; }

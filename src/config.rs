@@ -181,6 +181,10 @@ pub struct Config {
     pub max_record_size: Size,
     /// Segments kept ready ahead of the insert position.
     pub wal_prealloc: u32,
+    /// Soft limit of the WAL's size. Released segments are recycled (renamed
+    /// ahead) while the recycled ones fit in it; the rest are removed. (The
+    /// checkpointer will also start a checkpoint when the WAL grows past it.)
+    pub max_wal_size: Size,
     /// Zero-fill new segments (fast overwrites later) rather than fallocate.
     pub wal_init_zero: bool,
     /// Reuse released segments by renaming them rather than deleting them.
@@ -212,6 +216,7 @@ impl Default for Config {
             cpu_affinity: Vec::new(),
             max_record_size: Size(1 << 20),
             wal_prealloc: 2,
+            max_wal_size: Size(1 << 30),
             wal_init_zero: true,
             wal_recycle: true,
             wal_flusher: FlusherKind::Uring,
@@ -327,6 +332,16 @@ impl Config {
                 format!(
                     "{max_rec} must be positive and leave room in half of wal_buffers ({ring}): \
                      a larger record could wait forever for ring space"
+                ),
+            );
+        }
+        if self.max_wal_size.0 < 2 * seg {
+            return invalid(
+                "max_wal_size",
+                format!(
+                    "{} must be at least two WAL segments ({})",
+                    self.max_wal_size.0,
+                    2 * seg
                 ),
             );
         }

@@ -99,6 +99,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
             .spawn()
             .expect("spawn walden wal-child");
         let stdout = child.stdout.take().unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
             let mut r = BufReader::new(stdout);
@@ -107,14 +108,22 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
             while r.read_line(&mut line).unwrap_or(0) > 0 {
                 if line.ends_with('\n') {
                     lines.push(line.trim_end().to_string());
+                    if lines.len() == 1 {
+                        let _ = started_tx.send(());
+                    }
                 }
                 line.clear();
             }
             lines
         });
-        // Let it run, then kill it without warning.
+        // Once it has recovered and started appending, let it run a random
+        // while, then kill it without warning.
         let started = Instant::now();
-        std::thread::sleep(Duration::from_millis(40 + next() % 260));
+        if started_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            panic!("cycle {cycle}: the child did not start within 60 s (seed {seed})");
+        }
+        std::thread::sleep(Duration::from_millis(20 + next() % 280));
         child.kill().expect("SIGKILL");
         let status = child.wait().unwrap();
         assert!(!status.success(), "the child was killed");

@@ -7,7 +7,11 @@ use walden::Config;
 
 /// Settings from `--config FILE` (or defaults), with the data directory
 /// `-D DIR` (wal/ and data/ side by side) and `name=value` overrides applied.
-pub fn load_config(config: Option<&Path>, data_dir: Option<&PathBuf>, overrides: &[String]) -> anyhow::Result<Config> {
+pub fn load_config(
+    config: Option<&Path>,
+    data_dir: Option<&PathBuf>,
+    overrides: &[String],
+) -> anyhow::Result<Config> {
     let mut cfg = match config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),

@@ -4,5 +4,5 @@ pub mod bench;
 pub mod common;
 pub mod controldata;
 pub mod test_fsync;
-pub mod waldump;
 pub mod wal_child;
+pub mod waldump;

@@ -101,10 +101,17 @@ impl SharedBuf {
     /// No other thread may read or write `offset..offset + src.len()` while
     /// this runs, and the range must lie inside the buffer (checked).
     pub unsafe fn write(&self, offset: usize, src: &[u8]) {
-        assert!(offset + src.len() <= self.buf.len(), "ring write out of bounds");
+        assert!(
+            offset + src.len() <= self.buf.len(),
+            "ring write out of bounds"
+        );
         // SAFETY: in bounds (asserted); exclusivity is the caller's promise.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.buf.as_mut_ptr().add(offset), src.len())
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.buf.as_mut_ptr().add(offset),
+                src.len(),
+            )
         }
     }
 

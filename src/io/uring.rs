@@ -144,7 +144,10 @@ impl WalQueue {
 
     /// Mutable access to bounce block `i`. Panics if a write from it is in flight.
     pub fn bounce_mut(&mut self, i: usize) -> &mut [u8] {
-        assert!(self.bounce_busy[i].is_none(), "bounce block {i} is in flight");
+        assert!(
+            self.bounce_busy[i].is_none(),
+            "bounce block {i} is in flight"
+        );
         &mut self.bounce[i * BLOCK..(i + 1) * BLOCK]
     }
 
@@ -221,7 +224,10 @@ impl WalQueue {
         user_data: u64,
         link: bool,
     ) -> io::Result<()> {
-        assert!(self.bounce_busy[i].is_none(), "bounce block {i} is in flight");
+        assert!(
+            self.bounce_busy[i].is_none(),
+            "bounce block {i} is in flight"
+        );
         assert!(user_data != WAKE_USER_DATA);
         // SAFETY (pointer arithmetic): i < bounce_busy.len() (indexed above).
         let ptr = unsafe { self.bounce.as_ptr().add(i * BLOCK) };
@@ -239,7 +245,13 @@ impl WalQueue {
     /// Queues fdatasync (or fsync) of `fd`. When the previous entry was
     /// queued with `link`, it runs only after that entry succeeded, and fails
     /// with ECANCELED otherwise; `link` chains the next entry to this one.
-    pub fn sync(&mut self, fd: RawFd, datasync: bool, user_data: u64, link: bool) -> io::Result<()> {
+    pub fn sync(
+        &mut self,
+        fd: RawFd,
+        datasync: bool,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
         assert!(user_data != WAKE_USER_DATA);
         let flags = if datasync {
             types::FsyncFlags::DATASYNC
@@ -283,7 +295,14 @@ impl WalQueue {
         };
         match res {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

@@ -221,15 +221,7 @@ impl Wal {
         }
 
         let stats = Arc::new(WalStats::default());
-        let segments = Arc::new(Segments::new(
-            &dir,
-            seg_size,
-            TIMELINE,
-            cfg.wal_init_zero,
-            cfg.wal_recycle,
-            cfg.wal_prealloc,
-            Arc::clone(&stats),
-        ));
+        let segments = Arc::new(Segments::new(&dir, &cfg, TIMELINE, Arc::clone(&stats)));
         let (zeroed, removed) = startup::clear_after(&segments, end)?;
         if zeroed + removed > 0 {
             tracing::info!(

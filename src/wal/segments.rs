@@ -23,9 +23,6 @@ use super::commit::WalStats;
 pub const WAL_START_FILE: &str = "wal_start";
 const TEMP_PREFIX: &str = "xlogtemp.";
 static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Recycled segments kept beyond the preallocated ones (the checkpointer
-/// will size this from max_wal_size).
-const MAX_RECYCLED_AHEAD: u64 = 8;
 
 pub struct Segments {
     dir: PathBuf,
@@ -34,6 +31,10 @@ pub struct Segments {
     init_zero: bool,
     recycle: bool,
     prealloc: u64,
+    /// Most segments kept ahead of the current one by recycling.
+    recycle_ahead: u64,
+    /// `fsync = off`: skip the syncs (benchmarks and tests only).
+    fsync: bool,
     /// Serialises creation, recycling and removal.
     files: Mutex<()>,
     preparer: Mutex<PreparerState>,
@@ -52,20 +53,21 @@ struct PreparerState {
 impl Segments {
     pub fn new(
         dir: &Path,
-        segment_size: u64,
+        cfg: &crate::config::Config,
         timeline: u32,
-        init_zero: bool,
-        recycle: bool,
-        prealloc: u32,
         stats: Arc<WalStats>,
     ) -> Segments {
+        let segment_size = cfg.wal_segment_size.0;
+        let prealloc = cfg.wal_prealloc as u64;
         Segments {
             dir: dir.to_owned(),
             segment_size,
             timeline,
-            init_zero,
-            recycle,
-            prealloc: prealloc as u64,
+            init_zero: cfg.wal_init_zero,
+            recycle: cfg.wal_recycle,
+            prealloc,
+            recycle_ahead: (cfg.max_wal_size.0 / segment_size).max(prealloc + 1),
+            fsync: cfg.fsync,
             files: Mutex::new(()),
             preparer: Mutex::new(PreparerState::default()),
             preparer_cond: Condvar::new(),
@@ -124,7 +126,7 @@ impl Segments {
         file::rename(&tmp, &path)?;
         // IMPORTANT: the new name must be durable before anything is written
         // to the segment and acknowledged. A failed directory fsync is fatal.
-        if let Err(e) = file::sync_dir(&self.dir) {
+        if let Err(e) = self.sync_dir() {
             super::flusher::fatal(format_args!("{e}"));
         }
         self.stats.segments_created.fetch_add(1, Relaxed);
@@ -158,12 +160,23 @@ impl Segments {
             } else {
                 f.allocate(self.segment_size)?;
             }
-            f.fsync()
+            if self.fsync {
+                f.fsync()?;
+            }
+            Ok(())
         })();
         if filled.is_err() {
             let _ = file::remove_file(tmp);
         }
         filled
+    }
+
+    fn sync_dir(&self) -> Result<(), FileError> {
+        if self.fsync {
+            file::sync_dir(&self.dir)
+        } else {
+            Ok(())
+        }
     }
 
     /// Opens segment `segno` for the flusher, creating it in the foreground
@@ -229,7 +242,7 @@ impl Segments {
         let last_release = lsn.segno(self.segment_size); // exclusive
         let present = self.list()?;
         let mut next_future = current + 1;
-        let future_limit = current + self.prealloc + MAX_RECYCLED_AHEAD;
+        let future_limit = current + self.recycle_ahead;
         let (mut recycled, mut removed) = (0, 0);
         for &segno in present.iter().filter(|&&s| s < last_release && s < current) {
             let old = self.path(segno);
@@ -252,7 +265,7 @@ impl Segments {
             }
         }
         if recycled + removed > 0 {
-            file::sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         self.stats.segments_recycled.fetch_add(recycled, Relaxed);
         self.stats.segments_removed.fetch_add(removed, Relaxed);
