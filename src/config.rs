@@ -198,6 +198,24 @@ pub struct Config {
     /// When a flush is one write and nothing is in flight, the io_uring
     /// flusher writes (and syncs) with plain syscalls: cheaper at depth 1.
     pub wal_sync_at_depth_1: bool,
+    /// Address the protocol listens on (every shard binds it with SO_REUSEPORT).
+    pub listen_addr: String,
+    /// Address of the HTTP endpoint (/metrics, /status); empty: off.
+    pub metrics_addr: String,
+    /// File holding the token clients must present in Hello; empty: none.
+    pub auth_token_file: String,
+    /// Allow a non-loopback listen_addr without auth_token_file.
+    pub allow_unauthenticated: bool,
+    /// Requests a connection may have waiting for their acknowledgement;
+    /// past it the server stops reading from that connection until acks drain.
+    pub max_in_flight: u32,
+    /// Close a connection idle (nothing in flight, no follow) this long; 0: never.
+    pub idle_timeout: Millis,
+    /// Close a connection whose unsent backlog stays above max_send_backlog this long.
+    pub slow_client_timeout: Millis,
+    /// Unsent bytes a connection may accumulate before it counts as slow
+    /// (a follower is not fed past it).
+    pub max_send_backlog: Size,
 }
 
 impl Default for Config {
@@ -223,6 +241,14 @@ impl Default for Config {
             wal_max_inflight: 4,
             wal_max_write: Size(1 << 20),
             wal_sync_at_depth_1: true,
+            listen_addr: "127.0.0.1:7480".into(),
+            metrics_addr: "127.0.0.1:9480".into(),
+            auth_token_file: String::new(),
+            allow_unauthenticated: false,
+            max_in_flight: 1024,
+            idle_timeout: Millis(0),
+            slow_client_timeout: Millis(60_000),
+            max_send_backlog: Size(64 << 20),
         }
     }
 }

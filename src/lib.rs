@@ -10,10 +10,14 @@
 //! Floors, from the bottom: [`io`] (every syscall and `unsafe`), [`lsn`],
 //! [`record`], [`config`], [`wal`]. Nothing imports upward.
 
+pub mod client;
 pub mod config;
 pub mod io;
 pub mod lsn;
+pub mod metrics;
+pub mod protocol;
 pub mod record;
+pub mod server;
 #[doc(hidden)]
 pub mod testkit;
 pub mod topology;

@@ -21,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: the WAL engine behind the wire protocol (docs/protocol.md).
+    Serve(tools::serve::ServeArgs),
+    /// Append records (one per line of FILE or standard input) and print their LSNs.
+    Append(tools::client_cli::AppendArgs),
+    /// Print records from an LSN (and, with --follow, as they become durable).
+    Read(tools::client_cli::ReadArgs),
+    /// Show a running server's LSNs and settings.
+    Status(tools::client_cli::StatusArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
     /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
@@ -45,6 +53,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => tools::serve::run(args),
+        Command::Append(args) => tools::client_cli::append(args),
+        Command::Read(args) => tools::client_cli::read(args),
+        Command::Status(args) => tools::client_cli::status(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),

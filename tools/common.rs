@@ -26,3 +26,11 @@ pub fn load_config(
     cfg.validate()?;
     Ok(cfg)
 }
+
+/// Starts the HTTP endpoint when `metrics_addr` is set; returns its address.
+pub fn start_metrics(server: &walden::server::Server, cfg: &Config) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if cfg.metrics_addr.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(server.serve_http(&cfg.metrics_addr)?))
+}

@@ -1,8 +1,10 @@
 //! Operator tools, reached as subcommands of the `walden` binary.
 
 pub mod bench;
+pub mod client_cli;
 pub mod common;
 pub mod controldata;
+pub mod serve;
 pub mod test_fsync;
 pub mod wal_child;
 pub mod waldump;

@@ -10,12 +10,13 @@ use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::Thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::utils::CachePadded;
 
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
+use crate::metrics::{self, AtomicHistogram};
 
 pub struct GroupCommit {
     write_lsn: CachePadded<AtomicU64>,
@@ -38,6 +39,39 @@ pub struct GroupCommit {
     flusher_sleeping: AtomicBool,
     wake: Arc<EventFd>,
     shutdown: AtomicBool,
+    /// Threads that wait in their own event loop (server shards): woken by
+    /// eventfd when the flush LSN reaches what they asked for.
+    listeners: std::sync::RwLock<Vec<Arc<FlushListener>>>,
+}
+
+/// A thread that sleeps in its own io_uring and wants to know when the flush
+/// LSN reaches `wants` (0: nothing). The flusher clears `wants` and signals.
+pub struct FlushListener {
+    wants: AtomicU64,
+    wake: Arc<EventFd>,
+}
+
+impl FlushListener {
+    pub fn new(wake: Arc<EventFd>) -> FlushListener {
+        FlushListener {
+            wants: AtomicU64::new(0),
+            wake,
+        }
+    }
+
+    /// Asks to be signalled once the flush LSN is at least `lsn`. The caller
+    /// must check the flush LSN itself after this (the signal only covers
+    /// flushes published after the store).
+    pub fn want(&self, lsn: Lsn) {
+        self.wants.store(lsn.0, SeqCst);
+    }
+
+    fn notify(&self, flushed: u64) {
+        let w = self.wants.load(SeqCst);
+        if w != 0 && flushed >= w && self.wants.compare_exchange(w, 0, SeqCst, SeqCst).is_ok() {
+            self.wake.signal();
+        }
+    }
 }
 
 impl GroupCommit {
@@ -54,6 +88,7 @@ impl GroupCommit {
             flusher_sleeping: AtomicBool::new(false),
             wake,
             shutdown: AtomicBool::new(false),
+            listeners: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -105,6 +140,11 @@ impl GroupCommit {
         self.write_lsn.fetch_max(written.0, Release);
         let old = self.flush_lsn.fetch_max(flushed.0, SeqCst);
         debug_assert!(flushed.0 >= old, "flush LSN went backwards");
+        if flushed.0 > old {
+            for l in self.listeners.read().unwrap().iter() {
+                l.notify(flushed.0);
+            }
+        }
         if flushed.0 > old && self.waiting.load(SeqCst) > 0 {
             self.wake_flush_waiters(flushed.0);
             self.notify();
@@ -193,6 +233,10 @@ impl GroupCommit {
         ok
     }
 
+    pub fn add_listener(&self, l: Arc<FlushListener>) {
+        self.listeners.write().unwrap().push(l);
+    }
+
     pub fn shut_down(&self) {
         self.shutdown.store(true, SeqCst);
         self.wake_flush_waiters(u64::MAX);
@@ -228,8 +272,8 @@ impl Ord for FlushWaiter {
     }
 }
 
-/// Counters of the WAL, read by the bench, `status` and (later) /metrics.
-#[derive(Default)]
+/// Counters of the WAL, read by the bench, `status` and /metrics. All
+/// relaxed atomics: recording never takes a lock.
 pub struct WalStats {
     pub records: AtomicU64,
     pub bytes: AtomicU64,
@@ -245,4 +289,57 @@ pub struct WalStats {
     pub segments_created_by_flusher: AtomicU64,
     pub segments_recycled: AtomicU64,
     pub segments_removed: AtomicU64,
+    /// Flush latencies (first write submitted to durable), in ns.
+    pub flush_duration: AtomicHistogram,
+    /// LSN bytes per flush batch.
+    pub flush_bytes: AtomicHistogram,
+    /// Records per flush batch, approximate: the records inserted (over all
+    /// slots) between the flusher's readings for this batch and the previous
+    /// one, read when a pipelined batch is submitted, or when a synchronous
+    /// one (depth 1, pwrite flusher) is durable. A record may so be counted
+    /// one batch early or late; the sum over batches is exact.
+    pub group_size: AtomicHistogram,
+    /// Records inserted at the flusher's last reading (flusher only).
+    group_records_mark: AtomicU64,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        WalStats {
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            flush_ns: AtomicU64::new(0),
+            segments_created: AtomicU64::new(0),
+            segments_created_by_flusher: AtomicU64::new(0),
+            segments_recycled: AtomicU64::new(0),
+            segments_removed: AtomicU64::new(0),
+            flush_duration: AtomicHistogram::new(metrics::FLUSH_DURATION_BOUNDS_NS),
+            flush_bytes: AtomicHistogram::new(metrics::FLUSH_BYTES_BOUNDS),
+            group_size: AtomicHistogram::new(metrics::GROUP_SIZE_BOUNDS),
+            group_records_mark: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WalStats {
+    /// The flusher, when it starts a batch of `lsn_bytes` of WAL;
+    /// `records_inserted` is the total inserted since open, read now.
+    pub fn flush_started(&self, lsn_bytes: u64, records_inserted: u64) {
+        self.flush_bytes.observe(lsn_bytes);
+        let before = self.group_records_mark.swap(records_inserted, Relaxed);
+        self.group_size
+            .observe(records_inserted.saturating_sub(before));
+    }
+
+    /// The flusher, when a batch it started at `started` is durable.
+    pub fn flush_done(&self, started: Instant) {
+        let ns = started.elapsed().as_nanos() as u64;
+        self.flushes.fetch_add(1, Relaxed);
+        self.flush_ns.fetch_add(ns, Relaxed);
+        self.flush_duration.observe(ns);
+    }
 }

@@ -362,10 +362,7 @@ pub(crate) fn run_uring(
             flushed = u.end;
             if u.last_of_batch {
                 batches_in_flight -= 1;
-                stats.flushes.fetch_add(1, Relaxed);
-                stats
-                    .flush_ns
-                    .fetch_add(u.started.elapsed().as_nanos() as u64, Relaxed);
+                stats.flush_done(u.started);
             }
             advanced = true;
         }
@@ -455,10 +452,11 @@ pub(crate) fn run_uring(
                         }
                         stats.writes.fetch_add(1, Relaxed);
                         stats.write_bytes.fetch_add(p.len as u64, Relaxed);
-                        stats.flushes.fetch_add(1, Relaxed);
-                        stats
-                            .flush_ns
-                            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+                        stats.flush_started(
+                            to.0.saturating_sub(submitted.0),
+                            shared.insert.records(),
+                        );
+                        stats.flush_done(started);
                         submitted = to;
                         flushed = to;
                         shared.insert.set_flushed(flushed);
@@ -564,6 +562,7 @@ pub(crate) fn run_uring(
                     stats
                         .write_bytes
                         .fetch_add(pieces.iter().map(|p| p.len as u64).sum::<u64>(), Relaxed);
+                    stats.flush_started(to.0.saturating_sub(submitted.0), shared.insert.records());
                     submitted = to;
                     demand.last_flush = Instant::now();
                     continue;
@@ -708,10 +707,8 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
         stats
             .write_bytes
             .fetch_add(pieces.iter().map(|p| p.len as u64).sum::<u64>(), Relaxed);
-        stats.flushes.fetch_add(1, Relaxed);
-        stats
-            .flush_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        stats.flush_started(safe.0.saturating_sub(flushed.0), shared.insert.records());
+        stats.flush_done(started);
         flushed = safe;
         shared.insert.set_flushed(flushed);
         shared.commit.publish(flushed, flushed);

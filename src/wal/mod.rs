@@ -335,6 +335,18 @@ impl Wal {
         self.shared.wait(end, level)
     }
 
+    /// Registers a thread with its own event loop to be signalled (through
+    /// its eventfd) when the flush LSN reaches what it asks for.
+    pub fn add_flush_listener(&self, l: Arc<commit::FlushListener>) {
+        self.shared.commit.add_listener(l);
+    }
+
+    /// Asks the flusher to flush up to `lsn` without waiting (a server shard
+    /// then waits in its own loop).
+    pub fn request_flush(&self, lsn: Lsn) {
+        self.shared.commit.request(lsn);
+    }
+
     /// The next LSN to be handed out.
     pub fn insert_lsn(&self) -> Lsn {
         self.shared.insert.insert_lsn()
@@ -366,6 +378,33 @@ impl Wal {
 
     pub fn stats(&self) -> &WalStats {
         &self.shared.stats
+    }
+
+    /// The figures /metrics exports. The flush LSN is read first, then the
+    /// write and insert LSNs, so that `insert >= write >= flush` holds.
+    pub fn metrics_snapshot(&self) -> crate::metrics::WalSnapshot {
+        let flush_lsn = self.flush_lsn().0;
+        let write_lsn = self.write_lsn().0;
+        let insert_lsn = self.insert_lsn().0;
+        let st = &self.shared.stats;
+        crate::metrics::WalSnapshot {
+            insert_lsn,
+            write_lsn,
+            flush_lsn,
+            records_appended: self.records_appended(),
+            bytes_appended: insert_lsn.saturating_sub(self.shared.opened_at.0),
+            syncs: st.syncs.load(Relaxed),
+            writes: st.writes.load(Relaxed),
+            write_bytes: st.write_bytes.load(Relaxed),
+            ring_full_waits: self.ring_full_waits(),
+            segments_created: st.segments_created.load(Relaxed),
+            segments_created_by_flusher: st.segments_created_by_flusher.load(Relaxed),
+            segments_recycled: st.segments_recycled.load(Relaxed),
+            segments_removed: st.segments_removed.load(Relaxed),
+            flush_duration: st.flush_duration.snapshot(),
+            flush_bytes: st.flush_bytes.snapshot(),
+            group_size: st.group_size.snapshot(),
+        }
     }
 
     /// Records appended since open.

@@ -1,0 +1,251 @@
+//! A blocking, pipelined client of the wire protocol (docs/protocol.md): send
+//! many requests, then read the answers as they come. Used by the CLI, the
+//! bench and the tests. It knows the protocol, never the server's insides.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::lsn::Lsn;
+use crate::protocol::{self, Direction, ErrorCode, Frame, Limits, ProtocolError, Record};
+use crate::record::Kind;
+use crate::wal::Durability;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server error {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("protocol error from the server: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("unexpected answer from the server: {0}")]
+    Unexpected(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// An acknowledged Append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub request_id: u64,
+    pub lsns: Vec<Lsn>,
+    pub end: Lsn,
+}
+
+pub struct Client {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    next_id: u64,
+    limits: Limits,
+    pub server_name: String,
+    pub segment_size: u64,
+    pub max_in_flight: u32,
+}
+
+impl Client {
+    /// Connects and says Hello (with `token` if the server wants one).
+    pub fn connect(addr: &str, token: Option<&[u8]>) -> Result<Client> {
+        let stream = TcpStream::connect(addr).map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        stream.set_nodelay(true)?;
+        let mut c = Client {
+            stream,
+            rbuf: Vec::with_capacity(256 << 10),
+            rpos: 0,
+            wbuf: Vec::with_capacity(64 << 10),
+            next_id: 1,
+            // Until HelloOk tells the server's limits, accept large frames.
+            limits: Limits::for_max_record_size(512 << 20),
+            server_name: String::new(),
+            segment_size: 0,
+            max_in_flight: 0,
+        };
+        let id = c.next_request_id();
+        c.queue(&Frame::Hello {
+            request_id: id,
+            version: protocol::VERSION,
+            token: token.unwrap_or_default().to_vec(),
+            client_name: format!("walden-client {}", env!("CARGO_PKG_VERSION")),
+        });
+        c.flush()?;
+        match c.recv()? {
+            Frame::HelloOk {
+                server_name,
+                segment_size,
+                limits,
+                max_in_flight,
+                ..
+            } => {
+                c.server_name = server_name;
+                c.segment_size = segment_size;
+                c.max_in_flight = max_in_flight;
+                c.limits = Limits {
+                    max_frame_size: limits.max_frame_size.max(c.limits.max_frame_size),
+                    ..limits
+                };
+                Ok(c)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
+        Ok(self.stream.set_read_timeout(t)?)
+    }
+
+    /// The server's limits (from HelloOk).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn next_request_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn queue(&mut self, frame: &Frame) {
+        protocol::encode(frame, &mut self.wbuf);
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<()> {
+        self.stream.write_all(&self.wbuf)?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Queues an Append (sent at the next [`Client::flush`] or receive) and
+    /// returns its request id.
+    pub fn queue_append(&mut self, level: Durability, records: &[(Kind, &[u8])]) -> u64 {
+        let id = self.next_request_id();
+        protocol::encode_append(id, level, records, &mut self.wbuf);
+        id
+    }
+
+    /// Appends and waits for the acknowledgement.
+    pub fn append(&mut self, level: Durability, records: &[(Kind, &[u8])]) -> Result<Ack> {
+        let id = self.queue_append(level, records);
+        self.flush()?;
+        match self.recv()? {
+            Frame::Ack { request_id, lsns, end } if request_id == id => Ok(Ack { request_id, lsns, end }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The next frame from the server. An Error frame becomes `Err`, except
+    /// through [`Client::recv_frame`].
+    pub fn recv(&mut self) -> Result<Frame> {
+        match self.recv_frame()? {
+            Frame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+            f => Ok(f),
+        }
+    }
+
+    /// The next frame, Error frames included.
+    pub fn recv_frame(&mut self) -> Result<Frame> {
+        if !self.wbuf.is_empty() {
+            self.flush()?;
+        }
+        loop {
+            if let Some((frame, len)) = protocol::decode(&self.rbuf[self.rpos..], Direction::ToClient, &self.limits)? {
+                let f = frame.to_frame();
+                self.rpos += len;
+                if self.rpos == self.rbuf.len() {
+                    self.rbuf.clear();
+                    self.rpos = 0;
+                }
+                return Ok(f);
+            }
+            if self.rpos > 0 {
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
+            }
+            let old = self.rbuf.len();
+            self.rbuf.resize(old + (64 << 10), 0);
+            let n = match self.stream.read(&mut self.rbuf[old..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.rbuf.truncate(old);
+                    return Err(e.into());
+                }
+            };
+            self.rbuf.truncate(old + n);
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// Reads records from `from` (a record start): up to `max_bytes` of
+    /// payload and `max_records` records (0: no limit). Returns them and the
+    /// LSN after the last.
+    pub fn read(&mut self, from: Lsn, max_bytes: u32, max_records: u32) -> Result<(Vec<Record>, Lsn)> {
+        let id = self.next_request_id();
+        self.queue(&Frame::Read {
+            request_id: id,
+            from,
+            max_bytes,
+            max_records,
+        });
+        let mut out = Vec::new();
+        loop {
+            match self.recv()? {
+                Frame::Records { request_id, records } if request_id == id => out.extend(records),
+                Frame::ReadEnd { request_id, end } if request_id == id => return Ok((out, end)),
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Starts following from `from`: Records frames then arrive through
+    /// [`Client::recv`] as WAL becomes durable, until [`Client::cancel`].
+    pub fn follow(&mut self, from: Lsn) -> Result<u64> {
+        let id = self.next_request_id();
+        self.queue(&Frame::Follow { request_id: id, from });
+        self.flush()?;
+        Ok(id)
+    }
+
+    pub fn cancel(&mut self, request_id: u64) -> Result<()> {
+        self.queue(&Frame::Cancel { request_id });
+        self.flush()
+    }
+
+    /// (insert, write, flush LSN, JSON details).
+    pub fn status(&mut self) -> Result<(Lsn, Lsn, Lsn, String)> {
+        let id = self.next_request_id();
+        self.queue(&Frame::Status { request_id: id });
+        match self.recv()? {
+            Frame::StatusReply {
+                insert_lsn,
+                write_lsn,
+                flush_lsn,
+                json,
+                ..
+            } => Ok((insert_lsn, write_lsn, flush_lsn, json)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The raw stream, for tests that send bytes of their own.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+fn unexpected(f: Frame) -> ClientError {
+    match f {
+        Frame::Error { code, message, .. } => ClientError::Server { code, message },
+        other => ClientError::Unexpected(format!("{other:?}").chars().take(200).collect()),
+    }
+}

@@ -1,0 +1,846 @@
+//! Metrics: lock-free recording where events happen, and the HTTP endpoint
+//! (`/metrics`, `/status`) that reads them.
+//!
+//! Recording is plain atomics. [`AtomicHistogram::observe`] is two relaxed
+//! `fetch_add`s; the counters and gauges of [`Metrics`] are one. No lock, no
+//! allocation, no registry lookup: they may sit in the flusher, in the shard
+//! threads and on the insert path.
+//!
+//! Export is one HTTP thread (tiny_http) that, per scrape, reads those atomics
+//! and encodes them with prometheus-client's text encoder through a custom
+//! `Collector`. No prometheus-client metric object holds state of its own, so
+//! nothing is counted twice and every scrape reads the live values.
+//!
+//! Floors: this module sits below `wal`. `wal` records into the
+//! [`AtomicHistogram`]s of its `WalStats`; this module never imports `wal`.
+//! The WAL's figures reach the exporter as a plain [`WalSnapshot`] returned by
+//! a closure the server passes to [`Metrics::serve`] (`Wal::metrics_snapshot`
+//! fills one). A closure rather than a trait: there is one implementation, and
+//! a test can pass a fake.
+//!
+//! Formats: OpenMetrics 1.0 text by default and whenever the scraper accepts
+//! it (Prometheus asks for it first). A scraper whose `Accept` names
+//! `text/plain` and not OpenMetrics gets the Prometheus text format 0.0.4,
+//! converted from the same encoding: counters' HELP/TYPE lines take the
+//! `_total` name, `# UNIT` and `# EOF` go. `promtool check metrics` parses
+//! only that format (it reads an OpenMetrics counter as an untyped
+//! `_total` series without help).
+//!
+//! What it is not: a time-series store, a tracing layer, or a place to add a
+//! label whose values are unbounded (client addresses, LSNs).
+
+use std::collections::HashSet;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Content type of the OpenMetrics text format.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format (for `promtool` and old scrapers).
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Flush latency (write plus sync), ns: 20 µs to 1 s, about 1-1.5-2-3-5-7.5.
+pub const FLUSH_DURATION_BOUNDS_NS: &[u64] = &[
+    20_000,
+    30_000,
+    50_000,
+    75_000,
+    100_000,
+    150_000,
+    200_000,
+    300_000,
+    500_000,
+    750_000,
+    1_000_000,
+    1_500_000,
+    2_000_000,
+    3_000_000,
+    5_000_000,
+    7_500_000,
+    10_000_000,
+    15_000_000,
+    20_000_000,
+    30_000_000,
+    50_000_000,
+    75_000_000,
+    100_000_000,
+    200_000_000,
+    500_000_000,
+    1_000_000_000,
+];
+
+/// Commit wait, ns: 1 µs (level `off` acks from the ring) to 5 s (standbys, later).
+pub const COMMIT_WAIT_BOUNDS_NS: &[u64] = &[
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    30_000,
+    50_000,
+    75_000,
+    100_000,
+    150_000,
+    200_000,
+    300_000,
+    500_000,
+    750_000,
+    1_000_000,
+    1_500_000,
+    2_000_000,
+    3_000_000,
+    5_000_000,
+    7_500_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    100_000_000,
+    200_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+    5_000_000_000,
+];
+
+/// WAL bytes per flush: 512 B to 16 MiB, powers of two.
+pub const FLUSH_BYTES_BOUNDS: &[u64] = &[
+    512,
+    1 << 10,
+    2 << 10,
+    4 << 10,
+    8 << 10,
+    16 << 10,
+    32 << 10,
+    64 << 10,
+    128 << 10,
+    256 << 10,
+    512 << 10,
+    1 << 20,
+    2 << 20,
+    4 << 20,
+    8 << 20,
+    16 << 20,
+];
+
+/// Records per flush (group commit size).
+pub const GROUP_SIZE_BOUNDS: &[u64] = &[
+    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192,
+    16384, 65536,
+];
+
+/// Durability levels, as `Durability::name` spells them (a test pins the
+/// two lists together; this module may not import `wal`).
+pub const COMMIT_LEVELS: [&str; 5] = ["off", "local", "remote_write", "on", "remote_apply"];
+
+/// Error kinds the server counts; anything else is counted as `other`.
+pub const ERROR_KINDS: [&str; 7] = [
+    "bad_frame",
+    "auth",
+    "too_large",
+    "too_many_requests",
+    "timeout",
+    "io",
+    "other",
+];
+
+/// A histogram with fixed bucket bounds, recorded with relaxed atomics.
+///
+/// Values are integers in the unit the owner chooses (ns, bytes, records);
+/// the exporter scales them. A bucket holds the values `<=` its bound and
+/// above the previous one; one more bucket holds values above every bound.
+///
+/// There is no count atomic: the count is the sum of the buckets, so a
+/// snapshot taken during concurrent observations still has `_count` equal to
+/// the `+Inf` bucket. `sum` is read separately and may lag or lead the
+/// buckets by the observations in flight.
+pub struct AtomicHistogram {
+    bounds: Box<[u64]>,
+    /// `bounds.len() + 1` buckets, not cumulative.
+    buckets: Box<[AtomicU64]>,
+    /// Wraps at 2^64, which Prometheus reads as a counter reset. In ns that
+    /// is 584 years of summed waiting: 21 days with 10,000 requests always
+    /// waiting.
+    sum: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Panics unless `bounds` is non-empty and strictly ascending.
+    pub fn new(bounds: &[u64]) -> AtomicHistogram {
+        assert!(
+            !bounds.is_empty() && bounds.windows(2).all(|w| w[0] < w[1]),
+            "histogram bounds must be non-empty and strictly ascending: {bounds:?}"
+        );
+        AtomicHistogram {
+            bounds: bounds.into(),
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one value: a binary search over the bounds and two relaxed adds.
+    #[inline]
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|&b| b < value);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(value, Relaxed);
+    }
+
+    pub fn bounds(&self) -> &[u64] {
+        &self.bounds
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: self.bounds.to_vec(),
+            counts: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sum: self.sum.load(Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.snapshot();
+        f.debug_struct("AtomicHistogram")
+            .field("count", &s.count())
+            .field("sum", &s.sum)
+            .finish()
+    }
+}
+
+/// The state of an [`AtomicHistogram`] at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Inclusive upper bounds, ascending; the `+Inf` bucket is implied.
+    pub bounds: Vec<u64>,
+    /// Observations per bucket, not cumulative: `bounds.len() + 1` entries,
+    /// the last for values above every bound (empty in a default snapshot).
+    pub counts: Vec<u64>,
+    pub sum: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// The WAL's figures at one scrape. The server fills it (with
+/// `Wal::metrics_snapshot`); LSNs are byte positions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalSnapshot {
+    pub insert_lsn: u64,
+    pub write_lsn: u64,
+    pub flush_lsn: u64,
+    /// Since this process opened the WAL.
+    pub records_appended: u64,
+    /// The insert LSN's advance since open (headers and padding included).
+    pub bytes_appended: u64,
+    pub syncs: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub ring_full_waits: u64,
+    pub segments_created: u64,
+    pub segments_created_by_flusher: u64,
+    pub segments_recycled: u64,
+    pub segments_removed: u64,
+    /// ns per flush (first write submitted to durable).
+    pub flush_duration: HistogramSnapshot,
+    /// LSN bytes per flush.
+    pub flush_bytes: HistogramSnapshot,
+    /// Records per flush (approximate; see `WalStats`).
+    pub group_size: HistogramSnapshot,
+}
+
+/// Returns the figures of the WAL at the moment of a scrape.
+pub type WalSnapshotFn = Arc<dyn Fn() -> WalSnapshot + Send + Sync>;
+/// Returns the `/status` document (JSON).
+pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The server's own metrics, and the HTTP endpoint. Share it in an `Arc`;
+/// every recording method is lock-free.
+pub struct Metrics {
+    commit_wait: [AtomicHistogram; COMMIT_LEVELS.len()],
+    connections: AtomicI64,
+    errors: [AtomicU64; ERROR_KINDS.len()],
+    /// The running endpoint and its stop flag, for `shutdown`. Locked only
+    /// by `serve` and `shutdown`, never by a recording method.
+    http: Mutex<Option<(Arc<tiny_http::Server>, Arc<AtomicBool>)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("connections", &self.connections.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            commit_wait: std::array::from_fn(|_| AtomicHistogram::new(COMMIT_WAIT_BOUNDS_NS)),
+            connections: AtomicI64::new(0),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            http: Mutex::new(None),
+        }
+    }
+
+    /// Records the time from a request's arrival to its acknowledgement at
+    /// `level` (a name in [`COMMIT_LEVELS`]). Lock-free.
+    #[inline]
+    pub fn observe_commit_wait(&self, level: &'static str, secs: f64) {
+        match COMMIT_LEVELS.iter().position(|l| *l == level) {
+            // `as` saturates: negative and NaN become 0.
+            Some(i) => self.commit_wait[i].observe((secs * 1e9).round() as u64),
+            None => debug_assert!(false, "unknown durability level {level:?}"),
+        }
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Counts an error of `kind` (a name in [`ERROR_KINDS`]; any other name
+    /// counts as `other`). Lock-free.
+    #[inline]
+    pub fn error(&self, kind: &'static str) {
+        let i = ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(ERROR_KINDS.len() - 1);
+        self.errors[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn connections(&self) -> i64 {
+        self.connections.load(Relaxed)
+    }
+
+    pub fn errors(&self, kind: &str) -> u64 {
+        ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.errors[i].load(Relaxed))
+    }
+
+    pub fn commit_wait(&self, level: &str) -> Option<HistogramSnapshot> {
+        let i = COMMIT_LEVELS.iter().position(|l| *l == level)?;
+        Some(self.commit_wait[i].snapshot())
+    }
+
+    /// Starts the HTTP endpoint on `addr` (port 0 picks one) on its own
+    /// thread: `GET /metrics`, `GET /status` (the JSON `status` returns),
+    /// 404 for anything else. Returns the bound address and the thread;
+    /// [`Metrics::shutdown`] stops it.
+    pub fn serve(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        status: StatusFn,
+        wal_snapshot: WalSnapshotFn,
+    ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+        let mut http = self.http.lock().unwrap();
+        if http.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the metrics endpoint is already running",
+            ));
+        }
+        let server = tiny_http::Server::http(addr).map_err(|e| {
+            let what = format!("could not listen for HTTP (metrics, status) on {addr}: {e}");
+            // Keep the kind (AddrInUse, PermissionDenied) for the caller.
+            match e.downcast::<std::io::Error>() {
+                Ok(io) => std::io::Error::new(io.kind(), what),
+                Err(_) => std::io::Error::other(what),
+            }
+        })?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| std::io::Error::other("HTTP listener has no IP address"))?;
+        let server = Arc::new(server);
+        let registry = registry(Arc::clone(self), wal_snapshot);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (thread_server, thread_stopping) = (Arc::clone(&server), Arc::clone(&stopping));
+        let handle = std::thread::Builder::new()
+            .name("walden-http".into())
+            .spawn(move || http_loop(&thread_server, &thread_stopping, &registry, &*status))?;
+        *http = Some((server, stopping));
+        tracing::info!(%bound, "HTTP (metrics, status) listening");
+        Ok((bound, handle))
+    }
+
+    /// Stops the HTTP thread after the request it is answering; join the
+    /// handle [`Metrics::serve`] returned to wait for it. The listener closes
+    /// when the thread ends.
+    pub fn shutdown(&self) {
+        if let Some((server, stopping)) = self.http.lock().unwrap().take() {
+            stopping.store(true, SeqCst);
+            server.unblock();
+        }
+    }
+}
+
+/// One thread, blocking: take a request, answer it, repeat. (tiny_http reads
+/// requests on its own accept and connection threads; this thread encodes.)
+/// `recv` fails only when unblocked by `shutdown`, or when tiny_http's
+/// accept thread failed and quit: either way nothing more will come.
+fn http_loop(
+    server: &tiny_http::Server,
+    stopping: &AtomicBool,
+    registry: &Registry,
+    status: &dyn Fn() -> String,
+) {
+    let err = loop {
+        match server.recv() {
+            Ok(rq) => answer(rq, registry, status),
+            Err(e) => break e,
+        }
+    };
+    if stopping.load(SeqCst) {
+        tracing::debug!("HTTP (metrics, status) stopped");
+    } else {
+        tracing::error!("HTTP (metrics, status) stopped: could not accept a connection: {err}");
+    }
+}
+
+fn answer(rq: tiny_http::Request, registry: &Registry, status: &dyn Fn() -> String) {
+    let path = rq.url().split('?').next().unwrap_or("").to_string();
+    let get = *rq.method() == tiny_http::Method::Get;
+    let (code, content_type, body) = match (get, path.as_str()) {
+        (true, "/metrics") => {
+            let accept = rq
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Accept"))
+                .map(|h| h.value.as_str());
+            let mut body = String::with_capacity(32 << 10);
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) if wants_prometheus_text(accept) => (
+                    200,
+                    PROMETHEUS_TEXT_CONTENT_TYPE,
+                    openmetrics_to_prometheus_text(&body),
+                ),
+                Ok(()) => (200, OPENMETRICS_CONTENT_TYPE, body),
+                Err(e) => (
+                    500,
+                    "text/plain; charset=utf-8",
+                    format!("could not encode metrics: {e}\n"),
+                ),
+            }
+        }
+        (true, "/status") => (200, "application/json", status()),
+        _ => (404, "text/plain; charset=utf-8", "not found\n".to_string()),
+    };
+    let mut response = tiny_http::Response::from_string(body).with_status_code(code);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+        response = response.with_header(h);
+    }
+    if let Err(e) = rq.respond(response) {
+        tracing::debug!("HTTP (metrics, status): could not answer {path}: {e}");
+    }
+}
+
+/// True if the scraper asked for the Prometheus text format and not for
+/// OpenMetrics (no `Accept`, or `*/*`, gets OpenMetrics).
+fn wants_prometheus_text(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        let a = a.to_ascii_lowercase();
+        a.contains("text/plain") && !a.contains("application/openmetrics-text")
+    })
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the Prometheus text
+/// format 0.0.4. Sample lines are the same in both; only the metadata
+/// differs: a counter family is named with its `_total`, `unknown` is
+/// `untyped`, and `# UNIT` and `# EOF` do not exist.
+fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let counters: HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?.split_once(' ')?)));
+        match meta {
+            Some((p, (name, rest))) => {
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                let rest = if p == "# TYPE " && rest == "unknown" {
+                    "untyped"
+                } else {
+                    rest
+                };
+                let _ = writeln!(out, "{p}{name}{suffix} {rest}");
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn registry(metrics: Arc<Metrics>, wal: WalSnapshotFn) -> Registry {
+    let mut registry = Registry::with_prefix("walden");
+    registry.register_collector(Box::new(Exporter { metrics, wal }));
+    registry
+}
+
+/// Encodes the live atomics at scrape time.
+struct Exporter {
+    metrics: Arc<Metrics>,
+    wal: WalSnapshotFn,
+}
+
+impl fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exporter")
+            .field("metrics", &self.metrics)
+            .finish_non_exhaustive()
+    }
+}
+
+const NS_PER_SEC: f64 = 1e9;
+
+impl Collector for Exporter {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use Value::*;
+        let w = (self.wal)();
+        let m = &self.metrics;
+        let bytes = Some(&Unit::Bytes);
+        let secs = Some(&Unit::Seconds);
+        let ns = NS_PER_SEC;
+        let wal: [(&str, Option<&Unit>, &str, Value); 11] = [
+            ("insert_lsn", bytes, HELP_INSERT_LSN, Gauge(w.insert_lsn)),
+            ("write_lsn", bytes, HELP_WRITE_LSN, Gauge(w.write_lsn)),
+            ("flush_lsn", bytes, HELP_FLUSH_LSN, Gauge(w.flush_lsn)),
+            (
+                "records_appended",
+                None,
+                HELP_RECORDS,
+                Counter(w.records_appended),
+            ),
+            (
+                "bytes_appended",
+                None,
+                HELP_BYTES_APPENDED,
+                Counter(w.bytes_appended),
+            ),
+            ("wal_syncs", None, HELP_SYNCS, Counter(w.syncs)),
+            ("wal_writes", None, HELP_WRITES, Counter(w.writes)),
+            ("wal_write", bytes, HELP_WRITE_BYTES, Counter(w.write_bytes)),
+            (
+                "flush_duration",
+                secs,
+                HELP_FLUSH_DURATION,
+                Histogram(&w.flush_duration, ns),
+            ),
+            (
+                "flush",
+                bytes,
+                HELP_FLUSH_BYTES,
+                Histogram(&w.flush_bytes, 1.0),
+            ),
+            (
+                "group_commit_size",
+                None,
+                HELP_GROUP_SIZE,
+                Histogram(&w.group_size, 1.0),
+            ),
+        ];
+        for (name, unit, help, value) in wal {
+            encode_series(&mut enc, name, help, unit, value)?;
+        }
+        {
+            let mut family = enc.encode_descriptor(
+                "commit_wait",
+                HELP_COMMIT_WAIT,
+                secs,
+                MetricType::Histogram,
+            )?;
+            for (level, h) in COMMIT_LEVELS.iter().zip(&m.commit_wait) {
+                let labels = [("level", *level)];
+                let mut labelled = family.encode_family(&labels)?;
+                encode_histogram(&mut labelled, &h.snapshot(), ns)?;
+            }
+        }
+        let more: [(&str, &str, Value); 6] = [
+            (
+                "ring_full_waits",
+                HELP_RING_FULL,
+                Counter(w.ring_full_waits),
+            ),
+            (
+                "segments_created",
+                HELP_SEG_CREATED,
+                Counter(w.segments_created),
+            ),
+            (
+                "segments_created_by_flusher",
+                HELP_SEG_BY_FLUSHER,
+                Counter(w.segments_created_by_flusher),
+            ),
+            (
+                "segments_recycled",
+                HELP_SEG_RECYCLED,
+                Counter(w.segments_recycled),
+            ),
+            (
+                "segments_removed",
+                HELP_SEG_REMOVED,
+                Counter(w.segments_removed),
+            ),
+            (
+                "connections",
+                HELP_CONNECTIONS,
+                SignedGauge(m.connections.load(Relaxed)),
+            ),
+        ];
+        for (name, help, value) in more {
+            encode_series(&mut enc, name, help, None, value)?;
+        }
+        let mut family = enc.encode_descriptor("errors", HELP_ERRORS, None, MetricType::Counter)?;
+        for (kind, n) in ERROR_KINDS.iter().zip(&m.errors) {
+            let labels = [("kind", *kind)];
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, u64, u64>(&n.load(Relaxed), None)?;
+        }
+        Ok(())
+    }
+}
+
+const HELP_INSERT_LSN: &str = "Next LSN to be handed out (a byte position in the WAL stream).";
+const HELP_WRITE_LSN: &str = "WAL below this LSN is written to the kernel, maybe not yet durable.";
+const HELP_FLUSH_LSN: &str = "WAL below this LSN is durable.";
+const HELP_RECORDS: &str = "Records appended since the WAL was opened.";
+const HELP_BYTES_APPENDED: &str =
+    "WAL bytes appended since the WAL was opened, headers included: rate() is the LSN rate.";
+const HELP_SYNCS: &str = "fsync/fdatasync calls on WAL segments, plus batches of O_DSYNC writes.";
+const HELP_WRITES: &str = "Writes to WAL segment files.";
+const HELP_WRITE_BYTES: &str =
+    "Bytes written to WAL segment files, in whole blocks (a partial tail block is rewritten).";
+const HELP_FLUSH_DURATION: &str =
+    "Time to make one batch of WAL durable, from its first write to durable (write plus sync).";
+const HELP_FLUSH_BYTES: &str = "WAL made durable per flush, in LSN bytes.";
+const HELP_GROUP_SIZE: &str =
+    "Records per flush (approximate: records inserted between the flusher's readings).";
+const HELP_COMMIT_WAIT: &str =
+    "Time from a request's arrival to its acknowledgement, by durability level.";
+const HELP_RING_FULL: &str =
+    "Times an appender waited for space in the WAL ring (wal_buffers full of unflushed WAL).";
+const HELP_SEG_CREATED: &str = "WAL segment files created (zero-filled or allocated).";
+const HELP_SEG_BY_FLUSHER: &str =
+    "WAL segments the flusher created itself, none being ready (each stalls a flush).";
+const HELP_SEG_RECYCLED: &str = "WAL segments recycled by rename for reuse.";
+const HELP_SEG_REMOVED: &str = "WAL segments removed.";
+const HELP_CONNECTIONS: &str = "Client connections open now.";
+const HELP_ERRORS: &str = "Requests or connections that ended in an error, by kind.";
+
+/// One unlabelled series' value at a scrape.
+enum Value<'a> {
+    Gauge(u64),
+    /// A count that a bug could drive below zero: shown, not hidden.
+    SignedGauge(i64),
+    Counter(u64),
+    /// Values per exported unit (see [`encode_histogram`]).
+    Histogram(&'a HistogramSnapshot, f64),
+}
+
+fn encode_series(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: Value,
+) -> fmt::Result {
+    let kind = match value {
+        Value::Gauge(_) | Value::SignedGauge(_) => MetricType::Gauge,
+        Value::Counter(_) => MetricType::Counter,
+        Value::Histogram(..) => MetricType::Histogram,
+    };
+    let mut m = enc.encode_descriptor(name, help, unit, kind)?;
+    match value {
+        Value::Gauge(v) => m.encode_gauge(&v),
+        Value::SignedGauge(v) => m.encode_gauge(&v),
+        Value::Counter(v) => m.encode_counter::<NoLabelSet, u64, u64>(&v, None),
+        Value::Histogram(h, per_unit) => encode_histogram(&mut m, h, per_unit),
+    }
+}
+
+/// `per_unit`: recorded values per exported unit (1e9 for ns as seconds).
+/// Dividing (not multiplying by 1e-9) keeps bounds such as 0.00002 exact in text.
+fn encode_histogram(m: &mut MetricEncoder, h: &HistogramSnapshot, per_unit: f64) -> fmt::Result {
+    let mut buckets: Vec<(f64, u64)> = h
+        .bounds
+        .iter()
+        .zip(&h.counts)
+        .map(|(&b, &n)| (b as f64 / per_unit, n))
+        .collect();
+    let overflow = h.counts.get(h.bounds.len()).copied().unwrap_or(0);
+    buckets.push((f64::INFINITY, overflow));
+    m.encode_histogram::<NoLabelSet>(h.sum as f64 / per_unit, h.count(), &buckets, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_places_values_by_inclusive_upper_bound() {
+        let h = AtomicHistogram::new(&[10, 20, 40]);
+        for v in [0, 10, 11, 20, 21, 40, 41, u64::MAX / 2] {
+            h.observe(v);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.bounds, vec![10, 20, 40]);
+        // <=10: 0, 10 | <=20: 11, 20 | <=40: 21, 40 | +Inf: 41, huge
+        assert_eq!(s.counts, vec![2, 2, 2, 2]);
+        assert_eq!(s.count(), 8);
+        assert_eq!(s.sum, 10 + 11 + 20 + 21 + 40 + 41 + u64::MAX / 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "strictly ascending")]
+    fn histogram_rejects_unsorted_bounds() {
+        AtomicHistogram::new(&[10, 10]);
+    }
+
+    #[test]
+    fn histogram_sums_correctly_from_four_threads() {
+        let h = Arc::new(AtomicHistogram::new(FLUSH_DURATION_BOUNDS_NS));
+        const PER_THREAD: u64 = 200_000;
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let h = Arc::clone(&h);
+                std::thread::spawn(move || {
+                    for i in 0..PER_THREAD {
+                        // Spread over every bucket, overflow included.
+                        h.observe((i * 7919 + t) % 2_000_000_000);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count(), 4 * PER_THREAD);
+        let want_sum: u64 = (0..4u64)
+            .flat_map(|t| (0..PER_THREAD).map(move |i| (i * 7919 + t) % 2_000_000_000))
+            .sum();
+        assert_eq!(s.sum, want_sum);
+        // The same values observed on one thread land in the same buckets.
+        let one = AtomicHistogram::new(FLUSH_DURATION_BOUNDS_NS);
+        for t in 0..4u64 {
+            for i in 0..PER_THREAD {
+                one.observe((i * 7919 + t) % 2_000_000_000);
+            }
+        }
+        assert_eq!(one.snapshot(), s);
+    }
+
+    #[test]
+    fn commit_wait_and_errors_are_recorded_by_name() {
+        let m = Metrics::new();
+        m.observe_commit_wait("local", 0.000_150);
+        m.observe_commit_wait("local", 0.002);
+        m.observe_commit_wait("off", -1.0);
+        let local = m.commit_wait("local").unwrap();
+        assert_eq!(local.count(), 2);
+        assert_eq!(local.sum, 2_150_000);
+        assert_eq!(m.commit_wait("off").unwrap().counts[0], 1);
+        assert_eq!(m.commit_wait("on").unwrap().count(), 0);
+        m.error("auth");
+        m.error("no such kind");
+        assert_eq!((m.errors("auth"), m.errors("other")), (1, 1));
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        assert_eq!(m.connections(), 1);
+    }
+
+    #[test]
+    fn encodes_every_series_with_live_values() {
+        let m = Arc::new(Metrics::new());
+        m.observe_commit_wait("on", 0.001);
+        let wal = Arc::new(|| WalSnapshot {
+            flush_lsn: 4096,
+            records_appended: 3,
+            flush_duration: HistogramSnapshot {
+                bounds: vec![20_000],
+                counts: vec![1, 2],
+                sum: 70_000,
+            },
+            ..WalSnapshot::default()
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry(m, wal)).unwrap();
+        for line in [
+            "walden_flush_lsn_bytes 4096",
+            "walden_records_appended_total 3",
+            "walden_flush_duration_seconds_count 3",
+            "walden_flush_duration_seconds_bucket{le=\"0.00002\"} 1",
+            "walden_flush_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "walden_commit_wait_seconds_count{level=\"on\"} 1",
+            "walden_flush_bytes_bucket{le=\"+Inf\"} 0",
+            "walden_errors_total{kind=\"bad_frame\"} 0",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let om = "# HELP walden_x Help.\n# TYPE walden_x counter\nwalden_x_total 1\n\
+                  # HELP walden_y_bytes Y.\n# TYPE walden_y_bytes gauge\n# UNIT walden_y_bytes bytes\nwalden_y_bytes 2\n\
+                  # TYPE walden_z unknown\nwalden_z 3\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# HELP walden_x_total Help.\n# TYPE walden_x_total counter\nwalden_x_total 1\n\
+             # HELP walden_y_bytes Y.\n# TYPE walden_y_bytes gauge\nwalden_y_bytes 2\n\
+             # TYPE walden_z untyped\nwalden_z 3\n"
+        );
+    }
+
+    #[test]
+    fn accept_header_picks_the_format() {
+        assert!(!wants_prometheus_text(None));
+        assert!(!wants_prometheus_text(Some("*/*")));
+        assert!(!wants_prometheus_text(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(wants_prometheus_text(Some("text/plain;version=0.0.4")));
+    }
+}

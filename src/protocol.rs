@@ -1,0 +1,1557 @@
+//! The wire protocol between clients and `walden serve`: frames, their
+//! encoding, and an incremental decoder. docs/protocol.md describes every
+//! byte; this file is its reference implementation.
+//!
+//! What it is: pure functions over byte buffers, shared by `server` and
+//! `client`. What it is not: sockets, connection state, authentication or
+//! scheduling. The decoder is the server's first line of defence against bad
+//! input: it never panics, never buffers more than `Limits::max_frame_size`,
+//! and refuses an absurd length from the 16-byte header before any of the
+//! body is buffered.
+//!
+//! ```text
+//! offset size field
+//!      0    4 len         whole frame, header included, little endian
+//!      4    1 type        FrameType; bit 7 set = sent by the server
+//!      5    1 flags       none defined in version 1: must be 0
+//!      6    2 reserved    must be 0
+//!      8    8 request_id  chosen by the client, echoed in every reply
+//! ```
+
+use std::fmt;
+
+use crate::lsn::Lsn;
+use crate::record::{Kind, ALIGN};
+use crate::wal::Durability;
+
+/// The newest protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The oldest protocol version this build speaks.
+pub const MIN_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 16;
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = 4 << 20;
+/// The most bytes a frame carrying one record adds to its payload (a Records
+/// frame: header, count, then LSN, kind and length).
+pub const ONE_RECORD_OVERHEAD: u32 = HEADER_LEN as u32 + 4 + 13;
+
+/// The version both sides speak, given the newest one the client offered
+/// in Hello; `None` means the server answers `UNSUPPORTED_VERSION`.
+pub fn negotiate_version(client_newest: u16) -> Option<u16> {
+    (client_newest >= MIN_VERSION).then(|| client_newest.min(VERSION))
+}
+
+/// Which way a frame travels. The decoder accepts only one direction, so a
+/// server never acts on a frame that only a server may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ToServer,
+    ToClient,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::ToServer => "to the server",
+            Direction::ToClient => "to the client",
+        })
+    }
+}
+
+/// Byte 4 of the header. 0x10..=0x2F and 0x90..=0xAF are reserved for page
+/// and replication frames (docs/protocol.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 0x01,
+    Append = 0x02,
+    Read = 0x03,
+    Follow = 0x04,
+    Cancel = 0x05,
+    Status = 0x06,
+    HelloOk = 0x81,
+    Ack = 0x82,
+    Records = 0x83,
+    ReadEnd = 0x84,
+    StatusReply = 0x86,
+    Error = 0xFF,
+}
+
+impl FrameType {
+    pub const ALL: [FrameType; 12] = [
+        FrameType::Hello,
+        FrameType::Append,
+        FrameType::Read,
+        FrameType::Follow,
+        FrameType::Cancel,
+        FrameType::Status,
+        FrameType::HelloOk,
+        FrameType::Ack,
+        FrameType::Records,
+        FrameType::ReadEnd,
+        FrameType::StatusReply,
+        FrameType::Error,
+    ];
+
+    pub fn from_u8(b: u8) -> Option<FrameType> {
+        FrameType::ALL.into_iter().find(|t| *t as u8 == b)
+    }
+
+    pub fn direction(self) -> Direction {
+        if self as u8 & 0x80 == 0 {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        }
+    }
+
+    /// Smallest and largest body (frame minus header) a valid frame of this
+    /// type can have, so that a wrong size is refused from the header alone.
+    fn body_len(self) -> (usize, usize) {
+        use FrameType::*;
+        let any = usize::MAX;
+        match self {
+            Hello => (6, any),
+            Append => (1 + 4 + 5, any),
+            Read => (16, 16),
+            Follow | ReadEnd => (8, 8),
+            Cancel | Status => (0, 0),
+            HelloOk => (2 + 8 + 8 + 16 + 2, any),
+            Ack => (8 + 4 + 8, any),
+            Records => (4 + 13, any),
+            StatusReply => (24, any),
+            Error => (2, any),
+        }
+    }
+}
+
+/// The code in an Error frame. Receivers must accept codes they do not know.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    pub const BAD_FRAME: ErrorCode = ErrorCode(1);
+    pub const UNKNOWN_TYPE: ErrorCode = ErrorCode(2);
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(3);
+    pub const AUTH_FAILED: ErrorCode = ErrorCode(4);
+    pub const FRAME_TOO_LARGE: ErrorCode = ErrorCode(5);
+    pub const RECORD_TOO_LARGE: ErrorCode = ErrorCode(6);
+    pub const TOO_MANY_IN_FLIGHT: ErrorCode = ErrorCode(7);
+    pub const UNKNOWN_LSN: ErrorCode = ErrorCode(8);
+    pub const SHUTTING_DOWN: ErrorCode = ErrorCode(9);
+    pub const WAL_FULL: ErrorCode = ErrorCode(10);
+    pub const INTERNAL: ErrorCode = ErrorCode(11);
+    pub const TIMEOUT: ErrorCode = ErrorCode(12);
+
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::BAD_FRAME,
+        ErrorCode::UNKNOWN_TYPE,
+        ErrorCode::UNSUPPORTED_VERSION,
+        ErrorCode::AUTH_FAILED,
+        ErrorCode::FRAME_TOO_LARGE,
+        ErrorCode::RECORD_TOO_LARGE,
+        ErrorCode::TOO_MANY_IN_FLIGHT,
+        ErrorCode::UNKNOWN_LSN,
+        ErrorCode::SHUTTING_DOWN,
+        ErrorCode::WAL_FULL,
+        ErrorCode::INTERNAL,
+        ErrorCode::TIMEOUT,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::BAD_FRAME => "BAD_FRAME",
+            ErrorCode::UNKNOWN_TYPE => "UNKNOWN_TYPE",
+            ErrorCode::UNSUPPORTED_VERSION => "UNSUPPORTED_VERSION",
+            ErrorCode::AUTH_FAILED => "AUTH_FAILED",
+            ErrorCode::FRAME_TOO_LARGE => "FRAME_TOO_LARGE",
+            ErrorCode::RECORD_TOO_LARGE => "RECORD_TOO_LARGE",
+            ErrorCode::TOO_MANY_IN_FLIGHT => "TOO_MANY_IN_FLIGHT",
+            ErrorCode::UNKNOWN_LSN => "UNKNOWN_LSN",
+            ErrorCode::SHUTTING_DOWN => "SHUTTING_DOWN",
+            ErrorCode::WAL_FULL => "WAL_FULL",
+            ErrorCode::INTERNAL => "INTERNAL",
+            ErrorCode::TIMEOUT => "TIMEOUT",
+            _ => "UNKNOWN",
+        }
+    }
+
+    /// Whether the server closes the connection after sending this code.
+    /// The others fail one request and leave the stream in step; an unknown
+    /// code is taken to close.
+    pub fn closes_connection(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::RECORD_TOO_LARGE
+                | ErrorCode::TOO_MANY_IN_FLIGHT
+                | ErrorCode::UNKNOWN_LSN
+                | ErrorCode::WAL_FULL
+        )
+    }
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a decoder accepts. Both sides use the server's values: HelloOk
+/// carries them to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frame_size: u32,
+    pub max_records_per_frame: u32,
+    pub max_record_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::for_max_record_size(1 << 20)
+    }
+}
+
+impl Limits {
+    /// Limits for a server whose `max_record_size` is `n`: frames large
+    /// enough to carry one record of that size, and never below the default.
+    pub fn for_max_record_size(n: u32) -> Limits {
+        Limits {
+            max_frame_size: n
+                .saturating_add(ONE_RECORD_OVERHEAD)
+                .max(DEFAULT_MAX_FRAME_SIZE),
+            max_records_per_frame: 65536,
+            max_record_size: n,
+        }
+    }
+}
+
+/// A record in a Records frame, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: Lsn,
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+/// A record in a Records frame, borrowed from the frame's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub lsn: Lsn,
+    pub kind: Kind,
+    pub payload: &'a [u8],
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(r: &'a Record) -> Self {
+        RecordRef {
+            lsn: r.lsn,
+            kind: r.kind,
+            payload: &r.payload,
+        }
+    }
+}
+
+/// A frame, owned. The hot paths have borrowed forms: [`encode_append`],
+/// [`encode_ack`], [`encode_records`] and [`FrameRef`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        request_id: u64,
+        version: u16,
+        token: Vec<u8>,
+        client_name: String,
+    },
+    Append {
+        request_id: u64,
+        durability: Durability,
+        records: Vec<(Kind, Vec<u8>)>,
+    },
+    Read {
+        request_id: u64,
+        from: Lsn,
+        max_bytes: u32,
+        max_records: u32,
+    },
+    Follow {
+        request_id: u64,
+        from: Lsn,
+    },
+    /// Ends the request with this id (a Follow, usually).
+    Cancel {
+        request_id: u64,
+    },
+    Status {
+        request_id: u64,
+    },
+    HelloOk {
+        request_id: u64,
+        version: u16,
+        system_id: u64,
+        segment_size: u64,
+        limits: Limits,
+        max_in_flight: u32,
+        server_name: String,
+    },
+    Ack {
+        request_id: u64,
+        lsns: Vec<Lsn>,
+        end: Lsn,
+    },
+    Records {
+        request_id: u64,
+        records: Vec<Record>,
+    },
+    ReadEnd {
+        request_id: u64,
+        end: Lsn,
+    },
+    StatusReply {
+        request_id: u64,
+        insert_lsn: Lsn,
+        write_lsn: Lsn,
+        flush_lsn: Lsn,
+        json: String,
+    },
+    Error {
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// A decoded frame borrowing the decoder's buffer: payloads are not copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    Hello {
+        request_id: u64,
+        version: u16,
+        token: &'a [u8],
+        client_name: &'a str,
+    },
+    Append {
+        request_id: u64,
+        durability: Durability,
+        records: AppendRecords<'a>,
+    },
+    Read {
+        request_id: u64,
+        from: Lsn,
+        max_bytes: u32,
+        max_records: u32,
+    },
+    Follow {
+        request_id: u64,
+        from: Lsn,
+    },
+    Cancel {
+        request_id: u64,
+    },
+    Status {
+        request_id: u64,
+    },
+    HelloOk {
+        request_id: u64,
+        version: u16,
+        system_id: u64,
+        segment_size: u64,
+        limits: Limits,
+        max_in_flight: u32,
+        server_name: &'a str,
+    },
+    Ack {
+        request_id: u64,
+        lsns: AckLsns<'a>,
+        end: Lsn,
+    },
+    Records {
+        request_id: u64,
+        records: ReadRecords<'a>,
+    },
+    ReadEnd {
+        request_id: u64,
+        end: Lsn,
+    },
+    StatusReply {
+        request_id: u64,
+        insert_lsn: Lsn,
+        write_lsn: Lsn,
+        flush_lsn: Lsn,
+        json: &'a str,
+    },
+    Error {
+        request_id: u64,
+        code: ErrorCode,
+        message: &'a str,
+    },
+}
+
+impl Frame {
+    pub fn request_id(&self) -> u64 {
+        match *self {
+            Frame::Hello { request_id, .. }
+            | Frame::Append { request_id, .. }
+            | Frame::Read { request_id, .. }
+            | Frame::Follow { request_id, .. }
+            | Frame::Cancel { request_id }
+            | Frame::Status { request_id }
+            | Frame::HelloOk { request_id, .. }
+            | Frame::Ack { request_id, .. }
+            | Frame::Records { request_id, .. }
+            | Frame::ReadEnd { request_id, .. }
+            | Frame::StatusReply { request_id, .. }
+            | Frame::Error { request_id, .. } => request_id,
+        }
+    }
+}
+
+impl FrameRef<'_> {
+    pub fn request_id(&self) -> u64 {
+        match *self {
+            FrameRef::Hello { request_id, .. }
+            | FrameRef::Append { request_id, .. }
+            | FrameRef::Read { request_id, .. }
+            | FrameRef::Follow { request_id, .. }
+            | FrameRef::Cancel { request_id }
+            | FrameRef::Status { request_id }
+            | FrameRef::HelloOk { request_id, .. }
+            | FrameRef::Ack { request_id, .. }
+            | FrameRef::Records { request_id, .. }
+            | FrameRef::ReadEnd { request_id, .. }
+            | FrameRef::StatusReply { request_id, .. }
+            | FrameRef::Error { request_id, .. } => request_id,
+        }
+    }
+
+    pub fn to_frame(&self) -> Frame {
+        match *self {
+            FrameRef::Hello {
+                request_id,
+                version,
+                token,
+                client_name,
+            } => Frame::Hello {
+                request_id,
+                version,
+                token: token.to_vec(),
+                client_name: client_name.to_string(),
+            },
+            FrameRef::Append {
+                request_id,
+                durability,
+                records,
+            } => Frame::Append {
+                request_id,
+                durability,
+                records: records.iter().map(|(k, p)| (k, p.to_vec())).collect(),
+            },
+            FrameRef::Read {
+                request_id,
+                from,
+                max_bytes,
+                max_records,
+            } => Frame::Read {
+                request_id,
+                from,
+                max_bytes,
+                max_records,
+            },
+            FrameRef::Follow { request_id, from } => Frame::Follow { request_id, from },
+            FrameRef::Cancel { request_id } => Frame::Cancel { request_id },
+            FrameRef::Status { request_id } => Frame::Status { request_id },
+            FrameRef::HelloOk {
+                request_id,
+                version,
+                system_id,
+                segment_size,
+                limits,
+                max_in_flight,
+                server_name,
+            } => Frame::HelloOk {
+                request_id,
+                version,
+                system_id,
+                segment_size,
+                limits,
+                max_in_flight,
+                server_name: server_name.to_string(),
+            },
+            FrameRef::Ack {
+                request_id,
+                lsns,
+                end,
+            } => Frame::Ack {
+                request_id,
+                lsns: lsns.iter().collect(),
+                end,
+            },
+            FrameRef::Records {
+                request_id,
+                records,
+            } => Frame::Records {
+                request_id,
+                records: records
+                    .iter()
+                    .map(|r| Record {
+                        lsn: r.lsn,
+                        kind: r.kind,
+                        payload: r.payload.to_vec(),
+                    })
+                    .collect(),
+            },
+            FrameRef::ReadEnd { request_id, end } => Frame::ReadEnd { request_id, end },
+            FrameRef::StatusReply {
+                request_id,
+                insert_lsn,
+                write_lsn,
+                flush_lsn,
+                json,
+            } => Frame::StatusReply {
+                request_id,
+                insert_lsn,
+                write_lsn,
+                flush_lsn,
+                json: json.to_string(),
+            },
+            FrameRef::Error {
+                request_id,
+                code,
+                message,
+            } => Frame::Error {
+                request_id,
+                code,
+                message: message.to_string(),
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+//
+// Encoders append to `out` and never fail on a well-formed frame. They do not
+// judge content (kind 0, an empty Append): the receiving decoder does. They
+// panic only on a length the format cannot express (a token over 64 KiB, a
+// frame over 4 GiB): that is the caller's bug, never the peer's input.
+
+/// Appends the encoding of `frame` to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    match frame {
+        Frame::Hello {
+            request_id,
+            version,
+            token,
+            client_name,
+        } => {
+            let at = begin(out, FrameType::Hello, *request_id);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&len16(token.len(), "token").to_le_bytes());
+            out.extend_from_slice(&len16(client_name.len(), "client name").to_le_bytes());
+            out.extend_from_slice(token);
+            out.extend_from_slice(client_name.as_bytes());
+            finish(out, at);
+        }
+        Frame::Append {
+            request_id,
+            durability,
+            records,
+        } => {
+            let records = records.iter().map(|(k, p)| (*k, p.as_slice()));
+            put_append(out, *request_id, *durability, records);
+        }
+        Frame::Read {
+            request_id,
+            from,
+            max_bytes,
+            max_records,
+        } => {
+            let at = begin(out, FrameType::Read, *request_id);
+            out.extend_from_slice(&from.0.to_le_bytes());
+            out.extend_from_slice(&max_bytes.to_le_bytes());
+            out.extend_from_slice(&max_records.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::Follow { request_id, from } => {
+            put_lsn_frame(out, FrameType::Follow, *request_id, *from)
+        }
+        // No body: the length `begin` writes is already right.
+        Frame::Cancel { request_id } => _ = begin(out, FrameType::Cancel, *request_id),
+        Frame::Status { request_id } => _ = begin(out, FrameType::Status, *request_id),
+        Frame::HelloOk {
+            request_id,
+            version,
+            system_id,
+            segment_size,
+            limits,
+            max_in_flight,
+            server_name,
+        } => {
+            let at = begin(out, FrameType::HelloOk, *request_id);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&system_id.to_le_bytes());
+            out.extend_from_slice(&segment_size.to_le_bytes());
+            out.extend_from_slice(&limits.max_frame_size.to_le_bytes());
+            out.extend_from_slice(&limits.max_records_per_frame.to_le_bytes());
+            out.extend_from_slice(&limits.max_record_size.to_le_bytes());
+            out.extend_from_slice(&max_in_flight.to_le_bytes());
+            out.extend_from_slice(&len16(server_name.len(), "server name").to_le_bytes());
+            out.extend_from_slice(server_name.as_bytes());
+            finish(out, at);
+        }
+        Frame::Ack {
+            request_id,
+            lsns,
+            end,
+        } => encode_ack(*request_id, lsns, *end, out),
+        Frame::Records {
+            request_id,
+            records,
+        } => encode_records(*request_id, records.iter().map(RecordRef::from), out),
+        Frame::ReadEnd { request_id, end } => {
+            put_lsn_frame(out, FrameType::ReadEnd, *request_id, *end)
+        }
+        Frame::StatusReply {
+            request_id,
+            insert_lsn,
+            write_lsn,
+            flush_lsn,
+            json,
+        } => {
+            let at = begin(out, FrameType::StatusReply, *request_id);
+            for lsn in [insert_lsn, write_lsn, flush_lsn] {
+                out.extend_from_slice(&lsn.0.to_le_bytes());
+            }
+            out.extend_from_slice(json.as_bytes());
+            finish(out, at);
+        }
+        Frame::Error {
+            request_id,
+            code,
+            message,
+        } => {
+            let at = begin(out, FrameType::Error, *request_id);
+            out.extend_from_slice(&code.0.to_le_bytes());
+            out.extend_from_slice(message.as_bytes());
+            finish(out, at);
+        }
+    }
+}
+
+/// An Append of borrowed records, without building a [`Frame`].
+pub fn encode_append(
+    request_id: u64,
+    durability: Durability,
+    records: &[(Kind, &[u8])],
+    out: &mut Vec<u8>,
+) {
+    put_append(out, request_id, durability, records.iter().copied());
+}
+
+/// An Ack for records at `lsns` (as the engine returned them: increasing,
+/// 8-byte aligned), `end` being the end of the last one.
+pub fn encode_ack(request_id: u64, lsns: &[Lsn], end: Lsn, out: &mut Vec<u8>) {
+    let at = begin(out, FrameType::Ack, request_id);
+    out.extend_from_slice(&end.0.to_le_bytes());
+    out.extend_from_slice(&len32(lsns.len(), "LSNs").to_le_bytes());
+    let first = lsns.first().map_or(0, |l| l.0);
+    out.extend_from_slice(&first.to_le_bytes());
+    for pair in lsns.windows(2) {
+        let delta = pair[1].0.wrapping_sub(pair[0].0);
+        assert!(
+            pair[1] > pair[0] && delta % ALIGN == 0,
+            "ack LSNs must increase in steps of 8: {} then {}",
+            pair[0],
+            pair[1]
+        );
+        put_varint(out, delta / ALIGN);
+    }
+    finish(out, at);
+}
+
+/// A Records frame from borrowed records (straight from a WAL reader).
+pub fn encode_records<'r>(
+    request_id: u64,
+    records: impl IntoIterator<Item = RecordRef<'r>>,
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::Records, request_id);
+    let count_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let mut count = 0usize;
+    for r in records {
+        out.extend_from_slice(&r.lsn.0.to_le_bytes());
+        out.push(r.kind.0);
+        out.extend_from_slice(&len32(r.payload.len(), "payload").to_le_bytes());
+        out.extend_from_slice(r.payload);
+        count += 1;
+    }
+    out[count_at..count_at + 4].copy_from_slice(&len32(count, "records").to_le_bytes());
+    finish(out, at);
+}
+
+fn put_append<'r>(
+    out: &mut Vec<u8>,
+    request_id: u64,
+    durability: Durability,
+    records: impl ExactSizeIterator<Item = (Kind, &'r [u8])>,
+) {
+    let at = begin(out, FrameType::Append, request_id);
+    out.push(durability_to_wire(durability));
+    out.extend_from_slice(&len32(records.len(), "records").to_le_bytes());
+    for (kind, payload) in records {
+        out.push(kind.0);
+        out.extend_from_slice(&len32(payload.len(), "payload").to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+    finish(out, at);
+}
+
+fn put_lsn_frame(out: &mut Vec<u8>, ty: FrameType, request_id: u64, lsn: Lsn) {
+    let at = begin(out, ty, request_id);
+    out.extend_from_slice(&lsn.0.to_le_bytes());
+    finish(out, at);
+}
+
+/// Writes a header for a frame without a body and returns where it starts;
+/// `finish` corrects the length once a body follows.
+fn begin(out: &mut Vec<u8>, ty: FrameType, request_id: u64) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&[ty as u8, 0, 0, 0]);
+    out.extend_from_slice(&request_id.to_le_bytes());
+    at
+}
+
+/// Patches the length of the frame that starts at `at`.
+fn finish(out: &mut [u8], at: usize) {
+    let len = len32(out.len() - at, "frame");
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn len16(n: usize, what: &str) -> u16 {
+    u16::try_from(n).unwrap_or_else(|_| panic!("{what} of {n} bytes does not fit a u16 length"))
+}
+
+fn len32(n: usize, what: &str) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| panic!("{what}: {n} does not fit a u32 length"))
+}
+
+/// LEB128: 7 bits a byte, low first, high bit set on all but the last.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub fn durability_to_wire(d: Durability) -> u8 {
+    match d {
+        Durability::Off => 0,
+        Durability::Local => 1,
+        Durability::RemoteWrite => 2,
+        Durability::On => 3,
+        Durability::RemoteApply => 4,
+    }
+}
+
+pub fn durability_from_wire(b: u8) -> Option<Durability> {
+    Some(match b {
+        0 => Durability::Off,
+        1 => Durability::Local,
+        2 => Durability::RemoteWrite,
+        3 => Durability::On,
+        4 => Durability::RemoteApply,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------- decoding
+
+/// A frame the decoder refused, with the request id from its header (every
+/// check needs the complete header, so the id is always known).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{problem} (request {request_id})")]
+pub struct ProtocolError {
+    pub request_id: u64,
+    pub problem: Problem,
+}
+
+impl ProtocolError {
+    pub fn code(&self) -> ErrorCode {
+        self.problem.code()
+    }
+
+    pub fn closes_connection(&self) -> bool {
+        self.code().closes_connection()
+    }
+
+    /// The Error frame that answers this.
+    pub fn to_frame(&self) -> Frame {
+        Frame::Error {
+            request_id: self.request_id,
+            code: self.code(),
+            message: self.problem.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("frame length {len} is shorter than the {HEADER_LEN}-byte header")]
+    FrameTooShort { len: u32 },
+    #[error("frame of {len} bytes is larger than max_frame_size ({max} bytes)")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("unknown frame type {ty:#04x} {direction}")]
+    UnknownType { ty: u8, direction: Direction },
+    #[error("flags {flags:#04x} and reserved {reserved:#06x} in the header must be 0")]
+    HeaderBits { flags: u8, reserved: u16 },
+    #[error("request id 0 is only for Error frames about the whole connection")]
+    ZeroRequestId,
+    #[error("{ty:?} frame with a body of {len} bytes: expected {}", expected(*min, *max))]
+    BodyLength {
+        ty: FrameType,
+        len: usize,
+        min: usize,
+        max: usize,
+    },
+    #[error("{ty:?} frame ends inside its {field}")]
+    Truncated { ty: FrameType, field: &'static str },
+    #[error("{ty:?} frame has {count} bytes after its last field")]
+    TrailingBytes { ty: FrameType, count: usize },
+    #[error("{ty:?} frame has no records")]
+    NoRecords { ty: FrameType },
+    #[error("{ty:?} frame has {count} records, more than max_records_per_frame ({max})")]
+    TooManyRecords { ty: FrameType, count: u32, max: u32 },
+    #[error("record {index} has {len} bytes, more than max_record_size ({max} bytes)")]
+    RecordTooLarge { index: u32, len: u32, max: u32 },
+    #[error("invalid durability level {0}: expected 0 to 4")]
+    InvalidDurability(u8),
+    #[error("record {index} has kind 0")]
+    InvalidKind { index: u32 },
+    #[error("record {index} has kind {kind}, which only walden itself may write")]
+    ReservedKind { index: u32, kind: u8 },
+    #[error("{field} is not valid UTF-8")]
+    InvalidUtf8 { field: &'static str },
+    #[error("{ty:?} frame: {what}")]
+    BadLsn { ty: FrameType, what: &'static str },
+}
+
+fn expected(min: usize, max: usize) -> String {
+    match max {
+        usize::MAX => format!("at least {min}"),
+        _ if max == min => min.to_string(),
+        _ => format!("{min} to {max}"),
+    }
+}
+
+impl Problem {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Problem::FrameTooLarge { .. } | Problem::TooManyRecords { .. } => {
+                ErrorCode::FRAME_TOO_LARGE
+            }
+            Problem::UnknownType { .. } => ErrorCode::UNKNOWN_TYPE,
+            Problem::RecordTooLarge { .. } => ErrorCode::RECORD_TOO_LARGE,
+            _ => ErrorCode::BAD_FRAME,
+        }
+    }
+}
+
+/// Decodes the frame at the start of `buf`. `Ok(None)`: more bytes are
+/// needed. `Ok(Some((frame, len)))`: the frame occupies `buf[..len]`. Never
+/// panics and never allocates, whatever `buf` holds.
+pub fn decode<'a>(
+    buf: &'a [u8],
+    direction: Direction,
+    limits: &Limits,
+) -> Result<Option<(FrameRef<'a>, usize)>, ProtocolError> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let [l0, l1, l2, l3, ty, flags, r0, r1, id @ ..] = *header;
+    let len = u32::from_le_bytes([l0, l1, l2, l3]);
+    let reserved = u16::from_le_bytes([r0, r1]);
+    let request_id = u64::from_le_bytes(id);
+    let fail = |problem| {
+        Err(ProtocolError {
+            request_id,
+            problem,
+        })
+    };
+
+    // IMPORTANT: everything up to the body check uses the 16 header bytes
+    // only: a hostile length or type is refused before its body is buffered.
+    if (len as usize) < HEADER_LEN {
+        return fail(Problem::FrameTooShort { len });
+    }
+    if len > limits.max_frame_size {
+        return fail(Problem::FrameTooLarge {
+            len,
+            max: limits.max_frame_size,
+        });
+    }
+    let Some(ty) = FrameType::from_u8(ty).filter(|t| t.direction() == direction) else {
+        return fail(Problem::UnknownType { ty, direction });
+    };
+    if flags != 0 || reserved != 0 {
+        return fail(Problem::HeaderBits { flags, reserved });
+    }
+    if request_id == 0 && ty != FrameType::Error {
+        return fail(Problem::ZeroRequestId);
+    }
+    let body_len = len as usize - HEADER_LEN;
+    let (min, max) = ty.body_len();
+    if body_len < min || body_len > max {
+        return fail(Problem::BodyLength {
+            ty,
+            len: body_len,
+            min,
+            max,
+        });
+    }
+    let Some(body) = buf.get(HEADER_LEN..len as usize) else {
+        return Ok(None);
+    };
+    match decode_body(ty, request_id, body, limits) {
+        Ok(frame) => Ok(Some((frame, len as usize))),
+        Err(problem) => fail(problem),
+    }
+}
+
+fn decode_body<'a>(
+    ty: FrameType,
+    request_id: u64,
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<FrameRef<'a>, Problem> {
+    let mut b = Body::new(ty, bytes);
+    let frame = match ty {
+        FrameType::Hello => {
+            let version = b.u16("version")?;
+            let token_len = b.u16("token length")?;
+            let name_len = b.u16("client name length")?;
+            let token = b.take(token_len.into(), "token")?;
+            let client_name = utf8(b.take(name_len.into(), "client name")?, "client name")?;
+            FrameRef::Hello {
+                request_id,
+                version,
+                token,
+                client_name,
+            }
+        }
+        FrameType::Append => {
+            let level = b.u8("durability")?;
+            let durability =
+                durability_from_wire(level).ok_or(Problem::InvalidDurability(level))?;
+            let records = AppendRecords::check(&mut b, limits)?;
+            FrameRef::Append {
+                request_id,
+                durability,
+                records,
+            }
+        }
+        FrameType::Read => FrameRef::Read {
+            request_id,
+            from: b.lsn("from LSN")?,
+            max_bytes: b.u32("max bytes")?,
+            max_records: b.u32("max records")?,
+        },
+        FrameType::Follow => FrameRef::Follow {
+            request_id,
+            from: b.lsn("from LSN")?,
+        },
+        FrameType::Cancel => FrameRef::Cancel { request_id },
+        FrameType::Status => FrameRef::Status { request_id },
+        FrameType::HelloOk => FrameRef::HelloOk {
+            request_id,
+            version: b.u16("version")?,
+            system_id: b.u64("system identifier")?,
+            segment_size: b.u64("segment size")?,
+            limits: Limits {
+                max_frame_size: b.u32("max frame size")?,
+                max_records_per_frame: b.u32("max records per frame")?,
+                max_record_size: b.u32("max record size")?,
+            },
+            max_in_flight: b.u32("max in flight")?,
+            server_name: {
+                let n = b.u16("server name length")?;
+                utf8(b.take(n.into(), "server name")?, "server name")?
+            },
+        },
+        FrameType::Ack => {
+            let end = b.lsn("end LSN")?;
+            let lsns = AckLsns::check(&mut b, end, limits)?;
+            FrameRef::Ack {
+                request_id,
+                lsns,
+                end,
+            }
+        }
+        FrameType::Records => FrameRef::Records {
+            request_id,
+            records: ReadRecords::check(&mut b, limits)?,
+        },
+        FrameType::ReadEnd => FrameRef::ReadEnd {
+            request_id,
+            end: b.lsn("end LSN")?,
+        },
+        FrameType::StatusReply => FrameRef::StatusReply {
+            request_id,
+            insert_lsn: b.lsn("insert LSN")?,
+            write_lsn: b.lsn("write LSN")?,
+            flush_lsn: b.lsn("flush LSN")?,
+            json: utf8(b.rest(), "status JSON")?,
+        },
+        FrameType::Error => FrameRef::Error {
+            request_id,
+            code: ErrorCode(b.u16("code")?),
+            message: utf8(b.rest(), "error message")?,
+        },
+    };
+    b.finish()?;
+    Ok(frame)
+}
+
+fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, Problem> {
+    std::str::from_utf8(bytes).map_err(|_| Problem::InvalidUtf8 { field })
+}
+
+/// A cursor over a frame body. Every read is bounds-checked and names the
+/// field it was reading when the body ran out.
+#[derive(Debug)]
+struct Body<'a> {
+    ty: FrameType,
+    rest: &'a [u8],
+    /// A problem that does not close the connection (an oversized record),
+    /// reported only if the whole body is otherwise valid.
+    deferred: Option<Problem>,
+}
+
+impl<'a> Body<'a> {
+    fn new(ty: FrameType, rest: &'a [u8]) -> Self {
+        Body {
+            ty,
+            rest,
+            deferred: None,
+        }
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], Problem> {
+        if self.rest.len() < n {
+            return Err(Problem::Truncated { ty: self.ty, field });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], Problem> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N, field)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, Problem> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, Problem> {
+        self.array(field).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, Problem> {
+        self.array(field).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, Problem> {
+        self.array(field).map(u64::from_le_bytes)
+    }
+
+    fn lsn(&mut self, field: &'static str) -> Result<Lsn, Problem> {
+        self.u64(field).map(Lsn)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+
+    /// LEB128, canonical only (no redundant high zero groups), so that every
+    /// accepted frame re-encodes to the same bytes.
+    fn varint(&mut self, field: &'static str) -> Result<u64, Problem> {
+        let bad = Problem::BadLsn {
+            ty: self.ty,
+            what: "overlong or non-canonical LSN step",
+        };
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8(field)?;
+            let bits = u64::from(byte & 0x7F);
+            if (shift == 63 && bits > 1) || (shift > 0 && byte == 0) {
+                return Err(bad);
+            }
+            v |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(bad)
+    }
+
+    /// The record count of an Append, Ack or Records frame.
+    fn count(&mut self, limits: &Limits) -> Result<u32, Problem> {
+        let count = self.u32("record count")?;
+        if count == 0 {
+            return Err(Problem::NoRecords { ty: self.ty });
+        }
+        // IMPORTANT: bounds the per-record work and the LSN list a server
+        // builds for the Ack, whatever the body says.
+        if count > limits.max_records_per_frame {
+            let max = limits.max_records_per_frame;
+            return Err(Problem::TooManyRecords {
+                ty: self.ty,
+                count,
+                max,
+            });
+        }
+        Ok(count)
+    }
+
+    /// A record's kind and payload (what follows any LSN).
+    fn record(&mut self, index: u32) -> Result<(Kind, &'a [u8]), Problem> {
+        let kind = self.u8("record kind")?;
+        if kind == 0 {
+            return Err(Problem::InvalidKind { index });
+        }
+        let len = self.u32("record length")?;
+        // IMPORTANT: `take` checks the length against the bytes present, so
+        // a record can never reach past its frame.
+        let payload = self.take(len as usize, "record payload")?;
+        Ok((Kind(kind), payload))
+    }
+
+    /// Notes a record over `max_record_size`; `finish` reports the first.
+    fn check_size(&mut self, index: u32, payload: &[u8], limits: &Limits) {
+        let (len, max) = (payload.len() as u32, limits.max_record_size);
+        if len > max && self.deferred.is_none() {
+            self.deferred = Some(Problem::RecordTooLarge { index, len, max });
+        }
+    }
+
+    fn finish(self) -> Result<(), Problem> {
+        if !self.rest.is_empty() {
+            return Err(Problem::TrailingBytes {
+                ty: self.ty,
+                count: self.rest.len(),
+            });
+        }
+        self.deferred.map_or(Ok(()), Err)
+    }
+}
+
+/// Record LSNs in a frame must be valid, 8-byte aligned and increasing.
+fn check_lsn(ty: FrameType, lsn: u64, prev: Option<u64>) -> Result<(), Problem> {
+    let what = "record LSNs must be non-zero, multiples of 8 and increasing";
+    if lsn == 0 || lsn % ALIGN != 0 || prev.is_some_and(|p| lsn <= p) {
+        return Err(Problem::BadLsn { ty, what });
+    }
+    Ok(())
+}
+
+/// The records of an Append, validated; iterating yields `(kind, payload)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendRecords<'a> {
+    count: u32,
+    bytes: &'a [u8],
+}
+
+impl<'a> AppendRecords<'a> {
+    fn check(b: &mut Body<'a>, limits: &Limits) -> Result<Self, Problem> {
+        let count = b.count(limits)?;
+        let bytes = b.rest;
+        for index in 0..count {
+            let (kind, payload) = b.record(index)?;
+            // IMPORTANT: kinds 128..=255 (page images, checkpoints) are
+            // trusted by recovery; a client must not be able to forge one.
+            if kind.0 >= 128 {
+                return Err(Problem::ReservedKind {
+                    index,
+                    kind: kind.0,
+                });
+            }
+            b.check_size(index, payload, limits);
+        }
+        Ok(AppendRecords { count, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Kind, &'a [u8])> + 'a {
+        // The frame was validated whole: `record` cannot fail here.
+        let mut b = Body::new(FrameType::Append, self.bytes);
+        (0..self.count).map_while(move |i| b.record(i).ok())
+    }
+}
+
+/// The LSNs of an Ack, validated: the first, then steps as varints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckLsns<'a> {
+    count: u32,
+    first: Lsn,
+    steps: &'a [u8],
+}
+
+impl<'a> AckLsns<'a> {
+    fn check(b: &mut Body<'a>, end: Lsn, limits: &Limits) -> Result<Self, Problem> {
+        let count = b.count(limits)?;
+        let first = b.lsn("first LSN")?;
+        let steps = b.rest;
+        let (ty, mut lsn) = (b.ty, first.0);
+        check_lsn(ty, lsn, None)?;
+        for _ in 1..count {
+            let next = b
+                .varint("LSN steps")?
+                .checked_mul(ALIGN)
+                .and_then(|d| lsn.checked_add(d))
+                .ok_or(Problem::BadLsn {
+                    ty,
+                    what: "LSN step overflows",
+                })?;
+            check_lsn(ty, next, Some(lsn))?;
+            lsn = next;
+        }
+        if end.0 <= lsn {
+            return Err(Problem::BadLsn {
+                ty,
+                what: "end LSN is not after the last record",
+            });
+        }
+        Ok(AckLsns {
+            count,
+            first,
+            steps,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn first(&self) -> Lsn {
+        self.first
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Lsn> + 'a {
+        let mut b = Body::new(FrameType::Ack, self.steps);
+        let mut lsn = self.first.0;
+        let rest = (1..self.count).map_while(move |_| {
+            lsn = lsn.wrapping_add(b.varint("LSN steps").ok()?.wrapping_mul(ALIGN));
+            Some(Lsn(lsn))
+        });
+        std::iter::once(self.first).chain(rest)
+    }
+}
+
+/// The records of a Records frame, validated; iterating yields [`RecordRef`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRecords<'a> {
+    count: u32,
+    bytes: &'a [u8],
+}
+
+impl<'a> ReadRecords<'a> {
+    fn check(b: &mut Body<'a>, limits: &Limits) -> Result<Self, Problem> {
+        let count = b.count(limits)?;
+        let bytes = b.rest;
+        let mut prev = None;
+        for index in 0..count {
+            let lsn = b.u64("record LSN")?;
+            check_lsn(b.ty, lsn, prev)?;
+            let (_, payload) = b.record(index)?;
+            b.check_size(index, payload, limits);
+            prev = Some(lsn);
+        }
+        Ok(ReadRecords { count, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'a>> + 'a {
+        let mut b = Body::new(FrameType::Records, self.bytes);
+        (0..self.count).map_while(move |i| {
+            let lsn = Lsn(b.u64("record LSN").ok()?);
+            let (kind, payload) = b.record(i).ok()?;
+            Some(RecordRef { lsn, kind, payload })
+        })
+    }
+}
+
+/// Frames from a byte stream that arrives in pieces. Feed what recv returned
+/// with [`extend`](Decoder::extend), then call
+/// [`next_frame`](Decoder::next_frame) until it returns `Ok(None)`.
+///
+/// The buffer never grows past `max_frame_size`: `extend` takes only what
+/// fits and says how much. After draining every complete frame there is
+/// always room, since a partial frame is shorter than its own (checked)
+/// length.
+#[derive(Debug)]
+pub struct Decoder {
+    direction: Direction,
+    limits: Limits,
+    buf: Vec<u8>,
+    /// `buf[start..]` is not decoded yet.
+    start: usize,
+    /// Set by an error that closes the connection: nothing after it is
+    /// decoded, since the stream can no longer be trusted to be in step.
+    failed: Option<ProtocolError>,
+}
+
+impl Decoder {
+    pub fn new(direction: Direction, limits: Limits) -> Self {
+        Decoder {
+            direction,
+            limits,
+            buf: Vec::new(),
+            start: 0,
+            failed: None,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A client adopts the limits its server announced in HelloOk.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Buffers as much of `data` as fits and returns how many bytes it took;
+    /// the caller keeps the rest for after the next `next_frame` calls.
+    /// After an error that closes the connection, input is discarded.
+    pub fn extend(&mut self, data: &[u8]) -> usize {
+        if self.failed.is_some() {
+            return data.len();
+        }
+        self.buf.drain(..self.start);
+        self.start = 0;
+        let max = self.limits.max_frame_size as usize;
+        // IMPORTANT: never hold more than max_frame_size bytes, and never let
+        // Vec's doubling reserve more than that either.
+        let n = data.len().min(max.saturating_sub(self.buf.len()));
+        let need = self.buf.len() + n;
+        if need > self.buf.capacity() {
+            // need <= max here: n was cut to the room left under max.
+            let cap = (self.buf.capacity() * 2).max(need).max(4096).min(max);
+            self.buf.reserve_exact(cap - self.buf.len());
+        }
+        self.buf.extend_from_slice(&data[..n]);
+        n
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or why
+    /// the next frame is refused. After an error that does not close the
+    /// connection (`RECORD_TOO_LARGE`) the frame is skipped and decoding can
+    /// go on; after any other, every call returns the same error.
+    pub fn next_frame(&mut self) -> Result<Option<FrameRef<'_>>, ProtocolError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let pending = &self.buf[self.start..];
+        match decode(pending, self.direction, &self.limits) {
+            Ok(Some((frame, len))) => {
+                self.start += len;
+                Ok(Some(frame))
+            }
+            Ok(None) => Ok(None),
+            Err(e) if e.closes_connection() => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+            Err(e) => {
+                // The header was valid, so its length is the frame's.
+                let len = pending
+                    .first_chunk::<4>()
+                    .map_or(0, |l| u32::from_le_bytes(*l));
+                self.start += len as usize;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(frame: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(frame, &mut out);
+        out
+    }
+
+    #[test]
+    fn durability_bytes_are_stable() {
+        for (i, d) in Durability::ALL.into_iter().enumerate() {
+            assert_eq!(durability_to_wire(d), i as u8);
+            assert_eq!(durability_from_wire(i as u8), Some(d));
+        }
+        assert_eq!(durability_from_wire(5), None);
+    }
+
+    #[test]
+    fn fixed_size_frames_match_their_body_length() {
+        let frames = [
+            Frame::Read {
+                request_id: 1,
+                from: Lsn(8),
+                max_bytes: 1,
+                max_records: 1,
+            },
+            Frame::Follow {
+                request_id: 1,
+                from: Lsn(8),
+            },
+            Frame::Cancel { request_id: 1 },
+            Frame::Status { request_id: 1 },
+            Frame::ReadEnd {
+                request_id: 1,
+                end: Lsn(8),
+            },
+        ];
+        for f in &frames {
+            let b = bytes(f);
+            let ty = FrameType::from_u8(b[4]).unwrap();
+            assert_eq!(
+                ty.body_len(),
+                (b.len() - HEADER_LEN, b.len() - HEADER_LEN),
+                "{ty:?}"
+            );
+        }
+        let smallest = Frame::Error {
+            request_id: 0,
+            code: ErrorCode::INTERNAL,
+            message: String::new(),
+        };
+        assert_eq!(
+            bytes(&smallest).len() - HEADER_LEN,
+            FrameType::Error.body_len().0
+        );
+        let one = Frame::Records {
+            request_id: 1,
+            records: vec![Record {
+                lsn: Lsn(8),
+                kind: Kind::DATA,
+                payload: vec![],
+            }],
+        };
+        assert_eq!(bytes(&one).len() as u32, ONE_RECORD_OVERHEAD);
+    }
+
+    #[test]
+    fn varints_must_be_canonical() {
+        let read = |b: &[u8]| Body::new(FrameType::Ack, b).varint("x");
+        for v in [0, 1, 127, 128, 300, u64::MAX / 8, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(read(&out), Ok(v));
+        }
+        assert!(read(&[0x80, 0x00]).is_err(), "redundant zero group");
+        assert!(read(&[0xFF; 9].iter().chain(&[0x02]).copied().collect::<Vec<_>>()).is_err());
+        assert!(read(&[0xFF; 11]).is_err());
+        assert!(matches!(read(&[0x80]), Err(Problem::Truncated { .. })));
+    }
+
+    #[test]
+    fn decoder_never_holds_more_than_max_frame_size() {
+        let limits = Limits {
+            max_frame_size: 10_000,
+            max_records_per_frame: 100,
+            max_record_size: 9_000,
+        };
+        let mut frames = Vec::new();
+        for i in 1..50u64 {
+            let payload = vec![i as u8; (i as usize * 997) % 9_000];
+            encode_append(i, Durability::Local, &[(Kind::DATA, &payload)], &mut frames);
+        }
+        let mut d = Decoder::new(Direction::ToServer, limits);
+        let (mut rest, mut seen) = (&frames[..], 0);
+        while !rest.is_empty() {
+            let n = d.extend(&rest[..rest.len().min(7_000)]);
+            rest = &rest[n..];
+            assert!(d.buf.capacity() <= 10_000, "capacity {}", d.buf.capacity());
+            while let Some(f) = d.next_frame().unwrap() {
+                seen += 1;
+                assert_eq!(f.request_id(), seen);
+            }
+        }
+        assert_eq!(seen, 49);
+        // A header announcing 4 GiB is refused from the header alone, and
+        // the buffer stays within the limit.
+        let mut d = Decoder::new(Direction::ToServer, limits);
+        let mut hostile = vec![
+            0xFF, 0xFF, 0xFF, 0xFF, 0x02, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        hostile.resize(1 << 20, 0xAB);
+        assert_eq!(d.extend(&hostile), 10_000);
+        assert_eq!(
+            d.next_frame().unwrap_err().code(),
+            ErrorCode::FRAME_TOO_LARGE
+        );
+        assert_eq!(
+            d.extend(&hostile),
+            hostile.len(),
+            "input after a fatal error is dropped"
+        );
+        assert!(d.buf.capacity() <= 10_000);
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate_version(1), Some(1));
+        assert_eq!(negotiate_version(7), Some(VERSION));
+        assert_eq!(negotiate_version(0), None);
+    }
+
+    #[test]
+    fn error_codes_are_named_and_say_whether_they_close() {
+        let keep = [
+            ErrorCode::RECORD_TOO_LARGE,
+            ErrorCode::TOO_MANY_IN_FLIGHT,
+            ErrorCode::UNKNOWN_LSN,
+            ErrorCode::WAL_FULL,
+        ];
+        for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(c.0 as usize, i + 1);
+            assert_ne!(c.name(), "UNKNOWN");
+            assert_eq!(c.closes_connection(), !keep.contains(&c), "{c}");
+        }
+        assert_eq!(ErrorCode(0).name(), "UNKNOWN");
+        assert_eq!(ErrorCode(999).to_string(), "UNKNOWN");
+        assert!(ErrorCode(999).closes_connection());
+    }
+}

@@ -1,0 +1,567 @@
+//! One shard: a thread that owns an insert slot, a listener and an io_uring,
+//! and drives its connections: decode frames, append, acknowledge when the
+//! flush LSN passes, answer reads, feed followers.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::ServerShared;
+use crate::io::net::{ConnId, Event, NetRing};
+use crate::io::uring::EventFd;
+use crate::lsn::Lsn;
+use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limits, RecordRef};
+use crate::record::Kind;
+use crate::wal::commit::FlushListener;
+use crate::wal::reader::{EndOfWal, WalReader};
+use crate::wal::{Durability, WalError, TIMELINE};
+
+const RECV_BUF: usize = 256 << 10;
+/// Records frames sent to a follower are cut at about this size.
+const FOLLOW_CHUNK: usize = 256 << 10;
+
+struct Follow {
+    request_id: u64,
+    reader: WalReader,
+}
+
+struct ConnState {
+    serial: u64,
+    peer: Option<SocketAddr>,
+    hello: bool,
+    in_flight: u32,
+    paused: bool,
+    last_activity: Instant,
+    slow_since: Option<Instant>,
+    follow: Option<Follow>,
+    closing: bool,
+}
+
+struct PendingAck {
+    end: Lsn,
+    conn: ConnId,
+    serial: u64,
+    request_id: u64,
+    lsns: Vec<Lsn>,
+    started: Instant,
+    level: Durability,
+}
+
+struct Shard<'a> {
+    index: usize,
+    shared: &'a ServerShared,
+    ring: NetRing,
+    limits: Limits,
+    pending: VecDeque<PendingAck>,
+    out: Vec<u8>,
+    lsns: Vec<Lsn>,
+}
+
+pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wake: Arc<EventFd>, flush: Arc<FlushListener>) {
+    let ring = match NetRing::new(1024, listener, wake, RECV_BUF) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("shard {index}: could not set up io_uring: {e}");
+            return;
+        }
+    };
+    let wal = Arc::clone(&shared.wal);
+    let mut ins = wal.inserter();
+    let mut shard = Shard {
+        index,
+        shared: &shared,
+        ring,
+        limits: Limits::for_max_record_size(shared.cfg.max_record_size.0.min(u32::MAX as u64) as u32),
+        pending: VecDeque::new(),
+        out: Vec::with_capacity(64 << 10),
+        lsns: Vec::new(),
+    };
+    let mut conns: HashMap<ConnId, ConnState> = HashMap::new();
+    // Apart from the state: a decoded frame borrows its decoder while the
+    // handler updates the connection's state.
+    let mut decoders: HashMap<ConnId, Decoder> = HashMap::new();
+    let mut received: Vec<u8> = Vec::with_capacity(RECV_BUF);
+    let mut serial = 0u64;
+    let mut stopped_accepting = false;
+    let mut last_sweep = Instant::now();
+
+    loop {
+        let stopping = shared.stopping.load(SeqCst);
+        if stopping && !stopped_accepting {
+            stopped_accepting = true;
+            if let Err(e) = shard.ring.stop_accepting() {
+                tracing::warn!("shard {index}: {e}");
+            }
+        }
+        if stopping && shard.pending.is_empty() {
+            // Everything acknowledged that will be: close what is left.
+            for id in shard.ring.connections() {
+                let _ = shard.ring.close_after_send(id);
+            }
+            if shard.ring.connection_count() == 0 {
+                break;
+            }
+        }
+
+        let timeout = if shard.pending.front().is_some_and(|p| wal.flush_lsn() >= p.end) {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        if let Err(e) = shard.ring.wait(timeout) {
+            tracing::error!("shard {index}: io_uring wait failed: {e}");
+            break;
+        }
+        while let Some(ev) = shard.ring.next_event() {
+            match ev {
+                Event::Accepted(id, peer) => {
+                    serial += 1;
+                    conns.insert(
+                        id,
+                        ConnState {
+                            serial,
+                            peer,
+                            hello: false,
+                            in_flight: 0,
+                            paused: false,
+                            last_activity: Instant::now(),
+                            slow_since: None,
+                            follow: None,
+                            closing: false,
+                        },
+                    );
+                    decoders.insert(id, Decoder::new(Direction::ToServer, shard.limits));
+                    shard.shared.metrics.connection_opened();
+                    tracing::debug!(shard = index, ?peer, "connection accepted");
+                }
+                Event::Data(id) => {
+                    let (Some(st), Some(dec)) = (conns.get_mut(&id), decoders.get_mut(&id)) else { continue };
+                    received.clear();
+                    received.extend_from_slice(shard.ring.received(id));
+                    st.last_activity = Instant::now();
+                    shard.process(id, st, dec, &received, &mut ins);
+                    let max = shard.shared.cfg.max_in_flight;
+                    st.paused = st.in_flight >= max;
+                    if !st.closing && !st.paused && !stopping {
+                        let _ = shard.ring.resume_recv(id);
+                    }
+                }
+                Event::Closed(id, err) => {
+                    decoders.remove(&id);
+                    if let Some(st) = conns.remove(&id) {
+                        shard.shared.metrics.connection_closed();
+                        tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
+                    }
+                }
+                Event::Woken => {}
+            }
+        }
+
+        // Acknowledge what is durable, oldest first (one shard appends in
+        // LSN order, so the queue is sorted by end).
+        let flushed = wal.flush_lsn();
+        while shard.pending.front().is_some_and(|p| p.end <= flushed) {
+            let p = shard.pending.pop_front().unwrap();
+            if let Some(st) = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial) {
+                shard.out.clear();
+                protocol::encode_ack(p.request_id, &p.lsns, p.end, &mut shard.out);
+                let _ = shard.ring.send(p.conn, &shard.out);
+                shard
+                    .shared
+                    .metrics
+                    .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
+                st.in_flight -= 1;
+                if st.paused && st.in_flight < shard.shared.cfg.max_in_flight && !st.closing && !stopping {
+                    st.paused = false;
+                    let _ = shard.ring.resume_recv(p.conn);
+                }
+            }
+        }
+        // Followers get what became durable.
+        for (&id, st) in conns.iter_mut() {
+            if st.follow.is_some() && !st.closing {
+                shard.feed_follower(id, st, flushed);
+            }
+        }
+        // Ask to be woken for the next thing we wait for.
+        let follows = conns.values().any(|s| s.follow.is_some());
+        if let Some(p) = shard.pending.front() {
+            flush.want(p.end);
+            wal.request_flush(p.end);
+        } else if follows {
+            flush.want(Lsn(flushed.0 + 1));
+        }
+
+        if last_sweep.elapsed() >= Duration::from_millis(100) {
+            last_sweep = Instant::now();
+            shard.sweep_timeouts(&mut conns);
+        }
+    }
+    tracing::debug!(shard = index, "shard stopped");
+}
+
+impl Shard<'_> {
+    fn send_frame(&mut self, id: ConnId, frame: &Frame) {
+        self.out.clear();
+        protocol::encode(frame, &mut self.out);
+        let _ = self.ring.send(id, &self.out);
+    }
+
+    fn send_error(&mut self, id: ConnId, st: &mut ConnState, request_id: u64, code: ErrorCode, message: String) {
+        tracing::debug!(shard = self.index, peer = ?st.peer, %code, %message, "error sent to client");
+        self.shared.metrics.error(match code {
+            ErrorCode::BAD_FRAME | ErrorCode::UNKNOWN_TYPE | ErrorCode::UNSUPPORTED_VERSION => "bad_frame",
+            ErrorCode::AUTH_FAILED => "auth",
+            ErrorCode::FRAME_TOO_LARGE | ErrorCode::RECORD_TOO_LARGE => "too_large",
+            _ => "other",
+        });
+        self.send_frame(
+            id,
+            &Frame::Error {
+                request_id,
+                code,
+                message,
+            },
+        );
+        if code.closes_connection() {
+            st.closing = true;
+            let _ = self.ring.close_after_send(id);
+        }
+    }
+
+    /// Feeds `data` to the connection's decoder and handles every complete
+    /// frame. The decoder holds at most `max_frame_size` bytes.
+    fn process(
+        &mut self,
+        id: ConnId,
+        st: &mut ConnState,
+        dec: &mut Decoder,
+        data: &[u8],
+        ins: &mut crate::wal::Inserter<'_>,
+    ) {
+        let mut taken = 0;
+        while !st.closing {
+            taken += dec.extend(&data[taken..]);
+            loop {
+                match dec.next_frame() {
+                    Ok(None) => break,
+                    Ok(Some(frame)) => {
+                        self.handle(id, st, frame, ins);
+                        if st.closing {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // IMPORTANT: a malformed frame ends this connection,
+                        // and only this one; a too-large record fails only its
+                        // own request (the decoder skipped it).
+                        let frame = e.to_frame();
+                        if let Frame::Error { code, message, .. } = frame {
+                            self.send_error(id, st, e.request_id, code, message);
+                        }
+                        if e.closes_connection() {
+                            st.closing = true;
+                            let _ = self.ring.close_after_send(id);
+                            return;
+                        }
+                    }
+                }
+            }
+            if taken == data.len() {
+                break;
+            }
+        }
+    }
+
+    fn handle(&mut self, id: ConnId, st: &mut ConnState, frame: FrameRef<'_>, ins: &mut crate::wal::Inserter<'_>) {
+        let wal = &self.shared.wal;
+        if !st.hello && !matches!(frame, FrameRef::Hello { .. }) {
+            let msg = "the first frame on a connection must be Hello".to_string();
+            return self.send_error(id, st, frame.request_id(), ErrorCode::BAD_FRAME, msg);
+        }
+        match frame {
+            FrameRef::Hello {
+                request_id,
+                version,
+                token,
+                client_name,
+            } => {
+                let Some(v) = protocol::negotiate_version(version) else {
+                    let msg = format!("protocol version {version} is not supported (this server speaks {}..={})", protocol::MIN_VERSION, protocol::VERSION);
+                    return self.send_error(id, st, request_id, ErrorCode::UNSUPPORTED_VERSION, msg);
+                };
+                if let Some(expected) = &self.shared.token {
+                    if !constant_time_eq(expected, token) {
+                        tracing::warn!(peer = ?st.peer, client = client_name, "authentication failed");
+                        let msg = "authentication failed: wrong or missing token".to_string();
+                        return self.send_error(id, st, request_id, ErrorCode::AUTH_FAILED, msg);
+                    }
+                }
+                st.hello = true;
+                self.send_frame(
+                    id,
+                    &Frame::HelloOk {
+                        request_id,
+                        version: v,
+                        system_id: 0,
+                        segment_size: self.shared.cfg.wal_segment_size.0,
+                        limits: self.limits,
+                        max_in_flight: self.shared.cfg.max_in_flight,
+                        server_name: self.shared.name.clone(),
+                    },
+                );
+            }
+            FrameRef::Append {
+                request_id,
+                durability,
+                records,
+            } => {
+                if self.shared.stopping.load(SeqCst) {
+                    let msg = "the server is shutting down".to_string();
+                    return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
+                }
+                let recs: Vec<(Kind, &[u8])> = records.iter().collect();
+                self.lsns.clear();
+                match ins.append_batch(&recs, &mut self.lsns) {
+                    Ok(end) => {
+                        if durability == Durability::Off {
+                            self.shared.metrics.observe_commit_wait("off", 0.0);
+                            self.out.clear();
+                            protocol::encode_ack(request_id, &self.lsns, end, &mut self.out);
+                            let _ = self.ring.send(id, &self.out);
+                        } else {
+                            st.in_flight += 1;
+                            self.pending.push_back(PendingAck {
+                                end,
+                                conn: id,
+                                serial: st.serial,
+                                request_id,
+                                lsns: self.lsns.clone(),
+                                started: Instant::now(),
+                                level: durability,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            WalError::RecordTooLarge { .. } => ErrorCode::RECORD_TOO_LARGE,
+                            WalError::InvalidKind => ErrorCode::BAD_FRAME,
+                            WalError::Closed => ErrorCode::SHUTTING_DOWN,
+                            _ => ErrorCode::INTERNAL,
+                        };
+                        self.send_error(id, st, request_id, code, e.to_string());
+                    }
+                }
+            }
+            FrameRef::Read {
+                request_id,
+                from,
+                max_bytes,
+                max_records,
+            } => {
+                let mut reader = match self.open_reader(from) {
+                    Ok(r) => r,
+                    Err(msg) => return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg),
+                };
+                let max_bytes = (max_bytes as usize).clamp(1, self.limits.max_frame_size as usize / 2);
+                let max_records = if max_records == 0 { u32::MAX } else { max_records };
+                let mut batch: Vec<(Lsn, Kind, Vec<u8>)> = Vec::new();
+                let mut bytes = 0usize;
+                let mut first = true;
+                loop {
+                    if batch.len() as u32 >= max_records || bytes >= max_bytes {
+                        break;
+                    }
+                    match reader.next_record() {
+                        Ok(Some(r)) => {
+                            if !first && bytes + r.payload.len() > max_bytes {
+                                break;
+                            }
+                            bytes += r.payload.len();
+                            batch.push((r.lsn, r.kind, r.payload.to_vec()));
+                            first = false;
+                        }
+                        Ok(None) => {
+                            if first && from < wal.flush_lsn() {
+                                if let Some(EndOfWal::Invalid(e)) = reader.end() {
+                                    let msg = format!("no record starts at {from}: {e}");
+                                    return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg);
+                                }
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            return self.send_error(id, st, request_id, ErrorCode::INTERNAL, e.to_string());
+                        }
+                    }
+                }
+                let end = batch.last().map(|(l, _, p)| Lsn(l.0 + crate::record::stream_len(p.len()))).unwrap_or(from);
+                self.out.clear();
+                if !batch.is_empty() {
+                    protocol::encode_records(
+                        request_id,
+                        batch.iter().map(|(lsn, kind, payload)| RecordRef {
+                            lsn: *lsn,
+                            kind: *kind,
+                            payload,
+                        }),
+                        &mut self.out,
+                    );
+                }
+                protocol::encode(&Frame::ReadEnd { request_id, end }, &mut self.out);
+                let _ = self.ring.send(id, &self.out);
+            }
+            FrameRef::Follow { request_id, from } => {
+                match self.open_reader(from) {
+                    Ok(reader) => st.follow = Some(Follow { request_id, reader }),
+                    Err(msg) => return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg),
+                }
+                let flushed = wal.flush_lsn();
+                self.feed_follower(id, st, flushed);
+            }
+            FrameRef::Cancel { request_id } => {
+                if st.follow.as_ref().is_some_and(|f| f.request_id == request_id) {
+                    let f = st.follow.take().unwrap();
+                    let end = f.reader.position();
+                    self.send_frame(id, &Frame::ReadEnd { request_id, end });
+                }
+            }
+            FrameRef::Status { request_id } => {
+                let json = super::status_json(self.shared);
+                self.send_frame(
+                    id,
+                    &Frame::StatusReply {
+                        request_id,
+                        insert_lsn: wal.insert_lsn(),
+                        write_lsn: wal.write_lsn(),
+                        flush_lsn: wal.flush_lsn(),
+                        json,
+                    },
+                );
+            }
+            other => {
+                // The decoder only yields frames a client may send.
+                let msg = format!("unexpected frame {:?}", std::mem::discriminant(&other));
+                self.send_error(id, st, other.request_id(), ErrorCode::BAD_FRAME, msg);
+            }
+        }
+    }
+
+    /// A reader at `from`, which must lie in the retained, inserted WAL.
+    fn open_reader(&self, from: Lsn) -> Result<WalReader, String> {
+        let wal = &self.shared.wal;
+        let start = wal.start_lsn();
+        if from < start {
+            return Err(format!("WAL before {start} has been removed; {from} is no longer available"));
+        }
+        if from > wal.insert_lsn() {
+            return Err(format!("{from} is beyond the end of WAL ({})", wal.insert_lsn()));
+        }
+        Ok(WalReader::new(
+            &self.shared.cfg.wal_dir,
+            self.shared.cfg.wal_segment_size.0,
+            TIMELINE,
+            from,
+            Some(wal.flush_lsn()),
+        ))
+    }
+
+    /// Sends a follower what became durable, while its backlog allows.
+    fn feed_follower(&mut self, id: ConnId, st: &mut ConnState, flushed: Lsn) {
+        let max_backlog = self.shared.cfg.max_send_backlog.0 as usize;
+        let Some(f) = st.follow.as_mut() else { return };
+        f.reader.set_limit(Some(flushed));
+        let request_id = f.request_id;
+        let mut batch: Vec<(Lsn, Kind, Vec<u8>)> = Vec::new();
+        loop {
+            if self.ring.send_backlog(id) >= max_backlog {
+                break;
+            }
+            batch.clear();
+            let mut bytes = 0;
+            let mut bad = None;
+            while bytes < FOLLOW_CHUNK {
+                match f.reader.next_record() {
+                    Ok(Some(r)) => {
+                        bytes += r.payload.len() + 13;
+                        batch.push((r.lsn, r.kind, r.payload.to_vec()));
+                    }
+                    Ok(None) => {
+                        if let Some(EndOfWal::Invalid(e)) = f.reader.end() {
+                            bad = Some(format!("following stopped at {}: {e}", e.lsn()));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        bad = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.out.clear();
+                protocol::encode_records(
+                    request_id,
+                    batch.iter().map(|(lsn, kind, payload)| RecordRef {
+                        lsn: *lsn,
+                        kind: *kind,
+                        payload,
+                    }),
+                    &mut self.out,
+                );
+                let _ = self.ring.send(id, &self.out);
+            }
+            if let Some(msg) = bad {
+                st.follow = None;
+                return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg);
+            }
+            if batch.is_empty() || bytes < FOLLOW_CHUNK {
+                break;
+            }
+        }
+    }
+
+    /// Closes idle connections and slow clients.
+    fn sweep_timeouts(&mut self, conns: &mut HashMap<ConnId, ConnState>) {
+        let cfg = &self.shared.cfg;
+        let idle = cfg.idle_timeout.duration();
+        let slow = cfg.slow_client_timeout.duration();
+        let max_backlog = cfg.max_send_backlog.0 as usize;
+        let ids: Vec<ConnId> = conns.keys().copied().collect();
+        for id in ids {
+            let st = conns.get_mut(&id).unwrap();
+            if st.closing {
+                continue;
+            }
+            if self.ring.send_backlog(id) > max_backlog {
+                let since = *st.slow_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= slow {
+                    let msg = format!("client too slow: more than {max_backlog} bytes unsent for {slow:?}");
+                    tracing::warn!(peer = ?st.peer, "{msg}");
+                    self.send_error(id, st, 0, ErrorCode::TIMEOUT, msg);
+                    st.closing = true;
+                    let _ = self.ring.close(id);
+                }
+                continue;
+            }
+            st.slow_since = None;
+            if !idle.is_zero() && st.in_flight == 0 && st.follow.is_none() && st.last_activity.elapsed() >= idle {
+                let msg = format!("closing idle connection after {idle:?}");
+                self.send_error(id, st, 0, ErrorCode::TIMEOUT, msg);
+                st.closing = true;
+                let _ = self.ring.close_after_send(id);
+            }
+        }
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,761 @@
+//! The wire protocol through its public API: every frame round-trips, the
+//! incremental decoder yields the same frames however the bytes are cut, and
+//! no input (random, or a valid frame mutated) panics or escapes the error
+//! codes docs/protocol.md lists.
+
+use proptest::prelude::*;
+use walden::protocol::{
+    decode, encode, encode_ack, encode_append, encode_records, Decoder, Direction, ErrorCode,
+    Frame, FrameType, Limits, Record, RecordRef, HEADER_LEN,
+};
+use walden::{Durability, Kind, Lsn};
+
+fn bytes_of(frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        encode(f, &mut out);
+    }
+    out
+}
+
+fn direction_of(bytes: &[u8]) -> Direction {
+    FrameType::from_u8(bytes[4]).unwrap().direction()
+}
+
+/// Decodes exactly one whole frame.
+fn round_trip(frame: &Frame) -> Frame {
+    let bytes = bytes_of(std::slice::from_ref(frame));
+    let (got, len) = decode(&bytes, direction_of(&bytes), &Limits::default())
+        .unwrap()
+        .expect("a whole frame");
+    assert_eq!(len, bytes.len());
+    assert_eq!(got.request_id(), frame.request_id());
+    got.to_frame()
+}
+
+/// Feeds `bytes` to a decoder in pieces of the given sizes (cycled).
+fn decode_in_pieces(bytes: &[u8], direction: Direction, sizes: &[usize]) -> Vec<Frame> {
+    let mut d = Decoder::new(direction, Limits::default());
+    let (mut frames, mut at) = (Vec::new(), 0);
+    for size in sizes.iter().cycle() {
+        if at == bytes.len() {
+            break;
+        }
+        let piece = &bytes[at..bytes.len().min(at + size)];
+        at += d.extend(piece);
+        while let Some(f) = d.next_frame().unwrap() {
+            frames.push(f.to_frame());
+        }
+    }
+    assert_eq!(d.buffered(), 0);
+    frames
+}
+
+fn record(lsn: u64, kind: u8, payload: &[u8]) -> Record {
+    Record {
+        lsn: Lsn(lsn),
+        kind: Kind(kind),
+        payload: payload.to_vec(),
+    }
+}
+
+/// One frame of every type, some in more than one shape.
+fn examples() -> Vec<Frame> {
+    vec![
+        Frame::Hello {
+            request_id: 1,
+            version: 1,
+            token: vec![],
+            client_name: "walden-cli".into(),
+        },
+        Frame::Hello {
+            request_id: 2,
+            version: 9,
+            token: b"s3cret\0\xff".to_vec(),
+            client_name: "bänch ✓".into(),
+        },
+        Frame::Append {
+            request_id: 3,
+            durability: Durability::RemoteApply,
+            records: vec![
+                (Kind::DATA, b"hello".to_vec()),
+                (Kind(127), vec![]),
+                (Kind(7), vec![0; 1000]),
+            ],
+        },
+        Frame::Read {
+            request_id: 4,
+            from: Lsn(0x100_0000),
+            max_bytes: 1 << 20,
+            max_records: 0,
+        },
+        Frame::Follow {
+            request_id: 5,
+            from: Lsn(0x16_B374_D848),
+        },
+        Frame::Cancel { request_id: 5 },
+        Frame::Status {
+            request_id: u64::MAX,
+        },
+        Frame::HelloOk {
+            request_id: 1,
+            version: 1,
+            system_id: 0,
+            segment_size: 16 << 20,
+            limits: Limits::default(),
+            max_in_flight: 1024,
+            server_name: "walden 0.1.0".into(),
+        },
+        Frame::Ack {
+            request_id: 3,
+            lsns: vec![Lsn(0x100_0000)],
+            end: Lsn(0x100_0020),
+        },
+        Frame::Ack {
+            request_id: 3,
+            lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020), Lsn(0x7_0000_0000)],
+            end: Lsn(0x7_0000_0400),
+        },
+        Frame::Records {
+            request_id: 4,
+            records: vec![
+                record(0x100_0000, 1, b"hello"),
+                record(0x100_0020, 128, b""),
+            ],
+        },
+        Frame::ReadEnd {
+            request_id: 4,
+            end: Lsn(0x100_0038),
+        },
+        Frame::StatusReply {
+            request_id: 6,
+            insert_lsn: Lsn(0x300),
+            write_lsn: Lsn(0x200),
+            flush_lsn: Lsn(0x100),
+            json: r#"{"shards":[{"core":2}],"uptime_s":12}"#.into(),
+        },
+        Frame::Error {
+            request_id: 0,
+            code: ErrorCode::SHUTTING_DOWN,
+            message: "shutting down".into(),
+        },
+        Frame::Error {
+            request_id: 3,
+            code: ErrorCode(4242),
+            message: String::new(),
+        },
+    ]
+}
+
+#[test]
+fn every_frame_type_round_trips() {
+    let mut seen = Vec::new();
+    for frame in examples() {
+        assert_eq!(round_trip(&frame), frame);
+        let bytes = bytes_of(std::slice::from_ref(&frame));
+        seen.push(FrameType::from_u8(bytes[4]).unwrap());
+    }
+    for ty in FrameType::ALL {
+        assert!(seen.contains(&ty), "no example of {ty:?}");
+    }
+}
+
+#[test]
+fn borrowed_views_see_the_payloads_in_place() {
+    let mut bytes = Vec::new();
+    encode_append(
+        9,
+        Durability::Local,
+        &[(Kind::DATA, b"abc"), (Kind(5), b"")],
+        &mut bytes,
+    );
+    let (frame, _) = decode(&bytes, Direction::ToServer, &Limits::default())
+        .unwrap()
+        .unwrap();
+    let walden::protocol::FrameRef::Append {
+        records,
+        durability,
+        ..
+    } = frame
+    else {
+        panic!("not an Append: {frame:?}");
+    };
+    assert_eq!(durability, Durability::Local);
+    assert_eq!(records.len(), 2);
+    let (kind, payload) = records.iter().next().unwrap();
+    assert_eq!((kind, payload), (Kind::DATA, &b"abc"[..]));
+    // The payload is a slice of the received bytes, not a copy.
+    let offset = payload.as_ptr() as usize - bytes.as_ptr() as usize;
+    assert_eq!(&bytes[offset..offset + 3], b"abc");
+}
+
+/// The worked example in docs/protocol.md §7, byte for byte.
+#[test]
+fn worked_example_matches_the_doc() {
+    let mut append = Vec::new();
+    encode_append(
+        7,
+        Durability::Local,
+        &[(Kind::DATA, b"hello"), (Kind::DATA, b"world!")],
+        &mut append,
+    );
+    #[rustfmt::skip]
+    assert_eq!(append, [
+        0x2a, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x01, 0x02, 0x00, 0x00, 0x00,
+        0x01, 0x05, 0x00, 0x00, 0x00, b'h', b'e', b'l', b'l', b'o',
+        0x01, 0x06, 0x00, 0x00, 0x00, b'w', b'o', b'r', b'l', b'd', b'!',
+    ]);
+    let mut ack = Vec::new();
+    encode_ack(
+        7,
+        &[Lsn(0x100_0000), Lsn(0x100_0020)],
+        Lsn(0x100_0040),
+        &mut ack,
+    );
+    #[rustfmt::skip]
+    assert_eq!(ack, [
+        0x25, 0x00, 0x00, 0x00, 0x82, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x40, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x02, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x04,
+    ]);
+}
+
+// ------------------------------------------------------------ strategies
+
+fn kind() -> impl Strategy<Value = Kind> {
+    (1u8..=255).prop_map(Kind)
+}
+
+/// Kinds a client may append (128..=255 are walden's own).
+fn client_kind() -> impl Strategy<Value = Kind> {
+    (1u8..=127).prop_map(Kind)
+}
+
+fn payload() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        4 => prop::collection::vec(any::<u8>(), 0..64),
+        1 => prop::collection::vec(any::<u8>(), 0..3000),
+    ]
+}
+
+fn durability() -> impl Strategy<Value = Durability> {
+    prop::sample::select(Durability::ALL.to_vec())
+}
+
+/// Increasing, 8-aligned LSNs: small steps (the usual ack) and huge ones
+/// (another shard's records in between).
+fn lsns(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Lsn>> {
+    let step = prop_oneof![3u64..200, 1u64..1 << 30];
+    (1u64..1 << 40, prop::collection::vec(step, n)).prop_map(|(first, steps)| {
+        let mut lsn = first * 8;
+        let mut out = vec![Lsn(lsn)];
+        for s in steps {
+            lsn += s * 8;
+            out.push(Lsn(lsn));
+        }
+        out
+    })
+}
+
+fn append() -> impl Strategy<Value = Frame> {
+    (
+        1..u64::MAX,
+        durability(),
+        prop::collection::vec((client_kind(), payload()), 1..20),
+    )
+        .prop_map(|(request_id, durability, records)| Frame::Append {
+            request_id,
+            durability,
+            records,
+        })
+}
+
+fn ack() -> impl Strategy<Value = Frame> {
+    (1..u64::MAX, lsns(0..50), 1u64..1 << 20).prop_map(|(request_id, lsns, tail)| {
+        let end = Lsn(lsns.last().unwrap().0 + tail * 8);
+        Frame::Ack {
+            request_id,
+            lsns,
+            end,
+        }
+    })
+}
+
+fn records() -> impl Strategy<Value = Frame> {
+    (
+        1..u64::MAX,
+        lsns(0..12),
+        prop::collection::vec((kind(), payload()), 13),
+    )
+        .prop_map(|(request_id, lsns, contents)| Frame::Records {
+            request_id,
+            records: lsns
+                .into_iter()
+                .zip(contents)
+                .map(|(lsn, (kind, payload))| Record { lsn, kind, payload })
+                .collect(),
+        })
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-z0-9 ._-]{1,30}", ".{0,20}"]
+}
+
+fn client_frame() -> impl Strategy<Value = Frame> {
+    let id = 1..u64::MAX;
+    prop_oneof![
+        1 => (id.clone(), any::<u16>(), prop::collection::vec(any::<u8>(), 0..40), text()).prop_map(
+            |(request_id, version, token, client_name)| Frame::Hello { request_id, version, token, client_name }
+        ),
+        4 => append(),
+        1 => (id.clone(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(request_id, from, max_bytes, max_records)| {
+            Frame::Read { request_id, from: Lsn(from), max_bytes, max_records }
+        }),
+        1 => (id.clone(), any::<u64>()).prop_map(|(request_id, from)| Frame::Follow { request_id, from: Lsn(from) }),
+        1 => id.clone().prop_map(|request_id| Frame::Cancel { request_id }),
+        1 => id.prop_map(|request_id| Frame::Status { request_id }),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = Frame> {
+    let id = 1..u64::MAX;
+    prop_oneof![
+        1 => (id.clone(), any::<u16>(), any::<u64>(), any::<u64>(), any::<[u32; 4]>(), text()).prop_map(
+            |(request_id, version, system_id, segment_size, l, server_name)| Frame::HelloOk {
+                request_id,
+                version,
+                system_id,
+                segment_size,
+                limits: Limits { max_frame_size: l[0], max_records_per_frame: l[1], max_record_size: l[2] },
+                max_in_flight: l[3],
+                server_name,
+            }
+        ),
+        3 => ack(),
+        3 => records(),
+        1 => (id.clone(), any::<u64>()).prop_map(|(request_id, end)| Frame::ReadEnd { request_id, end: Lsn(end) }),
+        1 => (id.clone(), any::<[u64; 3]>(), text()).prop_map(|(request_id, l, json)| Frame::StatusReply {
+            request_id,
+            insert_lsn: Lsn(l[0]),
+            write_lsn: Lsn(l[1]),
+            flush_lsn: Lsn(l[2]),
+            json,
+        }),
+        1 => (any::<u64>(), any::<u16>(), text()).prop_map(|(request_id, code, message)| Frame::Error {
+            request_id,
+            code: ErrorCode(code),
+            message,
+        }),
+    ]
+}
+
+fn any_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![client_frame(), server_frame()]
+}
+
+/// Where a mutation hits, as a fraction of the frame's length.
+#[derive(Clone, Debug)]
+enum Mutation {
+    Flip {
+        at: f64,
+        mask: u8,
+    },
+    Truncate {
+        at: f64,
+    },
+    Extend {
+        junk: Vec<u8>,
+    },
+    /// A random u32 written over a length or count.
+    Overwrite {
+        at: f64,
+        value: u32,
+    },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        4 => (0.0..1.0, 1u8..=255).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
+        2 => (0.0..1.0).prop_map(|at| Mutation::Truncate { at }),
+        1 => prop::collection::vec(any::<u8>(), 1..40).prop_map(|junk| Mutation::Extend { junk }),
+        2 => (0.0..1.0, prop_oneof![any::<u32>(), 0u32..64]).prop_map(|(at, value)| Mutation::Overwrite { at, value }),
+    ]
+}
+
+fn mutate(mut bytes: Vec<u8>, m: &Mutation) -> Vec<u8> {
+    let at = |f: f64, len: usize| ((f * len as f64) as usize).min(len.saturating_sub(1));
+    match m {
+        Mutation::Flip { at: f, mask } => {
+            let i = at(*f, bytes.len());
+            bytes[i] ^= mask;
+        }
+        Mutation::Truncate { at: f } => bytes.truncate(at(*f, bytes.len())),
+        Mutation::Extend { junk } => bytes.extend_from_slice(junk),
+        Mutation::Overwrite { at: f, value } => {
+            let i = at(*f, bytes.len().saturating_sub(3));
+            bytes[i..i + 4].copy_from_slice(&value.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// What any input may do: decode to a frame that re-encodes to exactly the
+/// bytes it came from, ask for more, or fail with a documented code.
+fn check_any_input(
+    bytes: &[u8],
+    direction: Direction,
+    limits: &Limits,
+) -> Result<(), TestCaseError> {
+    match decode(bytes, direction, limits) {
+        Ok(Some((frame, len))) => {
+            prop_assert!(len >= HEADER_LEN && len <= bytes.len());
+            let mut again = Vec::new();
+            encode(&frame.to_frame(), &mut again);
+            prop_assert_eq!(&again[..], &bytes[..len], "the encoding is canonical");
+        }
+        Ok(None) => {
+            let declared = bytes
+                .get(..4)
+                .map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize);
+            let whole = bytes.len() >= HEADER_LEN && declared.is_some_and(|d| d <= bytes.len());
+            prop_assert!(!whole, "gave up on a whole frame");
+        }
+        Err(e) => {
+            prop_assert!(
+                ErrorCode::ALL.contains(&e.code()),
+                "undocumented code {:?}",
+                e.code()
+            );
+            prop_assert!(
+                bytes.len() >= HEADER_LEN,
+                "judged a frame before its header"
+            );
+            // The answer itself is a valid frame for the other side.
+            let mut answer = Vec::new();
+            encode(&e.to_frame(), &mut answer);
+            prop_assert!(decode(&answer, Direction::ToClient, &Limits::default())
+                .unwrap()
+                .is_some());
+        }
+    }
+    Ok(())
+}
+
+fn small_limits() -> Limits {
+    Limits {
+        max_frame_size: 2048,
+        max_records_per_frame: 8,
+        max_record_size: 512,
+    }
+}
+
+// ------------------------------------------------------------ properties
+
+proptest! {
+    #[test]
+    fn appends_round_trip(frame in append()) {
+        prop_assert_eq!(round_trip(&frame), frame.clone());
+        let Frame::Append { request_id, durability, records } = &frame else { unreachable!() };
+        let borrowed: Vec<(Kind, &[u8])> = records.iter().map(|(k, p)| (*k, &p[..])).collect();
+        let mut fast = Vec::new();
+        encode_append(*request_id, *durability, &borrowed, &mut fast);
+        prop_assert_eq!(fast, bytes_of(&[frame]));
+    }
+
+    #[test]
+    fn acks_round_trip_compactly(frame in ack()) {
+        prop_assert_eq!(round_trip(&frame), frame.clone());
+        let Frame::Ack { lsns, .. } = &frame else { unreachable!() };
+        // Header, end, count, first LSN, then at most 5 bytes a step here
+        // (steps below 2^30 × 8) and 1 byte for steps below 1 KiB.
+        let steps: usize = lsns.windows(2).map(|w| if w[1].0 - w[0].0 < 1024 { 1 } else { 5 }).sum();
+        prop_assert!(bytes_of(std::slice::from_ref(&frame)).len() <= HEADER_LEN + 20 + steps);
+    }
+
+    #[test]
+    fn records_round_trip(frame in records()) {
+        prop_assert_eq!(round_trip(&frame), frame.clone());
+        let Frame::Records { request_id, records } = &frame else { unreachable!() };
+        let mut fast = Vec::new();
+        encode_records(*request_id, records.iter().map(RecordRef::from), &mut fast);
+        prop_assert_eq!(fast, bytes_of(&[frame]));
+    }
+
+    #[test]
+    fn any_cut_of_the_stream_gives_the_same_frames(
+        to_server in prop::collection::vec(client_frame(), 1..12),
+        to_client in prop::collection::vec(server_frame(), 1..12),
+        sizes in prop::collection::vec(1usize..300, 1..20),
+    ) {
+        for (frames, direction) in [(to_server, Direction::ToServer), (to_client, Direction::ToClient)] {
+            let bytes = bytes_of(&frames);
+            prop_assert_eq!(&decode_in_pieces(&bytes, direction, &sizes), &frames);
+            prop_assert_eq!(&decode_in_pieces(&bytes, direction, &[1]), &frames);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(5000))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), to_server: bool) {
+        let direction = if to_server { Direction::ToServer } else { Direction::ToClient };
+        check_any_input(&bytes, direction, &Limits::default())?;
+    }
+
+    /// Random bodies behind a plausible header reach the body checks.
+    #[test]
+    fn random_bodies_never_panic(
+        ty in prop::sample::select(FrameType::ALL.to_vec()),
+        body in prop::collection::vec(any::<u8>(), 0..120),
+    ) {
+        let mut bytes = ((HEADER_LEN + body.len()) as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[ty as u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&body);
+        check_any_input(&bytes, ty.direction(), &Limits::default())?;
+        check_any_input(&bytes, ty.direction(), &small_limits())?;
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(frame in any_frame(), m in mutation(), pieces in 1usize..50) {
+        let bytes = mutate(bytes_of(&[frame]), &m);
+        let Some(direction) = bytes.get(4).and_then(|t| FrameType::from_u8(*t)).map(|t| t.direction()) else {
+            check_any_input(&bytes, Direction::ToServer, &Limits::default())?;
+            return Ok(());
+        };
+        check_any_input(&bytes, direction, &Limits::default())?;
+        check_any_input(&bytes, direction, &small_limits())?;
+        // The stream decoder agrees with `decode`, however the bytes arrive.
+        let mut d = Decoder::new(direction, small_limits());
+        for piece in bytes.chunks(pieces) {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                rest = &rest[d.extend(rest)..];
+                prop_assert!(d.buffered() <= small_limits().max_frame_size as usize);
+                loop {
+                    match d.next_frame() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) if e.closes_connection() => break,
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ errors
+
+fn frame_bytes(frame: &Frame) -> Vec<u8> {
+    bytes_of(std::slice::from_ref(frame))
+}
+
+fn one_append(payload_len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_append(
+        1,
+        Durability::Local,
+        &[(Kind::DATA, &vec![b'x'; payload_len])],
+        &mut out,
+    );
+    out
+}
+
+fn patch(mut bytes: Vec<u8>, at: usize, with: &[u8]) -> Vec<u8> {
+    bytes[at..at + with.len()].copy_from_slice(with);
+    bytes
+}
+
+fn with_len(bytes: Vec<u8>) -> Vec<u8> {
+    let len = (bytes.len() as u32).to_le_bytes();
+    patch(bytes, 0, &len)
+}
+
+#[test]
+fn each_error_maps_to_its_documented_code() {
+    use Direction::{ToClient, ToServer};
+    use ErrorCode as C;
+    let ack = frame_bytes(&Frame::Ack {
+        request_id: 1,
+        lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020)],
+        end: Lsn(0x100_0040),
+    });
+    let recs = frame_bytes(&Frame::Records {
+        request_id: 1,
+        records: vec![record(0x100_0000, 1, b"a")],
+    });
+    let hello = frame_bytes(&Frame::Hello {
+        request_id: 1,
+        version: 1,
+        token: vec![],
+        client_name: "ab".into(),
+    });
+    let append = one_append;
+    // Append body: level at 16, count at 17..21, kind at 21, length at 22..26.
+    // Ack body: end at 16..24, count at 24..28, first LSN at 28..36, steps.
+    // Records body: count at 16..20, first LSN at 20..28.
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<u8>, Direction, ErrorCode)> = vec![
+        ("length below the header", patch(append(1), 0, &[15, 0, 0, 0]), ToServer, C::BAD_FRAME),
+        ("4 GiB frame", patch(append(1), 0, &[0xFF; 4]), ToServer, C::FRAME_TOO_LARGE),
+        ("type 0", patch(append(1), 4, &[0x00]), ToServer, C::UNKNOWN_TYPE),
+        ("unassigned type", patch(append(1), 4, &[0x07]), ToServer, C::UNKNOWN_TYPE),
+        ("reserved page type", patch(append(1), 4, &[0x10]), ToServer, C::UNKNOWN_TYPE),
+        ("reserved replication type", patch(ack.clone(), 4, &[0xA0]), ToClient, C::UNKNOWN_TYPE),
+        ("a server's frame sent to the server", ack.clone(), ToServer, C::UNKNOWN_TYPE),
+        ("a client's frame sent to the client", append(1), ToClient, C::UNKNOWN_TYPE),
+        ("flags", patch(append(1), 5, &[0x01]), ToServer, C::BAD_FRAME),
+        ("reserved header bits", patch(append(1), 7, &[0x80]), ToServer, C::BAD_FRAME),
+        ("request id 0", patch(append(1), 8, &[0; 8]), ToServer, C::BAD_FRAME),
+        ("Status with a body", patch(append(1), 4, &[0x06]), ToServer, C::BAD_FRAME),
+        ("record past the frame", patch(append(4), 22, &[5]), ToServer, C::BAD_FRAME),
+        ("count above the records", patch(append(4), 17, &[2]), ToServer, C::BAD_FRAME),
+        ("trailing bytes", with_len([append(4), vec![0]].concat()), ToServer, C::BAD_FRAME),
+        ("no records", patch(append(0), 17, &[0]), ToServer, C::BAD_FRAME),
+        ("too many records", patch(append(1), 17, &[0, 0, 2, 0]), ToServer, C::FRAME_TOO_LARGE),
+        ("record over max_record_size", append((1 << 20) + 1), ToServer, C::RECORD_TOO_LARGE),
+        ("durability 5", patch(append(1), 16, &[5]), ToServer, C::BAD_FRAME),
+        ("kind 0", patch(append(1), 21, &[0]), ToServer, C::BAD_FRAME),
+        ("walden's own kind", patch(append(1), 21, &[128]), ToServer, C::BAD_FRAME),
+        ("client name not UTF-8", patch(hello, 22, &[0xC3]), ToServer, C::BAD_FRAME),
+        ("ack LSNs not increasing", patch(ack.clone(), 36, &[0]), ToClient, C::BAD_FRAME),
+        ("ack LSN step not canonical", with_len([&ack[..36], &[0x84, 0x00]].concat()), ToClient, C::BAD_FRAME),
+        ("ack end not after the last record", patch(ack.clone(), 16, &[0x20]), ToClient, C::BAD_FRAME),
+        ("record LSN 0", patch(recs.clone(), 20, &[0; 8]), ToClient, C::BAD_FRAME),
+        ("record LSN not aligned", patch(recs, 20, &[1]), ToClient, C::BAD_FRAME),
+    ];
+    for (what, bytes, direction, code) in cases {
+        let e = match decode(&bytes, direction, &Limits::default()) {
+            Err(e) => e,
+            other => panic!("{what}: expected {code}, got {other:?}"),
+        };
+        assert_eq!(e.code(), code, "{what}: {e}");
+        assert_eq!(
+            e.request_id,
+            if what == "request id 0" { 0 } else { 1 },
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn oversized_length_is_refused_from_the_header_alone() {
+    let header = [
+        0xFF, 0xFF, 0xFF, 0xFF, 0x02, 0, 0, 0, 42, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let limits = Limits::default();
+    assert!(
+        decode(&header[..HEADER_LEN - 1], Direction::ToServer, &limits)
+            .unwrap()
+            .is_none()
+    );
+    let e = decode(&header, Direction::ToServer, &limits).unwrap_err();
+    assert_eq!((e.code(), e.request_id), (ErrorCode::FRAME_TOO_LARGE, 42));
+    assert!(e.closes_connection());
+
+    let mut d = Decoder::new(Direction::ToServer, limits);
+    assert_eq!(d.extend(&header), HEADER_LEN);
+    assert_eq!(
+        d.next_frame().unwrap_err().code(),
+        ErrorCode::FRAME_TOO_LARGE
+    );
+    // The stream is no longer trusted: the same error, whatever follows.
+    d.extend(&frame_bytes(&Frame::Status { request_id: 1 }));
+    assert_eq!(
+        d.next_frame().unwrap_err().code(),
+        ErrorCode::FRAME_TOO_LARGE
+    );
+}
+
+#[test]
+fn an_oversized_record_fails_its_request_only() {
+    let mut bytes = one_append((1 << 20) + 1);
+    encode(&Frame::Status { request_id: 2 }, &mut bytes);
+    let mut d = Decoder::new(Direction::ToServer, Limits::default());
+    let mut rest = &bytes[..];
+    let mut seen = Vec::new();
+    while !rest.is_empty() {
+        rest = &rest[d.extend(rest)..];
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => seen.push(Ok(f.request_id())),
+                Ok(None) => break,
+                Err(e) => seen.push(Err((e.request_id, e.code()))),
+            }
+        }
+    }
+    assert_eq!(seen, [Err((1, ErrorCode::RECORD_TOO_LARGE)), Ok(2)]);
+}
+
+/// The messages quoted in docs/protocol.md §7.
+#[test]
+fn messages_match_the_doc() {
+    let limits = Limits::default();
+    let message = |bytes: Vec<u8>, direction| {
+        decode(&bytes, direction, &limits)
+            .unwrap_err()
+            .problem
+            .to_string()
+    };
+    let to_server = Direction::ToServer;
+    let status = frame_bytes(&Frame::Status { request_id: 1 });
+    let cases = [
+        (
+            patch(status.clone(), 0, &[3]),
+            "frame length 3 is shorter than the 16-byte header",
+        ),
+        (
+            patch(status.clone(), 0, &[0xFF; 4]),
+            "frame of 4294967295 bytes is larger than max_frame_size (4194304 bytes)",
+        ),
+        (
+            patch(status.clone(), 4, &[0x82]),
+            "unknown frame type 0x82 to the server",
+        ),
+        (
+            patch(status.clone(), 5, &[1]),
+            "flags 0x01 and reserved 0x0000 in the header must be 0",
+        ),
+        (
+            patch(status.clone(), 8, &[0]),
+            "request id 0 is only for Error frames about the whole connection",
+        ),
+        (
+            with_len([status, vec![0; 4]].concat()),
+            "Status frame with a body of 4 bytes: expected 0",
+        ),
+        (
+            patch(one_append(4), 22, &[5]),
+            "Append frame ends inside its record payload",
+        ),
+        (
+            patch(one_append(0), 17, &[0]),
+            "Append frame has no records",
+        ),
+        (
+            patch(one_append(1), 17, &[0, 0, 2, 0]),
+            "Append frame has 131072 records, more than max_records_per_frame (65536)",
+        ),
+        (
+            patch(one_append(1), 16, &[5]),
+            "invalid durability level 5: expected 0 to 4",
+        ),
+        (patch(one_append(1), 21, &[0]), "record 0 has kind 0"),
+        (
+            with_len([one_append(1), vec![0]].concat()),
+            "Append frame has 1 bytes after its last field",
+        ),
+        (
+            one_append((1 << 20) + 1),
+            "record 0 has 1048577 bytes, more than max_record_size (1048576 bytes)",
+        ),
+    ];
+    for (bytes, want) in cases {
+        assert_eq!(message(bytes, to_server), want);
+    }
+}

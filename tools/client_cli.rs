@@ -1,0 +1,169 @@
+//! `walden append`, `walden read`, `walden status`: the protocol from a shell.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use walden::client::Client;
+use walden::protocol::Frame;
+use walden::{Durability, Kind, Lsn};
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Server address (host:port); default: DIR/walden.addr, else 127.0.0.1:7480.
+    #[arg(short = 'H', long = "host")]
+    host: Option<String>,
+    /// Data directory whose walden.addr names the server.
+    #[arg(short = 'D', long, default_value = "walden-data")]
+    data_dir: PathBuf,
+    /// File holding the auth token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl Conn {
+    pub fn connect(&self) -> anyhow::Result<Client> {
+        let addr = match &self.host {
+            Some(h) => h.clone(),
+            None => std::fs::read_to_string(self.data_dir.join("walden.addr"))
+                .ok()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string)))
+                .unwrap_or_else(|| "127.0.0.1:7480".into()),
+        };
+        let token = match &self.token_file {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?.trim_ascii().to_vec()),
+            None => None,
+        };
+        Ok(Client::connect(&addr, token.as_deref())?)
+    }
+}
+
+#[derive(Args)]
+pub struct AppendArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Durability level to wait for: off, local, remote_write, on, remote_apply.
+    #[arg(long, default_value = "local")]
+    level: Durability,
+    /// Records to send per request.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// File of records, one per line (default: standard input).
+    file: Option<PathBuf>,
+}
+
+/// Appends one record per input line and prints each record's LSN.
+pub fn append(args: AppendArgs) -> anyhow::Result<()> {
+    let mut c = args.conn.connect()?;
+    let input: Box<dyn BufRead> = match &args.file {
+        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut send = |lines: &mut Vec<Vec<u8>>, c: &mut Client| -> anyhow::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let recs: Vec<(Kind, &[u8])> = lines.iter().map(|l| (Kind::DATA, &l[..])).collect();
+        let ack = c.append(args.level, &recs)?;
+        for lsn in ack.lsns {
+            writeln!(out, "{lsn}")?;
+        }
+        lines.clear();
+        Ok(())
+    };
+    for line in input.split(b'\n') {
+        let mut line = line?;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        lines.push(line);
+        if lines.len() >= args.batch.max(1) {
+            send(&mut lines, &mut c)?;
+        }
+    }
+    send(&mut lines, &mut c)
+}
+
+#[derive(Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// First record's LSN (e.g. 0/1000000).
+    #[arg(long)]
+    from: Lsn,
+    /// Keep printing records as they become durable, until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Stop after this many records (0: all there are).
+    #[arg(short = 'n', long, default_value_t = 0)]
+    limit: u64,
+}
+
+/// Prints `LSN<TAB>payload` per record (payload escaped if not UTF-8).
+pub fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let mut c = args.conn.connect()?;
+    let mut out = std::io::stdout().lock();
+    let mut printed = 0u64;
+    let mut print = |lsn: Lsn, payload: &[u8], out: &mut std::io::StdoutLock| -> std::io::Result<bool> {
+        writeln!(out, "{lsn}\t{}", String::from_utf8_lossy(payload).escape_debug())?;
+        printed += 1;
+        Ok(args.limit > 0 && printed >= args.limit)
+    };
+    if args.follow {
+        c.follow(args.from)?;
+        loop {
+            match c.recv()? {
+                Frame::Records { records, .. } => {
+                    for r in records {
+                        if print(r.lsn, &r.payload, &mut out)? {
+                            return Ok(());
+                        }
+                    }
+                    out.flush()?;
+                }
+                Frame::ReadEnd { .. } => return Ok(()),
+                other => anyhow::bail!("unexpected frame: {other:?}"),
+            }
+        }
+    }
+    let mut from = args.from;
+    loop {
+        let (records, end) = c.read(from, 4 << 20, 0)?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        for r in &records {
+            if print(r.lsn, &r.payload, &mut out)? {
+                return Ok(());
+            }
+        }
+        from = end;
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print the server's JSON status.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut c = args.conn.connect()?;
+    let (insert, write, flush, json) = c.status()?;
+    if args.json {
+        println!("{json}");
+    } else {
+        println!("server:     {}", c.server_name);
+        println!("insert LSN: {insert}");
+        println!("write LSN:  {write}");
+        println!("flush LSN:  {flush}");
+        println!("details:    {json}");
+    }
+    Ok(())
+}

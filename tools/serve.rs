@@ -1,0 +1,66 @@
+//! `walden serve`: runs the server until SIGTERM/SIGINT; SIGHUP reloads.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use walden::server::Server;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML; see systemd/walden.toml for every setting).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory: WAL in DIR/wal, pages in DIR/data, addresses in DIR/walden.addr.
+    #[arg(short = 'D', long)]
+    data_dir: Option<PathBuf>,
+    /// Override a setting, as `postgres -c name=value` (repeatable).
+    #[arg(short = 'c', value_name = "NAME=VALUE")]
+    set: Vec<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let dir = args
+        .data_dir
+        .clone()
+        .or_else(|| args.config.is_none().then(|| PathBuf::from("walden-data")));
+    let cfg = super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)?;
+    let addr_file = dir.clone().unwrap_or_else(|| cfg.data_dir.clone()).join("walden.addr");
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let server = Server::start(cfg.clone())?;
+    let metrics_addr = super::common::start_metrics(&server, &cfg)?;
+    let text = format!(
+        "listen_addr={}\nmetrics_addr={}\n",
+        server.local_addr(),
+        metrics_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
+    if let Some(parent) = addr_file.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(&addr_file, &text).with_context(|| format!("writing {}", addr_file.display()))?;
+    tracing::info!(
+        "walden ready: protocol on {}, metrics on {}, addresses in {}",
+        server.local_addr(),
+        metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "(off)".into()),
+        addr_file.display()
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => {
+                // Nothing is reloadable yet without a restart; say so.
+                tracing::info!("received SIGHUP: no setting is reloadable yet; restart to apply changes");
+            }
+            _ => {
+                tracing::info!("received {}: shutting down", if sig == SIGTERM { "SIGTERM" } else { "SIGINT" });
+                break;
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    server.shutdown()?;
+    let _ = std::fs::remove_file(&addr_file);
+    tracing::info!("walden stopped cleanly");
+    Ok(())
+}
