@@ -37,6 +37,8 @@ enum Command {
     Waldump(tools::waldump::WaldumpArgs),
     /// Print the control information of a walden data directory, like pg_controldata.
     Controldata(tools::controldata::ControldataArgs),
+    /// Check that every record of a bench --ack-log is in the WAL, byte for byte (server stopped).
+    Verify(tools::verify::VerifyArgs),
     /// (testing) Append records, printing one line per acknowledged record, until killed.
     #[command(hide = true)]
     WalChild(tools::wal_child::WalChildArgs),
@@ -61,6 +63,7 @@ fn main() {
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),
         Command::Controldata(args) => tools::controldata::run(args),
+        Command::Verify(args) => tools::verify::run(args),
         Command::WalChild(args) => tools::wal_child::run(args),
     };
     if let Err(e) = result {

@@ -333,3 +333,51 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn kill_9_under_bench_load_then_verify_finds_every_ack() {
+    let d = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_walden");
+    let serve = || {
+        Command::new(bin)
+            .args(["serve", "-D"])
+            .arg(d.path())
+            .args(["-c", "listen_addr=127.0.0.1:0", "-c", "metrics_addr=", "-c", "wal_segment_size=1MB"])
+            .env("WALDEN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    for cycle in 0..3 {
+        let _ = std::fs::remove_file(d.path().join("walden.addr"));
+        let mut server = serve();
+        let addr = read_addr(d.path());
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let log = d.path().join(format!("acks{cycle}"));
+        let bench = Command::new(bin)
+            .args(["bench", "-h", host, "-p", port, "-c", "8", "-j", "2", "-T", "30", "--pipeline", "4"])
+            .args(["--size", "300", "--level", "local", "--ack-log"])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400 + 300 * cycle));
+        server.kill().unwrap(); // SIGKILL, under load
+        server.wait().unwrap();
+        let out = bench.wait_with_output().unwrap();
+        assert!(!out.status.success(), "the bench must notice the server died");
+        // Restart (recovery), stop cleanly, then verify every ack offline.
+        let _ = std::fs::remove_file(d.path().join("walden.addr"));
+        let mut server = serve();
+        read_addr(d.path());
+        Command::new("kill").arg("-TERM").arg(server.id().to_string()).status().unwrap();
+        assert!(server.wait().unwrap().success());
+        let v = Command::new(bin).args(["verify", "--ack-log"]).arg(&log).arg("-D").arg(d.path()).output().unwrap();
+        let text = String::from_utf8_lossy(&v.stdout);
+        assert!(v.status.success(), "cycle {cycle}: {text}{}", String::from_utf8_lossy(&v.stderr));
+        let passed: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(passed > 50, "cycle {cycle}: too few acks to prove anything: {text}");
+        assert!(text.trim_end().ends_with("passed, 0 failed"), "{text}");
+    }
+}

@@ -15,49 +15,68 @@ use walden::config::{FlusherKind, Size, SyncMethod};
 use walden::{Durability, Kind, Lsn, Wal};
 
 #[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
 pub struct BenchArgs {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub(crate) help: Option<bool>,
     /// Run the WAL engine inside this process (no server).
     #[arg(long)]
-    embedded: bool,
+    pub(crate) embedded: bool,
+    /// Server host (default: from DIR/walden.addr, else 127.0.0.1).
+    #[arg(short = 'h', long = "host")]
+    pub(crate) host: Option<String>,
+    /// Server port (default: from DIR/walden.addr, else 7480).
+    #[arg(short = 'p', long = "port")]
+    pub(crate) port: Option<u16>,
+    /// Requests each client keeps in flight (server mode).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) pipeline: usize,
+    /// Write one line per acknowledged record: LSN, length, crc32c of the payload.
+    #[arg(long)]
+    pub(crate) ack_log: Option<PathBuf>,
+    /// File holding the auth token (server mode).
+    #[arg(long)]
+    pub(crate) token_file: Option<PathBuf>,
     /// Data directory (WAL in DIR/wal). Existing WAL is continued.
     #[arg(short = 'D', long, default_value = "walden-data")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Configuration file (TOML); -D and --set override it.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Appending threads (embedded: one client each).
     #[arg(short = 'j', long = "threads", default_value_t = 1)]
-    threads: usize,
+    pub(crate) threads: usize,
     /// Clients; in embedded mode the same as --threads.
     #[arg(short = 'c', long = "clients")]
-    clients: Option<usize>,
+    pub(crate) clients: Option<usize>,
     /// Duration in seconds.
     #[arg(short = 'T', long = "time", default_value_t = 10.0)]
-    time: f64,
+    pub(crate) time: f64,
     /// Payload bytes per record.
     #[arg(long, default_value_t = 100)]
-    size: usize,
+    pub(crate) size: usize,
     /// Durability level to wait for: off, local, remote_write, on, remote_apply.
     #[arg(long, default_value = "local")]
-    level: Durability,
+    pub(crate) level: Durability,
     /// Records per append (one reservation per batch).
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Print a progress line every N seconds (0: never).
     #[arg(short = 'P', long = "progress", default_value_t = 0.0)]
-    progress: f64,
+    pub(crate) progress: f64,
     /// wal_sync_method: open_datasync, fdatasync, open_sync, fsync.
     #[arg(long)]
-    sync_method: Option<String>,
+    pub(crate) sync_method: Option<String>,
     /// Which flusher: uring (the real one) or pwrite (plain pwrite+fdatasync, for comparison).
     #[arg(long)]
-    flusher: Option<String>,
+    pub(crate) flusher: Option<String>,
     /// Keep at most this much WAL (older segments are recycled as a checkpointer would).
     #[arg(long, default_value = "1GB")]
-    keep_wal: String,
+    pub(crate) keep_wal: String,
     /// Any setting, as name=value (repeatable), e.g. --set fsync=off.
     #[arg(long = "set", value_name = "NAME=VALUE")]
-    set: Vec<String>,
+    pub(crate) set: Vec<String>,
 }
 
 #[derive(Default)]
@@ -76,7 +95,7 @@ struct Client {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !args.embedded {
-        bail!("only --embedded is available until `walden serve` exists: try `walden bench --embedded`");
+        return super::bench_server::run(&args);
     }
     let mut overrides = args.set.clone();
     if let Some(m) = &args.sync_method {

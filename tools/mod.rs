@@ -1,10 +1,12 @@
 //! Operator tools, reached as subcommands of the `walden` binary.
 
 pub mod bench;
+pub mod bench_server;
 pub mod client_cli;
 pub mod common;
 pub mod controldata;
 pub mod serve;
 pub mod test_fsync;
+pub mod verify;
 pub mod wal_child;
 pub mod waldump;
