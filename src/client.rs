@@ -39,8 +39,11 @@ pub struct Ack {
 
 pub struct Client {
     stream: TcpStream,
+    /// Received bytes are `rbuf[rpos..rend]`; the buffer is zeroed once and
+    /// reused, never resized per read.
     rbuf: Vec<u8>,
     rpos: usize,
+    rend: usize,
     wbuf: Vec<u8>,
     next_id: u64,
     limits: Limits,
@@ -59,8 +62,9 @@ impl Client {
         stream.set_nodelay(true)?;
         let mut c = Client {
             stream,
-            rbuf: Vec::with_capacity(256 << 10),
+            rbuf: vec![0; 256 << 10],
             rpos: 0,
+            rend: 0,
             wbuf: Vec::with_capacity(64 << 10),
             next_id: 1,
             // Until HelloOk tells the server's limits, accept large frames.
@@ -157,32 +161,32 @@ impl Client {
             self.flush()?;
         }
         loop {
-            if let Some((frame, len)) = protocol::decode(&self.rbuf[self.rpos..], Direction::ToClient, &self.limits)? {
+            let window = &self.rbuf[self.rpos..self.rend];
+            if let Some((frame, len)) = protocol::decode(window, Direction::ToClient, &self.limits)? {
                 let f = frame.to_frame();
                 self.rpos += len;
-                if self.rpos == self.rbuf.len() {
-                    self.rbuf.clear();
+                if self.rpos == self.rend {
                     self.rpos = 0;
+                    self.rend = 0;
                 }
                 return Ok(f);
             }
+            // Room for more: move the partial frame to the front, and grow
+            // only when one frame is larger than the buffer.
             if self.rpos > 0 {
-                self.rbuf.drain(..self.rpos);
+                self.rbuf.copy_within(self.rpos..self.rend, 0);
+                self.rend -= self.rpos;
                 self.rpos = 0;
             }
-            let old = self.rbuf.len();
-            self.rbuf.resize(old + (64 << 10), 0);
-            let n = match self.stream.read(&mut self.rbuf[old..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.rbuf.truncate(old);
-                    return Err(e.into());
-                }
-            };
-            self.rbuf.truncate(old + n);
+            if self.rend == self.rbuf.len() {
+                let grow = (self.rbuf.len() * 2).min(self.limits.max_frame_size as usize + 4096).max(self.rend + 1);
+                self.rbuf.resize(grow, 0);
+            }
+            let n = self.stream.read(&mut self.rbuf[self.rend..])?;
             if n == 0 {
                 return Err(ClientError::Closed);
             }
+            self.rend += n;
         }
     }
 
