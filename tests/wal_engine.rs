@@ -363,6 +363,22 @@ fn levels_above_local_behave_as_local_without_standbys() {
 }
 
 #[test]
+fn reopening_a_wal_that_was_never_written_works() {
+    // The preparer makes segments after the end's; the end's own segment
+    // must exist too, or the next open would see a gap and refuse.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    for _ in 0..3 {
+        let wal = Wal::open(cfg.clone()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        wal.close().unwrap();
+    }
+    let wal = Wal::open(cfg).unwrap();
+    let a = wal.append(Kind::DATA, b"first").unwrap();
+    assert_eq!(a.lsn, Lsn(1 << 20), "the first record is at the start of segment 1");
+}
+
+#[test]
 fn kind_zero_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let wal = Wal::open(config(d.path())).unwrap();

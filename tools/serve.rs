@@ -26,7 +26,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| args.config.is_none().then(|| PathBuf::from("walden-data")));
     let cfg = super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)?;
-    let addr_file = dir.clone().unwrap_or_else(|| cfg.data_dir.clone()).join("walden.addr");
+    // Beside wal/ and data/: DIR/walden.addr with -D DIR, and the data
+    // directory's parent with --config (/var/lib/walden/walden.addr), so
+    // `walden status -D DIR` finds it either way.
+    let addr_file = dir
+        .clone()
+        .or_else(|| cfg.data_dir.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf()))
+        .unwrap_or_else(|| cfg.data_dir.clone())
+        .join("walden.addr");
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let server = Server::start(cfg.clone())?;
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;

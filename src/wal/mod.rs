@@ -235,6 +235,10 @@ impl Wal {
         // hole in front of acknowledged records.
         startup::sync_segments(&segments, start.segno(seg_size), end_segno)?;
         segments.release_before(start.align_down(seg_size), end_segno)?;
+        // IMPORTANT: the segment holding the end exists before the preparer
+        // creates later ones, so a stop before the first write never leaves a
+        // gap below prepared segments (which the next start would refuse).
+        segments.ensure(end_segno)?;
         let tail = startup::read_tail(&segments, end)?;
 
         let insert = InsertState::new(
