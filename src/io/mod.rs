@@ -12,6 +12,7 @@
 pub mod aligned;
 pub mod file;
 pub mod net;
+pub mod probe;
 pub mod uring;
 
 /// The unit of O_DIRECT I/O and of WAL writes: one 4 KiB block. Writes
