@@ -31,6 +31,8 @@ use crate::lsn::Lsn;
 use super::WalShared;
 
 const B: u64 = BLOCK as u64;
+/// Largest write the depth-1 synchronous path takes (a commit's few blocks).
+const DEPTH_1_MAX: usize = 4 * BLOCK;
 
 /// What the flusher needs from the configuration.
 #[derive(Clone, Debug)]
@@ -417,7 +419,9 @@ pub(crate) fn run_uring(
                     // write (+ sync) on this thread. Measured here, io_uring
                     // loses at depth 1 (the sync runs in an io-wq worker);
                     // it wins once several writes are in flight.
-                    if s.sync_writes_at_depth_1 && units.is_empty() && pieces.len() == 1 {
+                    // Small writes only: a large one blocks this thread and
+                    // stops the copy/write overlap that bulk appends need.
+                    if s.sync_writes_at_depth_1 && units.is_empty() && pieces.len() == 1 && pieces[0].len <= DEPTH_1_MAX {
                         let p = pieces[0];
                         let started = Instant::now();
                         let file = files.get(&shared, p.segno, mode);
