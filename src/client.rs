@@ -14,7 +14,10 @@ use crate::wal::Durability;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("could not connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
     #[error("server error {code}: {message}")]
@@ -141,7 +144,15 @@ impl Client {
         let id = self.queue_append(level, records);
         self.flush()?;
         match self.recv()? {
-            Frame::Ack { request_id, lsns, end } if request_id == id => Ok(Ack { request_id, lsns, end }),
+            Frame::Ack {
+                request_id,
+                lsns,
+                end,
+            } if request_id == id => Ok(Ack {
+                request_id,
+                lsns,
+                end,
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -162,7 +173,8 @@ impl Client {
         }
         loop {
             let window = &self.rbuf[self.rpos..self.rend];
-            if let Some((frame, len)) = protocol::decode(window, Direction::ToClient, &self.limits)? {
+            if let Some((frame, len)) = protocol::decode(window, Direction::ToClient, &self.limits)?
+            {
                 let f = frame.to_frame();
                 self.rpos += len;
                 if self.rpos == self.rend {
@@ -179,7 +191,9 @@ impl Client {
                 self.rpos = 0;
             }
             if self.rend == self.rbuf.len() {
-                let grow = (self.rbuf.len() * 2).min(self.limits.max_frame_size as usize + 4096).max(self.rend + 1);
+                let grow = (self.rbuf.len() * 2)
+                    .min(self.limits.max_frame_size as usize + 4096)
+                    .max(self.rend + 1);
                 self.rbuf.resize(grow, 0);
             }
             let n = self.stream.read(&mut self.rbuf[self.rend..])?;
@@ -193,7 +207,12 @@ impl Client {
     /// Reads records from `from` (a record start): up to `max_bytes` of
     /// payload and `max_records` records (0: no limit). Returns them and the
     /// LSN after the last.
-    pub fn read(&mut self, from: Lsn, max_bytes: u32, max_records: u32) -> Result<(Vec<Record>, Lsn)> {
+    pub fn read(
+        &mut self,
+        from: Lsn,
+        max_bytes: u32,
+        max_records: u32,
+    ) -> Result<(Vec<Record>, Lsn)> {
         let id = self.next_request_id();
         self.queue(&Frame::Read {
             request_id: id,
@@ -204,7 +223,10 @@ impl Client {
         let mut out = Vec::new();
         loop {
             match self.recv()? {
-                Frame::Records { request_id, records } if request_id == id => out.extend(records),
+                Frame::Records {
+                    request_id,
+                    records,
+                } if request_id == id => out.extend(records),
                 Frame::ReadEnd { request_id, end } if request_id == id => return Ok((out, end)),
                 other => return Err(unexpected(other)),
             }
@@ -215,7 +237,10 @@ impl Client {
     /// [`Client::recv`] as WAL becomes durable, until [`Client::cancel`].
     pub fn follow(&mut self, from: Lsn) -> Result<u64> {
         let id = self.next_request_id();
-        self.queue(&Frame::Follow { request_id: id, from });
+        self.queue(&Frame::Follow {
+            request_id: id,
+            from,
+        });
         self.flush()?;
         Ok(id)
     }

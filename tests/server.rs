@@ -37,10 +37,15 @@ fn round_trips_at_every_level_and_read_returns_the_bytes() {
     let mut written = Vec::new();
     for (i, level) in Durability::ALL.into_iter().enumerate() {
         let p = payload(i as u64, 100 + i * 50);
-        let ack = c.append(level, &[(Kind::DATA, &p), (Kind(7), b"second")]).unwrap();
+        let ack = c
+            .append(level, &[(Kind::DATA, &p), (Kind(7), b"second")])
+            .unwrap();
         assert_eq!(ack.lsns.len(), 2);
         if level != Durability::Off {
-            assert!(s.wal().flush_lsn() >= ack.end, "{level} acked before its flush");
+            assert!(
+                s.wal().flush_lsn() >= ack.end,
+                "{level} acked before its flush"
+            );
         }
         written.push((ack.lsns[0], Kind::DATA, p));
         written.push((ack.lsns[1], Kind(7), b"second".to_vec()));
@@ -79,7 +84,11 @@ fn a_thousand_pipelined_appends_are_acked_in_lsn_order() {
     let mut last = Lsn(0);
     for id in ids {
         match c.recv().unwrap() {
-            Frame::Ack { request_id, lsns, end } => {
+            Frame::Ack {
+                request_id,
+                lsns,
+                end,
+            } => {
                 assert_eq!(request_id, id, "acks come back in request order");
                 assert!(lsns[0] > last, "LSNs increase");
                 last = lsns[0];
@@ -96,21 +105,32 @@ fn follow_streams_records_as_they_become_durable() {
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(config(d.path())).unwrap();
     let mut writer = connect(&s);
-    let first = writer.append(Durability::Local, &[(Kind::DATA, b"before follow")]).unwrap();
+    let first = writer
+        .append(Durability::Local, &[(Kind::DATA, b"before follow")])
+        .unwrap();
     let mut follower = connect(&s);
     let fid = follower.follow(first.lsns[0]).unwrap();
     let mut expected = vec![b"before follow".to_vec()];
     for i in 0..50u64 {
         let p = payload(1000 + i, 300);
-        writer.append(Durability::Local, &[(Kind::DATA, &p)]).unwrap();
+        writer
+            .append(Durability::Local, &[(Kind::DATA, &p)])
+            .unwrap();
         expected.push(p);
     }
     let mut got = Vec::new();
     let t = Instant::now();
     while got.len() < expected.len() {
-        assert!(t.elapsed() < Duration::from_secs(20), "follow stalled at {} records", got.len());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "follow stalled at {} records",
+            got.len()
+        );
         match follower.recv().unwrap() {
-            Frame::Records { request_id, records } => {
+            Frame::Records {
+                request_id,
+                records,
+            } => {
                 assert_eq!(request_id, fid);
                 got.extend(records.into_iter().map(|r| r.payload));
             }
@@ -170,7 +190,9 @@ fn hello_bytes() -> Vec<u8> {
 fn first_error(bytes: &[u8]) -> Option<(ErrorCode, String)> {
     let limits = protocol::Limits::for_max_record_size(1 << 20);
     let mut pos = 0;
-    while let Ok(Some((f, len))) = protocol::decode(&bytes[pos..], protocol::Direction::ToClient, &limits) {
+    while let Ok(Some((f, len))) =
+        protocol::decode(&bytes[pos..], protocol::Direction::ToClient, &limits)
+    {
         if let protocol::FrameRef::Error { code, message, .. } = f {
             return Some((code, message.to_string()));
         }
@@ -185,7 +207,9 @@ fn bad_input_gets_an_error_or_a_close_and_harms_nobody_else() {
     let s = Server::start(config(d.path())).unwrap();
     let addr = s.local_addr().to_string();
     let mut good = connect(&s);
-    let good_ack = good.append(Durability::Local, &[(Kind::DATA, b"good 0")]).unwrap();
+    let good_ack = good
+        .append(Durability::Local, &[(Kind::DATA, b"good 0")])
+        .unwrap();
 
     // Absurd length: refused from the header alone.
     let mut absurd = hello_bytes();
@@ -197,7 +221,10 @@ fn bad_input_gets_an_error_or_a_close_and_harms_nobody_else() {
     let mut unknown = hello_bytes();
     unknown.extend_from_slice(&16u32.to_le_bytes());
     unknown.extend_from_slice(&[0x7E, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(first_error(&poke(&addr, &unknown)).unwrap().0, ErrorCode::UNKNOWN_TYPE);
+    assert_eq!(
+        first_error(&poke(&addr, &unknown)).unwrap().0,
+        ErrorCode::UNKNOWN_TYPE
+    );
     // A record larger than max_record_size fails its request only: the
     // connection goes on.
     let mut c = connect(&s);
@@ -205,14 +232,23 @@ fn bad_input_gets_an_error_or_a_close_and_harms_nobody_else() {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::RECORD_TOO_LARGE),
         other => panic!("expected RECORD_TOO_LARGE, got {other:?}"),
     }
-    c.append(Durability::Local, &[(Kind::DATA, b"still connected")]).unwrap();
+    c.append(Durability::Local, &[(Kind::DATA, b"still connected")])
+        .unwrap();
     // Anything before Hello.
     let mut early = Vec::new();
     protocol::encode(&Frame::Status { request_id: 5 }, &mut early);
-    assert_eq!(first_error(&poke(&addr, &early)).unwrap().0, ErrorCode::BAD_FRAME);
+    assert_eq!(
+        first_error(&poke(&addr, &early)).unwrap().0,
+        ErrorCode::BAD_FRAME
+    );
     // A truncated frame, then the connection closes: the server just drops it.
     let mut trunc = hello_bytes();
-    protocol::encode_append(2, Durability::Local, &[(Kind::DATA, b"cut short")], &mut trunc);
+    protocol::encode_append(
+        2,
+        Durability::Local,
+        &[(Kind::DATA, b"cut short")],
+        &mut trunc,
+    );
     trunc.truncate(trunc.len() - 3);
     poke(&addr, &trunc);
     // Random bytes, many times.
@@ -227,16 +263,24 @@ fn bad_input_gets_an_error_or_a_close_and_harms_nobody_else() {
                 x as u8
             })
             .collect();
-        let mut b = if i % 2 == 0 { hello_bytes() } else { Vec::new() };
+        let mut b = if i % 2 == 0 {
+            hello_bytes()
+        } else {
+            Vec::new()
+        };
         b.extend_from_slice(&bytes);
         poke(&addr, &b);
     }
     // The well-behaved client never noticed, and the server still serves.
-    let ack = good.append(Durability::Local, &[(Kind::DATA, b"good 1")]).unwrap();
+    let ack = good
+        .append(Durability::Local, &[(Kind::DATA, b"good 1")])
+        .unwrap();
     assert!(ack.lsns[0] > good_ack.lsns[0]);
     let (recs, _) = good.read(good_ack.lsns[0], 1 << 20, 0).unwrap();
     assert_eq!(
-        recs.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>(),
+        recs.iter()
+            .map(|r| r.payload.as_slice())
+            .collect::<Vec<_>>(),
         vec![&b"good 0"[..], b"still connected", b"good 1"]
     );
     s.shutdown().unwrap();
@@ -265,9 +309,13 @@ fn authentication_rules() {
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a wrong token must be refused"),
     }
-    assert!(Client::connect(&addr, None).is_err(), "a missing token must be refused");
+    assert!(
+        Client::connect(&addr, None).is_err(),
+        "a missing token must be refused"
+    );
     let mut c = Client::connect(&addr, Some(b"s3cret")).unwrap();
-    c.append(Durability::Local, &[(Kind::DATA, b"authenticated")]).unwrap();
+    c.append(Durability::Local, &[(Kind::DATA, b"authenticated")])
+        .unwrap();
     s.shutdown().unwrap();
 }
 
@@ -279,7 +327,10 @@ fn read_addr(dir: &std::path::Path) -> String {
                 return a.to_string();
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "server did not write walden.addr");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "server did not write walden.addr"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -291,7 +342,14 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
         Command::new(env!("CARGO_BIN_EXE_walden"))
             .args(["serve", "-D"])
             .arg(d.path())
-            .args(["-c", "listen_addr=127.0.0.1:0", "-c", "metrics_addr=", "-c", "wal_segment_size=1MB"])
+            .args([
+                "-c",
+                "listen_addr=127.0.0.1:0",
+                "-c",
+                "metrics_addr=",
+                "-c",
+                "wal_segment_size=1MB",
+            ])
             .env("WALDEN_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -302,35 +360,62 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
     let mut c = Client::connect(&addr, None).unwrap();
     let mut last = None;
     for i in 0..100u64 {
-        last = Some(c.append(Durability::Local, &[(Kind::DATA, &payload(i, 500))]).unwrap());
+        last = Some(
+            c.append(Durability::Local, &[(Kind::DATA, &payload(i, 500))])
+                .unwrap(),
+        );
     }
     let last = last.unwrap();
     // Some `off` records too: a clean shutdown flushes them.
-    let off = c.append(Durability::Off, &[(Kind::DATA, b"async but flushed at shutdown")]).unwrap();
+    let off = c
+        .append(
+            Durability::Off,
+            &[(Kind::DATA, b"async but flushed at shutdown")],
+        )
+        .unwrap();
     drop(c);
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     let t = Instant::now();
     let exit = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no exit after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "clean shutdown exits 0: {exit:?}");
-    assert!(!d.path().join("walden.addr").exists(), "walden.addr removed on clean exit");
+    assert!(
+        !d.path().join("walden.addr").exists(),
+        "walden.addr removed on clean exit"
+    );
 
     let mut child = spawn();
     let addr = read_addr(d.path());
     let mut c = Client::connect(&addr, None).unwrap();
-    let next = c.append(Durability::Local, &[(Kind::DATA, b"after restart")]).unwrap();
-    assert_eq!(next.lsns[0], off.end, "continues right after the last record");
+    let next = c
+        .append(Durability::Local, &[(Kind::DATA, b"after restart")])
+        .unwrap();
+    assert_eq!(
+        next.lsns[0], off.end,
+        "continues right after the last record"
+    );
     assert!(off.lsns[0] >= last.end);
     let (recs, _) = c.read(off.lsns[0], 1 << 20, 0).unwrap();
     assert_eq!(recs[0].payload, b"async but flushed at shutdown");
     drop(c);
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(child.wait().unwrap().success());
 }
 
@@ -342,7 +427,14 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
         Command::new(bin)
             .args(["serve", "-D"])
             .arg(d.path())
-            .args(["-c", "listen_addr=127.0.0.1:0", "-c", "metrics_addr=", "-c", "wal_segment_size=1MB"])
+            .args([
+                "-c",
+                "listen_addr=127.0.0.1:0",
+                "-c",
+                "metrics_addr=",
+                "-c",
+                "wal_segment_size=1MB",
+            ])
             .env("WALDEN_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -355,7 +447,21 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
         let (host, port) = addr.rsplit_once(':').unwrap();
         let log = d.path().join(format!("acks{cycle}"));
         let bench = Command::new(bin)
-            .args(["bench", "-h", host, "-p", port, "-c", "8", "-j", "2", "-T", "30", "--pipeline", "4"])
+            .args([
+                "bench",
+                "-h",
+                host,
+                "-p",
+                port,
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "30",
+                "--pipeline",
+                "4",
+            ])
             .args(["--size", "300", "--level", "local", "--ack-log"])
             .arg(&log)
             .stdout(Stdio::null())
@@ -366,18 +472,38 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
         server.kill().unwrap(); // SIGKILL, under load
         server.wait().unwrap();
         let out = bench.wait_with_output().unwrap();
-        assert!(!out.status.success(), "the bench must notice the server died");
+        assert!(
+            !out.status.success(),
+            "the bench must notice the server died"
+        );
         // Restart (recovery), stop cleanly, then verify every ack offline.
         let _ = std::fs::remove_file(d.path().join("walden.addr"));
         let mut server = serve();
         read_addr(d.path());
-        Command::new("kill").arg("-TERM").arg(server.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(server.id().to_string())
+            .status()
+            .unwrap();
         assert!(server.wait().unwrap().success());
-        let v = Command::new(bin).args(["verify", "--ack-log"]).arg(&log).arg("-D").arg(d.path()).output().unwrap();
+        let v = Command::new(bin)
+            .args(["verify", "--ack-log"])
+            .arg(&log)
+            .arg("-D")
+            .arg(d.path())
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&v.stdout);
-        assert!(v.status.success(), "cycle {cycle}: {text}{}", String::from_utf8_lossy(&v.stderr));
+        assert!(
+            v.status.success(),
+            "cycle {cycle}: {text}{}",
+            String::from_utf8_lossy(&v.stderr)
+        );
         let passed: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
-        assert!(passed > 50, "cycle {cycle}: too few acks to prove anything: {text}");
+        assert!(
+            passed > 50,
+            "cycle {cycle}: too few acks to prove anything: {text}"
+        );
         assert!(text.trim_end().ends_with("passed, 0 failed"), "{text}");
     }
 }

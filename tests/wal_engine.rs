@@ -375,7 +375,11 @@ fn reopening_a_wal_that_was_never_written_works() {
     }
     let wal = Wal::open(cfg).unwrap();
     let a = wal.append(Kind::DATA, b"first").unwrap();
-    assert_eq!(a.lsn, Lsn(1 << 20), "the first record is at the start of segment 1");
+    assert_eq!(
+        a.lsn,
+        Lsn(1 << 20),
+        "the first record is at the start of segment 1"
+    );
 }
 
 #[test]

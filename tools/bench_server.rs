@@ -31,22 +31,31 @@ struct ThreadStats {
     records: AtomicU64,
 }
 
+/// A request in flight: its id, when it was sent, (len, crc) of each record.
+type InFlight = (u64, Instant, Vec<(u32, u32)>);
+
 struct Conn {
     client: Client,
-    /// Requests in flight: (request id, sent at, (len, crc) of each record).
-    sent: VecDeque<(u64, Instant, Vec<(u32, u32)>)>,
+    sent: VecDeque<InFlight>,
 }
 
 /// The server's address: -h/-p, else DIR/walden.addr, else 127.0.0.1:7480.
 fn server_addr(args: &BenchArgs) -> String {
     let from_file = std::fs::read_to_string(args.data_dir.join("walden.addr"))
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string)));
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+        });
     let (fh, fp) = match from_file.as_deref().and_then(|a| a.rsplit_once(':')) {
         Some((h, p)) => (Some(h.to_string()), p.parse().ok()),
         None => (None, None),
     };
-    let host = args.host.clone().or(fh).unwrap_or_else(|| "127.0.0.1".into());
+    let host = args
+        .host
+        .clone()
+        .or(fh)
+        .unwrap_or_else(|| "127.0.0.1".into());
     let port = args.port.or(fp).unwrap_or(7480);
     format!("{host}:{port}")
 }
@@ -58,7 +67,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let pipeline = args.pipeline.max(1);
     let batch = args.batch.max(1);
     let token = match &args.token_file {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?.trim_ascii().to_vec()),
+        Some(p) => Some(
+            std::fs::read(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .trim_ascii()
+                .to_vec(),
+        ),
         None => None,
     };
     let ack_log = match &args.ack_log {
@@ -98,7 +112,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         for (t, conns) in per_thread.into_iter().enumerate() {
             let (stats, stop, failed, ack_log, args) = (&stats[t], &stop, &failed, &ack_log, args);
             handles.push(s.spawn(move || {
-                let r = drive(t, conns, pipeline, batch, args.size, args.level, stats, stop, ack_log);
+                let r = drive(
+                    t, conns, pipeline, batch, args.size, args.level, stats, stop, ack_log,
+                );
                 match r {
                     Ok(h) => h,
                     Err((h, e)) => {
@@ -131,7 +147,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     *iv = Interval::default();
                 }
                 let avg = if n > 0 { sum / n as f64 } else { 0.0 };
-                let sd = if n > 0 { (sq / n as f64 - avg * avg).max(0.0).sqrt() } else { 0.0 };
+                let sd = if n > 0 {
+                    (sq / n as f64 - avg * avg).max(0.0).sqrt()
+                } else {
+                    0.0
+                };
                 println!(
                     "progress: {:.1} s, {:.1} rec/s, lat {:.3} ms stddev {:.3}",
                     started.elapsed().as_secs_f64(),
@@ -158,12 +178,24 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let ms = |ns: f64| ns / 1e6;
     println!("records: {records}");
     println!("rec/s: {:.1}", records as f64 / elapsed);
-    println!("MB/s: {:.1}", records as f64 * args.size as f64 / elapsed / 1e6);
+    println!(
+        "MB/s: {:.1}",
+        records as f64 * args.size as f64 / elapsed / 1e6
+    );
     println!("latency avg: {:.3} ms", ms(hist.mean()));
     println!("latency stddev: {:.3} ms", ms(hist.stdev()));
-    println!("latency p50: {:.3} ms", ms(hist.value_at_quantile(0.50) as f64));
-    println!("latency p99: {:.3} ms", ms(hist.value_at_quantile(0.99) as f64));
-    println!("latency p99.9: {:.3} ms", ms(hist.value_at_quantile(0.999) as f64));
+    println!(
+        "latency p50: {:.3} ms",
+        ms(hist.value_at_quantile(0.50) as f64)
+    );
+    println!(
+        "latency p99: {:.3} ms",
+        ms(hist.value_at_quantile(0.99) as f64)
+    );
+    println!(
+        "latency p99.9: {:.3} ms",
+        ms(hist.value_at_quantile(0.999) as f64)
+    );
     if failed.load(Relaxed) {
         anyhow::bail!("the run was cut short by an error (acknowledged records are in the summary and the ack log)");
     }
@@ -201,7 +233,8 @@ fn drive(
                         fill(p, tag);
                         meta.push((p.len() as u32, crc32c::crc32c(p)));
                     }
-                    let recs: Vec<(Kind, &[u8])> = payloads.iter().map(|p| (Kind::DATA, &p[..])).collect();
+                    let recs: Vec<(Kind, &[u8])> =
+                        payloads.iter().map(|p| (Kind::DATA, &p[..])).collect();
                     let id = conn.client.queue_append(level, &recs);
                     conn.sent.push_back((id, Instant::now(), meta));
                 }
@@ -209,9 +242,15 @@ fn drive(
             }
             for conn in conns.iter_mut() {
                 match conn.client.recv()? {
-                    Frame::Ack { request_id, lsns, .. } => {
-                        let (id, sent_at, meta) = conn.sent.pop_front().context("an ack nobody asked for")?;
-                        anyhow::ensure!(id == request_id, "ack for request {request_id}, expected {id}");
+                    Frame::Ack {
+                        request_id, lsns, ..
+                    } => {
+                        let (id, sent_at, meta) =
+                            conn.sent.pop_front().context("an ack nobody asked for")?;
+                        anyhow::ensure!(
+                            id == request_id,
+                            "ack for request {request_id}, expected {id}"
+                        );
                         let ns = sent_at.elapsed().as_nanos() as u64;
                         h.saturating_record(ns.max(1));
                         stats.records.fetch_add(lsns.len() as u64, Relaxed);
@@ -236,10 +275,17 @@ fn drive(
         }
         // Collect what is still in flight, so the log has every ack.
         for conn in conns.iter_mut() {
-            conn.client.set_read_timeout(Some(Duration::from_secs(10)))?;
+            conn.client
+                .set_read_timeout(Some(Duration::from_secs(10)))?;
             while let Some((id, _, meta)) = conn.sent.pop_front() {
-                if let Frame::Ack { request_id, lsns, .. } = conn.client.recv()? {
-                    anyhow::ensure!(id == request_id, "ack for request {request_id}, expected {id}");
+                if let Frame::Ack {
+                    request_id, lsns, ..
+                } = conn.client.recv()?
+                {
+                    anyhow::ensure!(
+                        id == request_id,
+                        "ack for request {request_id}, expected {id}"
+                    );
                     stats.records.fetch_add(lsns.len() as u64, Relaxed);
                     if ack_log.is_some() {
                         for (lsn, (len, crc)) in lsns.iter().zip(&meta) {
@@ -259,9 +305,15 @@ fn drive(
     }
 }
 
-fn write_log(ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>, log: &mut String) -> anyhow::Result<()> {
+fn write_log(
+    ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    log: &mut String,
+) -> anyhow::Result<()> {
     if let Some(l) = ack_log {
-        l.lock().unwrap().write_all(log.as_bytes()).context("writing the ack log")?;
+        l.lock()
+            .unwrap()
+            .write_all(log.as_bytes())
+            .context("writing the ack log")?;
     }
     log.clear();
     Ok(())

@@ -28,11 +28,19 @@ impl Conn {
             Some(h) => h.clone(),
             None => std::fs::read_to_string(self.data_dir.join("walden.addr"))
                 .ok()
-                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string)))
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+                })
                 .unwrap_or_else(|| "127.0.0.1:7480".into()),
         };
         let token = match &self.token_file {
-            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?.trim_ascii().to_vec()),
+            Some(p) => Some(
+                std::fs::read(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .trim_ascii()
+                    .to_vec(),
+            ),
             None => None,
         };
         Ok(Client::connect(&addr, token.as_deref())?)
@@ -57,7 +65,9 @@ pub struct AppendArgs {
 pub fn append(args: AppendArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let input: Box<dyn BufRead> = match &args.file {
-        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
+        )),
         None => Box::new(std::io::stdin().lock()),
     };
     let mut out = std::io::stdout().lock();
@@ -107,11 +117,16 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let mut out = std::io::stdout().lock();
     let mut printed = 0u64;
-    let mut print = |lsn: Lsn, payload: &[u8], out: &mut std::io::StdoutLock| -> std::io::Result<bool> {
-        writeln!(out, "{lsn}\t{}", String::from_utf8_lossy(payload).escape_debug())?;
-        printed += 1;
-        Ok(args.limit > 0 && printed >= args.limit)
-    };
+    let mut print =
+        |lsn: Lsn, payload: &[u8], out: &mut std::io::StdoutLock| -> std::io::Result<bool> {
+            writeln!(
+                out,
+                "{lsn}\t{}",
+                String::from_utf8_lossy(payload).escape_debug()
+            )?;
+            printed += 1;
+            Ok(args.limit > 0 && printed >= args.limit)
+        };
     if args.follow {
         c.follow(args.from)?;
         loop {

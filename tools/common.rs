@@ -28,7 +28,10 @@ pub fn load_config(
 }
 
 /// Starts the HTTP endpoint when `metrics_addr` is set; returns its address.
-pub fn start_metrics(server: &walden::server::Server, cfg: &Config) -> anyhow::Result<Option<std::net::SocketAddr>> {
+pub fn start_metrics(
+    server: &walden::server::Server,
+    cfg: &Config,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if cfg.metrics_addr.is_empty() {
         return Ok(None);
     }

@@ -31,10 +31,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // `walden status -D DIR` finds it either way.
     let addr_file = dir
         .clone()
-        .or_else(|| cfg.data_dir.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf()))
+        .or_else(|| {
+            cfg.data_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| p.to_path_buf())
+        })
         .unwrap_or_else(|| cfg.data_dir.clone())
         .join("walden.addr");
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
     let server = Server::start(cfg.clone())?;
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;
     let text = format!(
@@ -43,13 +49,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr.map(|a| a.to_string()).unwrap_or_default()
     );
     if let Some(parent) = addr_file.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&addr_file, &text).with_context(|| format!("writing {}", addr_file.display()))?;
+    std::fs::write(&addr_file, &text)
+        .with_context(|| format!("writing {}", addr_file.display()))?;
     tracing::info!(
         "walden ready: protocol on {}, metrics on {}, addresses in {}",
         server.local_addr(),
-        metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "(off)".into()),
+        metrics_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "(off)".into()),
         addr_file.display()
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -57,10 +67,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         match sig {
             SIGHUP => {
                 // Nothing is reloadable yet without a restart; say so.
-                tracing::info!("received SIGHUP: no setting is reloadable yet; restart to apply changes");
+                tracing::info!(
+                    "received SIGHUP: no setting is reloadable yet; restart to apply changes"
+                );
             }
             _ => {
-                tracing::info!("received {}: shutting down", if sig == SIGTERM { "SIGTERM" } else { "SIGINT" });
+                tracing::info!(
+                    "received {}: shutting down",
+                    if sig == SIGTERM { "SIGTERM" } else { "SIGINT" }
+                );
                 break;
             }
         }

@@ -28,22 +28,34 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let file = std::fs::File::open(&args.ack_log).with_context(|| format!("opening {}", args.ack_log.display()))?;
+    let file = std::fs::File::open(&args.ack_log)
+        .with_context(|| format!("opening {}", args.ack_log.display()))?;
     let mut want: HashMap<Lsn, (u32, u32)> = HashMap::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line?;
         let mut f = line.split_whitespace();
         let (Some(lsn), Some(len), Some(crc)) = (f.next(), f.next(), f.next()) else {
-            anyhow::bail!("{}:{}: expected \"LSN LEN CRC32C\", got {line:?}", args.ack_log.display(), n + 1);
+            anyhow::bail!(
+                "{}:{}: expected \"LSN LEN CRC32C\", got {line:?}",
+                args.ack_log.display(),
+                n + 1
+            );
         };
         let lsn: Lsn = lsn.parse().with_context(|| format!("line {}", n + 1))?;
-        let len: u32 = len.parse().with_context(|| format!("line {}: length", n + 1))?;
+        let len: u32 = len
+            .parse()
+            .with_context(|| format!("line {}: length", n + 1))?;
         let crc = u32::from_str_radix(crc, 16).with_context(|| format!("line {}: crc", n + 1))?;
         want.insert(lsn, (len, crc));
     }
-    let wal_dir = args.wal_dir.clone().unwrap_or_else(|| args.data_dir.join("wal"));
+    let wal_dir = args
+        .wal_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("wal"));
     let dir = WalDir::open(&wal_dir)?;
-    let seg = dir.segment_size.context("the WAL directory has no segment files")?;
+    let seg = dir
+        .segment_size
+        .context("the WAL directory has no segment files")?;
     let start = dir.wal_start()?;
     let mut reader = WalReader::new(&wal_dir, seg, TIMELINE, start, None);
     let (mut passed, mut failed) = (0u64, 0u64);
@@ -67,7 +79,11 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let end = reader.position();
     let missing = want.len() - seen;
     if missing > 0 {
-        let mut lost: Vec<Lsn> = want.keys().copied().filter(|l| *l >= end || *l < start).collect();
+        let mut lost: Vec<Lsn> = want
+            .keys()
+            .copied()
+            .filter(|l| *l >= end || *l < start)
+            .collect();
         lost.sort();
         eprintln!(
             "{missing} acknowledged record(s) missing; valid WAL ends at {end}{}; first missing: {}",

@@ -40,7 +40,11 @@ fn user_data(kind: u64, id: u32, generation: u32) -> u64 {
 /// Creates a listening socket with SO_REUSEADDR and SO_REUSEPORT, so that
 /// every shard can bind its own listener to the same address.
 pub fn listen_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: socket() takes plain integers; we own the result.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -124,19 +128,26 @@ fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: storage and len are live and sized for any address family.
-    if unsafe { libc::getpeername(fd, &mut storage as *mut _ as *mut libc::sockaddr, &mut len) } < 0 {
+    if unsafe { libc::getpeername(fd, &mut storage as *mut _ as *mut libc::sockaddr, &mut len) } < 0
+    {
         return None;
     }
     match storage.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in.
             let a = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in) };
-            Some(SocketAddr::from((a.sin_addr.s_addr.to_ne_bytes(), u16::from_be(a.sin_port))))
+            Some(SocketAddr::from((
+                a.sin_addr.s_addr.to_ne_bytes(),
+                u16::from_be(a.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the kernel wrote a sockaddr_in6.
             let a = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in6) };
-            Some(SocketAddr::from((a.sin6_addr.s6_addr, u16::from_be(a.sin6_port))))
+            Some(SocketAddr::from((
+                a.sin6_addr.s6_addr,
+                u16::from_be(a.sin6_port),
+            )))
         }
         _ => None,
     }
@@ -196,8 +207,17 @@ pub struct NetRing {
 }
 
 impl NetRing {
-    pub fn new(entries: u32, listener: OwnedFd, wake: Arc<EventFd>, recv_buf_size: usize) -> io::Result<NetRing> {
-        let ring = match IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(entries) {
+    pub fn new(
+        entries: u32,
+        listener: OwnedFd,
+        wake: Arc<EventFd>,
+        recv_buf_size: usize,
+    ) -> io::Result<NetRing> {
+        let ring = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+        {
             Ok(r) => r,
             Err(_) => IoUring::new(entries)?,
         };
@@ -267,20 +287,28 @@ impl NetRing {
     }
 
     fn arm_recv(&mut self, id: ConnId) -> io::Result<()> {
-        let Some(c) = self.conns[id as usize].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[id as usize].as_mut() else {
+            return Ok(());
+        };
         if c.recv_armed || c.closing {
             return Ok(());
         }
-        let e = opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), c.recv_buf.as_mut_ptr(), c.recv_buf.len() as u32)
-            .build()
-            .user_data(user_data(RECV, id, c.generation));
+        let e = opcode::Recv::new(
+            types::Fd(c.fd.as_raw_fd()),
+            c.recv_buf.as_mut_ptr(),
+            c.recv_buf.len() as u32,
+        )
+        .build()
+        .user_data(user_data(RECV, id, c.generation));
         c.recv_armed = true;
         c.recv_len = 0;
         self.push(e)
     }
 
     fn arm_send(&mut self, id: ConnId) -> io::Result<()> {
-        let Some(c) = self.conns[id as usize].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[id as usize].as_mut() else {
+            return Ok(());
+        };
         if c.send_armed {
             return Ok(());
         }
@@ -293,10 +321,14 @@ impl NetRing {
             return Ok(());
         }
         let rest = &c.out[c.out_done..];
-        let e = opcode::Send::new(types::Fd(c.fd.as_raw_fd()), rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(user_data(SEND, id, c.generation));
+        let e = opcode::Send::new(
+            types::Fd(c.fd.as_raw_fd()),
+            rest.as_ptr(),
+            rest.len().min(u32::MAX as usize) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(user_data(SEND, id, c.generation));
         c.send_armed = true;
         self.push(e)
     }
@@ -311,7 +343,11 @@ impl NetRing {
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
                 Err(e) => return Err(e),
             }
         } else {
@@ -352,7 +388,9 @@ impl NetRing {
                     self.events.push_back(Event::Woken);
                 }
                 RECV | SEND => {
-                    let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else { continue };
+                    let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else {
+                        continue;
+                    };
                     if c.generation & 0xff_ffff != generation {
                         continue;
                     }
@@ -425,7 +463,9 @@ impl NetRing {
     /// Cancels what is in flight on a closing connection; frees it (closing
     /// the socket) once nothing is, and reports it closed.
     fn finish_if_closing(&mut self, id: ConnId) -> io::Result<()> {
-        let Some(c) = self.conns[id as usize].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[id as usize].as_mut() else {
+            return Ok(());
+        };
         if !c.closing {
             return Ok(());
         }
@@ -461,7 +501,9 @@ impl NetRing {
 
     /// Queues `bytes` to send on `id`, in order.
     pub fn send(&mut self, id: ConnId, bytes: &[u8]) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else { return Ok(()) };
+        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else {
+            return Ok(());
+        };
         if c.closing {
             return Ok(());
         }
@@ -479,7 +521,9 @@ impl NetRing {
 
     /// Closes `id` once what is queued has been sent (an Error frame, say).
     pub fn close_after_send(&mut self, id: ConnId) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else { return Ok(()) };
+        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else {
+            return Ok(());
+        };
         c.close_after_send = true;
         if !c.send_armed && c.queued.is_empty() && c.out_done == c.out.len() {
             c.closing = true;
@@ -489,7 +533,9 @@ impl NetRing {
 
     /// Closes `id` now, dropping anything unsent.
     pub fn close(&mut self, id: ConnId) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else { return Ok(()) };
+        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else {
+            return Ok(());
+        };
         c.closing = true;
         self.finish_if_closing(id)
     }
@@ -513,7 +559,9 @@ impl NetRing {
 
     /// Every open connection.
     pub fn connections(&self) -> Vec<ConnId> {
-        (0..self.conns.len() as u32).filter(|&i| self.conns[i as usize].is_some()).collect()
+        (0..self.conns.len() as u32)
+            .filter(|&i| self.conns[i as usize].is_some())
+            .collect()
     }
 }
 

@@ -29,14 +29,20 @@ pub enum ServerError {
     #[error("invalid value for parameter \"listen_addr\": {0:?} is not an address (host:port)")]
     BadAddress(String),
     #[error("could not listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(
         "listen_addr {0} is not a loopback address: set auth_token_file, or allow_unauthenticated = true \
          if the network is trusted"
     )]
     Unauthenticated(String),
     #[error("could not read auth_token_file {path}: {source}")]
-    Token { path: String, source: std::io::Error },
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("auth_token_file {0} is empty")]
     EmptyToken(String),
     #[error("could not start shard thread: {0}")]
@@ -103,9 +109,11 @@ impl Server {
         })?;
         let mut listeners = vec![first];
         for _ in 1..shards_n {
-            listeners.push(net::listen_reuseport(bound, 1024).map_err(|source| ServerError::Listen {
-                addr: bound.to_string(),
-                source,
+            listeners.push(net::listen_reuseport(bound, 1024).map_err(|source| {
+                ServerError::Listen {
+                    addr: bound.to_string(),
+                    source,
+                }
             })?);
         }
         let shared = Arc::new(ServerShared {
@@ -167,7 +175,11 @@ impl Server {
         let (bound, handle) = self
             .shared
             .metrics
-            .serve(a, Arc::new(move || status_json(&s1)), Arc::new(move || s2.wal.metrics_snapshot()))
+            .serve(
+                a,
+                Arc::new(move || status_json(&s1)),
+                Arc::new(move || s2.wal.metrics_snapshot()),
+            )
             .map_err(|source| ServerError::Listen {
                 addr: addr.to_string(),
                 source,
@@ -188,7 +200,9 @@ impl Server {
     /// Stops accepting, answers what becomes durable, closes the connections,
     /// then flushes and closes the WAL.
     pub fn shutdown(self) -> Result<(), ServerError> {
-        tracing::info!("shutting down: no new connections, flushing and answering what is in flight");
+        tracing::info!(
+            "shutting down: no new connections, flushing and answering what is in flight"
+        );
         self.shared.stopping.store(true, SeqCst);
         for (_, wake) in &self.shards {
             wake.signal();

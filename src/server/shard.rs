@@ -60,7 +60,13 @@ struct Shard<'a> {
     lsns: Vec<Lsn>,
 }
 
-pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wake: Arc<EventFd>, flush: Arc<FlushListener>) {
+pub(crate) fn run(
+    index: usize,
+    shared: Arc<ServerShared>,
+    listener: OwnedFd,
+    wake: Arc<EventFd>,
+    flush: Arc<FlushListener>,
+) {
     let ring = match NetRing::new(1024, listener, wake, RECV_BUF) {
         Ok(r) => r,
         Err(e) => {
@@ -74,7 +80,9 @@ pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wa
         index,
         shared: &shared,
         ring,
-        limits: Limits::for_max_record_size(shared.cfg.max_record_size.0.min(u32::MAX as u64) as u32),
+        limits: Limits::for_max_record_size(
+            shared.cfg.max_record_size.0.min(u32::MAX as u64) as u32
+        ),
         pending: VecDeque::new(),
         out: Vec::with_capacity(64 << 10),
         lsns: Vec::new(),
@@ -106,7 +114,11 @@ pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wa
             }
         }
 
-        let timeout = if shard.pending.front().is_some_and(|p| wal.flush_lsn() >= p.end) {
+        let timeout = if shard
+            .pending
+            .front()
+            .is_some_and(|p| wal.flush_lsn() >= p.end)
+        {
             Duration::ZERO
         } else {
             Duration::from_millis(100)
@@ -138,7 +150,9 @@ pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wa
                     tracing::debug!(shard = index, ?peer, "connection accepted");
                 }
                 Event::Data(id) => {
-                    let (Some(st), Some(dec)) = (conns.get_mut(&id), decoders.get_mut(&id)) else { continue };
+                    let (Some(st), Some(dec)) = (conns.get_mut(&id), decoders.get_mut(&id)) else {
+                        continue;
+                    };
                     received.clear();
                     received.extend_from_slice(shard.ring.received(id));
                     st.last_activity = Instant::now();
@@ -174,7 +188,11 @@ pub(crate) fn run(index: usize, shared: Arc<ServerShared>, listener: OwnedFd, wa
                     .metrics
                     .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
                 st.in_flight -= 1;
-                if st.paused && st.in_flight < shard.shared.cfg.max_in_flight && !st.closing && !stopping {
+                if st.paused
+                    && st.in_flight < shard.shared.cfg.max_in_flight
+                    && !st.closing
+                    && !stopping
+                {
                     st.paused = false;
                     let _ = shard.ring.resume_recv(p.conn);
                 }
@@ -210,10 +228,19 @@ impl Shard<'_> {
         let _ = self.ring.send(id, &self.out);
     }
 
-    fn send_error(&mut self, id: ConnId, st: &mut ConnState, request_id: u64, code: ErrorCode, message: String) {
+    fn send_error(
+        &mut self,
+        id: ConnId,
+        st: &mut ConnState,
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
         tracing::debug!(shard = self.index, peer = ?st.peer, %code, %message, "error sent to client");
         self.shared.metrics.error(match code {
-            ErrorCode::BAD_FRAME | ErrorCode::UNKNOWN_TYPE | ErrorCode::UNSUPPORTED_VERSION => "bad_frame",
+            ErrorCode::BAD_FRAME | ErrorCode::UNKNOWN_TYPE | ErrorCode::UNSUPPORTED_VERSION => {
+                "bad_frame"
+            }
             ErrorCode::AUTH_FAILED => "auth",
             ErrorCode::FRAME_TOO_LARGE | ErrorCode::RECORD_TOO_LARGE => "too_large",
             _ => "other",
@@ -276,7 +303,13 @@ impl Shard<'_> {
         }
     }
 
-    fn handle(&mut self, id: ConnId, st: &mut ConnState, frame: FrameRef<'_>, ins: &mut crate::wal::Inserter<'_>) {
+    fn handle(
+        &mut self,
+        id: ConnId,
+        st: &mut ConnState,
+        frame: FrameRef<'_>,
+        ins: &mut crate::wal::Inserter<'_>,
+    ) {
         let wal = &self.shared.wal;
         if !st.hello && !matches!(frame, FrameRef::Hello { .. }) {
             let msg = "the first frame on a connection must be Hello".to_string();
@@ -290,8 +323,18 @@ impl Shard<'_> {
                 client_name,
             } => {
                 let Some(v) = protocol::negotiate_version(version) else {
-                    let msg = format!("protocol version {version} is not supported (this server speaks {}..={})", protocol::MIN_VERSION, protocol::VERSION);
-                    return self.send_error(id, st, request_id, ErrorCode::UNSUPPORTED_VERSION, msg);
+                    let msg = format!(
+                        "protocol version {version} is not supported (this server speaks {}..={})",
+                        protocol::MIN_VERSION,
+                        protocol::VERSION
+                    );
+                    return self.send_error(
+                        id,
+                        st,
+                        request_id,
+                        ErrorCode::UNSUPPORTED_VERSION,
+                        msg,
+                    );
                 };
                 if let Some(expected) = &self.shared.token {
                     if !constant_time_eq(expected, token) {
@@ -364,10 +407,17 @@ impl Shard<'_> {
             } => {
                 let mut reader = match self.open_reader(from) {
                     Ok(r) => r,
-                    Err(msg) => return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg),
+                    Err(msg) => {
+                        return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg)
+                    }
                 };
-                let max_bytes = (max_bytes as usize).clamp(1, self.limits.max_frame_size as usize / 2);
-                let max_records = if max_records == 0 { u32::MAX } else { max_records };
+                let max_bytes =
+                    (max_bytes as usize).clamp(1, self.limits.max_frame_size as usize / 2);
+                let max_records = if max_records == 0 {
+                    u32::MAX
+                } else {
+                    max_records
+                };
                 let mut batch: Vec<(Lsn, Kind, Vec<u8>)> = Vec::new();
                 let mut bytes = 0usize;
                 let mut first = true;
@@ -388,17 +438,32 @@ impl Shard<'_> {
                             if first && from < wal.flush_lsn() {
                                 if let Some(EndOfWal::Invalid(e)) = reader.end() {
                                     let msg = format!("no record starts at {from}: {e}");
-                                    return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg);
+                                    return self.send_error(
+                                        id,
+                                        st,
+                                        request_id,
+                                        ErrorCode::UNKNOWN_LSN,
+                                        msg,
+                                    );
                                 }
                             }
                             break;
                         }
                         Err(e) => {
-                            return self.send_error(id, st, request_id, ErrorCode::INTERNAL, e.to_string());
+                            return self.send_error(
+                                id,
+                                st,
+                                request_id,
+                                ErrorCode::INTERNAL,
+                                e.to_string(),
+                            );
                         }
                     }
                 }
-                let end = batch.last().map(|(l, _, p)| Lsn(l.0 + crate::record::stream_len(p.len()))).unwrap_or(from);
+                let end = batch
+                    .last()
+                    .map(|(l, _, p)| Lsn(l.0 + crate::record::stream_len(p.len())))
+                    .unwrap_or(from);
                 self.out.clear();
                 if !batch.is_empty() {
                     protocol::encode_records(
@@ -417,13 +482,19 @@ impl Shard<'_> {
             FrameRef::Follow { request_id, from } => {
                 match self.open_reader(from) {
                     Ok(reader) => st.follow = Some(Follow { request_id, reader }),
-                    Err(msg) => return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg),
+                    Err(msg) => {
+                        return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg)
+                    }
                 }
                 let flushed = wal.flush_lsn();
                 self.feed_follower(id, st, flushed);
             }
             FrameRef::Cancel { request_id } => {
-                if st.follow.as_ref().is_some_and(|f| f.request_id == request_id) {
+                if st
+                    .follow
+                    .as_ref()
+                    .is_some_and(|f| f.request_id == request_id)
+                {
                     let f = st.follow.take().unwrap();
                     let end = f.reader.position();
                     self.send_frame(id, &Frame::ReadEnd { request_id, end });
@@ -455,10 +526,15 @@ impl Shard<'_> {
         let wal = &self.shared.wal;
         let start = wal.start_lsn();
         if from < start {
-            return Err(format!("WAL before {start} has been removed; {from} is no longer available"));
+            return Err(format!(
+                "WAL before {start} has been removed; {from} is no longer available"
+            ));
         }
         if from > wal.insert_lsn() {
-            return Err(format!("{from} is beyond the end of WAL ({})", wal.insert_lsn()));
+            return Err(format!(
+                "{from} is beyond the end of WAL ({})",
+                wal.insert_lsn()
+            ));
         }
         Ok(WalReader::new(
             &self.shared.cfg.wal_dir,
@@ -539,7 +615,9 @@ impl Shard<'_> {
             if self.ring.send_backlog(id) > max_backlog {
                 let since = *st.slow_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= slow {
-                    let msg = format!("client too slow: more than {max_backlog} bytes unsent for {slow:?}");
+                    let msg = format!(
+                        "client too slow: more than {max_backlog} bytes unsent for {slow:?}"
+                    );
                     tracing::warn!(peer = ?st.peer, "{msg}");
                     self.send_error(id, st, 0, ErrorCode::TIMEOUT, msg);
                     st.closing = true;
@@ -548,7 +626,11 @@ impl Shard<'_> {
                 continue;
             }
             st.slow_since = None;
-            if !idle.is_zero() && st.in_flight == 0 && st.follow.is_none() && st.last_activity.elapsed() >= idle {
+            if !idle.is_zero()
+                && st.in_flight == 0
+                && st.follow.is_none()
+                && st.last_activity.elapsed() >= idle
+            {
                 let msg = format!("closing idle connection after {idle:?}");
                 self.send_error(id, st, 0, ErrorCode::TIMEOUT, msg);
                 st.closing = true;

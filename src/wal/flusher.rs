@@ -421,7 +421,11 @@ pub(crate) fn run_uring(
                     // it wins once several writes are in flight.
                     // Small writes only: a large one blocks this thread and
                     // stops the copy/write overlap that bulk appends need.
-                    if s.sync_writes_at_depth_1 && units.is_empty() && pieces.len() == 1 && pieces[0].len <= DEPTH_1_MAX {
+                    if s.sync_writes_at_depth_1
+                        && units.is_empty()
+                        && pieces.len() == 1
+                        && pieces[0].len <= DEPTH_1_MAX
+                    {
                         let p = pieces[0];
                         let started = Instant::now();
                         let file = files.get(&shared, p.segno, mode);
