@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Args;
 use crossbeam::utils::CachePadded;
-use hdrhistogram::Histogram;
 use walden::config::{FlusherKind, Size, SyncMethod};
 use walden::{Durability, Kind, Lsn, Wal};
+
+use super::bench_stats::{self, Interval};
 
 #[derive(Args, Debug)]
 #[command(disable_help_flag = true)]
@@ -77,13 +78,6 @@ pub struct BenchArgs {
     /// Any setting, as name=value (repeatable), e.g. --set fsync=off.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub(crate) set: Vec<String>,
-}
-
-#[derive(Default)]
-struct Interval {
-    n: u64,
-    sum_ns: f64,
-    sum_sq: f64,
 }
 
 struct Client {
@@ -167,7 +161,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         for (t, client) in clients.iter().enumerate() {
             let (wal, stop, args) = (&wal, &stop, &args);
             handles.push(s.spawn(move || {
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+                let mut h = bench_stats::histogram();
                 let mut payload = vec![0u8; args.size];
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(31).wrapping_add(t as u8);
@@ -213,10 +207,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     if args.level != Durability::Off {
                         client.durable_lsn.store(first.0, Relaxed);
                     }
-                    let mut iv = client.interval.lock().unwrap();
-                    iv.n += 1;
-                    iv.sum_ns += ns as f64;
-                    iv.sum_sq += (ns as f64) * (ns as f64);
+                    client.interval.lock().unwrap().record(ns);
                 }
                 h
             }));
@@ -241,20 +232,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let syncs = stats.syncs.load(Relaxed);
             let dt = last.elapsed().as_secs_f64();
             if args.progress > 0.0 {
-                let (mut n, mut sum, mut sq) = (0u64, 0.0, 0.0);
-                for c in &clients {
-                    let mut iv = c.interval.lock().unwrap();
-                    n += iv.n;
-                    sum += iv.sum_ns;
-                    sq += iv.sum_sq;
-                    *iv = Interval::default();
-                }
-                let avg = if n > 0 { sum / n as f64 } else { 0.0 };
-                let sd = if n > 0 {
-                    (sq / n as f64 - avg * avg).max(0.0).sqrt()
-                } else {
-                    0.0
-                };
+                let (avg, sd) = bench_stats::drain(clients.iter().map(|c| &c.interval));
                 let rate = (records - last_records) as f64 / dt;
                 println!(
                     "progress: {:.1} s, {:.1} rec/s, {:.1} MB/s, lat {:.3} ms stddev {:.3}, syncs {:.0}/s",
@@ -286,7 +264,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         stop.store(true, Relaxed);
-        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        let mut total = bench_stats::histogram();
         for h in handles {
             total.add(h.join().expect("bench thread")).unwrap();
         }
@@ -299,28 +277,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let syncs = stats.syncs.load(Relaxed) - syncs0;
     let flushes = stats.flushes.load(Relaxed) - flushes0;
     let wal_bytes = wal.insert_lsn().0 - lsn0.0;
-    let ms = |ns: f64| ns / 1e6;
-    println!("records: {records}");
-    println!("rec/s: {:.1}", records as f64 / elapsed);
-    println!(
-        "MB/s: {:.1}",
-        records as f64 * args.size as f64 / elapsed / 1e6
-    );
+    bench_stats::print_summary(records, elapsed, args.size, &hist);
     println!("WAL MB/s: {:.1}", wal_bytes as f64 / elapsed / 1e6);
-    println!("latency avg: {:.3} ms", ms(hist.mean()));
-    println!("latency stddev: {:.3} ms", ms(hist.stdev()));
-    println!(
-        "latency p50: {:.3} ms",
-        ms(hist.value_at_quantile(0.50) as f64)
-    );
-    println!(
-        "latency p99: {:.3} ms",
-        ms(hist.value_at_quantile(0.99) as f64)
-    );
-    println!(
-        "latency p99.9: {:.3} ms",
-        ms(hist.value_at_quantile(0.999) as f64)
-    );
     println!("syncs/s: {:.1}", syncs as f64 / elapsed);
     println!("flushes/s: {:.1}", flushes as f64 / elapsed);
     let flush_ns = stats.flush_ns.load(Relaxed) - flush_ns0;

@@ -18,13 +18,7 @@ use walden::protocol::Frame;
 use walden::{Durability, Kind};
 
 use super::bench::BenchArgs;
-
-#[derive(Default)]
-struct Interval {
-    n: u64,
-    sum_ns: f64,
-    sum_sq: f64,
-}
+use super::bench_stats::{self, Interval};
 
 struct ThreadStats {
     interval: Mutex<Interval>,
@@ -138,20 +132,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             std::thread::sleep(tick.min(deadline.saturating_duration_since(Instant::now())));
             if args.progress > 0.0 {
                 let records: u64 = stats.iter().map(|s| s.records.load(Relaxed)).sum();
-                let (mut n, mut sum, mut sq) = (0u64, 0.0, 0.0);
-                for st in &stats {
-                    let mut iv = st.interval.lock().unwrap();
-                    n += iv.n;
-                    sum += iv.sum_ns;
-                    sq += iv.sum_sq;
-                    *iv = Interval::default();
-                }
-                let avg = if n > 0 { sum / n as f64 } else { 0.0 };
-                let sd = if n > 0 {
-                    (sq / n as f64 - avg * avg).max(0.0).sqrt()
-                } else {
-                    0.0
-                };
+                let (avg, sd) = bench_stats::drain(stats.iter().map(|s| &s.interval));
                 println!(
                     "progress: {:.1} s, {:.1} rec/s, lat {:.3} ms stddev {:.3}",
                     started.elapsed().as_secs_f64(),
@@ -164,7 +145,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
         stop.store(true, Relaxed);
-        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        let mut total = bench_stats::histogram();
         for h in handles {
             total.add(h.join().expect("bench thread")).unwrap();
         }
@@ -175,27 +156,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         log.lock().unwrap().flush().context("writing the ack log")?;
     }
     let records: u64 = stats.iter().map(|s| s.records.load(Relaxed)).sum();
-    let ms = |ns: f64| ns / 1e6;
-    println!("records: {records}");
-    println!("rec/s: {:.1}", records as f64 / elapsed);
-    println!(
-        "MB/s: {:.1}",
-        records as f64 * args.size as f64 / elapsed / 1e6
-    );
-    println!("latency avg: {:.3} ms", ms(hist.mean()));
-    println!("latency stddev: {:.3} ms", ms(hist.stdev()));
-    println!(
-        "latency p50: {:.3} ms",
-        ms(hist.value_at_quantile(0.50) as f64)
-    );
-    println!(
-        "latency p99: {:.3} ms",
-        ms(hist.value_at_quantile(0.99) as f64)
-    );
-    println!(
-        "latency p99.9: {:.3} ms",
-        ms(hist.value_at_quantile(0.999) as f64)
-    );
+    bench_stats::print_summary(records, elapsed, args.size, &hist);
     if failed.load(Relaxed) {
         anyhow::bail!("the run was cut short by an error (acknowledged records are in the summary and the ack log)");
     }
@@ -218,7 +179,7 @@ fn drive(
     stop: &AtomicBool,
     ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 ) -> Result<Hist, (Hist, anyhow::Error)> {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut h = bench_stats::histogram();
     let mut payloads: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; size]).collect();
     let mut counter = 0u64;
     let mut log = String::new();
@@ -255,10 +216,7 @@ fn drive(
                         h.saturating_record(ns.max(1));
                         stats.records.fetch_add(lsns.len() as u64, Relaxed);
                         {
-                            let mut iv = stats.interval.lock().unwrap();
-                            iv.n += 1;
-                            iv.sum_ns += ns as f64;
-                            iv.sum_sq += (ns as f64) * (ns as f64);
+                            stats.interval.lock().unwrap().record(ns);
                         }
                         if ack_log.is_some() {
                             for (lsn, (len, crc)) in lsns.iter().zip(&meta) {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_server;
+pub mod bench_stats;
 pub mod client_cli;
 pub mod common;
 pub mod controldata;

@@ -1,0 +1,61 @@
+//! What both bench modes share: per-interval latency sums for progress
+//! lines, the histogram, and the summary lines scripts parse by key.
+
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+/// Latencies of one progress interval: count, sum and sum of squares (ns).
+#[derive(Default)]
+pub struct Interval {
+    n: u64,
+    sum_ns: f64,
+    sum_sq: f64,
+}
+
+impl Interval {
+    pub fn record(&mut self, ns: u64) {
+        self.n += 1;
+        self.sum_ns += ns as f64;
+        self.sum_sq += (ns as f64) * (ns as f64);
+    }
+}
+
+/// Sums and resets every thread's interval: (mean, stddev) in ns.
+pub fn drain<'a>(intervals: impl Iterator<Item = &'a Mutex<Interval>>) -> (f64, f64) {
+    let mut total = Interval::default();
+    for iv in intervals {
+        let mut iv = iv.lock().unwrap();
+        total.n += iv.n;
+        total.sum_ns += iv.sum_ns;
+        total.sum_sq += iv.sum_sq;
+        *iv = Interval::default();
+    }
+    if total.n == 0 {
+        return (0.0, 0.0);
+    }
+    let avg = total.sum_ns / total.n as f64;
+    (
+        avg,
+        (total.sum_sq / total.n as f64 - avg * avg).max(0.0).sqrt(),
+    )
+}
+
+/// A latency histogram in ns, 1 ns to 60 s.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
+}
+
+/// The summary lines both modes print (`key: value`).
+pub fn print_summary(records: u64, elapsed: f64, size: usize, hist: &Histogram<u64>) {
+    let ms = |ns: f64| ns / 1e6;
+    let q = |p: f64| ms(hist.value_at_quantile(p) as f64);
+    println!("records: {records}");
+    println!("rec/s: {:.1}", records as f64 / elapsed);
+    println!("MB/s: {:.1}", records as f64 * size as f64 / elapsed / 1e6);
+    println!("latency avg: {:.3} ms", ms(hist.mean()));
+    println!("latency stddev: {:.3} ms", ms(hist.stdev()));
+    println!("latency p50: {:.3} ms", q(0.50));
+    println!("latency p99: {:.3} ms", q(0.99));
+    println!("latency p99.9: {:.3} ms", q(0.999));
+}
