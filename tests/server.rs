@@ -507,3 +507,57 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
         assert!(text.trim_end().ends_with("passed, 0 failed"), "{text}");
     }
 }
+
+#[test]
+fn reload_applies_reloadable_settings_and_names_the_others() {
+    let d = tempfile::tempdir().unwrap();
+    let token = d.path().join("token");
+    std::fs::write(&token, "first").unwrap();
+    let mut cfg = config(d.path());
+    cfg.auth_token_file = token.display().to_string();
+    let s = Server::start(cfg.clone()).unwrap();
+    let addr = s.local_addr().to_string();
+    Client::connect(&addr, Some(b"first")).unwrap();
+
+    // A new token, a reloadable change, and one that needs a restart.
+    std::fs::write(&token, "second\n").unwrap();
+    let mut new = cfg.clone();
+    new.idle_timeout = walden::config::Millis(30_000);
+    new.wal_buffers = Size(32 << 20);
+    let lines = s.reload(&new).unwrap();
+    let text = lines.join("\n");
+    assert!(
+        text.contains("the authentication token was reloaded"),
+        "{text}"
+    );
+    assert!(
+        text.contains("parameter \"idle_timeout\" changed to \"30000\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("parameter \"wal_buffers\" cannot be changed without restarting the server"),
+        "{text}"
+    );
+    match Client::connect(&addr, Some(b"first")) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::AUTH_FAILED),
+        other => panic!(
+            "the old token must be refused after the reload: {:?}",
+            other.err()
+        ),
+    }
+    let mut c = Client::connect(&addr, Some(b"second")).unwrap();
+    c.append(Durability::Local, &[(Kind::DATA, b"after reload")])
+        .unwrap();
+
+    // Reloading the same settings again reports nothing applied twice.
+    let again = s.reload(&new).unwrap();
+    assert!(
+        !again.iter().any(|l| l.contains("idle_timeout")),
+        "{again:?}"
+    );
+    // An invalid file changes nothing.
+    std::fs::write(&token, "").unwrap();
+    assert!(s.reload(&new).is_err());
+    Client::connect(&addr, Some(b"second")).unwrap();
+    s.shutdown().unwrap();
+}

@@ -66,10 +66,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for sig in signals.forever() {
         match sig {
             SIGHUP => {
-                // Nothing is reloadable yet without a restart; say so.
-                tracing::info!(
-                    "received SIGHUP: no setting is reloadable yet; restart to apply changes"
-                );
+                tracing::info!("received SIGHUP, reloading configuration files");
+                let reloaded =
+                    super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)
+                        .and_then(|cfg| server.reload(&cfg).map_err(anyhow::Error::from));
+                match reloaded {
+                    Ok(lines) if lines.is_empty() => tracing::info!("configuration unchanged"),
+                    Ok(lines) => lines.iter().for_each(|l| tracing::info!("{l}")),
+                    Err(e) => tracing::error!(
+                        "configuration contains errors; no changes were applied: {e:#}"
+                    ),
+                }
             }
             _ => {
                 tracing::info!(

@@ -52,12 +52,64 @@ pub enum ServerError {
 /// What every shard shares.
 pub(crate) struct ServerShared {
     pub wal: Arc<Wal>,
+    /// The settings at startup; the reloadable ones live in `runtime`.
     pub cfg: Config,
-    pub token: Option<Vec<u8>>,
+    pub runtime: std::sync::RwLock<Runtime>,
     pub stopping: AtomicBool,
     pub started: std::time::Instant,
     pub name: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Settings a reload (SIGHUP) may change while the server runs. Shards read
+/// them when they need them (never on the append path).
+#[derive(Clone)]
+pub(crate) struct Runtime {
+    pub token: Option<Arc<[u8]>>,
+    pub max_in_flight: u32,
+    pub idle_timeout: std::time::Duration,
+    pub slow_client_timeout: std::time::Duration,
+    pub max_send_backlog: usize,
+}
+
+impl Runtime {
+    fn from_config(cfg: &Config) -> Result<Runtime, ServerError> {
+        Ok(Runtime {
+            token: read_token(cfg)?.map(Arc::from),
+            max_in_flight: cfg.max_in_flight,
+            idle_timeout: cfg.idle_timeout.duration(),
+            slow_client_timeout: cfg.slow_client_timeout.duration(),
+            max_send_backlog: cfg.max_send_backlog.0 as usize,
+        })
+    }
+}
+
+/// Settings a reload applies; every other change needs a restart.
+pub const RELOADABLE: [&str; 8] = [
+    "auth_token_file",
+    "max_in_flight",
+    "idle_timeout",
+    "slow_client_timeout",
+    "max_send_backlog",
+    "wal_writer_delay",
+    "commit_delay",
+    "commit_siblings",
+];
+
+fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
+    if cfg.auth_token_file.is_empty() {
+        return Ok(None);
+    }
+    let path = &cfg.auth_token_file;
+    let t = std::fs::read(path).map_err(|source| ServerError::Token {
+        path: path.clone(),
+        source,
+    })?;
+    let t = t.trim_ascii().to_vec();
+    if t.is_empty() {
+        return Err(ServerError::EmptyToken(path.clone()));
+    }
+    Ok(Some(t))
 }
 
 /// A running server. [`Server::shutdown`] stops it gracefully.
@@ -66,6 +118,8 @@ pub struct Server {
     shards: Vec<(JoinHandle<()>, Arc<EventFd>)>,
     addr: SocketAddr,
     http: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The configuration last applied (startup, then each reload).
+    applied: std::sync::Mutex<Config>,
 }
 
 pub(crate) fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
@@ -79,21 +133,8 @@ impl Server {
     /// Opens the WAL (recovering the end of it) and starts the shards.
     pub fn start(cfg: Config) -> Result<Server, ServerError> {
         let addr = resolve(&cfg.listen_addr)?;
-        let token = if cfg.auth_token_file.is_empty() {
-            None
-        } else {
-            let path = &cfg.auth_token_file;
-            let t = std::fs::read(path).map_err(|source| ServerError::Token {
-                path: path.clone(),
-                source,
-            })?;
-            let t = t.trim_ascii().to_vec();
-            if t.is_empty() {
-                return Err(ServerError::EmptyToken(path.clone()));
-            }
-            Some(t)
-        };
-        if token.is_none() && !is_loopback(addr.ip()) && !cfg.allow_unauthenticated {
+        let runtime = Runtime::from_config(&cfg)?;
+        if runtime.token.is_none() && !is_loopback(addr.ip()) && !cfg.allow_unauthenticated {
             return Err(ServerError::Unauthenticated(addr.to_string()));
         }
         let wal = Arc::new(Wal::open(cfg.clone())?);
@@ -119,7 +160,7 @@ impl Server {
         let shared = Arc::new(ServerShared {
             wal,
             cfg: cfg.clone(),
-            token,
+            runtime: std::sync::RwLock::new(runtime),
             stopping: AtomicBool::new(false),
             started: std::time::Instant::now(),
             name: format!("walden {}", env!("CARGO_PKG_VERSION")),
@@ -155,6 +196,7 @@ impl Server {
             shards,
             addr: bound,
             http: std::sync::Mutex::new(None),
+            applied: std::sync::Mutex::new(cfg),
         })
     }
 
@@ -186,6 +228,56 @@ impl Server {
             })?;
         *self.http.lock().unwrap() = Some(handle);
         Ok(bound)
+    }
+
+    /// Applies a new configuration (SIGHUP): the settings in [`RELOADABLE`]
+    /// take effect at once; a change to any other is reported as needing a
+    /// restart and ignored. Returns one line per changed setting, worded as
+    /// PostgreSQL's. On an invalid new value nothing is applied.
+    pub fn reload(&self, new: &Config) -> Result<Vec<String>, ServerError> {
+        let mut applied = self.applied.lock().unwrap();
+        let old = applied.clone();
+        let old_t = toml::Table::try_from(&old).expect("config serializes");
+        let new_t = toml::Table::try_from(new).expect("config serializes");
+        let current = self.shared.runtime.read().unwrap().clone();
+        let runtime = Runtime::from_config(new)?;
+        let mut lines = Vec::new();
+        for (key, value) in &new_t {
+            if old_t.get(key) == Some(value) && key != "auth_token_file" {
+                continue;
+            }
+            if RELOADABLE.contains(&key.as_str()) {
+                if key == "auth_token_file" {
+                    if runtime.token.as_deref() != current.token.as_deref() {
+                        lines.push("the authentication token was reloaded".to_string());
+                    }
+                    continue;
+                }
+                lines.push(format!("parameter \"{key}\" changed to \"{value}\""));
+            } else {
+                lines.push(format!(
+                    "parameter \"{key}\" cannot be changed without restarting the server"
+                ));
+            }
+        }
+        if runtime.token.is_none() && !is_loopback(self.addr.ip()) && !old.allow_unauthenticated {
+            return Err(ServerError::Unauthenticated(self.addr.to_string()));
+        }
+        *self.shared.runtime.write().unwrap() = runtime;
+        self.shared.wal.reload_flush_settings(new);
+        // Remember the reloadable values as applied; the others stay as
+        // they run, so a later reload reports them again.
+        let mut next = old.clone();
+        next.auth_token_file = new.auth_token_file.clone();
+        next.max_in_flight = new.max_in_flight;
+        next.idle_timeout = new.idle_timeout;
+        next.slow_client_timeout = new.slow_client_timeout;
+        next.max_send_backlog = new.max_send_backlog;
+        next.wal_writer_delay = new.wal_writer_delay;
+        next.commit_delay = new.commit_delay;
+        next.commit_siblings = new.commit_siblings;
+        *applied = next;
+        Ok(lines)
     }
 
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {

@@ -157,7 +157,7 @@ pub(crate) fn run(
                     received.extend_from_slice(shard.ring.received(id));
                     st.last_activity = Instant::now();
                     shard.process(id, st, dec, &received, &mut ins);
-                    let max = shard.shared.cfg.max_in_flight;
+                    let max = shard.shared.runtime.read().unwrap().max_in_flight;
                     st.paused = st.in_flight >= max;
                     if !st.closing && !st.paused && !stopping {
                         let _ = shard.ring.resume_recv(id);
@@ -189,7 +189,7 @@ pub(crate) fn run(
                     .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
                 st.in_flight -= 1;
                 if st.paused
-                    && st.in_flight < shard.shared.cfg.max_in_flight
+                    && st.in_flight < shard.shared.runtime.read().unwrap().max_in_flight
                     && !st.closing
                     && !stopping
                 {
@@ -336,8 +336,9 @@ impl Shard<'_> {
                         msg,
                     );
                 };
-                if let Some(expected) = &self.shared.token {
-                    if !constant_time_eq(expected, token) {
+                let expected = self.shared.runtime.read().unwrap().token.clone();
+                if let Some(expected) = expected {
+                    if !constant_time_eq(&expected, token) {
                         tracing::warn!(peer = ?st.peer, client = client_name, "authentication failed");
                         let msg = "authentication failed: wrong or missing token".to_string();
                         return self.send_error(id, st, request_id, ErrorCode::AUTH_FAILED, msg);
@@ -352,7 +353,7 @@ impl Shard<'_> {
                         system_id: 0,
                         segment_size: self.shared.cfg.wal_segment_size.0,
                         limits: self.limits,
-                        max_in_flight: self.shared.cfg.max_in_flight,
+                        max_in_flight: self.shared.runtime.read().unwrap().max_in_flight,
                         server_name: self.shared.name.clone(),
                     },
                 );
@@ -547,7 +548,7 @@ impl Shard<'_> {
 
     /// Sends a follower what became durable, while its backlog allows.
     fn feed_follower(&mut self, id: ConnId, st: &mut ConnState, flushed: Lsn) {
-        let max_backlog = self.shared.cfg.max_send_backlog.0 as usize;
+        let max_backlog = self.shared.runtime.read().unwrap().max_send_backlog;
         let Some(f) = st.follow.as_mut() else { return };
         f.reader.set_limit(Some(flushed));
         let request_id = f.request_id;
@@ -602,10 +603,9 @@ impl Shard<'_> {
 
     /// Closes idle connections and slow clients.
     fn sweep_timeouts(&mut self, conns: &mut HashMap<ConnId, ConnState>) {
-        let cfg = &self.shared.cfg;
-        let idle = cfg.idle_timeout.duration();
-        let slow = cfg.slow_client_timeout.duration();
-        let max_backlog = cfg.max_send_backlog.0 as usize;
+        let rt = self.shared.runtime.read().unwrap().clone();
+        let (idle, slow, max_backlog) =
+            (rt.idle_timeout, rt.slow_client_timeout, rt.max_send_backlog);
         let ids: Vec<ConnId> = conns.keys().copied().collect();
         for id in ids {
             let st = conns.get_mut(&id).unwrap();

@@ -17,7 +17,7 @@
 //! after a failed fsync the kernel may have dropped the dirty data.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,9 +39,8 @@ const DEPTH_1_MAX: usize = 4 * BLOCK;
 pub struct FlushSettings {
     pub method: SyncMethod,
     pub fsync: bool,
-    pub writer_delay: Duration,
-    pub commit_delay: Duration,
-    pub commit_siblings: u32,
+    /// `wal_writer_delay`, `commit_delay`, `commit_siblings`: reloadable.
+    pub tuning: Arc<FlushTuning>,
     pub max_inflight: usize,
     pub max_write: u64,
     /// Write (and sync) synchronously when a batch is one write and nothing
@@ -54,9 +53,7 @@ impl FlushSettings {
         FlushSettings {
             method: cfg.wal_sync_method,
             fsync: cfg.fsync,
-            writer_delay: cfg.wal_writer_delay.duration(),
-            commit_delay: Duration::from_micros(cfg.commit_delay),
-            commit_siblings: cfg.commit_siblings,
+            tuning: Arc::new(FlushTuning::new(cfg)),
             max_inflight: cfg.wal_max_inflight as usize,
             max_write: cfg.wal_max_write.0,
             sync_writes_at_depth_1: cfg.wal_sync_at_depth_1,
@@ -76,6 +73,47 @@ impl FlushSettings {
     /// True when a separate sync must follow the writes.
     fn needs_sync_op(&self) -> bool {
         self.fsync && !self.method.syncs_on_write()
+    }
+}
+
+/// The flusher's settings that a reload (SIGHUP) may change while it runs.
+#[derive(Debug)]
+pub struct FlushTuning {
+    writer_delay_us: AtomicU64,
+    commit_delay_us: AtomicU64,
+    commit_siblings: AtomicU32,
+}
+
+impl FlushTuning {
+    pub fn new(cfg: &Config) -> FlushTuning {
+        let t = FlushTuning {
+            writer_delay_us: AtomicU64::new(0),
+            commit_delay_us: AtomicU64::new(0),
+            commit_siblings: AtomicU32::new(0),
+        };
+        t.set(cfg);
+        t
+    }
+
+    pub fn set(&self, cfg: &Config) {
+        self.writer_delay_us
+            .store(cfg.wal_writer_delay.0 * 1000, Relaxed);
+        self.commit_delay_us.store(cfg.commit_delay, Relaxed);
+        self.commit_siblings.store(cfg.commit_siblings, Relaxed);
+    }
+}
+
+impl FlushSettings {
+    fn writer_delay(&self) -> Duration {
+        Duration::from_micros(self.tuning.writer_delay_us.load(Relaxed))
+    }
+
+    fn commit_delay(&self) -> Duration {
+        Duration::from_micros(self.tuning.commit_delay_us.load(Relaxed))
+    }
+
+    fn commit_siblings(&self) -> u32 {
+        self.tuning.commit_siblings.load(Relaxed)
     }
 }
 
@@ -228,17 +266,17 @@ impl Demand {
         let waited_for = commit.request_lsn() > submitted;
         let shutting_down = commit.is_shut_down();
         let pressure = safe.0 - submitted.0 >= shared.insert.buffer.size() / 4;
-        let timer = self.last_flush.elapsed() >= s.writer_delay;
+        let timer = self.last_flush.elapsed() >= s.writer_delay();
         if !(waited_for || shutting_down || pressure || timer) {
             return Ok(false);
         }
         if waited_for
             && !shutting_down
-            && !s.commit_delay.is_zero()
-            && commit.waiting() >= s.commit_siblings
+            && !s.commit_delay().is_zero()
+            && commit.waiting() >= s.commit_siblings()
         {
             let now = Instant::now();
-            let until = *self.delay_until.get_or_insert(now + s.commit_delay);
+            let until = *self.delay_until.get_or_insert(now + s.commit_delay());
             if now < until {
                 return Err(until);
             }
@@ -588,7 +626,7 @@ pub(crate) fn run_uring(
             // fully copied yet (an inserter may have been preempted): poll.
             Duration::from_micros(20)
         } else {
-            (demand.last_flush + s.writer_delay)
+            (demand.last_flush + s.writer_delay())
                 .saturating_duration_since(now)
                 .max(Duration::from_micros(100))
         };
@@ -650,7 +688,7 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
                         Duration::from_micros(20)
                     }
                     _ => Duration::from_millis(1).max(
-                        (demand.last_flush + s.writer_delay)
+                        (demand.last_flush + s.writer_delay())
                             .saturating_duration_since(Instant::now()),
                     ),
                 };

@@ -142,6 +142,8 @@ pub(crate) struct WalShared {
     opened_at: Lsn,
     closed: AtomicBool,
     release_lock: Mutex<()>,
+    /// The running flusher's reloadable settings.
+    tuning: Mutex<Option<Arc<flusher::FlushTuning>>>,
 }
 
 /// The embedded WAL engine. Share it between threads by reference (or Arc).
@@ -257,6 +259,7 @@ impl Wal {
             opened_at: end,
             closed: AtomicBool::new(false),
             release_lock: Mutex::new(()),
+            tuning: Mutex::new(None),
             cfg,
         });
         if !shared.cfg.fsync {
@@ -276,6 +279,7 @@ impl Wal {
         );
         let fl = Arc::clone(&shared);
         let settings = flusher::FlushSettings::from_config(&shared.cfg);
+        *shared.tuning.lock().unwrap() = Some(Arc::clone(&settings.tuning));
         let pin = shared.cfg.cpu_affinity.last().copied();
         let kind = shared.cfg.wal_flusher;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -337,6 +341,14 @@ impl Wal {
     /// Waits until WAL up to `end` (an [`Appended::end`]) reaches `level`.
     pub fn wait(&self, end: Lsn, level: Durability) -> Result<()> {
         self.shared.wait(end, level)
+    }
+
+    /// Applies the reloadable flusher settings of `cfg` (`wal_writer_delay`,
+    /// `commit_delay`, `commit_siblings`) to the running flusher.
+    pub fn reload_flush_settings(&self, cfg: &Config) {
+        if let Some(t) = self.shared.tuning.lock().unwrap().as_ref() {
+            t.set(cfg);
+        }
     }
 
     /// Registers a thread with its own event loop to be signalled (through
