@@ -366,7 +366,7 @@ fn exec_start_notifies_ready_survives_reload_and_stops_cleanly() {
         "exit {status} after SIGTERM (Restart=on-failure would restart it)\n{err}"
     );
     for line in [
-        "end of WAL at ",
+        "creating a new WAL at ",
         "listening on ",
         "received SIGHUP",
         "walden stopped cleanly",

@@ -213,6 +213,7 @@ impl Wal {
             }
         }
         match &scan.reason {
+            _ if present.is_empty() => tracing::info!("creating a new WAL at {end} in {}", dir.display()),
             Some(reason) => tracing::info!(
                 "end of WAL at {end}: {reason}; {} records ({} bytes) from {start} checked in {:.3} s",
                 scan.records,
