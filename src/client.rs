@@ -6,10 +6,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::durability::Durability;
 use crate::lsn::Lsn;
 use crate::protocol::{self, Direction, ErrorCode, Frame, Limits, ProtocolError, Record};
 use crate::record::Kind;
-use crate::wal::Durability;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

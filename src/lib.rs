@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod config;
+pub mod durability;
 pub mod io;
 pub mod lsn;
 pub mod metrics;

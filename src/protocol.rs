@@ -20,9 +20,9 @@
 
 use std::fmt;
 
+use crate::durability::Durability;
 use crate::lsn::Lsn;
 use crate::record::{Kind, ALIGN};
-use crate::wal::Durability;
 
 /// The newest protocol version this build speaks.
 pub const VERSION: u16 = 1;

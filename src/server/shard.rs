@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ServerShared;
+use crate::durability::Durability;
 use crate::io::net::{ConnId, Event, NetRing};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
@@ -17,7 +18,7 @@ use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limi
 use crate::record::Kind;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{EndOfWal, WalReader};
-use crate::wal::{Durability, WalError, TIMELINE};
+use crate::wal::{WalError, TIMELINE};
 
 const RECV_BUF: usize = 256 << 10;
 /// Records frames sent to a follower are cut at about this size.
