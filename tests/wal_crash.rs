@@ -73,6 +73,8 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
         let flusher = if cycle % 5 == 4 { "pwrite" } else { "uring" };
         // Every third cycle, io_uring even at queue depth 1.
         let depth1 = if cycle % 3 == 2 { "false" } else { "true" };
+        // Every fourth cycle from the second, fallocated (unwritten) segments.
+        let init_zero = if cycle % 4 == 1 { "false" } else { "true" };
         let mut child = Command::new(env!("CARGO_BIN_EXE_walden"))
             .args(["wal-child", "-D"])
             .arg(dir.path())
@@ -93,6 +95,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
                 &format!("wal_flusher={flusher}"),
             ])
             .args(["-c", &format!("wal_sync_at_depth_1={depth1}")])
+            .args(["-c", &format!("wal_init_zero={init_zero}")])
             .env("WALDEN_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
