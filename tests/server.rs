@@ -319,6 +319,25 @@ fn authentication_rules() {
     s.shutdown().unwrap();
 }
 
+/// `walden serve -D dir` on a free port, metrics off, 1 MiB segments.
+fn spawn_server(dir: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["serve", "-D"])
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addr=127.0.0.1:0",
+            "-c",
+            "metrics_addr=",
+            "-c",
+            "wal_segment_size=1MB",
+        ])
+        .env("WALDEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn read_addr(dir: &std::path::Path) -> String {
     let t = Instant::now();
     loop {
@@ -338,23 +357,7 @@ fn read_addr(dir: &std::path::Path) -> String {
 #[test]
 fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
     let d = tempfile::tempdir().unwrap();
-    let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_walden"))
-            .args(["serve", "-D"])
-            .arg(d.path())
-            .args([
-                "-c",
-                "listen_addr=127.0.0.1:0",
-                "-c",
-                "metrics_addr=",
-                "-c",
-                "wal_segment_size=1MB",
-            ])
-            .env("WALDEN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || spawn_server(d.path());
     let mut child = spawn();
     let addr = read_addr(d.path());
     let mut c = Client::connect(&addr, None).unwrap();
@@ -423,23 +426,7 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
 fn kill_9_under_bench_load_then_verify_finds_every_ack() {
     let d = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_walden");
-    let serve = || {
-        Command::new(bin)
-            .args(["serve", "-D"])
-            .arg(d.path())
-            .args([
-                "-c",
-                "listen_addr=127.0.0.1:0",
-                "-c",
-                "metrics_addr=",
-                "-c",
-                "wal_segment_size=1MB",
-            ])
-            .env("WALDEN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let serve = || spawn_server(d.path());
     for cycle in 0..3 {
         let _ = std::fs::remove_file(d.path().join("walden.addr"));
         let mut server = serve();

@@ -467,17 +467,7 @@ impl Shard<'_> {
                     .map(|(l, _, p)| Lsn(l.0 + crate::record::stream_len(p.len())))
                     .unwrap_or(from);
                 self.out.clear();
-                if !batch.is_empty() {
-                    protocol::encode_records(
-                        request_id,
-                        batch.iter().map(|(lsn, kind, payload)| RecordRef {
-                            lsn: *lsn,
-                            kind: *kind,
-                            payload,
-                        }),
-                        &mut self.out,
-                    );
-                }
+                encode_batch(request_id, &batch, &mut self.out);
                 protocol::encode(&Frame::ReadEnd { request_id, end }, &mut self.out);
                 let _ = self.ring.send(id, &self.out);
             }
@@ -581,15 +571,7 @@ impl Shard<'_> {
             }
             if !batch.is_empty() {
                 self.out.clear();
-                protocol::encode_records(
-                    request_id,
-                    batch.iter().map(|(lsn, kind, payload)| RecordRef {
-                        lsn: *lsn,
-                        kind: *kind,
-                        payload,
-                    }),
-                    &mut self.out,
-                );
+                encode_batch(request_id, &batch, &mut self.out);
                 let _ = self.ring.send(id, &self.out);
             }
             if let Some(msg) = bad {
@@ -639,6 +621,22 @@ impl Shard<'_> {
             }
         }
     }
+}
+
+/// A Records frame of records read from the WAL (nothing if there are none).
+fn encode_batch(request_id: u64, batch: &[(Lsn, Kind, Vec<u8>)], out: &mut Vec<u8>) {
+    if batch.is_empty() {
+        return;
+    }
+    protocol::encode_records(
+        request_id,
+        batch.iter().map(|(lsn, kind, payload)| RecordRef {
+            lsn: *lsn,
+            kind: *kind,
+            payload,
+        }),
+        out,
+    );
 }
 
 /// Compares secrets in time independent of where they differ.
