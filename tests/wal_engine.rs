@@ -452,3 +452,23 @@ fn a_missing_segment_before_later_ones_refuses_to_start() {
         .join(walden::lsn::segment_file_name(TIMELINE, 3, seg))
         .exists());
 }
+
+#[test]
+fn commit_delay_holds_the_flush_when_enough_commits_wait() {
+    // commit_siblings = 0: every flush for a waiter is delayed commit_delay.
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = config(d.path());
+    cfg.commit_delay = 30_000;
+    cfg.commit_siblings = 0;
+    let wal = Wal::open(cfg).unwrap();
+    for _ in 0..3 {
+        let a = wal.append(Kind::DATA, b"delayed").unwrap();
+        let t = std::time::Instant::now();
+        wal.wait(a.end, Durability::Local).unwrap();
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(25),
+            "the flush came after {:?}, before commit_delay (30 ms)",
+            t.elapsed()
+        );
+    }
+}
