@@ -35,12 +35,7 @@ struct Conn {
 
 /// The server's address: -h/-p, else DIR/walden.addr, else 127.0.0.1:7480.
 fn server_addr(args: &BenchArgs) -> String {
-    let from_file = std::fs::read_to_string(args.data_dir.join("walden.addr"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
-        });
+    let from_file = super::common::listen_addr_in(&args.data_dir);
     let (fh, fp) = match from_file.as_deref().and_then(|a| a.rsplit_once(':')) {
         Some((h, p)) => (Some(h.to_string()), p.parse().ok()),
         None => (None, None),
@@ -60,15 +55,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let threads = args.threads.clamp(1, clients);
     let pipeline = args.pipeline.max(1);
     let batch = args.batch.max(1);
-    let token = match &args.token_file {
-        Some(p) => Some(
-            std::fs::read(p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .trim_ascii()
-                .to_vec(),
-        ),
-        None => None,
-    };
+    let token = super::common::read_token(args.token_file.as_deref())?;
     let ack_log = match &args.ack_log {
         Some(p) => Some(Mutex::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,

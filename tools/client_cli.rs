@@ -26,23 +26,10 @@ impl Conn {
     pub fn connect(&self) -> anyhow::Result<Client> {
         let addr = match &self.host {
             Some(h) => h.clone(),
-            None => std::fs::read_to_string(self.data_dir.join("walden.addr"))
-                .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
-                })
+            None => super::common::listen_addr_in(&self.data_dir)
                 .unwrap_or_else(|| "127.0.0.1:7480".into()),
         };
-        let token = match &self.token_file {
-            Some(p) => Some(
-                std::fs::read(p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .trim_ascii()
-                    .to_vec(),
-            ),
-            None => None,
-        };
+        let token = super::common::read_token(self.token_file.as_deref())?;
         Ok(Client::connect(&addr, token.as_deref())?)
     }
 }

@@ -1,4 +1,5 @@
-//! What the tools share: loading the configuration the way `walden serve` will.
+//! What the tools share: loading the configuration the way `walden serve` does,
+//! and finding a running server (its `walden.addr`, the auth token).
 
 use std::path::{Path, PathBuf};
 
@@ -36,4 +37,19 @@ pub fn start_metrics(
         return Ok(None);
     }
     Ok(Some(server.serve_http(&cfg.metrics_addr)?))
+}
+
+/// The protocol address a running server wrote to `DIR/walden.addr`.
+pub fn listen_addr_in(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("walden.addr"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+}
+
+/// The auth token in `path` (surrounding whitespace trimmed), if one is given.
+pub fn read_token(path: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(p) = path else { return Ok(None) };
+    let t = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(Some(t.trim_ascii().to_vec()))
 }
