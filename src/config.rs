@@ -56,6 +56,23 @@ pub enum FlusherKind {
     Pwrite,
 }
 
+/// How full-page images are compressed in the WAL (`wal_compression`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalCompression {
+    Off,
+    Lz4,
+}
+
+impl WalCompression {
+    pub fn name(self) -> &'static str {
+        match self {
+            WalCompression::Off => "off",
+            WalCompression::Lz4 => "lz4",
+        }
+    }
+}
+
 /// A size in bytes, written as a number or with PostgreSQL's units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Size(pub u64);
@@ -216,6 +233,34 @@ pub struct Config {
     /// Unsent bytes a connection may accumulate before it counts as slow
     /// (a follower is not fed past it).
     pub max_send_backlog: Size,
+
+    // --- the page store (data_dir) ---
+    /// Memory for cached pages (8kB frames).
+    pub shared_buffers: Size,
+    /// Log a full-page image on the first change to a page after each
+    /// checkpoint's redo point, so that a page torn by a crash is repaired.
+    pub full_page_writes: bool,
+    /// Compress full-page images: `off` or `lz4`.
+    pub wal_compression: WalCompression,
+    /// Checksum every page written (crc32c), verified on every read. Fixed
+    /// when the page store is created.
+    pub data_checksums: bool,
+    /// How long the background writer sleeps between rounds.
+    pub bgwriter_delay: Millis,
+    /// Most pages the background writer writes per round (0: off).
+    pub bgwriter_lru_maxpages: u32,
+    /// Pages to clean ahead per round, as a multiple of recent allocations.
+    pub bgwriter_lru_multiplier: f64,
+    /// Longest time between automatic checkpoints.
+    pub checkpoint_timeout: Millis,
+    /// Fraction of the checkpoint interval over which its writes are spread.
+    pub checkpoint_completion_target: f64,
+    /// Warn when checkpoints caused by WAL volume come closer together than this; 0: never.
+    pub checkpoint_warning: Millis,
+    /// Released segments are recycled (rather than removed) while the WAL is below this.
+    pub min_wal_size: Size,
+    /// Log each checkpoint's start and completion with its statistics.
+    pub log_checkpoints: bool,
 }
 
 impl Default for Config {
@@ -249,6 +294,18 @@ impl Default for Config {
             idle_timeout: Millis(0),
             slow_client_timeout: Millis(60_000),
             max_send_backlog: Size(64 << 20),
+            shared_buffers: Size(128 << 20),
+            full_page_writes: true,
+            wal_compression: WalCompression::Off,
+            data_checksums: true,
+            bgwriter_delay: Millis(200),
+            bgwriter_lru_maxpages: 100,
+            bgwriter_lru_multiplier: 2.0,
+            checkpoint_timeout: Millis(300_000),
+            checkpoint_completion_target: 0.9,
+            checkpoint_warning: Millis(30_000),
+            min_wal_size: Size(80 << 20),
+            log_checkpoints: true,
         }
     }
 }
@@ -391,6 +448,50 @@ impl Config {
             return invalid(
                 "commit_delay",
                 format!("{}us is more than 100000us", self.commit_delay),
+            );
+        }
+        if self.min_wal_size.0 < 2 * seg {
+            return invalid(
+                "min_wal_size",
+                format!(
+                    "{} must be at least twice wal_segment_size ({})",
+                    self.min_wal_size.0,
+                    2 * seg
+                ),
+            );
+        }
+        let page = crate::io::PAGE_SIZE as u64;
+        if self.shared_buffers.0 < 16 * page || self.shared_buffers.0 > (1 << 40) {
+            return invalid(
+                "shared_buffers",
+                format!(
+                    "{} must be between 128kB (16 pages) and 1TB",
+                    self.shared_buffers.0
+                ),
+            );
+        }
+        if !(10..=10_000).contains(&self.bgwriter_delay.0) {
+            return invalid(
+                "bgwriter_delay",
+                format!("{}ms is not between 10ms and 10s", self.bgwriter_delay.0),
+            );
+        }
+        if !(0.0..=10.0).contains(&self.bgwriter_lru_multiplier) {
+            return invalid(
+                "bgwriter_lru_multiplier",
+                format!("{} is not between 0 and 10", self.bgwriter_lru_multiplier),
+            );
+        }
+        if !(1_000..=86_400_000).contains(&self.checkpoint_timeout.0) {
+            return invalid(
+                "checkpoint_timeout",
+                format!("{}ms is not between 1s and 1d", self.checkpoint_timeout.0),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.checkpoint_completion_target) {
+            return invalid(
+                "checkpoint_completion_target",
+                format!("{} is not between 0 and 1", self.checkpoint_completion_target),
             );
         }
         Ok(())

@@ -4,11 +4,12 @@
 //! group commit, and acknowledges it at the level asked for. This crate is the
 //! engine (embeddable: see [`Wal`]) and the `walden` binary's subcommands.
 //!
-//! What it is not: a database. Records are opaque bytes; the page store
-//! materialised from page records arrives in `store`.
+//! What it is not: a database. Records are opaque bytes; pages (in
+//! [`store`]) are opaque 8 KiB blocks materialised from page records.
 //!
 //! Floors, from the bottom: [`io`] (every syscall and `unsafe`), [`lsn`],
-//! [`record`], [`config`], [`wal`]. Nothing imports upward.
+//! [`record`], [`config`], [`wal`], [`store`], then the protocol, client and
+//! server. Nothing imports upward.
 
 pub mod client;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod server;
+pub mod store;
 #[doc(hidden)]
 pub mod testkit;
 pub mod topology;
@@ -27,4 +29,5 @@ pub mod wal;
 pub use config::Config;
 pub use lsn::Lsn;
 pub use record::Kind;
+pub use store::{Store, StoreError};
 pub use wal::{Appended, Durability, Inserter, Wal, WalError};

@@ -261,6 +261,30 @@ pub struct WalSnapshot {
 }
 
 /// Returns the figures of the WAL at the moment of a scrape.
+/// The page store's figures, filled by `Store::metrics_snapshot`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreSnapshot {
+    /// Completed checkpoints by reason (`time`, `wal`, `requested`, `shutdown`, `end_of_recovery`).
+    pub checkpoints: [(&'static str, u64); 5],
+    pub checkpoints_failed: u64,
+    pub checkpoint_in_progress: bool,
+    pub buffers_checkpoint: u64,
+    pub checkpoint_write_seconds: f64,
+    pub checkpoint_sync_seconds: f64,
+    pub last_checkpoint_lsn: u64,
+    pub last_redo_lsn: u64,
+    pub buffers_clean: u64,
+    pub maxwritten_clean: u64,
+    pub buffers_alloc: u64,
+    pub buffers_backend: u64,
+    pub shared_buffers: u64,
+    pub page_writes: u64,
+    pub page_images: u64,
+    pub page_image_bytes: u64,
+    pub page_reads: u64,
+    pub page_device_reads: u64,
+}
+
 pub type WalSnapshotFn = Arc<dyn Fn() -> WalSnapshot + Send + Sync>;
 /// Returns the `/status` document (JSON).
 pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;

@@ -39,13 +39,36 @@ pub struct Kind(pub u8);
 impl Kind {
     /// A client record: opaque bytes.
     pub const DATA: Kind = Kind(1);
-    /// Padding or a marker with no meaning to replay.
+    /// Padding or a marker with no meaning to replay (also what a page
+    /// write becomes when a checkpoint's redo point overtook it: see
+    /// `store`).
     pub const NOOP: Kind = Kind(128);
+    /// A change to part of a page: relation, block, offset, bytes.
+    pub const PAGE_WRITE: Kind = Kind(129);
+    /// A full-page image (the first change to a page after a redo point),
+    /// optionally lz4-compressed.
+    pub const PAGE_IMAGE: Kind = Kind(130);
+    /// Where a checkpoint's redo starts: the record's own LSN is the redo point.
+    pub const CHECKPOINT_REDO: Kind = Kind(131);
+    /// An online checkpoint completed; its payload names the redo point.
+    pub const CHECKPOINT_ONLINE: Kind = Kind(132);
+    /// A shutdown checkpoint: nothing before it needs replay.
+    pub const CHECKPOINT_SHUTDOWN: Kind = Kind(133);
+
+    /// Whether recovery replays records of this kind (the page store's own).
+    pub fn is_walden(self) -> bool {
+        self.0 >= 128
+    }
 
     pub fn name(self) -> String {
         match self {
             Kind::DATA => "DATA".into(),
             Kind::NOOP => "NOOP".into(),
+            Kind::PAGE_WRITE => "PAGE_WRITE".into(),
+            Kind::PAGE_IMAGE => "PAGE_IMAGE".into(),
+            Kind::CHECKPOINT_REDO => "CHECKPOINT_REDO".into(),
+            Kind::CHECKPOINT_ONLINE => "CHECKPOINT_ONLINE".into(),
+            Kind::CHECKPOINT_SHUTDOWN => "CHECKPOINT_SHUTDOWN".into(),
             Kind(k) if k < 128 => format!("USER{k}"),
             Kind(k) => format!("WALDEN{k}"),
         }
@@ -146,6 +169,30 @@ pub fn encode_header(
     hdr[18..20].copy_from_slice(&[0; 2]);
     hdr[20..24].copy_from_slice(&raw_len.to_le_bytes());
     let crc = record_crc(hdr, payload);
+    hdr[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Fills `hdr` with the header of a NOOP record at `lsn` whose payload is
+/// `payload_len` zero bytes (the caller zeroes them in place). It takes the
+/// place of a reserved record that must not be written after all, with the
+/// same stream length. No allocation.
+pub fn encode_noop_header(hdr: &mut [u8; HEADER_LEN], lsn: Lsn, payload_len: usize) {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    let tot_len = (HEADER_LEN + payload_len) as u32;
+    hdr[0..4].copy_from_slice(&tot_len.to_le_bytes());
+    hdr[4..8].copy_from_slice(&[0; 4]);
+    hdr[8..16].copy_from_slice(&lsn.0.to_le_bytes());
+    hdr[16] = Kind::NOOP.0;
+    hdr[17] = 0;
+    hdr[18..24].copy_from_slice(&[0; 6]);
+    let mut crc = crc32c::crc32c(&hdr[0..4]);
+    crc = crc32c::crc32c_append(crc, &hdr[8..HEADER_LEN]);
+    let mut left = payload_len;
+    while left > 0 {
+        let n = left.min(ZEROS.len());
+        crc = crc32c::crc32c_append(crc, &ZEROS[..n]);
+        left -= n;
+    }
     hdr[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -305,6 +352,19 @@ mod tests {
             err.to_string(),
             "record with incorrect LSN 0/1000000 at 0/2000000"
         );
+    }
+
+    #[test]
+    fn noop_header_matches_a_zero_payload_record() {
+        for len in [0usize, 5, 4096, 9000] {
+            let lsn = Lsn(0x100_0040);
+            let want = encode(lsn, Kind::NOOP, &vec![0u8; len]);
+            let mut hdr = [0u8; HEADER_LEN];
+            encode_noop_header(&mut hdr, lsn, len);
+            assert_eq!(&hdr[..], &want[..HEADER_LEN], "payload {len}");
+            let (h, p) = decode(&want, lsn).unwrap();
+            assert_eq!((h.kind, p.len()), (Kind::NOOP, len));
+        }
     }
 
     #[test]

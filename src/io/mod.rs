@@ -5,15 +5,20 @@
 //! simulated, fault-injecting disk can later slide underneath them:
 //! - [`file::SegmentFile`]: positional reads and writes, data sync, preallocation;
 //! - [`file`]'s directory helpers: list, create, rename, remove, fsync the directory;
-//! - [`uring::WalQueue`]: the flusher's asynchronous writes and syncs.
+//! - [`uring::WalQueue`]: the flusher's asynchronous writes and syncs;
+//! - [`page_queue::PageQueue`]: the page store's batched page writes and file syncs.
 //!
 //! What this module is not: it knows nothing of LSNs, records or segments.
 
 pub mod aligned;
 pub mod file;
 pub mod net;
+pub mod page_queue;
 pub mod probe;
 pub mod uring;
+
+/// The unit of page-store I/O: one 8 KiB page (two blocks), as PostgreSQL's BLCKSZ.
+pub const PAGE_SIZE: usize = 8192;
 
 /// The unit of O_DIRECT I/O and of WAL writes: one 4 KiB block. Writes
 /// smaller than the device's 4 KiB physical sector cost a read-modify-write

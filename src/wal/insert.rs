@@ -181,8 +181,28 @@ impl InsertState {
         slot: &SlotGuard<'_>,
         records: &[(Kind, &[u8])],
         lsns: &mut Vec<Lsn>,
-        mut wait_space: impl FnMut(Lsn, Lsn),
+        wait_space: impl FnMut(Lsn, Lsn),
     ) -> (Lsn, Lsn) {
+        let (start, end, _) = self.insert_checked(slot, records, lsns, wait_space, |_| true);
+        (start, end)
+    }
+
+    /// [`InsertState::insert`], with a last word: once the records' start
+    /// LSN is known (reserved) and before anything is copied, `check(start)`
+    /// decides whether they are still wanted. If not, the reservation is
+    /// filled with NOOP records of the same lengths (zero payloads), so the
+    /// stream stays dense, and the third value returned is false. The page
+    /// store uses this to redo a full-page-image decision that a concurrent
+    /// checkpoint's redo point made stale (PostgreSQL rechecks `RedoRecPtr`
+    /// under its insertion lock for the same reason).
+    pub fn insert_checked(
+        &self,
+        slot: &SlotGuard<'_>,
+        records: &[(Kind, &[u8])],
+        lsns: &mut Vec<Lsn>,
+        mut wait_space: impl FnMut(Lsn, Lsn),
+        check: impl FnOnce(Lsn) -> bool,
+    ) -> (Lsn, Lsn, bool) {
         let total: u64 = records
             .iter()
             .map(|(_, p)| record::stream_len(p.len()))
@@ -209,30 +229,40 @@ impl InsertState {
             }
         }
 
+        let keep = check(Lsn(start));
         let mut at = start;
         let mut hdr = [0u8; HEADER_LEN];
         for (kind, payload) in records {
             let len = record::stream_len(payload.len());
-            record::encode_header(&mut hdr, Lsn(at), *kind, 0, 0, payload);
             let pad = len as usize - HEADER_LEN - payload.len();
             // SAFETY: [start, end) is ours alone (fetch_add hands out disjoint
             // ranges) and its ring memory is reclaimed (end - size <= reclaim),
             // so neither the flusher nor the kernel reads it; the flusher will
             // not read it before we store DONE (it stays above the safe point).
             unsafe {
-                self.buffer.put(Lsn(at), &hdr);
-                self.buffer.put(Lsn(at + HEADER_LEN as u64), payload);
+                if keep {
+                    record::encode_header(&mut hdr, Lsn(at), *kind, 0, 0, payload);
+                    self.buffer.put(Lsn(at), &hdr);
+                    self.buffer.put(Lsn(at + HEADER_LEN as u64), payload);
+                } else {
+                    record::encode_noop_header(&mut hdr, Lsn(at), payload.len());
+                    self.buffer.put(Lsn(at), &hdr);
+                    self.buffer
+                        .zero(Lsn(at + HEADER_LEN as u64), payload.len());
+                }
                 self.buffer
                     .zero(Lsn(at + (HEADER_LEN + payload.len()) as u64), pad);
             }
-            lsns.push(Lsn(at));
+            if keep {
+                lsns.push(Lsn(at));
+            }
             at += len;
         }
         debug_assert_eq!(at, end);
         slot.inserting_at.store(DONE, SeqCst);
         slot.records
             .store(slot.records.load(Relaxed) + records.len() as u64, Relaxed);
-        (Lsn(start), Lsn(end))
+        (Lsn(start), Lsn(end), keep)
     }
 }
 

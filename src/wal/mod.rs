@@ -45,6 +45,11 @@ use segments::Segments;
 /// The timeline every WAL starts on (timelines arrive with point-in-time restore).
 pub const TIMELINE: u32 = 1;
 
+/// Insert slots beyond one per shard, for the engine's own threads (the
+/// checkpointer) and embedded callers: a server's shards hold their slots
+/// for life, so a thread that appends now and then must find one free.
+pub const INTERNAL_SLOTS: usize = 2;
+
 pub use crate::durability::Durability;
 
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +191,7 @@ impl Wal {
         // anything is acknowledged after it, or a power cut could leave a
         // hole in front of acknowledged records.
         startup::sync_segments(&segments, start.segno(seg_size), end_segno)?;
-        segments.release_before(start.align_down(seg_size), end_segno)?;
+        segments.release_before(start.align_down(seg_size), end_segno, None)?;
         // IMPORTANT: the segment holding the end exists before the preparer
         // creates later ones, so a stop before the first write never leaves a
         // gap below prepared segments (which the next start would refuse).
@@ -197,7 +202,7 @@ impl Wal {
             WalBuffer::new(cfg.wal_buffers.0),
             end,
             &tail,
-            crate::topology::insert_shards(&cfg),
+            crate::topology::insert_shards(&cfg) + INTERNAL_SLOTS,
         );
         let wake = Arc::new(EventFd::new().map_err(|e| WalError::Thread("flusher eventfd", e))?);
         let shared = Arc::new(WalShared {
@@ -383,8 +388,14 @@ impl Wal {
         self.shared.insert.ring_full_waits.load(Relaxed)
     }
 
+    /// Shards to run: one per insert slot, less the [`INTERNAL_SLOTS`].
     pub fn insert_shards(&self) -> usize {
-        self.shared.insert.slot_count()
+        self.shared.insert.slot_count() - INTERNAL_SLOTS
+    }
+
+    /// Segments created since open (by the preparer or the flusher).
+    pub fn segments_created(&self) -> u64 {
+        self.shared.stats.segments_created.load(Relaxed)
     }
 
     /// A reader from `from` (a record start) up to the flush LSN now.
@@ -403,6 +414,18 @@ impl Wal {
     /// first, so a crash in between never leaves a WAL whose start is gone.
     /// Returns (recycled, removed). The checkpointer calls this with its redo LSN.
     pub fn remove_before(&self, lsn: Lsn) -> Result<(u64, u64)> {
+        self.remove_before_recycling(lsn, None)
+    }
+
+    /// [`Wal::remove_before`], recycling released segments only to numbers
+    /// up to `recycle_upto` (the checkpointer's estimate of what the next
+    /// cycle needs, between `min_wal_size` and `max_wal_size`) and removing
+    /// the rest. `None`: up to `max_wal_size` ahead.
+    pub fn remove_before_recycling(
+        &self,
+        lsn: Lsn,
+        recycle_upto: Option<u64>,
+    ) -> Result<(u64, u64)> {
         let _g = self.shared.release_lock.lock().unwrap();
         let flushed = self.flush_lsn();
         if lsn > flushed {
@@ -432,7 +455,10 @@ impl Wal {
         self.shared.start_lsn.store(lsn.0, Release);
         let seg_size = self.shared.segments.segment_size();
         let current = self.shared.commit.flush_lsn().segno(seg_size);
-        Ok(self.shared.segments.release_before(lsn, current)?)
+        Ok(self
+            .shared
+            .segments
+            .release_before(lsn, current, recycle_upto)?)
     }
 
     /// Flushes everything appended and stops the threads. Appends racing
@@ -440,6 +466,13 @@ impl Wal {
     pub fn close(self) -> Result<()> {
         self.shutdown();
         Ok(())
+    }
+
+    /// [`Wal::close`] for a WAL shared by reference: flushes everything
+    /// appended and stops the threads; appends after it fail with
+    /// [`WalError::Closed`]. Idempotent.
+    pub fn shut_down(&self) {
+        self.shutdown()
     }
 
     fn shutdown(&self) {
@@ -560,5 +593,40 @@ impl Inserter<'_> {
 
     pub fn wait(&self, end: Lsn, level: Durability) -> Result<()> {
         self.wal.wait(end, level)
+    }
+
+    /// Appends one of walden's own records (kinds 128..=255: page writes,
+    /// checkpoints), which `max_record_size` does not limit (a full-page
+    /// image must always fit), only the reservation limit of half the ring.
+    /// `check(lsn)` runs once the LSN is reserved and before the copy; if it
+    /// returns false the space becomes a NOOP record and `Ok(None)` is
+    /// returned (see [`insert::InsertState::insert_checked`]).
+    pub fn append_checked(
+        &mut self,
+        kind: Kind,
+        payload: &[u8],
+        check: impl FnOnce(Lsn) -> bool,
+    ) -> Result<Option<Appended>> {
+        let w = self.wal;
+        assert!(kind.is_walden(), "append_checked is for walden's own kinds");
+        let max = w.insert.max_reservation() as usize - record::HEADER_LEN - 8;
+        if payload.len() > max {
+            return Err(WalError::RecordTooLarge {
+                len: payload.len(),
+                max: max as u64,
+            });
+        }
+        if w.closed.load(Relaxed) {
+            return Err(WalError::Closed);
+        }
+        self.scratch.clear();
+        let (start, end, kept) = w.insert.insert_checked(
+            &self.slot,
+            &[(kind, payload)],
+            &mut self.scratch,
+            |s, n| w.wait_for_space(s, n),
+            check,
+        );
+        Ok(kept.then_some(Appended { lsn: start, end }))
     }
 }

@@ -237,12 +237,26 @@ impl Segments {
     /// allowed number are waiting, otherwise removed. `current` is the segment
     /// being written; segments at or after it are never touched.
     /// Returns (recycled, removed).
-    pub fn release_before(&self, lsn: Lsn, current: u64) -> Result<(u64, u64), FileError> {
+    ///
+    /// `recycle_upto` caps the numbers recycled segments may take (the
+    /// checkpointer's estimate of the next cycle's need); `None` allows up to
+    /// `max_wal_size` ahead of `current`. Never fewer than `wal_prealloc + 1`.
+    pub fn release_before(
+        &self,
+        lsn: Lsn,
+        current: u64,
+        recycle_upto: Option<u64>,
+    ) -> Result<(u64, u64), FileError> {
         let _g = self.files.lock().unwrap();
         let last_release = lsn.segno(self.segment_size); // exclusive
         let present = self.list()?;
         let mut next_future = current + 1;
-        let future_limit = current + self.recycle_ahead;
+        let future_limit = match recycle_upto {
+            Some(upto) => upto
+                .min(current + self.recycle_ahead)
+                .max(current + self.prealloc + 1),
+            None => current + self.recycle_ahead,
+        };
         let (mut recycled, mut removed) = (0, 0);
         for &segno in present.iter().filter(|&&s| s < last_release && s < current) {
             let old = self.path(segno);

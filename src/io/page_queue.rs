@@ -1,0 +1,259 @@
+//! The page store's io_uring: page writes and reads from registered bounce
+//! pages, and fsyncs of data files, many in flight at once. The checkpointer
+//! and the background writer each build one on their own thread and push a
+//! batch of writes (or one fsync per file) before waiting: that is where
+//! io_uring beats a loop of pwrite (measured for the WAL: 8 writes + 1 sync,
+//! ~441 µs against ~955 µs).
+//!
+//! Ownership: the queue owns the bounce memory, registered as fixed buffer
+//! 0; a slot is marked busy from the moment an operation on it is queued
+//! until its completion is reaped, and `Drop` waits for every operation. So
+//! the kernel never touches memory that was freed or handed back for reuse.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::aligned::AlignedBuf;
+use super::PAGE_SIZE;
+
+/// A finished operation: the caller's `user_data` and the kernel's result
+/// (bytes transferred, 0 for an fsync, or a negative errno).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageCompletion {
+    pub user_data: u64,
+    pub result: i32,
+}
+
+pub struct PageQueue {
+    // Field order: the ring is dropped (after Drop::drop drained it) before
+    // the memory it registered.
+    ring: IoUring,
+    bounce: AlignedBuf,
+    busy: Vec<bool>,
+    /// For each in-flight user_data that holds a slot, the slot.
+    slot_of: Vec<(u64, usize)>,
+    in_flight: usize,
+}
+
+impl PageQueue {
+    /// A queue with `slots` bounce pages. Built on the calling thread, which
+    /// alone may use it (SINGLE_ISSUER where the kernel has it).
+    pub fn new(slots: usize) -> io::Result<PageQueue> {
+        let slots = slots.max(1);
+        let entries = (slots as u32 * 2).next_power_of_two().max(8);
+        let ring = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+        {
+            Ok(r) => r,
+            Err(_) => IoUring::new(entries)?,
+        };
+        let bounce = AlignedBuf::zeroed(slots * PAGE_SIZE);
+        let iov = [libc::iovec {
+            iov_base: bounce.as_ptr() as *mut libc::c_void,
+            iov_len: bounce.len(),
+        }];
+        // SAFETY: the memory is owned by the returned queue and outlives the
+        // ring, which is dropped first (field order) after draining (Drop).
+        unsafe { ring.submitter().register_buffers(&iov)? };
+        Ok(PageQueue {
+            ring,
+            bounce,
+            busy: vec![false; slots],
+            slot_of: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.busy.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// A slot with no operation in flight, if any.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.busy.iter().position(|b| !b)
+    }
+
+    /// The page in slot `i`, to fill before a write or read after a read.
+    /// Panics if an operation on it is in flight.
+    pub fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        assert!(!self.busy[i], "bounce page {i} is in flight");
+        &mut self.bounce[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    pub fn page(&self, i: usize) -> &[u8] {
+        assert!(!self.busy[i], "bounce page {i} is in flight");
+        &self.bounce[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
+        if self.ring.submission().is_full() {
+            self.ring.submit()?;
+        }
+        // SAFETY: every buffer an entry points at is a bounce page owned by
+        // self and marked busy until its completion is reaped; Drop waits for
+        // all in-flight entries before the memory is freed.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&entry)
+                .map_err(|_| io::Error::other("submission queue full"))?
+        };
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn slot_ptr(&self, i: usize) -> *mut u8 {
+        assert!(i < self.busy.len());
+        // SAFETY (pointer arithmetic): i is in bounds (asserted).
+        unsafe { self.bounce.as_mut_ptr().add(i * PAGE_SIZE) }
+    }
+
+    /// Queues a write of bounce page `i` (all [`PAGE_SIZE`] bytes) to `fd`
+    /// at `offset`.
+    pub fn write_page(&mut self, fd: RawFd, i: usize, offset: u64, user_data: u64) -> io::Result<()> {
+        assert!(!self.busy[i], "bounce page {i} is in flight");
+        let e = opcode::WriteFixed::new(types::Fd(fd), self.slot_ptr(i), PAGE_SIZE as u32, 0)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        self.busy[i] = true;
+        self.slot_of.push((user_data, i));
+        self.push(e)
+    }
+
+    /// Queues a read of one page at `offset` of `fd` into bounce page `i`.
+    pub fn read_page(&mut self, fd: RawFd, i: usize, offset: u64, user_data: u64) -> io::Result<()> {
+        assert!(!self.busy[i], "bounce page {i} is in flight");
+        let e = opcode::ReadFixed::new(types::Fd(fd), self.slot_ptr(i), PAGE_SIZE as u32, 0)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        self.busy[i] = true;
+        self.slot_of.push((user_data, i));
+        self.push(e)
+    }
+
+    /// Queues fsync(2) of `fd` (data and metadata: data files grow).
+    pub fn fsync(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        let e = opcode::Fsync::new(types::Fd(fd))
+            .build()
+            .user_data(user_data);
+        self.push(e)
+    }
+
+    /// Submits what is queued and waits for at least `want` completions (or
+    /// `timeout`).
+    pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        let want = want.min(self.in_flight);
+        let res = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            None => self.ring.submitter().submit_and_wait(want),
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves finished operations into `out`, freeing their bounce pages.
+    pub fn reap(&mut self, out: &mut Vec<PageCompletion>) {
+        for cqe in self.ring.completion() {
+            self.in_flight -= 1;
+            let user_data = cqe.user_data();
+            if let Some(pos) = self.slot_of.iter().position(|(u, _)| *u == user_data) {
+                let (_, slot) = self.slot_of.swap_remove(pos);
+                self.busy[slot] = false;
+            }
+            out.push(PageCompletion {
+                user_data,
+                result: cqe.result(),
+            });
+        }
+    }
+
+    /// Submits and waits until nothing is in flight; returns every completion.
+    pub fn drain(&mut self, out: &mut Vec<PageCompletion>) -> io::Result<()> {
+        while self.in_flight > 0 {
+            self.submit_and_wait(1, None)?;
+            self.reap(out);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PageQueue {
+    fn drop(&mut self) {
+        // IMPORTANT: the kernel may still use bounce pages of operations in
+        // flight; wait for them before the memory goes.
+        let mut sink = Vec::new();
+        while self.in_flight > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.reap(&mut sink);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::file::{OpenMode, SegmentFile};
+
+    #[test]
+    fn writes_reads_and_syncs_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rel");
+        let f = SegmentFile::open(
+            &path,
+            OpenMode {
+                write: true,
+                create_new: true,
+                direct: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut q = PageQueue::new(4).unwrap();
+        for i in 0..4 {
+            q.page_mut(i).fill(i as u8 + 1);
+            q.write_page(f.raw_fd(), i, (i * PAGE_SIZE) as u64, i as u64).unwrap();
+        }
+        assert_eq!(q.free_slot(), None);
+        let mut done = Vec::new();
+        q.drain(&mut done).unwrap();
+        assert_eq!(done.len(), 4);
+        assert!(done.iter().all(|c| c.result == PAGE_SIZE as i32));
+        q.fsync(f.raw_fd(), 99).unwrap();
+        done.clear();
+        q.drain(&mut done).unwrap();
+        assert_eq!(done, vec![PageCompletion { user_data: 99, result: 0 }]);
+        q.read_page(f.raw_fd(), 0, 2 * PAGE_SIZE as u64, 7).unwrap();
+        done.clear();
+        q.drain(&mut done).unwrap();
+        assert_eq!(done[0].result, PAGE_SIZE as i32);
+        assert!(q.page(0).iter().all(|&b| b == 3));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * PAGE_SIZE as u64);
+    }
+}

@@ -1,0 +1,492 @@
+//! The buffer pool (`shared_buffers`): page frames, the table that maps a
+//! page to its frame, pins, usage counts and the clock sweep that picks a
+//! victim, dirty bits, and the one place a page is written out.
+//!
+//! Locks, in the only order they are taken (PostgreSQL's bufmgr, simplified):
+//! 1. a mapping partition (`mapping[hash(tag) % N]`), to find or retag a frame;
+//! 2. a frame's content latch (`page`, a RwLock), held shared to read or to
+//!    copy the page for a write-out, exclusive to change it;
+//! 3. a frame's header (`meta`), briefly, for pins, usage, flags.
+//! A thread never waits for a latch while holding a header, and never takes
+//! a partition while holding a latch.
+//!
+//! Invariants:
+//! - a frame's `tag` and its mapping entry change together, under the
+//!   partition lock(s), only while the frame is pinned by the retagger alone
+//!   and clean;
+//! - a page is changed only under its exclusive latch, and marked dirty
+//!   before that latch is released; a write-out copies it under the shared
+//!   latch and clears `dirty` before releasing it, so no change is lost;
+//! - at most one write-out of a frame at a time (`io_busy`), so an older
+//!   image can never land after a newer one;
+//! - WAL before data: a copy is written only once the WAL is flushed past
+//!   its page LSN (asserted in [`BufferPool::before_write`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crossbeam::utils::CachePadded;
+
+use crate::io::aligned::AlignedBuf;
+use crate::io::PAGE_SIZE;
+use crate::lsn::Lsn;
+use crate::wal::{Durability, Wal};
+
+use super::page::{self, PageTag};
+use super::relfiles::RelFiles;
+use super::StoreError;
+
+/// PostgreSQL's BM_MAX_USAGE_COUNT: a frame survives this many sweeps unused.
+const MAX_USAGE: u8 = 5;
+const PARTITIONS: usize = 64;
+
+/// Called for every page write-out with (page, page LSN, flush LSN at the
+/// moment of the write). Tests use it to check WAL before data.
+pub type WriteObserver = Arc<dyn Fn(PageTag, Lsn, Lsn) + Send + Sync>;
+
+#[derive(Default)]
+struct Meta {
+    tag: Option<PageTag>,
+    pins: u32,
+    usage: u8,
+    /// The content differs from what the data device holds.
+    dirty: bool,
+    /// The content is loaded (false while a read is in progress or failed).
+    valid: bool,
+    /// A read or a write-out of this frame is in progress.
+    io_busy: bool,
+    /// Dirty when the current checkpoint started: it must write the page.
+    checkpoint_needed: bool,
+}
+
+struct Frame {
+    meta: Mutex<Meta>,
+    io_done: Condvar,
+    page: RwLock<AlignedBuf>,
+}
+
+/// Counters the bgwriter and /metrics read.
+#[derive(Default)]
+pub struct PoolStats {
+    /// Frames handed out for a new page (PostgreSQL's buffers_alloc).
+    pub allocs: AtomicU64,
+    /// Dirty pages written by a foreground thread to free a frame (buffers_backend).
+    pub backend_writes: AtomicU64,
+    pub reads: AtomicU64,
+    pub hits: AtomicU64,
+}
+
+pub struct BufferPool {
+    frames: Box<[Frame]>,
+    mapping: Box<[Mutex<HashMap<PageTag, usize>>]>,
+    /// Clock hand: the number of frames the sweep has passed, ever.
+    hand: CachePadded<AtomicU64>,
+    files: Arc<RelFiles>,
+    wal: Arc<Wal>,
+    checksums: bool,
+    pub stats: PoolStats,
+    observer: RwLock<Option<WriteObserver>>,
+}
+
+/// How [`BufferPool::pin`] fills a frame for a page not in the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Read it from the data device, checksum verified.
+    Read,
+    /// Zeros: the caller overwrites the whole page (a full-page image in
+    /// redo), so a torn page on disk is never read.
+    Zero,
+}
+
+/// What [`BufferPool::start_write`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteStart {
+    /// The page is copied and sealed into `dest`; write it, then call
+    /// [`BufferPool::finish_write`].
+    Started { tag: PageTag, lsn: Lsn },
+    /// Nothing to write. `reusable`: the frame could be taken for a new page
+    /// right now (unpinned, usage 0, clean).
+    Skipped { reusable: bool },
+}
+
+/// Which dirty frames [`BufferPool::start_write`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteFilter {
+    /// Marked by the current checkpoint (and still holding `tag`).
+    Checkpoint(PageTag),
+    /// About to be reused: unpinned and usage 0 (the bgwriter).
+    Reusable,
+    /// Any dirty frame (eviction).
+    Any,
+}
+
+thread_local! {
+    /// A foreground thread's bounce page for writing out a victim.
+    static BOUNCE: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+}
+
+impl BufferPool {
+    pub fn new(frames: usize, files: Arc<RelFiles>, wal: Arc<Wal>, checksums: bool) -> BufferPool {
+        let frames = frames.max(16);
+        BufferPool {
+            frames: (0..frames)
+                .map(|_| Frame {
+                    meta: Mutex::new(Meta::default()),
+                    io_done: Condvar::new(),
+                    page: RwLock::new(AlignedBuf::zeroed(PAGE_SIZE)),
+                })
+                .collect(),
+            mapping: (0..PARTITIONS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            hand: CachePadded::new(AtomicU64::new(0)),
+            files,
+            wal,
+            checksums,
+            stats: PoolStats::default(),
+            observer: RwLock::new(None),
+        }
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn files(&self) -> &Arc<RelFiles> {
+        &self.files
+    }
+
+    pub fn checksums(&self) -> bool {
+        self.checksums
+    }
+
+    /// Where the clock hand is: frames passed since startup.
+    pub fn clock_position(&self) -> u64 {
+        self.hand.load(Relaxed)
+    }
+
+    #[doc(hidden)]
+    pub fn set_write_observer(&self, f: Option<WriteObserver>) {
+        *self.observer.write().unwrap() = f;
+    }
+
+    fn partition(tag: PageTag) -> usize {
+        // Fibonacci hashing of the 64-bit address.
+        let k = ((tag.rel as u64) << 32 | tag.block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (k >> 58) as usize % PARTITIONS
+    }
+
+    /// Pins the frame holding `tag`, loading the page (or zeros) into a
+    /// frame first if it is not in the pool. The page stays in its frame
+    /// while the pin lives.
+    pub fn pin(&self, tag: PageTag, fill: Fill) -> Result<Pinned<'_>, StoreError> {
+        loop {
+            if let Some(p) = self.pin_existing(tag)? {
+                self.stats.hits.fetch_add(1, Relaxed);
+                return Ok(p);
+            }
+            let idx = self.victim()?;
+            let f = &self.frames[idx];
+            // Retag under both partitions (in index order), if nobody took
+            // the victim or loaded `tag` meanwhile.
+            let old = f.meta.lock().unwrap().tag;
+            let new_p = Self::partition(tag);
+            let old_p = old.map(Self::partition);
+            let (first, second) = match old_p {
+                Some(o) if o < new_p => (o, Some(new_p)),
+                Some(o) if o > new_p => (new_p, Some(o)),
+                _ => (new_p, None),
+            };
+            let mut g1 = self.mapping[first].lock().unwrap();
+            let mut g2 = second.map(|p| self.mapping[p].lock().unwrap());
+            let mut m = f.meta.lock().unwrap();
+            let new_map = if first == new_p { &mut *g1 } else { g2.as_deref_mut().unwrap() };
+            if m.pins != 1 || m.dirty || m.io_busy || m.tag != old || new_map.contains_key(&tag) {
+                m.pins -= 1;
+                continue;
+            }
+            new_map.insert(tag, idx);
+            if let Some(o) = old {
+                let old_map = if Some(first) == old_p { &mut *g1 } else { g2.as_deref_mut().unwrap() };
+                old_map.remove(&o);
+            }
+            m.tag = Some(tag);
+            m.valid = false;
+            m.io_busy = true;
+            m.usage = 1;
+            m.checkpoint_needed = false;
+            drop(m);
+            drop(g2);
+            drop(g1);
+            let loaded = self.load(idx, tag, fill);
+            let mut m = f.meta.lock().unwrap();
+            m.io_busy = false;
+            m.valid = loaded.is_ok();
+            drop(m);
+            f.io_done.notify_all();
+            if let Err(e) = loaded {
+                self.forget(idx, tag);
+                return Err(e);
+            }
+            return Ok(Pinned {
+                pool: self,
+                idx,
+                tag,
+            });
+        }
+    }
+
+    fn pin_existing(&self, tag: PageTag) -> Result<Option<Pinned<'_>>, StoreError> {
+        let map = self.mapping[Self::partition(tag)].lock().unwrap();
+        let Some(&idx) = map.get(&tag) else {
+            return Ok(None);
+        };
+        let f = &self.frames[idx];
+        let mut m = f.meta.lock().unwrap();
+        debug_assert_eq!(m.tag, Some(tag), "mapping and frame disagree");
+        m.pins += 1;
+        m.usage = (m.usage + 1).min(MAX_USAGE);
+        drop(map);
+        while m.io_busy && !m.valid {
+            m = f.io_done.wait(m).unwrap();
+        }
+        if !m.valid {
+            // The load failed (its loader reports why); try again ourselves.
+            m.pins -= 1;
+            return Ok(None);
+        }
+        drop(m);
+        Ok(Some(Pinned {
+            pool: self,
+            idx,
+            tag,
+        }))
+    }
+
+    /// Reads (or zeroes) a freshly retagged frame; only this thread can see
+    /// its content (others wait for `valid`).
+    fn load(&self, idx: usize, tag: PageTag, fill: Fill) -> Result<(), StoreError> {
+        let mut g = self.frames[idx].page.write().unwrap();
+        match fill {
+            Fill::Zero => {
+                g.fill(0);
+                Ok(())
+            }
+            Fill::Read => {
+                self.stats.reads.fetch_add(1, Relaxed);
+                self.files.read_page(tag, &mut g)?;
+                if let Err(e) = page::verify(&g, tag, self.checksums) {
+                    g.fill(0);
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops a frame whose load failed from the mapping and unpins it.
+    fn forget(&self, idx: usize, tag: PageTag) {
+        let mut map = self.mapping[Self::partition(tag)].lock().unwrap();
+        let mut m = self.frames[idx].meta.lock().unwrap();
+        if map.get(&tag) == Some(&idx) {
+            map.remove(&tag);
+        }
+        m.tag = None;
+        m.pins -= 1;
+        m.usage = 0;
+    }
+
+    /// Runs the clock sweep to a frame nobody uses, writes it out if dirty,
+    /// and returns it pinned (by us alone, unless someone found it since).
+    fn victim(&self) -> Result<usize, StoreError> {
+        let n = self.frames.len() as u64;
+        let mut busy_in_a_row = 0u64;
+        loop {
+            let idx = (self.hand.fetch_add(1, Relaxed) % n) as usize;
+            let f = &self.frames[idx];
+            let mut m = f.meta.lock().unwrap();
+            if m.pins > 0 || m.io_busy {
+                busy_in_a_row += 1;
+                if busy_in_a_row > 2 * n {
+                    return Err(StoreError::NoFreeBuffers(n as usize));
+                }
+                continue;
+            }
+            busy_in_a_row = 0;
+            if m.usage > 0 && m.tag.is_some() {
+                m.usage -= 1;
+                continue;
+            }
+            m.pins = 1;
+            let dirty = m.dirty && m.valid;
+            drop(m);
+            self.stats.allocs.fetch_add(1, Relaxed);
+            if dirty {
+                if let Err(e) = self.write_out(idx) {
+                    self.frames[idx].meta.lock().unwrap().pins -= 1;
+                    return Err(e);
+                }
+                self.stats.backend_writes.fetch_add(1, Relaxed);
+            }
+            return Ok(idx);
+        }
+    }
+
+    /// Writes one dirty frame out synchronously (a foreground eviction).
+    fn write_out(&self, idx: usize) -> Result<(), StoreError> {
+        BOUNCE.with(|b| {
+            let mut b = b.borrow_mut();
+            let buf = b.get_or_insert_with(|| AlignedBuf::zeroed(PAGE_SIZE));
+            let WriteStart::Started { tag, lsn } = self.start_write(idx, WriteFilter::Any, buf)
+            else {
+                return Ok(());
+            };
+            let res = self
+                .before_write(tag, lsn)
+                .and_then(|()| Ok(self.files.write_page(tag, buf)?));
+            self.finish_write(idx, res.is_ok());
+            res
+        })
+    }
+
+    /// Starts a write-out of frame `idx` if `filter` wants it: waits for an
+    /// I/O already in progress on it, copies the page into `dest` under the
+    /// shared latch, clears its dirty bit and seals the copy (header and
+    /// checksum). The frame stays `io_busy` until [`BufferPool::finish_write`].
+    pub fn start_write(&self, idx: usize, filter: WriteFilter, dest: &mut [u8]) -> WriteStart {
+        let f = &self.frames[idx];
+        let mut m = f.meta.lock().unwrap();
+        while m.io_busy {
+            m = f.io_done.wait(m).unwrap();
+        }
+        let reusable = m.pins == 0 && m.usage == 0;
+        let wanted = match filter {
+            WriteFilter::Checkpoint(t) => m.checkpoint_needed && m.tag == Some(t),
+            WriteFilter::Reusable => reusable,
+            WriteFilter::Any => true,
+        };
+        if !wanted || !m.valid || !m.dirty || m.tag.is_none() {
+            return WriteStart::Skipped {
+                reusable: reusable && (!m.dirty || !m.valid),
+            };
+        }
+        let tag = m.tag.unwrap();
+        m.io_busy = true;
+        drop(m);
+        let g = f.page.read().unwrap();
+        dest.copy_from_slice(&g);
+        {
+            let mut m = f.meta.lock().unwrap();
+            m.dirty = false;
+            m.checkpoint_needed = false;
+        }
+        drop(g);
+        let lsn = page::lsn(dest);
+        page::seal(dest, tag, self.checksums);
+        WriteStart::Started { tag, lsn }
+    }
+
+    /// Ends a write-out: the frame may be written again; if the write
+    /// failed, it is dirty again.
+    pub fn finish_write(&self, idx: usize, ok: bool) {
+        let f = &self.frames[idx];
+        let mut m = f.meta.lock().unwrap();
+        m.io_busy = false;
+        if !ok {
+            m.dirty = true;
+        }
+        drop(m);
+        f.io_done.notify_all();
+    }
+
+    /// WAL before data: makes the WAL durable past `lsn` (the page LSN of a
+    /// copy about to be written), then checks it. Call before the write.
+    pub fn before_write(&self, tag: PageTag, lsn: Lsn) -> Result<(), StoreError> {
+        self.flush_wal(lsn)?;
+        let flushed = self.wal.flush_lsn();
+        if let Some(obs) = self.observer.read().unwrap().as_ref() {
+            obs(tag, lsn, flushed);
+        }
+        // IMPORTANT: the rule the whole page store stands on.
+        assert!(
+            lsn <= flushed,
+            "WAL before data: {tag} has page LSN {lsn} but the WAL is flushed only to {flushed}"
+        );
+        Ok(())
+    }
+
+    /// Makes the WAL durable up to `lsn` (PostgreSQL's XLogFlush).
+    pub fn flush_wal(&self, lsn: Lsn) -> Result<(), StoreError> {
+        if lsn > self.wal.flush_lsn() {
+            self.wal.wait(lsn, Durability::Local)?;
+        }
+        Ok(())
+    }
+
+    /// Marks every dirty frame as needing this checkpoint's write and lists
+    /// them, sorted by page (so the writes go out in file order).
+    pub fn mark_for_checkpoint(&self) -> Vec<(PageTag, usize)> {
+        let mut out = Vec::new();
+        for (idx, f) in self.frames.iter().enumerate() {
+            let mut m = f.meta.lock().unwrap();
+            if m.valid && m.dirty {
+                if let Some(tag) = m.tag {
+                    m.checkpoint_needed = true;
+                    out.push((tag, idx));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Dirty frames now (for status and tests).
+    pub fn dirty_count(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| {
+                let m = f.meta.lock().unwrap();
+                m.valid && m.dirty
+            })
+            .count()
+    }
+}
+
+/// A pinned frame: the page cannot leave the pool while this lives.
+pub struct Pinned<'a> {
+    pool: &'a BufferPool,
+    idx: usize,
+    tag: PageTag,
+}
+
+impl Pinned<'_> {
+    pub fn tag(&self) -> PageTag {
+        self.tag
+    }
+
+    /// The shared content latch.
+    pub fn read(&self) -> RwLockReadGuard<'_, AlignedBuf> {
+        self.pool.frames[self.idx].page.read().unwrap()
+    }
+
+    /// The exclusive content latch. Call [`Pinned::mark_dirty`] before
+    /// releasing it after a change.
+    pub fn write(&self) -> RwLockWriteGuard<'_, AlignedBuf> {
+        self.pool.frames[self.idx].page.write().unwrap()
+    }
+
+    /// Marks the page changed. Must be called while holding the exclusive latch.
+    pub fn mark_dirty(&self) {
+        self.pool.frames[self.idx].meta.lock().unwrap().dirty = true;
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        let mut m = self.pool.frames[self.idx].meta.lock().unwrap();
+        debug_assert!(m.pins > 0);
+        m.pins -= 1;
+    }
+}

@@ -1,0 +1,560 @@
+//! The checkpointer: when to checkpoint (PostgreSQL's checkpointer.c), and
+//! how (its CreateCheckPoint and BufferSync).
+//!
+//! A checkpoint:
+//! 1. sets the redo point: appends a CHECKPOINT_REDO record whose LSN it is
+//!    (a shutdown checkpoint, with nothing else running, uses the insert LSN);
+//!    from then on the first change to each page logs a full-page image;
+//! 2. marks every page dirty at that moment and writes them, in file order,
+//!    paced so that its progress keeps up with both elapsed time and WAL
+//!    consumed against `checkpoint_completion_target` (IsCheckpointOnSchedule);
+//! 3. fsyncs every data file written since the last checkpoint (io_uring);
+//! 4. appends the CHECKPOINT_ONLINE (or _SHUTDOWN) record and flushes it;
+//! 5. replaces the control file (checkpoint LSN, redo LSN, state);
+//! 6. releases the WAL before the redo point: recycled while the estimate of
+//!    the next cycle's need (between `min_wal_size` and `max_wal_size`)
+//!    allows, removed otherwise.
+//!
+//! A crash anywhere before step 5 leaves the previous checkpoint in force,
+//! and its WAL is still there (step 6 comes last).
+//!
+//! Triggers: `checkpoint_timeout` since the last one started (skipped when no
+//! WAL was written since the last checkpoint record), WAL growth of
+//! `max_wal_size / (1 + checkpoint_completion_target)` since the redo point,
+//! a request (`walden checkpoint`, immediate), shutdown, end of recovery.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::lsn::Lsn;
+use crate::record::Kind;
+use crate::wal::{Durability, TIMELINE};
+
+use super::buffer_pool::WriteFilter;
+use super::control::{self, ClusterState};
+use super::records::{self, Checkpoint};
+use super::writeback::Writeback;
+use super::{Result, StoreShared};
+
+/// Why a checkpoint runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Time,
+    Wal,
+    Requested,
+    Shutdown,
+    EndOfRecovery,
+}
+
+impl Reason {
+    /// The flags PostgreSQL prints in `checkpoint starting: …`.
+    pub fn flags(self) -> &'static str {
+        match self {
+            Reason::Time => "time",
+            Reason::Wal => "wal",
+            Reason::Requested => "immediate force wait",
+            Reason::Shutdown => "shutdown immediate",
+            Reason::EndOfRecovery => "end-of-recovery immediate wait",
+        }
+    }
+
+    /// The `reason` label of `walden_checkpoints_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Time => "time",
+            Reason::Wal => "wal",
+            Reason::Requested => "requested",
+            Reason::Shutdown => "shutdown",
+            Reason::EndOfRecovery => "end_of_recovery",
+        }
+    }
+
+    fn immediate(self) -> bool {
+        !matches!(self, Reason::Time | Reason::Wal)
+    }
+}
+
+type Outcome = std::result::Result<(Lsn, Lsn), String>;
+
+struct QueueState {
+    requested: bool,
+    started: u64,
+    done: u64,
+    outcomes: VecDeque<(u64, Outcome)>,
+    shutdown: bool,
+    /// When the last checkpoint started (its timeout counts from there).
+    last_start: Instant,
+    /// When the last checkpoint triggered by WAL volume started.
+    last_wal_start: Option<Instant>,
+    /// PostgreSQL's CheckPointDistanceEstimate, bytes.
+    distance_estimate: f64,
+    prev_redo: Option<Lsn>,
+    /// End of the last checkpoint record: no WAL since means idle.
+    last_checkpoint_end: Lsn,
+}
+
+/// Requests and results of checkpoints, shared by the checkpointer thread,
+/// requesters, and the paced write loop (which stops sleeping when an
+/// immediate checkpoint or shutdown is asked for).
+pub struct CheckpointQueue {
+    st: Mutex<QueueState>,
+    cond: Condvar,
+    hurry: AtomicBool,
+}
+
+impl CheckpointQueue {
+    /// `redo` and `checkpoint_end`: the latest checkpoint's redo LSN and the
+    /// end of its record (invalid when unknown).
+    pub(crate) fn new(redo: Lsn, checkpoint_end: Lsn) -> CheckpointQueue {
+        CheckpointQueue {
+            st: Mutex::new(QueueState {
+                requested: false,
+                started: 0,
+                done: 0,
+                outcomes: VecDeque::new(),
+                shutdown: false,
+                last_start: Instant::now(),
+                last_wal_start: None,
+                distance_estimate: 0.0,
+                prev_redo: redo.is_valid().then_some(redo),
+                last_checkpoint_end: checkpoint_end,
+            }),
+            cond: Condvar::new(),
+            hurry: AtomicBool::new(false),
+        }
+    }
+
+    /// Asks for an immediate checkpoint; the ticket is complete once a
+    /// checkpoint that started after this call has finished.
+    pub fn request(&self) -> u64 {
+        let mut st = self.st.lock().unwrap();
+        st.requested = true;
+        self.hurry.store(true, SeqCst);
+        let ticket = st.started + 1;
+        self.cond.notify_all();
+        ticket
+    }
+
+    pub fn outcome(&self, ticket: u64) -> Option<Outcome> {
+        let st = self.st.lock().unwrap();
+        if st.done < ticket {
+            return st
+                .shutdown
+                .then(|| Err("the server is shutting down".to_string()));
+        }
+        st.outcomes
+            .iter()
+            .find(|(seq, _)| *seq >= ticket)
+            .map(|(_, o)| o.clone())
+            .or_else(|| Some(Err("checkpoint outcome no longer known".into())))
+    }
+
+    pub fn wait(&self, ticket: u64) -> Outcome {
+        let mut st = self.st.lock().unwrap();
+        while st.done < ticket && !st.shutdown {
+            st = self.cond.wait(st).unwrap();
+        }
+        drop(st);
+        self.outcome(ticket).expect("done or shut down")
+    }
+
+    pub fn shut_down(&self) {
+        self.st.lock().unwrap().shutdown = true;
+        self.hurry.store(true, SeqCst);
+        self.cond.notify_all();
+    }
+
+    /// Sleeps `d` (the background writer's rest); false once shut down.
+    pub(crate) fn sleep_unless_shut_down(&self, d: Duration) -> bool {
+        let st = self.st.lock().unwrap();
+        if st.shutdown {
+            return false;
+        }
+        let st = self.cond.wait_timeout(st, d).unwrap().0;
+        !st.shutdown
+    }
+
+    /// Wakes the checkpointer to re-read its settings.
+    pub fn poke(&self) {
+        self.cond.notify_all();
+    }
+
+    /// Sleeps up to `d` unless a hurry (immediate request, shutdown) comes.
+    fn nap(&self, d: Duration) {
+        let st = self.st.lock().unwrap();
+        if !self.hurry.load(SeqCst) {
+            let _ = self.cond.wait_timeout(st, d).unwrap();
+        }
+    }
+
+    fn finish(&self, seq: u64, outcome: Outcome) {
+        let mut st = self.st.lock().unwrap();
+        st.done = seq;
+        st.outcomes.push_back((seq, outcome));
+        while st.outcomes.len() > 16 {
+            st.outcomes.pop_front();
+        }
+        self.cond.notify_all();
+    }
+}
+
+/// The checkpointer thread's body.
+pub(crate) fn run(sh: &StoreShared) {
+    loop {
+        let q = &sh.ckpt;
+        let mut st = q.st.lock().unwrap();
+        let reason = loop {
+            if st.shutdown {
+                return;
+            }
+            if st.requested {
+                st.requested = false;
+                break Reason::Requested;
+            }
+            let timeout = Duration::from_millis(sh.tuning.checkpoint_timeout_ms.load(Relaxed));
+            let elapsed = st.last_start.elapsed();
+            if wal_due(sh) {
+                break Reason::Wal;
+            }
+            if elapsed >= timeout {
+                if sh.wal.insert_lsn() <= st.last_checkpoint_end {
+                    // Idle since the last checkpoint: nothing to make durable.
+                    tracing::debug!("checkpoint skipped because the system is idle");
+                    st.last_start = Instant::now();
+                    continue;
+                }
+                break Reason::Time;
+            }
+            let nap = (timeout - elapsed).min(Duration::from_millis(100));
+            st = q.cond.wait_timeout(st, nap).unwrap().0;
+        };
+        st.started += 1;
+        let seq = st.started;
+        if reason == Reason::Wal {
+            let warn = Duration::from_millis(sh.tuning.checkpoint_warning_ms.load(Relaxed));
+            if let Some(prev) = st.last_wal_start {
+                let apart = prev.elapsed();
+                if !warn.is_zero() && apart < warn {
+                    tracing::warn!(
+                        "checkpoints are occurring too frequently ({} seconds apart)",
+                        apart.as_secs()
+                    );
+                    tracing::warn!(
+                        "HINT: Consider increasing the configuration parameter \"max_wal_size\"."
+                    );
+                }
+            }
+            st.last_wal_start = Some(Instant::now());
+        }
+        st.last_start = Instant::now();
+        q.hurry.store(st.requested || st.shutdown, SeqCst);
+        drop(st);
+        let outcome = checkpoint(sh, reason).map_err(|e| {
+            tracing::error!("checkpoint failed: {e}");
+            sh.stats.checkpoints_failed.fetch_add(1, Relaxed);
+            e.to_string()
+        });
+        q.finish(seq, outcome);
+        sh.notify_listeners();
+    }
+}
+
+/// PostgreSQL's CheckPointSegments: segments of WAL after the redo point
+/// that start the next checkpoint.
+fn checkpoint_segments(sh: &StoreShared) -> f64 {
+    let segs = sh.cfg.max_wal_size.0 as f64 / sh.cfg.wal_segment_size.0 as f64;
+    (segs / (1.0 + sh.tuning.completion_target())).max(1.0)
+}
+
+/// XLogCheckpointNeeded: the insert position is CheckPointSegments - 1
+/// segments past the redo point's.
+fn wal_due(sh: &StoreShared) -> bool {
+    let seg = sh.cfg.wal_segment_size.0;
+    let redo = sh.redo_lsn().segno(seg);
+    let now = sh.wal.insert_lsn().segno(seg);
+    now >= redo + (checkpoint_segments(sh) as u64).saturating_sub(1).max(1)
+}
+
+/// Runs one checkpoint. Checkpoints never overlap: the checkpointer thread
+/// runs them, except the end-of-recovery one (before it starts) and the
+/// shutdown one (after it stopped).
+pub(crate) fn checkpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
+    let began = Instant::now();
+    let log = sh.tuning.log_checkpoints.load(Relaxed);
+    if log {
+        tracing::info!("checkpoint starting: {}", reason.flags());
+    }
+    sh.stats.checkpoint_in_progress.store(true, SeqCst);
+    let res = run_checkpoint(sh, reason, began, log);
+    sh.stats.checkpoint_in_progress.store(false, SeqCst);
+    res
+}
+
+fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -> Result<(Lsn, Lsn)> {
+    let shutdown = reason == Reason::Shutdown;
+    let segs_before = sh.wal.segments_created();
+    if shutdown {
+        let mut c = sh.control.lock().unwrap();
+        c.state = ClusterState::ShuttingDown;
+        control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
+    }
+
+    // 1. The redo point.
+    let redo = if shutdown {
+        let lsn = sh.wal.insert_lsn();
+        sh.set_redo_lsn(lsn);
+        lsn
+    } else {
+        let mut ins = sh.wal.inserter();
+        let stamp = control::now_micros().to_le_bytes();
+        sh.move_redo_point(|| {
+            Ok(ins
+                .append_checked(Kind::CHECKPOINT_REDO, &stamp, |_| true)?
+                .expect("kept")
+                .lsn)
+        })?
+    };
+
+    // 2. Write every page dirty at the redo point.
+    let to_write = sh.pool.mark_for_checkpoint();
+    let write_began = Instant::now();
+    let mut wb = Writeback::new()?;
+    let total = to_write.len().max(1) as f64;
+    let mut schedule = Schedule::new(sh, redo, began);
+    for (i, &(tag, frame)) in to_write.iter().enumerate() {
+        wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
+        let progress = (i + 1) as f64 / total;
+        if !reason.immediate() && !sh.ckpt.hurry.load(SeqCst) && schedule.on_schedule(sh, progress) {
+            // Ahead of schedule: write what is queued, then rest a moment,
+            // as PostgreSQL's CheckpointWriteDelay does per buffer.
+            wb.flush(&sh.pool)?;
+            sh.ckpt.nap(Duration::from_millis(100));
+        }
+    }
+    wb.flush(&sh.pool)?;
+    let written = wb.written;
+    let write_secs = write_began.elapsed().as_secs_f64();
+
+    // 3. Sync every file written since the last checkpoint.
+    let sync_began = Instant::now();
+    let files = sh.files.take_needs_sync()?;
+    let per_file = if sh.cfg.fsync {
+        wb.sync_files(&files)
+    } else {
+        vec![0.0; files.len()]
+    };
+    let sync_secs = sync_began.elapsed().as_secs_f64();
+
+    // 4. The checkpoint record, durable.
+    let rec = Checkpoint {
+        redo,
+        timeline: TIMELINE,
+        prev_timeline: TIMELINE,
+        time_us: control::now_micros(),
+        full_page_writes: sh.full_page_writes,
+    };
+    let kind = if shutdown {
+        Kind::CHECKPOINT_SHUTDOWN
+    } else {
+        Kind::CHECKPOINT_ONLINE
+    };
+    let a = sh
+        .wal
+        .inserter()
+        .append_checked(kind, &records::encode_checkpoint(&rec), |_| true)?
+        .expect("kept");
+    sh.wal.wait(a.end, Durability::Local)?;
+
+    // 5. The control file.
+    {
+        let mut c = sh.control.lock().unwrap();
+        c.checkpoint = a.lsn;
+        c.redo = redo;
+        c.checkpoint_time = rec.time_us / 1_000_000;
+        c.full_page_writes = sh.full_page_writes;
+        c.state = if shutdown {
+            ClusterState::ShutDown
+        } else {
+            ClusterState::InProduction
+        };
+        control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
+    }
+    sh.stats.last_checkpoint_lsn.store(a.lsn.0, Relaxed);
+    sh.stats.last_redo_lsn.store(redo.0, Relaxed);
+
+    // 6. Release the WAL before the redo point.
+    let (distance, estimate) = {
+        let mut st = sh.ckpt.st.lock().unwrap();
+        let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
+        st.prev_redo = Some(redo);
+        // UpdateCheckPointDistanceEstimate: jump up at once, decay slowly.
+        st.distance_estimate = if st.distance_estimate < distance {
+            distance
+        } else {
+            0.9 * st.distance_estimate + 0.1 * distance
+        };
+        st.last_checkpoint_end = a.end;
+        (distance, st.distance_estimate)
+    };
+    let upto = recycle_upto(sh, redo, estimate);
+    let (recycled, removed) = sh.wal.remove_before_recycling(redo, Some(upto))?;
+    let added = sh.wal.segments_created() - segs_before;
+
+    let counter = match reason {
+        Reason::Time => &sh.stats.checkpoints_time,
+        Reason::Wal => &sh.stats.checkpoints_wal,
+        Reason::Requested => &sh.stats.checkpoints_requested,
+        Reason::Shutdown => &sh.stats.checkpoints_shutdown,
+        Reason::EndOfRecovery => &sh.stats.checkpoints_end_of_recovery,
+    };
+    counter.fetch_add(1, Relaxed);
+    sh.stats.buffers_checkpoint.fetch_add(written, Relaxed);
+    sh.stats
+        .checkpoint_write_us
+        .fetch_add((write_secs * 1e6) as u64, Relaxed);
+    sh.stats
+        .checkpoint_sync_us
+        .fetch_add((sync_secs * 1e6) as u64, Relaxed);
+    if log {
+        let longest = per_file.iter().cloned().fold(0.0, f64::max);
+        let average = if per_file.is_empty() {
+            0.0
+        } else {
+            per_file.iter().sum::<f64>() / per_file.len() as f64
+        };
+        tracing::info!(
+            "checkpoint complete: wrote {written} buffers ({:.1}%); {added} WAL file(s) added, \
+             {removed} removed, {recycled} recycled; write={write_secs:.3} s, sync={sync_secs:.3} s, \
+             total={:.3} s; sync files={}, longest={longest:.3} s, average={average:.3} s; \
+             distance={} kB, estimate={} kB; lsn={}, redo lsn={redo}",
+            written as f64 * 100.0 / sh.pool.frames() as f64,
+            began.elapsed().as_secs_f64(),
+            files.len(),
+            (distance / 1024.0).round() as u64,
+            (estimate / 1024.0).round() as u64,
+            a.lsn,
+        );
+    }
+    Ok((a.lsn, redo))
+}
+
+/// XLOGfileslop: the highest segment number a released segment may be
+/// recycled to: what the next checkpoint cycle is expected to need (1 +
+/// target times the distance estimate, plus 10%), kept between
+/// `min_wal_size` and `max_wal_size` past the redo point.
+fn recycle_upto(sh: &StoreShared, redo: Lsn, estimate: f64) -> u64 {
+    let seg = sh.cfg.wal_segment_size.0;
+    let redo_seg = redo.segno(seg);
+    let min_seg = redo_seg + sh.cfg.min_wal_size.0 / seg - 1;
+    let max_seg = redo_seg + sh.cfg.max_wal_size.0 / seg - 1;
+    let distance = (1.0 + sh.tuning.completion_target()) * estimate * 1.10;
+    let want = ((redo.0 as f64 + distance) / seg as f64).ceil() as u64;
+    want.clamp(min_seg, max_seg)
+}
+
+/// IsCheckpointOnSchedule, with PostgreSQL's cached figure.
+struct Schedule {
+    began: Instant,
+    start_lsn: Lsn,
+    cached_elapsed: f64,
+}
+
+impl Schedule {
+    fn new(_sh: &StoreShared, start_lsn: Lsn, began: Instant) -> Schedule {
+        Schedule {
+            began,
+            start_lsn,
+            cached_elapsed: 0.0,
+        }
+    }
+
+    /// True when the write phase is ahead of both the clock and the WAL.
+    fn on_schedule(&mut self, sh: &StoreShared, progress: f64) -> bool {
+        let progress = progress * sh.tuning.completion_target();
+        if progress < self.cached_elapsed {
+            return false;
+        }
+        let seg = sh.cfg.wal_segment_size.0 as f64;
+        let wal = sh.wal.insert_lsn().0.saturating_sub(self.start_lsn.0) as f64;
+        let elapsed_xlogs = wal / seg / checkpoint_segments(sh);
+        if progress < elapsed_xlogs {
+            self.cached_elapsed = elapsed_xlogs;
+            return false;
+        }
+        let timeout = sh.tuning.checkpoint_timeout_ms.load(Relaxed) as f64 / 1000.0;
+        let elapsed_time = self.began.elapsed().as_secs_f64() / timeout;
+        if progress < elapsed_time {
+            self.cached_elapsed = elapsed_time;
+            return false;
+        }
+        true
+    }
+}
+
+/// Seconds since the epoch as PostgreSQL prints times: `2026-12-01 18:55:48 UTC`.
+pub fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The figures /metrics exports.
+pub(crate) fn snapshot(sh: &StoreShared) -> crate::metrics::StoreSnapshot {
+    let s = &sh.stats;
+    let p = &sh.pool.stats;
+    crate::metrics::StoreSnapshot {
+        checkpoints: [
+            ("time", s.checkpoints_time.load(Relaxed)),
+            ("wal", s.checkpoints_wal.load(Relaxed)),
+            ("requested", s.checkpoints_requested.load(Relaxed)),
+            ("shutdown", s.checkpoints_shutdown.load(Relaxed)),
+            ("end_of_recovery", s.checkpoints_end_of_recovery.load(Relaxed)),
+        ],
+        checkpoints_failed: s.checkpoints_failed.load(Relaxed),
+        checkpoint_in_progress: s.checkpoint_in_progress.load(Relaxed),
+        buffers_checkpoint: s.buffers_checkpoint.load(Relaxed),
+        checkpoint_write_seconds: s.checkpoint_write_us.load(Relaxed) as f64 / 1e6,
+        checkpoint_sync_seconds: s.checkpoint_sync_us.load(Relaxed) as f64 / 1e6,
+        last_checkpoint_lsn: s.last_checkpoint_lsn.load(Relaxed),
+        last_redo_lsn: s.last_redo_lsn.load(Relaxed),
+        buffers_clean: s.buffers_clean.load(Relaxed),
+        maxwritten_clean: s.maxwritten_clean.load(Relaxed),
+        buffers_alloc: p.allocs.load(Relaxed),
+        buffers_backend: p.backend_writes.load(Relaxed),
+        shared_buffers: sh.pool.frames() as u64,
+        page_writes: s.page_writes.load(Relaxed),
+        page_images: s.page_images.load(Relaxed),
+        page_image_bytes: s.page_image_bytes.load(Relaxed),
+        page_reads: s.page_reads.load(Relaxed),
+        page_device_reads: p.reads.load(Relaxed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_like_postgres() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_796_151_348), "2026-12-01 18:55:48 UTC");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+}

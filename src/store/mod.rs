@@ -1,0 +1,664 @@
+//! The page store: 8 KiB pages materialised from page records, cached in a
+//! buffer pool, written to the data device by a background writer and a
+//! checkpointer, and recovered from the WAL after a crash.
+//!
+//! ```no_run
+//! use walden::{Config, Durability, store::Store};
+//! let store = Store::open(Config::with_data_directory("walden-data".as_ref()))?;
+//! let w = store.write_page(1, 7, 100, b"hello")?;         // logged, applied, an LSN
+//! store.wal().wait(w.end, Durability::Local)?;           // durable
+//! let page = store.read_page(1, 7)?;
+//! assert_eq!(&page.data[100..105], b"hello");
+//! store.close()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Rules it keeps (docs/page-store.md says why):
+//! - WAL before data: a page reaches the data device only once the WAL is
+//!   flushed past its page LSN.
+//! - With `full_page_writes`, the first change to a page after a
+//!   checkpoint's redo point logs the whole page, so recovery can repair a
+//!   page torn by a crash without reading it.
+//! - A checkpoint completes only once every page dirty at its redo point is
+//!   written and every file written is fsynced; then the control file names
+//!   it, and only then is older WAL released.
+//! - Recovery replays from the last checkpoint's redo point to the end of
+//!   valid WAL before anything is served.
+//!
+//! What it is not: a database. Pages are opaque bytes; there are no tuples,
+//! transactions or indexes.
+
+pub mod bgwriter;
+pub mod buffer_pool;
+pub mod checkpointer;
+pub mod control;
+pub mod page;
+pub mod records;
+pub mod recovery;
+pub mod relfiles;
+pub mod writeback;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use crossbeam::utils::CachePadded;
+
+use crate::config::{Config, WalCompression};
+use crate::io::file::{self, FileError};
+use crate::io::uring::EventFd;
+use crate::lsn::Lsn;
+use crate::record::Kind;
+use crate::wal::{Appended, Inserter, Wal, WalError};
+
+use buffer_pool::{BufferPool, Fill};
+use checkpointer::{CheckpointQueue, Reason};
+use control::{ClusterState, ControlError, ControlFile};
+use page::{PageError, PageTag, MAX_BLOCKS, PAGE_DATA};
+use records::RecordDecodeError;
+use relfiles::RelFiles;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Page(#[from] PageError),
+    #[error(transparent)]
+    Record(#[from] RecordDecodeError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A page address or byte range a client asked for that cannot exist.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no unpinned buffers available: all {0} frames of shared_buffers are in use")]
+    NoFreeBuffers(usize),
+    #[error("{0}")]
+    Recovery(String),
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+    #[error("could not set up io_uring for the {0}: {1}")]
+    Uring(&'static str, std::io::Error),
+    #[error("could not start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
+}
+
+impl StoreError {
+    /// True when the data device is full (a write failed with ENOSPC).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::File(e) if e.is_no_space())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A page as [`Store::read_page`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRead {
+    /// End LSN of the last record applied to the page (0 for a page never written).
+    pub lsn: Lsn,
+    /// The page's data: [`PAGE_DATA`] bytes.
+    pub data: Vec<u8>,
+}
+
+/// The settings a reload may change, read where they are used.
+pub(crate) struct Tuning {
+    pub checkpoint_timeout_ms: AtomicU64,
+    completion_target_bits: AtomicU64,
+    pub checkpoint_warning_ms: AtomicU64,
+    pub bgwriter_delay_ms: AtomicU64,
+    pub bgwriter_lru_maxpages: AtomicU64,
+    lru_multiplier_bits: AtomicU64,
+    pub log_checkpoints: AtomicBool,
+    pub lz4: AtomicBool,
+}
+
+impl Tuning {
+    fn new(cfg: &Config) -> Tuning {
+        let t = Tuning {
+            checkpoint_timeout_ms: AtomicU64::new(0),
+            completion_target_bits: AtomicU64::new(0),
+            checkpoint_warning_ms: AtomicU64::new(0),
+            bgwriter_delay_ms: AtomicU64::new(0),
+            bgwriter_lru_maxpages: AtomicU64::new(0),
+            lru_multiplier_bits: AtomicU64::new(0),
+            log_checkpoints: AtomicBool::new(false),
+            lz4: AtomicBool::new(false),
+        };
+        t.set(cfg);
+        t
+    }
+
+    fn set(&self, cfg: &Config) {
+        self.checkpoint_timeout_ms
+            .store(cfg.checkpoint_timeout.0, Relaxed);
+        self.completion_target_bits
+            .store(cfg.checkpoint_completion_target.to_bits(), Relaxed);
+        self.checkpoint_warning_ms
+            .store(cfg.checkpoint_warning.0, Relaxed);
+        self.bgwriter_delay_ms.store(cfg.bgwriter_delay.0, Relaxed);
+        self.bgwriter_lru_maxpages
+            .store(cfg.bgwriter_lru_maxpages as u64, Relaxed);
+        self.lru_multiplier_bits
+            .store(cfg.bgwriter_lru_multiplier.to_bits(), Relaxed);
+        self.log_checkpoints.store(cfg.log_checkpoints, Relaxed);
+        self.lz4
+            .store(cfg.wal_compression == WalCompression::Lz4, Relaxed);
+    }
+
+    pub fn completion_target(&self) -> f64 {
+        f64::from_bits(self.completion_target_bits.load(Relaxed))
+    }
+
+    pub fn lru_multiplier(&self) -> f64 {
+        f64::from_bits(self.lru_multiplier_bits.load(Relaxed))
+    }
+}
+
+/// Counters for /metrics and the logs; recorded with relaxed atomics.
+#[derive(Default)]
+pub struct StoreStats {
+    pub page_writes: AtomicU64,
+    pub page_images: AtomicU64,
+    pub page_image_bytes: AtomicU64,
+    pub page_reads: AtomicU64,
+    /// A page write whose full-page-image decision a checkpoint made stale
+    /// (its reservation became a NOOP and it was logged again).
+    pub redo_retries: AtomicU64,
+    pub checkpoints_time: AtomicU64,
+    pub checkpoints_wal: AtomicU64,
+    pub checkpoints_requested: AtomicU64,
+    pub checkpoints_shutdown: AtomicU64,
+    pub checkpoints_end_of_recovery: AtomicU64,
+    pub checkpoints_failed: AtomicU64,
+    pub buffers_checkpoint: AtomicU64,
+    pub checkpoint_write_us: AtomicU64,
+    pub checkpoint_sync_us: AtomicU64,
+    pub buffers_clean: AtomicU64,
+    pub maxwritten_clean: AtomicU64,
+    pub checkpoint_in_progress: AtomicBool,
+    pub last_checkpoint_lsn: AtomicU64,
+    pub last_redo_lsn: AtomicU64,
+}
+
+/// Where recovery is, for `walden status` and /status while it runs.
+#[derive(Default)]
+pub struct RecoveryProgress {
+    pub active: AtomicBool,
+    pub from: AtomicU64,
+    pub at: AtomicU64,
+    pub end: AtomicU64,
+    pub records: AtomicU64,
+}
+
+pub(crate) struct StoreShared {
+    pub wal: Arc<Wal>,
+    pub pool: BufferPool,
+    pub files: Arc<RelFiles>,
+    pub cfg: Config,
+    pub full_page_writes: bool,
+    /// Odd while the checkpointer is moving the redo point; bumped twice per
+    /// move. A page writer that sees it change around its reservation
+    /// decides about the full-page image again.
+    redo_seq: CachePadded<AtomicU64>,
+    redo_lsn: CachePadded<AtomicU64>,
+    pub control: Mutex<ControlFile>,
+    pub tuning: Tuning,
+    pub ckpt: CheckpointQueue,
+    pub stats: StoreStats,
+    pub recovery: Arc<RecoveryProgress>,
+    /// Signalled whenever a checkpoint completes (server shards wait on them).
+    listeners: RwLock<Vec<Arc<EventFd>>>,
+}
+
+impl StoreShared {
+    /// The redo point page writers decide full-page images against, and the
+    /// sequence value it was read under (even).
+    fn redo_point(&self) -> (u64, Lsn) {
+        let mut spins = 0u32;
+        loop {
+            let seq = self.redo_seq.load(SeqCst);
+            if seq % 2 == 0 {
+                let lsn = Lsn(self.redo_lsn.load(SeqCst));
+                return (seq, lsn);
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Moves the redo point: `insert` appends the CHECKPOINT_REDO record and
+    /// returns its LSN, which becomes the redo point. Every page record
+    /// reserved after this began is re-decided (see `write_page`).
+    pub fn move_redo_point(&self, insert: impl FnOnce() -> Result<Lsn>) -> Result<Lsn> {
+        self.redo_seq.fetch_add(1, SeqCst);
+        let res = insert();
+        if let Ok(lsn) = res {
+            self.redo_lsn.store(lsn.0, SeqCst);
+        }
+        self.redo_seq.fetch_add(1, SeqCst);
+        res
+    }
+
+    pub fn set_redo_lsn(&self, lsn: Lsn) {
+        self.move_redo_point(|| Ok(lsn)).expect("infallible");
+    }
+
+    pub fn redo_lsn(&self) -> Lsn {
+        Lsn(self.redo_lsn.load(SeqCst))
+    }
+
+    pub fn notify_listeners(&self) {
+        for l in self.listeners.read().unwrap().iter() {
+            l.signal();
+        }
+    }
+
+    fn write_page(
+        &self,
+        ins: &mut Inserter<'_>,
+        tag: PageTag,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<Appended> {
+        check_range(tag, offset, bytes.len())?;
+        let p = self.pool.pin(tag, Fill::Read)?;
+        let mut g = p.write();
+        let saved: Vec<u8> = page::data(&g)[offset..offset + bytes.len()].to_vec();
+        page::data_mut(&mut g)[offset..offset + bytes.len()].copy_from_slice(bytes);
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            loop {
+                let (seq, redo) = self.redo_point();
+                let image = self.full_page_writes && page::lsn(&g) <= redo;
+                let kind = if image {
+                    let lz4 = self.tuning.lz4.load(Relaxed);
+                    records::encode_page_image(tag, page::data(&g), lz4, &mut scratch);
+                    Kind::PAGE_IMAGE
+                } else {
+                    records::encode_page_write(tag, offset, bytes, &mut scratch);
+                    Kind::PAGE_WRITE
+                };
+                // IMPORTANT: the decision stands only if no redo point was
+                // set between reading it and reserving our LSN; else the
+                // record could land after a redo point it did not know, a
+                // delta where recovery needs an image.
+                match ins.append_checked(kind, &scratch, |_| self.redo_seq.load(SeqCst) == seq) {
+                    Ok(Some(a)) => {
+                        page::set_lsn(&mut g, a.end);
+                        p.mark_dirty();
+                        self.stats.page_writes.fetch_add(1, Relaxed);
+                        if image {
+                            self.stats.page_images.fetch_add(1, Relaxed);
+                            self.stats
+                                .page_image_bytes
+                                .fetch_add(scratch.len() as u64, Relaxed);
+                        }
+                        return Ok(a);
+                    }
+                    Ok(None) => {
+                        self.stats.redo_retries.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        // Nothing was logged: the change must not stay.
+                        page::data_mut(&mut g)[offset..offset + bytes.len()]
+                            .copy_from_slice(&saved);
+                        return Err(e.into());
+                    }
+                }
+            }
+        })
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(PAGE_DATA + 64));
+}
+
+fn check_range(tag: PageTag, offset: usize, len: usize) -> Result<()> {
+    if tag.block >= MAX_BLOCKS {
+        return Err(StoreError::BadRequest(format!(
+            "block {} is out of range: block numbers are below {MAX_BLOCKS}",
+            tag.block
+        )));
+    }
+    if len == 0 || offset + len > PAGE_DATA {
+        return Err(StoreError::BadRequest(format!(
+            "a write of {len} bytes at offset {offset} does not fit a page: \
+             offset + length must be between 1 and {PAGE_DATA}"
+        )));
+    }
+    Ok(())
+}
+
+/// The embedded page store. Share it between threads by reference (or Arc).
+pub struct Store {
+    shared: Arc<StoreShared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl Store {
+    /// Opens (or creates) the page store in `cfg.data_dir` and the WAL in
+    /// `cfg.wal_dir`; after a crash, replays the WAL from the last
+    /// checkpoint's redo point and takes an end-of-recovery checkpoint
+    /// before returning.
+    pub fn open(cfg: Config) -> Result<Store> {
+        Store::open_with_progress(cfg, Arc::new(RecoveryProgress::default()))
+    }
+
+    /// [`Store::open`], publishing recovery's progress in `progress` (the
+    /// server shows it to `walden status` while it recovers).
+    pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
+        cfg.validate().map_err(WalError::from)?;
+        let data_dir = cfg.data_dir.clone();
+        file::create_dir_all(&data_dir)?;
+        let files = Arc::new(RelFiles::open(&data_dir, cfg.fsync)?);
+        let found = control::read(&data_dir)?;
+        let creating = found.is_none();
+        if creating {
+            let rels = files.list()?;
+            if let Some(r) = rels.first() {
+                return Err(StoreError::Recovery(format!(
+                    "{} holds relation files (such as {}) but no control file {}: \
+                     the page store cannot be trusted without it; restore it from a backup \
+                     or move the relation files away",
+                    data_dir.display(),
+                    files.path(*r).display(),
+                    control::CONTROL_FILE
+                )));
+            }
+        }
+        let mut c = found.unwrap_or_else(|| {
+            ControlFile::new(
+                cfg.wal_segment_size.0,
+                cfg.data_checksums,
+                cfg.full_page_writes,
+            )
+        });
+        check_fixed_settings(&c, &cfg, &data_dir)?;
+        let checksums = c.data_checksum_version == 1;
+        if checksums != cfg.data_checksums {
+            tracing::warn!(
+                "data_checksums = {} is ignored: the page store was created with data checksums {}, and that cannot change",
+                cfg.data_checksums,
+                if checksums { "on" } else { "off" }
+            );
+        }
+        if creating {
+            tracing::info!(
+                "creating the page store in {} (system identifier {}, data checksums {})",
+                data_dir.display(),
+                c.system_identifier,
+                if checksums { "on" } else { "off" }
+            );
+            control::write(&data_dir, &c, cfg.fsync)?;
+        }
+
+        let wal = Arc::new(Wal::open(cfg.clone())?);
+        let end = wal.opened_at();
+        let (redo_from, needs_redo, ckpt_end) = if c.checkpoint.is_valid() {
+            let ckpt_end = recovery::check_checkpoint_record(&wal, &c)?;
+            let clean = c.state == ClusterState::ShutDown && c.redo == c.checkpoint && end == ckpt_end;
+            (c.redo, !clean, ckpt_end)
+        } else {
+            (wal.start_lsn(), true, Lsn::INVALID)
+        };
+
+        let frames = (cfg.shared_buffers.0 / crate::io::PAGE_SIZE as u64) as usize;
+        let shared = Arc::new(StoreShared {
+            pool: BufferPool::new(frames, Arc::clone(&files), Arc::clone(&wal), checksums),
+            wal,
+            files,
+            full_page_writes: cfg.full_page_writes,
+            redo_seq: CachePadded::new(AtomicU64::new(0)),
+            redo_lsn: CachePadded::new(AtomicU64::new(c.redo.0)),
+            tuning: Tuning::new(&cfg),
+            ckpt: CheckpointQueue::new(c.redo, ckpt_end),
+            stats: StoreStats::default(),
+            recovery: progress,
+            listeners: RwLock::new(Vec::new()),
+            control: Mutex::new(c),
+            cfg,
+        });
+        shared.stats.last_checkpoint_lsn.store(c.checkpoint.0, Relaxed);
+        shared.stats.last_redo_lsn.store(c.redo.0, Relaxed);
+
+        if needs_redo {
+            if !creating {
+                tracing::info!(
+                    "database system was interrupted; last known up at {}",
+                    checkpointer::format_time(c.time)
+                );
+                tracing::info!(
+                    "database system was not properly shut down; automatic recovery in progress"
+                );
+            }
+            c.state = ClusterState::InCrashRecovery;
+            *shared.control.lock().unwrap() = c;
+            control::write(&data_dir, &c, shared.cfg.fsync)?;
+            recovery::redo(&shared, redo_from, end)?;
+            let reason = if creating {
+                Reason::Requested
+            } else {
+                Reason::EndOfRecovery
+            };
+            checkpointer::checkpoint(&shared, reason).map_err(|e| {
+                StoreError::Recovery(format!("the end-of-recovery checkpoint failed: {e}"))
+            })?;
+        } else {
+            tracing::info!(
+                "database system was shut down at {}",
+                checkpointer::format_time(c.time)
+            );
+            c.state = ClusterState::InProduction;
+            *shared.control.lock().unwrap() = c;
+            control::write(&data_dir, &c, shared.cfg.fsync)?;
+        }
+
+        let mut threads = Vec::new();
+        let sh = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("walden-ckpt".into())
+                .spawn(move || checkpointer::run(&sh))
+                .map_err(|e| StoreError::Thread("checkpointer", e))?,
+        );
+        let sh = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("walden-bgwriter".into())
+                .spawn(move || bgwriter::run(&sh))
+                .map_err(|e| StoreError::Thread("background writer", e))?,
+        );
+        Ok(Store {
+            shared,
+            threads: Mutex::new(threads),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.shared.wal
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    /// Changes `len` bytes at `offset` of a page's data (`offset + len ≤`
+    /// [`PAGE_DATA`]): logs the change (or a full-page image), applies it,
+    /// and returns where the record landed. Wait for `end` at the durability
+    /// you need. Takes a free insert slot; a thread that owns one (a server
+    /// shard) uses [`Store::write_page_with`].
+    pub fn write_page(&self, rel: u32, block: u32, offset: usize, bytes: &[u8]) -> Result<Appended> {
+        let mut ins = self.shared.wal.inserter();
+        self.write_page_with(&mut ins, rel, block, offset, bytes)
+    }
+
+    /// [`Store::write_page`] through the caller's insert slot.
+    pub fn write_page_with(
+        &self,
+        ins: &mut Inserter<'_>,
+        rel: u32,
+        block: u32,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<Appended> {
+        self.shared
+            .write_page(ins, PageTag::new(rel, block), offset, bytes)
+    }
+
+    /// The current image of a page, including changes not yet durable (as
+    /// a PostgreSQL buffer shows them). A page never written reads as zeros
+    /// with LSN 0. A page that fails its checksum is an error naming it.
+    pub fn read_page(&self, rel: u32, block: u32) -> Result<PageRead> {
+        let mut data = vec![0u8; PAGE_DATA];
+        let lsn = self.read_page_into(rel, block, &mut data)?;
+        Ok(PageRead { lsn, data })
+    }
+
+    /// [`Store::read_page`] into `out` ([`PAGE_DATA`] bytes); returns the page LSN.
+    pub fn read_page_into(&self, rel: u32, block: u32, out: &mut [u8]) -> Result<Lsn> {
+        let tag = PageTag::new(rel, block);
+        if block >= MAX_BLOCKS {
+            return Err(StoreError::BadRequest(format!(
+                "block {block} is out of range: block numbers are below {MAX_BLOCKS}"
+            )));
+        }
+        let p = self.shared.pool.pin(tag, Fill::Read)?;
+        let g = p.read();
+        out.copy_from_slice(page::data(&g));
+        self.shared.stats.page_reads.fetch_add(1, Relaxed);
+        Ok(page::lsn(&g))
+    }
+
+    /// Runs an immediate checkpoint and waits for it (the `CHECKPOINT`
+    /// command). Returns (checkpoint LSN, redo LSN).
+    pub fn checkpoint(&self) -> Result<(Lsn, Lsn)> {
+        let ticket = self.request_checkpoint();
+        self.shared
+            .ckpt
+            .wait(ticket)
+            .map_err(StoreError::Checkpoint)
+    }
+
+    /// Asks for an immediate checkpoint without waiting; see
+    /// [`Store::checkpoint_outcome`].
+    pub fn request_checkpoint(&self) -> u64 {
+        self.shared.ckpt.request()
+    }
+
+    /// `None` while the checkpoint a ticket asked for has not completed.
+    pub fn checkpoint_outcome(&self, ticket: u64) -> Option<std::result::Result<(Lsn, Lsn), String>> {
+        self.shared.ckpt.outcome(ticket)
+    }
+
+    /// Signals `wake` whenever a checkpoint completes.
+    pub fn add_checkpoint_listener(&self, wake: Arc<EventFd>) {
+        self.shared.listeners.write().unwrap().push(wake);
+    }
+
+    /// Applies the reloadable settings of `cfg` (checkpoint and bgwriter
+    /// tuning, `log_checkpoints`, `wal_compression`) and the WAL's.
+    pub fn reload(&self, cfg: &Config) {
+        self.shared.tuning.set(cfg);
+        self.shared.wal.reload_flush_settings(cfg);
+        self.shared.ckpt.poke();
+    }
+
+    /// The control file as last written.
+    pub fn control(&self) -> ControlFile {
+        *self.shared.control.lock().unwrap()
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.shared.stats
+    }
+
+    pub fn recovery_progress(&self) -> &RecoveryProgress {
+        &self.shared.recovery
+    }
+
+    pub fn pool(&self) -> &BufferPool {
+        &self.shared.pool
+    }
+
+    /// The redo point page writers decide full-page images against.
+    pub fn redo_lsn(&self) -> Lsn {
+        self.shared.redo_lsn()
+    }
+
+    /// The figures /metrics exports.
+    pub fn metrics_snapshot(&self) -> crate::metrics::StoreSnapshot {
+        checkpointer::snapshot(&self.shared)
+    }
+
+    /// Stops the background writer and the checkpointer, takes a shutdown
+    /// checkpoint (the control file then says "shut down"), and closes the WAL.
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        if self.closed.swap(true, SeqCst) {
+            return Ok(());
+        }
+        tracing::info!("shutting down");
+        self.shared.ckpt.shut_down();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for h in threads {
+            let _ = h.join();
+        }
+        let res = checkpointer::checkpoint(&self.shared, Reason::Shutdown);
+        self.shared.wal.shut_down();
+        match res {
+            Ok(_) => {
+                tracing::info!("database system is shut down");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("the shutdown checkpoint failed: {e}; the next start will recover from the WAL");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn check_fixed_settings(c: &ControlFile, cfg: &Config, dir: &std::path::Path) -> Result<()> {
+    let bad = |what: String| {
+        Err(StoreError::Recovery(format!(
+            "the page store in {} was created with {what}; that cannot change",
+            dir.display()
+        )))
+    };
+    if c.wal_segment_size != cfg.wal_segment_size.0 {
+        return bad(format!(
+            "wal_segment_size = {} but the configuration says {}",
+            c.wal_segment_size, cfg.wal_segment_size.0
+        ));
+    }
+    if c.block_size != crate::io::PAGE_SIZE as u32 || c.wal_block_size != crate::io::BLOCK as u32 {
+        return bad(format!(
+            "block size {} and WAL block size {}, but this build uses {} and {}",
+            c.block_size,
+            c.wal_block_size,
+            crate::io::PAGE_SIZE,
+            crate::io::BLOCK
+        ));
+    }
+    Ok(())
+}
