@@ -355,7 +355,11 @@ impl Config {
             .ok_or_else(|| ConfigError::Unknown(assignment.to_string()))?;
         let (name, value) = (name.trim(), value.trim());
         // Reuse the TOML parser so that -c accepts exactly what the file does.
+        let decimal = value.contains('.')
+            && value.parse::<f64>().is_ok()
+            && value.bytes().all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
         let quoted = if value.parse::<i64>().is_ok()
+            || decimal
             || value == "true"
             || value == "false"
             || value.starts_with('[')
@@ -528,6 +532,10 @@ mod tests {
         assert_eq!(cfg.wal_segment_size, Size(1 << 20));
         cfg.set("fsync=false").unwrap();
         assert!(!cfg.fsync);
+        cfg.set("checkpoint_completion_target=0.5").unwrap();
+        assert_eq!(cfg.checkpoint_completion_target, 0.5);
+        cfg.set("wal_compression=lz4").unwrap();
+        assert_eq!(cfg.wal_compression, WalCompression::Lz4);
         assert!(matches!(
             cfg.set("no_such_thing=1"),
             Err(ConfigError::Unknown(_))
