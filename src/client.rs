@@ -196,7 +196,12 @@ impl Client {
                     .max(self.rend + 1);
                 self.rbuf.resize(grow, 0);
             }
-            let n = self.stream.read(&mut self.rbuf[self.rend..])?;
+            let n = match self.stream.read(&mut self.rbuf[self.rend..]) {
+                Ok(n) => n,
+                // A signal interrupted the wait: nothing was read, wait again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 return Err(ClientError::Closed);
             }
@@ -262,6 +267,74 @@ impl Client {
                 json,
                 ..
             } => Ok((insert_lsn, write_lsn, flush_lsn, json)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Queues a PageWrite (sent at the next flush or receive) and returns
+    /// its request id; the answer is a `Frame::PageWritten`.
+    pub fn queue_page_write(
+        &mut self,
+        level: Durability,
+        rel: u32,
+        block: u32,
+        offset: u16,
+        data: &[u8],
+    ) -> u64 {
+        let id = self.next_request_id();
+        protocol::encode_page_write(id, level, rel, block, offset, data, &mut self.wbuf);
+        id
+    }
+
+    /// Changes `data.len()` bytes at `offset` of a page's data and waits
+    /// until the change reaches `level`. Returns (record LSN, page LSN).
+    pub fn page_write(
+        &mut self,
+        level: Durability,
+        rel: u32,
+        block: u32,
+        offset: u16,
+        data: &[u8],
+    ) -> Result<(Lsn, Lsn)> {
+        let id = self.queue_page_write(level, rel, block, offset, data);
+        match self.recv()? {
+            Frame::PageWritten {
+                request_id,
+                lsn,
+                end,
+            } if request_id == id => Ok((lsn, end)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page's current image: (page LSN, its data bytes).
+    pub fn page_read(&mut self, rel: u32, block: u32) -> Result<(Lsn, Vec<u8>)> {
+        let id = self.next_request_id();
+        self.queue(&Frame::PageRead {
+            request_id: id,
+            rel,
+            block,
+        });
+        match self.recv()? {
+            Frame::PageData {
+                request_id,
+                lsn,
+                data,
+            } if request_id == id => Ok((lsn, data)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs an immediate checkpoint and waits for it: (checkpoint LSN, redo LSN).
+    pub fn checkpoint(&mut self) -> Result<(Lsn, Lsn)> {
+        let id = self.next_request_id();
+        self.queue(&Frame::Checkpoint { request_id: id });
+        match self.recv()? {
+            Frame::CheckpointDone {
+                request_id,
+                checkpoint,
+                redo,
+            } if request_id == id => Ok((checkpoint, redo)),
             other => Err(unexpected(other)),
         }
     }

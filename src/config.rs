@@ -259,6 +259,9 @@ pub struct Config {
     pub checkpoint_warning: Millis,
     /// Released segments are recycled (rather than removed) while the WAL is below this.
     pub min_wal_size: Size,
+    /// WAL kept behind the insert position even when no checkpoint needs it
+    /// (for readers, standbys, tests); 0: only what recovery needs.
+    pub wal_keep_size: Size,
     /// Log each checkpoint's start and completion with its statistics.
     pub log_checkpoints: bool,
 }
@@ -305,6 +308,7 @@ impl Default for Config {
             checkpoint_completion_target: 0.9,
             checkpoint_warning: Millis(30_000),
             min_wal_size: Size(80 << 20),
+            wal_keep_size: Size(0),
             log_checkpoints: true,
         }
     }

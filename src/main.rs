@@ -29,6 +29,10 @@ enum Command {
     Read(tools::client_cli::ReadArgs),
     /// Show a running server's LSNs and settings.
     Status(tools::client_cli::StatusArgs),
+    /// Write or read pages of the page store.
+    Page(tools::page_cli::PageArgs),
+    /// Run an immediate checkpoint, like PostgreSQL's CHECKPOINT.
+    Checkpoint(tools::page_cli::CheckpointArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
     /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
@@ -39,9 +43,14 @@ enum Command {
     Controldata(tools::controldata::ControldataArgs),
     /// Check that every record of a bench --ack-log is in the WAL, byte for byte (server stopped).
     Verify(tools::verify::VerifyArgs),
+    /// Kill the real server with SIGKILL under load, over and over, and verify every acknowledged record survived.
+    Crashtest(tools::crashtest::CrashtestArgs),
     /// (testing) Append records, printing one line per acknowledged record, until killed.
     #[command(hide = true)]
     WalChild(tools::wal_child::WalChildArgs),
+    /// (testing) Mix records and page writes on the page store, printing each durable one, until killed.
+    #[command(hide = true)]
+    StoreChild(tools::store_child::StoreChildArgs),
 }
 
 fn main() {
@@ -61,12 +70,16 @@ fn main() {
         Command::Append(args) => tools::client_cli::append(args),
         Command::Read(args) => tools::client_cli::read(args),
         Command::Status(args) => tools::client_cli::status(args),
+        Command::Page(args) => tools::page_cli::run(args),
+        Command::Checkpoint(args) => tools::page_cli::checkpoint(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),
         Command::Controldata(args) => tools::controldata::run(args),
         Command::Verify(args) => tools::verify::run(args),
+        Command::Crashtest(args) => tools::crashtest::run(args),
         Command::WalChild(args) => tools::wal_child::run(args),
+        Command::StoreChild(args) => tools::store_child::run(args),
     };
     if let Err(e) = result {
         eprintln!("walden: error: {e:#}");

@@ -286,6 +286,8 @@ pub struct StoreSnapshot {
 }
 
 pub type WalSnapshotFn = Arc<dyn Fn() -> WalSnapshot + Send + Sync>;
+/// Returns the figures of the page store at the moment of a scrape.
+pub type StoreSnapshotFn = Arc<dyn Fn() -> StoreSnapshot + Send + Sync>;
 /// Returns the `/status` document (JSON).
 pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -298,6 +300,8 @@ pub struct Metrics {
     /// The running endpoint and its stop flag, for `shutdown`. Locked only
     /// by `serve` and `shutdown`, never by a recording method.
     http: Mutex<Option<(Arc<tiny_http::Server>, Arc<AtomicBool>)>>,
+    /// The page store's figures, when there is a page store.
+    store: std::sync::OnceLock<StoreSnapshotFn>,
 }
 
 impl Default for Metrics {
@@ -321,7 +325,13 @@ impl Metrics {
             connections: AtomicI64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             http: Mutex::new(None),
+            store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports the page store's series (checkpoints, bgwriter, pages) too.
+    pub fn set_store_snapshot(&self, f: StoreSnapshotFn) {
+        let _ = self.store.set(f);
     }
 
     /// Records the time from a request's arrival to its acknowledgement at
@@ -650,15 +660,63 @@ impl Collector for Exporter {
         for (name, help, value) in more {
             encode_series(&mut enc, name, help, None, value)?;
         }
-        let mut family = enc.encode_descriptor("errors", HELP_ERRORS, None, MetricType::Counter)?;
-        for (kind, n) in ERROR_KINDS.iter().zip(&m.errors) {
-            let labels = [("kind", *kind)];
-            family
-                .encode_family(&labels)?
-                .encode_counter::<NoLabelSet, u64, u64>(&n.load(Relaxed), None)?;
+        {
+            let mut family =
+                enc.encode_descriptor("errors", HELP_ERRORS, None, MetricType::Counter)?;
+            for (kind, n) in ERROR_KINDS.iter().zip(&m.errors) {
+                let labels = [("kind", *kind)];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&n.load(Relaxed), None)?;
+            }
+        }
+        if let Some(store) = m.store.get() {
+            encode_store(&mut enc, &store())?;
         }
         Ok(())
     }
+}
+
+fn encode_store(enc: &mut DescriptorEncoder, s: &StoreSnapshot) -> fmt::Result {
+    use Value::*;
+    {
+        let mut family = enc.encode_descriptor(
+            "checkpoints",
+            "Checkpoints completed, by what started them (PostgreSQL's checkpoints_timed and checkpoints_req, split further).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in s.checkpoints {
+            family
+                .encode_family(&[("reason", reason)])?
+                .encode_counter::<NoLabelSet, u64, u64>(&n, None)?;
+        }
+    }
+    let bytes = Some(&Unit::Bytes);
+    let secs = Some(&Unit::Seconds);
+    let series: [(&str, Option<&Unit>, &str, Value); 17] = [
+        ("checkpoints_failed", None, "Checkpoints that failed (they are retried).", Counter(s.checkpoints_failed)),
+        ("checkpoint_in_progress", None, "1 while a checkpoint runs.", Gauge(s.checkpoint_in_progress as u64)),
+        ("checkpoint_buffers_written", None, "Pages written by checkpoints (buffers_checkpoint).", Counter(s.buffers_checkpoint)),
+        ("checkpoint_write", secs, "Time checkpoints spent writing pages, spread over checkpoint_completion_target.", FloatCounter(s.checkpoint_write_seconds)),
+        ("checkpoint_sync", secs, "Time checkpoints spent in fsync of data files.", FloatCounter(s.checkpoint_sync_seconds)),
+        ("checkpoint_lsn", bytes, "LSN of the latest checkpoint record.", Gauge(s.last_checkpoint_lsn)),
+        ("checkpoint_redo_lsn", bytes, "Redo LSN of the latest checkpoint: where crash recovery would start.", Gauge(s.last_redo_lsn)),
+        ("bgwriter_buffers_clean", None, "Pages written by the background writer (buffers_clean).", Counter(s.buffers_clean)),
+        ("bgwriter_maxwritten_clean", None, "Background writer rounds stopped by bgwriter_lru_maxpages (maxwritten_clean).", Counter(s.maxwritten_clean)),
+        ("buffers_alloc", None, "Buffer pool frames taken for a page not in the pool (buffers_alloc).", Counter(s.buffers_alloc)),
+        ("buffers_backend", None, "Dirty pages a foreground thread had to write to free a frame (buffers_backend).", Counter(s.buffers_backend)),
+        ("shared_buffers_pages", None, "Frames in the buffer pool (shared_buffers / 8kB).", Gauge(s.shared_buffers)),
+        ("page_writes", None, "Page writes logged and applied.", Counter(s.page_writes)),
+        ("page_images", None, "Page writes logged as full-page images (first change after a redo point).", Counter(s.page_images)),
+        ("page_image", bytes, "WAL payload bytes of full-page images (after lz4 when wal_compression = lz4).", Counter(s.page_image_bytes)),
+        ("page_reads", None, "Pages read by clients.", Counter(s.page_reads)),
+        ("page_device_reads", None, "Pages read from the data device into the buffer pool.", Counter(s.page_device_reads)),
+    ];
+    for (name, unit, help, value) in series {
+        encode_series(enc, name, help, unit, value)?;
+    }
+    Ok(())
 }
 
 const HELP_INSERT_LSN: &str = "Next LSN to be handed out (a byte position in the WAL stream).";
@@ -694,6 +752,7 @@ enum Value<'a> {
     /// A count that a bug could drive below zero: shown, not hidden.
     SignedGauge(i64),
     Counter(u64),
+    FloatCounter(f64),
     /// Values per exported unit (see [`encode_histogram`]).
     Histogram(&'a HistogramSnapshot, f64),
 }
@@ -707,7 +766,7 @@ fn encode_series(
 ) -> fmt::Result {
     let kind = match value {
         Value::Gauge(_) | Value::SignedGauge(_) => MetricType::Gauge,
-        Value::Counter(_) => MetricType::Counter,
+        Value::Counter(_) | Value::FloatCounter(_) => MetricType::Counter,
         Value::Histogram(..) => MetricType::Histogram,
     };
     let mut m = enc.encode_descriptor(name, help, unit, kind)?;
@@ -715,6 +774,7 @@ fn encode_series(
         Value::Gauge(v) => m.encode_gauge(&v),
         Value::SignedGauge(v) => m.encode_gauge(&v),
         Value::Counter(v) => m.encode_counter::<NoLabelSet, u64, u64>(&v, None),
+        Value::FloatCounter(v) => m.encode_counter::<NoLabelSet, f64, u64>(&v, None),
         Value::Histogram(h, per_unit) => encode_histogram(&mut m, h, per_unit),
     }
 }

@@ -23,6 +23,7 @@ use std::fmt;
 use crate::durability::Durability;
 use crate::lsn::Lsn;
 use crate::record::{Kind, ALIGN};
+use crate::store::page::PAGE_DATA;
 
 /// The newest protocol version this build speaks.
 pub const VERSION: u16 = 1;
@@ -57,8 +58,9 @@ impl fmt::Display for Direction {
     }
 }
 
-/// Byte 4 of the header. 0x10..=0x2F and 0x90..=0xAF are reserved for page
-/// and replication frames (docs/protocol.md §3).
+/// Byte 4 of the header. 0x10..=0x1F and 0x90..=0x9F are the page store's
+/// frames; 0x20..=0x2F and 0xA0..=0xAF are reserved for replication
+/// (docs/protocol.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameType {
@@ -68,27 +70,39 @@ pub enum FrameType {
     Follow = 0x04,
     Cancel = 0x05,
     Status = 0x06,
+    PageWrite = 0x10,
+    PageRead = 0x11,
+    Checkpoint = 0x12,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
     ReadEnd = 0x84,
     StatusReply = 0x86,
+    PageWritten = 0x90,
+    PageData = 0x91,
+    CheckpointDone = 0x92,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 12] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
         FrameType::Follow,
         FrameType::Cancel,
         FrameType::Status,
+        FrameType::PageWrite,
+        FrameType::PageRead,
+        FrameType::Checkpoint,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
         FrameType::ReadEnd,
         FrameType::StatusReply,
+        FrameType::PageWritten,
+        FrameType::PageData,
+        FrameType::CheckpointDone,
         FrameType::Error,
     ];
 
@@ -114,7 +128,11 @@ impl FrameType {
             Append => (1 + 4 + 5, any),
             Read => (16, 16),
             Follow | ReadEnd => (8, 8),
-            Cancel | Status => (0, 0),
+            Cancel | Status | Checkpoint => (0, 0),
+            PageWrite => (1 + 4 + 4 + 2 + 1, 1 + 4 + 4 + 2 + PAGE_DATA),
+            PageRead => (8, 8),
+            PageWritten | CheckpointDone => (16, 16),
+            PageData => (8 + PAGE_DATA, 8 + PAGE_DATA),
             HelloOk => (2 + 8 + 8 + 16 + 2, any),
             Ack => (8 + 4 + 8, any),
             Records => (4 + 13, any),
@@ -141,8 +159,17 @@ impl ErrorCode {
     pub const WAL_FULL: ErrorCode = ErrorCode(10);
     pub const INTERNAL: ErrorCode = ErrorCode(11);
     pub const TIMEOUT: ErrorCode = ErrorCode(12);
+    /// A page address or byte range that cannot exist (block too large,
+    /// offset + length past the page).
+    pub const BAD_PAGE: ErrorCode = ErrorCode(13);
+    /// The page on the data device failed its checksum.
+    pub const PAGE_CORRUPT: ErrorCode = ErrorCode(14);
+    /// The data device failed (a read or write error, or it is full).
+    pub const IO_ERROR: ErrorCode = ErrorCode(15);
+    /// The server is recovering and does not serve requests yet.
+    pub const STARTING_UP: ErrorCode = ErrorCode(16);
 
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -155,6 +182,10 @@ impl ErrorCode {
         ErrorCode::WAL_FULL,
         ErrorCode::INTERNAL,
         ErrorCode::TIMEOUT,
+        ErrorCode::BAD_PAGE,
+        ErrorCode::PAGE_CORRUPT,
+        ErrorCode::IO_ERROR,
+        ErrorCode::STARTING_UP,
     ];
 
     pub fn name(self) -> &'static str {
@@ -171,6 +202,10 @@ impl ErrorCode {
             ErrorCode::WAL_FULL => "WAL_FULL",
             ErrorCode::INTERNAL => "INTERNAL",
             ErrorCode::TIMEOUT => "TIMEOUT",
+            ErrorCode::BAD_PAGE => "BAD_PAGE",
+            ErrorCode::PAGE_CORRUPT => "PAGE_CORRUPT",
+            ErrorCode::IO_ERROR => "IO_ERROR",
+            ErrorCode::STARTING_UP => "STARTING_UP",
             _ => "UNKNOWN",
         }
     }
@@ -185,6 +220,9 @@ impl ErrorCode {
                 | ErrorCode::TOO_MANY_IN_FLIGHT
                 | ErrorCode::UNKNOWN_LSN
                 | ErrorCode::WAL_FULL
+                | ErrorCode::BAD_PAGE
+                | ErrorCode::PAGE_CORRUPT
+                | ErrorCode::IO_ERROR
         )
     }
 }
@@ -288,6 +326,24 @@ pub enum Frame {
     Status {
         request_id: u64,
     },
+    /// Changes `data.len()` bytes at `offset` of a page's data.
+    PageWrite {
+        request_id: u64,
+        durability: Durability,
+        rel: u32,
+        block: u32,
+        offset: u16,
+        data: Vec<u8>,
+    },
+    PageRead {
+        request_id: u64,
+        rel: u32,
+        block: u32,
+    },
+    /// Runs an immediate checkpoint; answered when it completes.
+    Checkpoint {
+        request_id: u64,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -316,6 +372,24 @@ pub enum Frame {
         write_lsn: Lsn,
         flush_lsn: Lsn,
         json: String,
+    },
+    /// The page write's record is at `lsn`; `end` (the page's new LSN) has
+    /// reached the level asked for.
+    PageWritten {
+        request_id: u64,
+        lsn: Lsn,
+        end: Lsn,
+    },
+    /// The page's LSN and its PAGE_DATA bytes.
+    PageData {
+        request_id: u64,
+        lsn: Lsn,
+        data: Vec<u8>,
+    },
+    CheckpointDone {
+        request_id: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
     },
     Error {
         request_id: u64,
@@ -354,6 +428,22 @@ pub enum FrameRef<'a> {
     Status {
         request_id: u64,
     },
+    PageWrite {
+        request_id: u64,
+        durability: Durability,
+        rel: u32,
+        block: u32,
+        offset: u16,
+        data: &'a [u8],
+    },
+    PageRead {
+        request_id: u64,
+        rel: u32,
+        block: u32,
+    },
+    Checkpoint {
+        request_id: u64,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -383,6 +473,21 @@ pub enum FrameRef<'a> {
         flush_lsn: Lsn,
         json: &'a str,
     },
+    PageWritten {
+        request_id: u64,
+        lsn: Lsn,
+        end: Lsn,
+    },
+    PageData {
+        request_id: u64,
+        lsn: Lsn,
+        data: &'a [u8],
+    },
+    CheckpointDone {
+        request_id: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -399,6 +504,12 @@ impl Frame {
             | Frame::Follow { request_id, .. }
             | Frame::Cancel { request_id }
             | Frame::Status { request_id }
+            | Frame::PageWrite { request_id, .. }
+            | Frame::PageRead { request_id, .. }
+            | Frame::Checkpoint { request_id }
+            | Frame::PageWritten { request_id, .. }
+            | Frame::PageData { request_id, .. }
+            | Frame::CheckpointDone { request_id, .. }
             | Frame::HelloOk { request_id, .. }
             | Frame::Ack { request_id, .. }
             | Frame::Records { request_id, .. }
@@ -418,6 +529,12 @@ impl FrameRef<'_> {
             | FrameRef::Follow { request_id, .. }
             | FrameRef::Cancel { request_id }
             | FrameRef::Status { request_id }
+            | FrameRef::PageWrite { request_id, .. }
+            | FrameRef::PageRead { request_id, .. }
+            | FrameRef::Checkpoint { request_id }
+            | FrameRef::PageWritten { request_id, .. }
+            | FrameRef::PageData { request_id, .. }
+            | FrameRef::CheckpointDone { request_id, .. }
             | FrameRef::HelloOk { request_id, .. }
             | FrameRef::Ack { request_id, .. }
             | FrameRef::Records { request_id, .. }
@@ -463,6 +580,58 @@ impl FrameRef<'_> {
             FrameRef::Follow { request_id, from } => Frame::Follow { request_id, from },
             FrameRef::Cancel { request_id } => Frame::Cancel { request_id },
             FrameRef::Status { request_id } => Frame::Status { request_id },
+            FrameRef::PageWrite {
+                request_id,
+                durability,
+                rel,
+                block,
+                offset,
+                data,
+            } => Frame::PageWrite {
+                request_id,
+                durability,
+                rel,
+                block,
+                offset,
+                data: data.to_vec(),
+            },
+            FrameRef::PageRead {
+                request_id,
+                rel,
+                block,
+            } => Frame::PageRead {
+                request_id,
+                rel,
+                block,
+            },
+            FrameRef::Checkpoint { request_id } => Frame::Checkpoint { request_id },
+            FrameRef::PageWritten {
+                request_id,
+                lsn,
+                end,
+            } => Frame::PageWritten {
+                request_id,
+                lsn,
+                end,
+            },
+            FrameRef::PageData {
+                request_id,
+                lsn,
+                data,
+            } => Frame::PageData {
+                request_id,
+                lsn,
+                data: data.to_vec(),
+            },
+            FrameRef::CheckpointDone {
+                request_id,
+                checkpoint,
+                redo,
+            } => Frame::CheckpointDone {
+                request_id,
+                checkpoint,
+                redo,
+            },
             FrameRef::HelloOk {
                 request_id,
                 version,
@@ -580,6 +749,40 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         // No body: the length `begin` writes is already right.
         Frame::Cancel { request_id } => _ = begin(out, FrameType::Cancel, *request_id),
         Frame::Status { request_id } => _ = begin(out, FrameType::Status, *request_id),
+        Frame::Checkpoint { request_id } => _ = begin(out, FrameType::Checkpoint, *request_id),
+        Frame::PageWrite {
+            request_id,
+            durability,
+            rel,
+            block,
+            offset,
+            data,
+        } => encode_page_write(*request_id, *durability, *rel, *block, *offset, data, out),
+        Frame::PageRead {
+            request_id,
+            rel,
+            block,
+        } => {
+            let at = begin(out, FrameType::PageRead, *request_id);
+            out.extend_from_slice(&rel.to_le_bytes());
+            out.extend_from_slice(&block.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::PageWritten {
+            request_id,
+            lsn,
+            end,
+        } => put_two_lsns(out, FrameType::PageWritten, *request_id, *lsn, *end),
+        Frame::CheckpointDone {
+            request_id,
+            checkpoint,
+            redo,
+        } => put_two_lsns(out, FrameType::CheckpointDone, *request_id, *checkpoint, *redo),
+        Frame::PageData {
+            request_id,
+            lsn,
+            data,
+        } => encode_page_data(*request_id, *lsn, data, out),
         Frame::HelloOk {
             request_id,
             version,
@@ -706,6 +909,40 @@ fn put_append<'r>(
         out.extend_from_slice(&len32(payload.len(), "payload").to_le_bytes());
         out.extend_from_slice(payload);
     }
+    finish(out, at);
+}
+
+/// A PageWrite from borrowed bytes.
+pub fn encode_page_write(
+    request_id: u64,
+    durability: Durability,
+    rel: u32,
+    block: u32,
+    offset: u16,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::PageWrite, request_id);
+    out.push(durability_to_wire(durability));
+    out.extend_from_slice(&rel.to_le_bytes());
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(data);
+    finish(out, at);
+}
+
+/// A PageData from borrowed bytes (`data` is PAGE_DATA bytes).
+pub fn encode_page_data(request_id: u64, lsn: Lsn, data: &[u8], out: &mut Vec<u8>) {
+    let at = begin(out, FrameType::PageData, request_id);
+    out.extend_from_slice(&lsn.0.to_le_bytes());
+    out.extend_from_slice(data);
+    finish(out, at);
+}
+
+fn put_two_lsns(out: &mut Vec<u8>, ty: FrameType, request_id: u64, a: Lsn, b: Lsn) {
+    let at = begin(out, ty, request_id);
+    out.extend_from_slice(&a.0.to_le_bytes());
+    out.extend_from_slice(&b.0.to_le_bytes());
     finish(out, at);
 }
 
@@ -966,6 +1203,40 @@ fn decode_body<'a>(
         },
         FrameType::Cancel => FrameRef::Cancel { request_id },
         FrameType::Status => FrameRef::Status { request_id },
+        FrameType::Checkpoint => FrameRef::Checkpoint { request_id },
+        FrameType::PageWrite => {
+            let level = b.u8("durability")?;
+            let durability =
+                durability_from_wire(level).ok_or(Problem::InvalidDurability(level))?;
+            FrameRef::PageWrite {
+                request_id,
+                durability,
+                rel: b.u32("relation")?,
+                block: b.u32("block")?,
+                offset: b.u16("offset")?,
+                data: b.rest(),
+            }
+        }
+        FrameType::PageRead => FrameRef::PageRead {
+            request_id,
+            rel: b.u32("relation")?,
+            block: b.u32("block")?,
+        },
+        FrameType::PageWritten => FrameRef::PageWritten {
+            request_id,
+            lsn: b.lsn("record LSN")?,
+            end: b.lsn("end LSN")?,
+        },
+        FrameType::CheckpointDone => FrameRef::CheckpointDone {
+            request_id,
+            checkpoint: b.lsn("checkpoint LSN")?,
+            redo: b.lsn("redo LSN")?,
+        },
+        FrameType::PageData => FrameRef::PageData {
+            request_id,
+            lsn: Lsn(b.u64("page LSN")?),
+            data: b.rest(),
+        },
         FrameType::HelloOk => FrameRef::HelloOk {
             request_id,
             version: b.u16("version")?,
@@ -1544,6 +1815,9 @@ mod tests {
             ErrorCode::TOO_MANY_IN_FLIGHT,
             ErrorCode::UNKNOWN_LSN,
             ErrorCode::WAL_FULL,
+            ErrorCode::BAD_PAGE,
+            ErrorCode::PAGE_CORRUPT,
+            ErrorCode::IO_ERROR,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             assert_eq!(c.0 as usize, i + 1);

@@ -134,6 +134,35 @@ fn examples() -> Vec<Frame> {
             flush_lsn: Lsn(0x100),
             json: r#"{"shards":[{"core":2}],"uptime_s":12}"#.into(),
         },
+        Frame::PageWrite {
+            request_id: 7,
+            durability: Durability::Local,
+            rel: 1,
+            block: 42,
+            offset: 100,
+            data: b"hello page".to_vec(),
+        },
+        Frame::PageRead {
+            request_id: 8,
+            rel: 1,
+            block: 42,
+        },
+        Frame::Checkpoint { request_id: 9 },
+        Frame::PageWritten {
+            request_id: 7,
+            lsn: Lsn(0x100_0040),
+            end: Lsn(0x100_0068),
+        },
+        Frame::PageData {
+            request_id: 8,
+            lsn: Lsn(0x100_0068),
+            data: vec![7; walden::store::page::PAGE_DATA],
+        },
+        Frame::CheckpointDone {
+            request_id: 9,
+            checkpoint: Lsn(0x100_0090),
+            redo: Lsn(0x100_0070),
+        },
         Frame::Error {
             request_id: 0,
             code: ErrorCode::SHUTTING_DOWN,
@@ -316,7 +345,19 @@ fn client_frame() -> impl Strategy<Value = Frame> {
         }),
         1 => (id.clone(), any::<u64>()).prop_map(|(request_id, from)| Frame::Follow { request_id, from: Lsn(from) }),
         1 => id.clone().prop_map(|request_id| Frame::Cancel { request_id }),
-        1 => id.prop_map(|request_id| Frame::Status { request_id }),
+        1 => id.clone().prop_map(|request_id| Frame::Status { request_id }),
+        1 => (id.clone(), 0u8..5, any::<u32>(), any::<u32>(), any::<u16>(), prop::collection::vec(any::<u8>(), 1..300)).prop_map(
+            |(request_id, level, rel, block, offset, data)| Frame::PageWrite {
+                request_id,
+                durability: walden::protocol::durability_from_wire(level).unwrap(),
+                rel,
+                block,
+                offset,
+                data,
+            }
+        ),
+        1 => (id.clone(), any::<u32>(), any::<u32>()).prop_map(|(request_id, rel, block)| Frame::PageRead { request_id, rel, block }),
+        1 => id.prop_map(|request_id| Frame::Checkpoint { request_id }),
     ]
 }
 
@@ -343,6 +384,13 @@ fn server_frame() -> impl Strategy<Value = Frame> {
             write_lsn: Lsn(l[1]),
             flush_lsn: Lsn(l[2]),
             json,
+        }),
+        1 => (id.clone(), any::<[u64; 2]>()).prop_map(|(request_id, l)| Frame::PageWritten { request_id, lsn: Lsn(l[0]), end: Lsn(l[1]) }),
+        1 => (id.clone(), any::<[u64; 2]>()).prop_map(|(request_id, l)| Frame::CheckpointDone { request_id, checkpoint: Lsn(l[0]), redo: Lsn(l[1]) }),
+        1 => (id.clone(), any::<u64>(), any::<u8>()).prop_map(|(request_id, lsn, b)| Frame::PageData {
+            request_id,
+            lsn: Lsn(lsn),
+            data: vec![b; walden::store::page::PAGE_DATA],
         }),
         1 => (any::<u64>(), any::<u16>(), text()).prop_map(|(request_id, code, message)| Frame::Error {
             request_id,
@@ -605,7 +653,8 @@ fn each_error_maps_to_its_documented_code() {
         ("4 GiB frame", patch(append(1), 0, &[0xFF; 4]), ToServer, C::FRAME_TOO_LARGE),
         ("type 0", patch(append(1), 4, &[0x00]), ToServer, C::UNKNOWN_TYPE),
         ("unassigned type", patch(append(1), 4, &[0x07]), ToServer, C::UNKNOWN_TYPE),
-        ("reserved page type", patch(append(1), 4, &[0x10]), ToServer, C::UNKNOWN_TYPE),
+        ("unassigned page type", patch(append(1), 4, &[0x13]), ToServer, C::UNKNOWN_TYPE),
+        ("a PageWrite too short", patch(append(1), 4, &[0x10]), ToServer, C::BAD_FRAME),
         ("reserved replication type", patch(ack.clone(), 4, &[0xA0]), ToClient, C::UNKNOWN_TYPE),
         ("a server's frame sent to the server", ack.clone(), ToServer, C::UNKNOWN_TYPE),
         ("a client's frame sent to the client", append(1), ToClient, C::UNKNOWN_TYPE),

@@ -331,6 +331,10 @@ fn spawn_server(dir: &std::path::Path) -> std::process::Child {
             "metrics_addr=",
             "-c",
             "wal_segment_size=1MB",
+            // These tests check acknowledged records in the WAL: keep it all
+            // (checkpoints would release what recovery no longer needs).
+            "-c",
+            "wal_keep_size=1TB",
         ])
         .env("WALDEN_LOG", "warn")
         .stdout(Stdio::null())
@@ -406,13 +410,19 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
     let next = c
         .append(Durability::Local, &[(Kind::DATA, b"after restart")])
         .unwrap();
-    assert_eq!(
-        next.lsns[0], off.end,
-        "continues right after the last record"
-    );
     assert!(off.lsns[0] >= last.end);
     let (recs, _) = c.read(off.lsns[0], 1 << 20, 0).unwrap();
     assert_eq!(recs[0].payload, b"async but flushed at shutdown");
+    // The clean shutdown logged its checkpoint right after the last record,
+    // and the restart continues right after that (nothing replayed).
+    assert_eq!(recs[1].kind, Kind::CHECKPOINT_SHUTDOWN);
+    assert_eq!(recs[1].lsn, off.end);
+    assert_eq!(
+        next.lsns[0],
+        Lsn(off.end.0 + walden::record::stream_len(recs[1].payload.len())),
+        "continues right after the shutdown checkpoint"
+    );
+    assert_eq!(recs[2].payload, b"after restart");
     drop(c);
     Command::new("kill")
         .arg("-TERM")

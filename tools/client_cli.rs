@@ -97,6 +97,10 @@ pub struct ReadArgs {
     /// Stop after this many records (0: all there are).
     #[arg(short = 'n', long, default_value_t = 0)]
     limit: u64,
+    /// Also print walden's own records (page writes, checkpoints), as
+    /// `LSN<TAB>KIND<TAB>payload`.
+    #[arg(long)]
+    all_kinds: bool,
 }
 
 /// Prints `LSN<TAB>payload` per record (payload escaped if not UTF-8).
@@ -104,23 +108,30 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let mut out = std::io::stdout().lock();
     let mut printed = 0u64;
-    let mut print =
-        |lsn: Lsn, payload: &[u8], out: &mut std::io::StdoutLock| -> std::io::Result<bool> {
-            writeln!(
-                out,
-                "{lsn}\t{}",
-                String::from_utf8_lossy(payload).escape_debug()
-            )?;
-            printed += 1;
-            Ok(args.limit > 0 && printed >= args.limit)
-        };
+    let all = args.all_kinds;
+    let mut print = |lsn: Lsn,
+                     kind: Kind,
+                     payload: &[u8],
+                     out: &mut std::io::StdoutLock|
+     -> std::io::Result<bool> {
+        let text = String::from_utf8_lossy(payload);
+        if all {
+            writeln!(out, "{lsn}\t{kind}\t{}", text.escape_debug())?;
+        } else if !kind.is_walden() {
+            writeln!(out, "{lsn}\t{}", text.escape_debug())?;
+        } else {
+            return Ok(false);
+        }
+        printed += 1;
+        Ok(args.limit > 0 && printed >= args.limit)
+    };
     if args.follow {
         c.follow(args.from)?;
         loop {
             match c.recv()? {
                 Frame::Records { records, .. } => {
                     for r in records {
-                        if print(r.lsn, &r.payload, &mut out)? {
+                        if print(r.lsn, r.kind, &r.payload, &mut out)? {
                             return Ok(());
                         }
                     }
@@ -138,7 +149,7 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         for r in &records {
-            if print(r.lsn, &r.payload, &mut out)? {
+            if print(r.lsn, r.kind, &r.payload, &mut out)? {
                 return Ok(());
             }
         }
@@ -160,12 +171,47 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (insert, write, flush, json) = c.status()?;
     if args.json {
         println!("{json}");
-    } else {
-        println!("server:     {}", c.server_name);
-        println!("insert LSN: {insert}");
-        println!("write LSN:  {write}");
-        println!("flush LSN:  {flush}");
-        println!("details:    {json}");
+        return Ok(());
     }
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    let field = |path: &[&str]| {
+        let mut x = &v;
+        for p in path {
+            x = &x[*p];
+        }
+        match x {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "?".into(),
+            other => other.to_string(),
+        }
+    };
+    println!("server:          {}", c.server_name);
+    println!("state:           {}", field(&["state"]));
+    if field(&["state"]) == "recovering" {
+        println!(
+            "recovery:        redo at {} of {} ({}%), from {}, {} records",
+            field(&["recovery", "replayed_to"]),
+            field(&["recovery", "end_of_wal"]),
+            field(&["recovery", "percent"]),
+            field(&["recovery", "redo_from"]),
+            field(&["recovery", "records"]),
+        );
+        return Ok(());
+    }
+    println!("insert LSN:      {insert}");
+    println!("write LSN:       {write}");
+    println!("flush LSN:       {flush}");
+    println!("WAL starts at:   {}", field(&["start_lsn"]));
+    println!(
+        "last checkpoint: {} (redo {}){}",
+        field(&["page_store", "checkpoint_lsn"]),
+        field(&["page_store", "redo_lsn"]),
+        if field(&["page_store", "checkpoint_in_progress"]) == "true" {
+            "; a checkpoint is in progress"
+        } else {
+            ""
+        }
+    );
+    println!("uptime:          {} s", field(&["uptime_seconds"]));
     Ok(())
 }

@@ -39,12 +39,15 @@ pub fn start_metrics(
     Ok(Some(server.serve_http(&cfg.metrics_addr)?))
 }
 
-/// The protocol address a running server wrote to `DIR/walden.addr`.
+/// The protocol address a running server wrote to `DIR/walden.addr` (once
+/// ready), else to `DIR/walden.starting` (while it recovers).
 pub fn listen_addr_in(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join("walden.addr"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+    ["walden.addr", "walden.starting"].iter().find_map(|f| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+    })
 }
 
 /// The auth token in `path` (surrounding whitespace trimmed), if one is given.

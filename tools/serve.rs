@@ -41,18 +41,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .join("walden.addr");
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
-    let server = Server::start(cfg.clone())?;
-    let metrics_addr = super::common::start_metrics(&server, &cfg)?;
-    let text = format!(
-        "listen_addr={}\nmetrics_addr={}\n",
-        server.local_addr(),
-        metrics_addr.map(|a| a.to_string()).unwrap_or_default()
-    );
     if let Some(parent) = addr_file.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&addr_file, &text)
+    // walden.addr appears once the server is ready (tests and tools wait
+    // for it). During recovery the protocol address is in walden.starting,
+    // where `walden status` finds it to show recovery's progress.
+    let starting_file = addr_file.with_file_name("walden.starting");
+    let write_addrs = |path: &std::path::Path,
+                       listen: std::net::SocketAddr,
+                       metrics: Option<std::net::SocketAddr>| {
+        let text = format!(
+            "listen_addr={listen}\nmetrics_addr={}\n",
+            metrics.map(|a| a.to_string()).unwrap_or_default()
+        );
+        // Atomically: a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, path))
+    };
+    let _ = std::fs::remove_file(&addr_file);
+    let server =
+        Server::start_with(cfg.clone(), |listen| write_addrs(&starting_file, listen, None));
+    let _ = std::fs::remove_file(&starting_file);
+    let server = server?;
+    let metrics_addr = super::common::start_metrics(&server, &cfg)?;
+    write_addrs(&addr_file, server.local_addr(), metrics_addr)
         .with_context(|| format!("writing {}", addr_file.display()))?;
     tracing::info!(
         "walden ready: protocol on {}, metrics on {}, addresses in {}",

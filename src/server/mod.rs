@@ -10,6 +10,7 @@
 //! (signals, sd_notify and the address file are `tools/serve.rs`).
 
 mod shard;
+mod startup;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -19,6 +20,7 @@ use std::thread::JoinHandle;
 use crate::config::Config;
 use crate::io::net;
 use crate::io::uring::EventFd;
+use crate::store::{RecoveryProgress, Store, StoreError};
 use crate::wal::commit::FlushListener;
 use crate::wal::Wal;
 
@@ -26,6 +28,8 @@ use crate::wal::Wal;
 pub enum ServerError {
     #[error(transparent)]
     Wal(#[from] crate::wal::WalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("invalid value for parameter \"listen_addr\": {0:?} is not an address (host:port)")]
     BadAddress(String),
     #[error("could not listen on {addr}: {source}")]
@@ -51,6 +55,7 @@ pub enum ServerError {
 
 /// What every shard shares.
 pub(crate) struct ServerShared {
+    pub store: Arc<Store>,
     pub wal: Arc<Wal>,
     /// The settings at startup; the reloadable ones live in `runtime`.
     pub cfg: Config,
@@ -85,7 +90,7 @@ impl Runtime {
 }
 
 /// Settings a reload applies; every other change needs a restart.
-pub const RELOADABLE: [&str; 8] = [
+pub const RELOADABLE: [&str; 16] = [
     "auth_token_file",
     "max_in_flight",
     "idle_timeout",
@@ -94,6 +99,14 @@ pub const RELOADABLE: [&str; 8] = [
     "wal_writer_delay",
     "commit_delay",
     "commit_siblings",
+    "checkpoint_timeout",
+    "checkpoint_completion_target",
+    "checkpoint_warning",
+    "bgwriter_delay",
+    "bgwriter_lru_maxpages",
+    "bgwriter_lru_multiplier",
+    "log_checkpoints",
+    "wal_compression",
 ];
 
 fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
@@ -130,24 +143,53 @@ pub(crate) fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
 }
 
 impl Server {
-    /// Opens the WAL (recovering the end of it) and starts the shards.
+    /// Opens the page store and the WAL (recovering them) and starts the shards.
     pub fn start(cfg: Config) -> Result<Server, ServerError> {
+        Server::start_with(cfg, |_| Ok(()))
+    }
+
+    /// [`Server::start`], calling `bound(addr)` as soon as the protocol
+    /// address is bound and before recovery runs: while it runs, that
+    /// address answers Hello and Status (with recovery's progress) and
+    /// refuses everything else with `STARTING_UP`.
+    pub fn start_with(
+        cfg: Config,
+        bound: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+    ) -> Result<Server, ServerError> {
         let addr = resolve(&cfg.listen_addr)?;
         let runtime = Runtime::from_config(&cfg)?;
         if runtime.token.is_none() && !is_loopback(addr.ip()) && !cfg.allow_unauthenticated {
             return Err(ServerError::Unauthenticated(addr.to_string()));
         }
-        let wal = Arc::new(Wal::open(cfg.clone())?);
-        let shards_n = wal.insert_shards();
+        cfg.validate().map_err(crate::wal::WalError::from)?;
         // The first listener picks the port (port 0 works); the others bind it too.
         let first = net::listen_reuseport(addr, 1024).map_err(|source| ServerError::Listen {
             addr: addr.to_string(),
             source,
         })?;
-        let bound = net::local_addr(&first).map_err(|source| ServerError::Listen {
+        let local = net::local_addr(&first).map_err(|source| ServerError::Listen {
             addr: addr.to_string(),
             source,
         })?;
+        let name = format!("walden {}", env!("CARGO_PKG_VERSION"));
+        let progress = Arc::new(RecoveryProgress::default());
+        let responder = startup::StartupResponder::start(
+            &first,
+            startup::Context {
+                progress: Arc::clone(&progress),
+                token: runtime.token.clone(),
+                name: name.clone(),
+                segment_size: cfg.wal_segment_size.0,
+                started: std::time::Instant::now(),
+            },
+        )
+        .map_err(ServerError::Thread)?;
+        bound(local).map_err(ServerError::Thread)?;
+        let store = Arc::new(Store::open_with_progress(cfg.clone(), progress)?);
+        responder.stop();
+        let bound = local;
+        let wal = Arc::clone(store.wal());
+        let shards_n = wal.insert_shards();
         let mut listeners = vec![first];
         for _ in 1..shards_n {
             listeners.push(net::listen_reuseport(bound, 1024).map_err(|source| {
@@ -157,20 +199,25 @@ impl Server {
                 }
             })?);
         }
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let st = Arc::clone(&store);
+        metrics.set_store_snapshot(Arc::new(move || st.metrics_snapshot()));
         let shared = Arc::new(ServerShared {
+            store,
             wal,
             cfg: cfg.clone(),
             runtime: std::sync::RwLock::new(runtime),
             stopping: AtomicBool::new(false),
             started: std::time::Instant::now(),
-            name: format!("walden {}", env!("CARGO_PKG_VERSION")),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
+            name,
+            metrics,
         });
         let mut shards = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let wake = Arc::new(EventFd::new().map_err(ServerError::Thread)?);
             let listener_wake = Arc::new(FlushListener::new(Arc::clone(&wake)));
             shared.wal.add_flush_listener(Arc::clone(&listener_wake));
+            shared.store.add_checkpoint_listener(Arc::clone(&wake));
             let core = cfg.cpu_affinity.get(i).copied();
             let sh = Arc::clone(&shared);
             let w = Arc::clone(&wake);
@@ -207,6 +254,10 @@ impl Server {
 
     pub fn wal(&self) -> &Arc<Wal> {
         &self.shared.wal
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
     }
 
     /// Starts the HTTP endpoint (/metrics, /status) on `addr` (port 0 works);
@@ -264,7 +315,7 @@ impl Server {
             return Err(ServerError::Unauthenticated(self.addr.to_string()));
         }
         *self.shared.runtime.write().unwrap() = runtime;
-        self.shared.wal.reload_flush_settings(new);
+        self.shared.store.reload(new);
         // Remember the reloadable values as applied; the others stay as
         // they run, so a later reload reports them again.
         let mut next = old.clone();
@@ -276,6 +327,14 @@ impl Server {
         next.wal_writer_delay = new.wal_writer_delay;
         next.commit_delay = new.commit_delay;
         next.commit_siblings = new.commit_siblings;
+        next.checkpoint_timeout = new.checkpoint_timeout;
+        next.checkpoint_completion_target = new.checkpoint_completion_target;
+        next.checkpoint_warning = new.checkpoint_warning;
+        next.bgwriter_delay = new.bgwriter_delay;
+        next.bgwriter_lru_maxpages = new.bgwriter_lru_maxpages;
+        next.bgwriter_lru_multiplier = new.bgwriter_lru_multiplier;
+        next.log_checkpoints = new.log_checkpoints;
+        next.wal_compression = new.wal_compression;
         *applied = next;
         Ok(lines)
     }
@@ -290,7 +349,7 @@ impl Server {
     }
 
     /// Stops accepting, answers what becomes durable, closes the connections,
-    /// then flushes and closes the WAL.
+    /// then takes the shutdown checkpoint and closes the WAL.
     pub fn shutdown(self) -> Result<(), ServerError> {
         tracing::info!(
             "shutting down: no new connections, flushing and answering what is in flight"
@@ -306,15 +365,18 @@ impl Server {
         if let Some(h) = self.http.lock().unwrap().take() {
             let _ = h.join();
         }
-        match Arc::try_unwrap(self.shared) {
-            Ok(shared) => match Arc::try_unwrap(shared.wal) {
-                Ok(wal) => wal.close()?,
-                Err(wal) => drop(wal),
-            },
-            Err(shared) => drop(shared),
-        }
+        // The shards are gone; the store's own threads stop in shut_down.
+        self.shared.store.shut_down()?;
         Ok(())
     }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -324,29 +386,48 @@ fn is_loopback(ip: IpAddr) -> bool {
 pub(crate) fn status_json(s: &ServerShared) -> String {
     let wal = &s.wal;
     let cfg = &s.cfg;
-    format!(
-        concat!(
-            "{{\"server\":\"{}\",\"uptime_seconds\":{:.3},\"insert_lsn\":\"{}\",\"write_lsn\":\"{}\",",
-            "\"flush_lsn\":\"{}\",\"start_lsn\":\"{}\",\"insert_shards\":{},\"cpu_affinity\":{:?},",
-            "\"records_appended\":{},\"settings\":{{\"wal_sync_method\":\"{}\",\"fsync\":{},",
-            "\"wal_segment_size\":{},\"wal_buffers\":{},\"max_record_size\":{},\"listen_addr\":\"{}\",",
-            "\"wal_dir\":{:?}}}}}"
-        ),
-        s.name,
-        s.started.elapsed().as_secs_f64(),
-        wal.insert_lsn(),
-        wal.write_lsn(),
-        wal.flush_lsn(),
-        wal.start_lsn(),
-        wal.insert_shards(),
-        cfg.cpu_affinity,
-        wal.records_appended(),
-        cfg.wal_sync_method.name(),
-        cfg.fsync,
-        cfg.wal_segment_size.0,
-        cfg.wal_buffers.0,
-        cfg.max_record_size.0,
-        cfg.listen_addr,
-        cfg.wal_dir.display().to_string(),
-    )
+    let store = &s.store;
+    let c = store.control();
+    let snap = store.metrics_snapshot();
+    serde_json::json!({
+        "server": s.name,
+        "state": c.state.name(),
+        "uptime_seconds": (s.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        "insert_lsn": wal.insert_lsn().to_string(),
+        "write_lsn": wal.write_lsn().to_string(),
+        "flush_lsn": wal.flush_lsn().to_string(),
+        "start_lsn": wal.start_lsn().to_string(),
+        "insert_shards": wal.insert_shards(),
+        "cpu_affinity": cfg.cpu_affinity,
+        "records_appended": wal.records_appended(),
+        "page_store": {
+            "system_identifier": c.system_identifier.to_string(),
+            "checkpoint_lsn": c.checkpoint.to_string(),
+            "redo_lsn": c.redo.to_string(),
+            "checkpoint_in_progress": snap.checkpoint_in_progress,
+            "checkpoints_completed": snap.checkpoints.iter().map(|(_, n)| n).sum::<u64>(),
+            "shared_buffers_pages": snap.shared_buffers,
+            "page_writes": snap.page_writes,
+            "page_images": snap.page_images,
+            "data_checksums": c.data_checksum_version == 1,
+        },
+        "settings": {
+            "wal_sync_method": cfg.wal_sync_method.name(),
+            "fsync": cfg.fsync,
+            "wal_segment_size": cfg.wal_segment_size.0,
+            "wal_buffers": cfg.wal_buffers.0,
+            "max_record_size": cfg.max_record_size.0,
+            "listen_addr": cfg.listen_addr,
+            "wal_dir": cfg.wal_dir.display().to_string(),
+            "data_dir": cfg.data_dir.display().to_string(),
+            "full_page_writes": cfg.full_page_writes,
+            "wal_compression": cfg.wal_compression.name(),
+            "shared_buffers": cfg.shared_buffers.0,
+            "checkpoint_timeout_ms": cfg.checkpoint_timeout.0,
+            "checkpoint_completion_target": cfg.checkpoint_completion_target,
+            "max_wal_size": cfg.max_wal_size.0,
+            "min_wal_size": cfg.min_wal_size.0,
+        },
+    })
+    .to_string()
 }

@@ -18,6 +18,7 @@ use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limi
 use crate::record::Kind;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{EndOfWal, WalReader};
+use crate::store::StoreError;
 use crate::wal::{WalError, TIMELINE};
 
 const RECV_BUF: usize = 256 << 10;
@@ -46,9 +47,25 @@ struct PendingAck {
     conn: ConnId,
     serial: u64,
     request_id: u64,
-    lsns: Vec<Lsn>,
+    reply: Reply,
     started: Instant,
     level: Durability,
+}
+
+/// What to send once a pending request's WAL reaches its level.
+enum Reply {
+    /// An Append's Ack: its records' LSNs.
+    Ack(Vec<Lsn>),
+    /// A PageWrite's PageWritten: its record's LSN.
+    PageWritten(Lsn),
+}
+
+/// A Checkpoint request waiting for the checkpointer.
+struct PendingCheckpoint {
+    conn: ConnId,
+    serial: u64,
+    request_id: u64,
+    ticket: u64,
 }
 
 struct Shard<'a> {
@@ -57,8 +74,10 @@ struct Shard<'a> {
     ring: NetRing,
     limits: Limits,
     pending: VecDeque<PendingAck>,
+    checkpoints: Vec<PendingCheckpoint>,
     out: Vec<u8>,
     lsns: Vec<Lsn>,
+    page: Vec<u8>,
 }
 
 pub(crate) fn run(
@@ -85,8 +104,10 @@ pub(crate) fn run(
             shared.cfg.max_record_size.0.min(u32::MAX as u64) as u32
         ),
         pending: VecDeque::new(),
+        checkpoints: Vec::new(),
         out: Vec::with_capacity(64 << 10),
         lsns: Vec::new(),
+        page: vec![0; crate::store::page::PAGE_DATA],
     };
     let mut conns: HashMap<ConnId, ConnState> = HashMap::new();
     // Apart from the state: a decoded frame borrows its decoder while the
@@ -182,7 +203,17 @@ pub(crate) fn run(
             let p = shard.pending.pop_front().unwrap();
             if let Some(st) = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial) {
                 shard.out.clear();
-                protocol::encode_ack(p.request_id, &p.lsns, p.end, &mut shard.out);
+                match &p.reply {
+                    Reply::Ack(lsns) => protocol::encode_ack(p.request_id, lsns, p.end, &mut shard.out),
+                    Reply::PageWritten(lsn) => protocol::encode(
+                        &Frame::PageWritten {
+                            request_id: p.request_id,
+                            lsn: *lsn,
+                            end: p.end,
+                        },
+                        &mut shard.out,
+                    ),
+                }
                 let _ = shard.ring.send(p.conn, &shard.out);
                 shard
                     .shared
@@ -198,6 +229,10 @@ pub(crate) fn run(
                     let _ = shard.ring.resume_recv(p.conn);
                 }
             }
+        }
+        // Checkpoint requests whose checkpoint completed (or that shutdown ends).
+        if !shard.checkpoints.is_empty() {
+            shard.answer_checkpoints(&mut conns, stopping);
         }
         // Followers get what became durable.
         for (&id, st) in conns.iter_mut() {
@@ -244,6 +279,8 @@ impl Shard<'_> {
             }
             ErrorCode::AUTH_FAILED => "auth",
             ErrorCode::FRAME_TOO_LARGE | ErrorCode::RECORD_TOO_LARGE => "too_large",
+            ErrorCode::BAD_PAGE => "bad_frame",
+            ErrorCode::IO_ERROR | ErrorCode::PAGE_CORRUPT => "io",
             _ => "other",
         });
         self.send_frame(
@@ -339,7 +376,7 @@ impl Shard<'_> {
                 };
                 let expected = self.shared.runtime.read().unwrap().token.clone();
                 if let Some(expected) = expected {
-                    if !constant_time_eq(&expected, token) {
+                    if !super::constant_time_eq(&expected, token) {
                         tracing::warn!(peer = ?st.peer, client = client_name, "authentication failed");
                         let msg = "authentication failed: wrong or missing token".to_string();
                         return self.send_error(id, st, request_id, ErrorCode::AUTH_FAILED, msg);
@@ -384,7 +421,7 @@ impl Shard<'_> {
                                 conn: id,
                                 serial: st.serial,
                                 request_id,
-                                lsns: self.lsns.clone(),
+                                reply: Reply::Ack(self.lsns.clone()),
                                 started: Instant::now(),
                                 level: durability,
                             });
@@ -400,6 +437,82 @@ impl Shard<'_> {
                         self.send_error(id, st, request_id, code, e.to_string());
                     }
                 }
+            }
+            FrameRef::PageWrite {
+                request_id,
+                durability,
+                rel,
+                block,
+                offset,
+                data,
+            } => {
+                if self.shared.stopping.load(SeqCst) {
+                    let msg = "the server is shutting down".to_string();
+                    return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
+                }
+                let store = &self.shared.store;
+                match store.write_page_with(ins, rel, block, offset as usize, data) {
+                    Ok(a) if durability == Durability::Off => {
+                        self.shared.metrics.observe_commit_wait("off", 0.0);
+                        self.send_frame(
+                            id,
+                            &Frame::PageWritten {
+                                request_id,
+                                lsn: a.lsn,
+                                end: a.end,
+                            },
+                        );
+                    }
+                    Ok(a) => {
+                        st.in_flight += 1;
+                        self.pending.push_back(PendingAck {
+                            end: a.end,
+                            conn: id,
+                            serial: st.serial,
+                            request_id,
+                            reply: Reply::PageWritten(a.lsn),
+                            started: Instant::now(),
+                            level: durability,
+                        });
+                    }
+                    Err(e) => {
+                        let code = store_error_code(&e);
+                        self.send_error(id, st, request_id, code, e.to_string());
+                    }
+                }
+            }
+            FrameRef::PageRead {
+                request_id,
+                rel,
+                block,
+            } => {
+                let mut page = std::mem::take(&mut self.page);
+                match self.shared.store.read_page_into(rel, block, &mut page) {
+                    Ok(lsn) => {
+                        self.out.clear();
+                        protocol::encode_page_data(request_id, lsn, &page, &mut self.out);
+                        let _ = self.ring.send(id, &self.out);
+                    }
+                    Err(e) => {
+                        let code = store_error_code(&e);
+                        self.send_error(id, st, request_id, code, e.to_string());
+                    }
+                }
+                self.page = page;
+            }
+            FrameRef::Checkpoint { request_id } => {
+                if self.shared.stopping.load(SeqCst) {
+                    let msg = "the server is shutting down".to_string();
+                    return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
+                }
+                st.in_flight += 1;
+                let ticket = self.shared.store.request_checkpoint();
+                self.checkpoints.push(PendingCheckpoint {
+                    conn: id,
+                    serial: st.serial,
+                    request_id,
+                    ticket,
+                });
             }
             FrameRef::Read {
                 request_id,
@@ -509,6 +622,46 @@ impl Shard<'_> {
                 // The decoder only yields frames a client may send.
                 let msg = format!("unexpected frame {:?}", std::mem::discriminant(&other));
                 self.send_error(id, st, other.request_id(), ErrorCode::BAD_FRAME, msg);
+            }
+        }
+    }
+
+    /// Answers the Checkpoint requests whose checkpoint has completed; on
+    /// shutdown, every one still waiting.
+    fn answer_checkpoints(&mut self, conns: &mut HashMap<ConnId, ConnState>, stopping: bool) {
+        let mut i = 0;
+        while i < self.checkpoints.len() {
+            let c = &self.checkpoints[i];
+            let outcome = match self.shared.store.checkpoint_outcome(c.ticket) {
+                Some(o) => o,
+                None if stopping => Err("the server is shutting down".to_string()),
+                None => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let c = self.checkpoints.swap_remove(i);
+            let Some(st) = conns.get_mut(&c.conn).filter(|st| st.serial == c.serial) else {
+                continue;
+            };
+            st.in_flight -= 1;
+            match outcome {
+                Ok((checkpoint, redo)) => self.send_frame(
+                    c.conn,
+                    &Frame::CheckpointDone {
+                        request_id: c.request_id,
+                        checkpoint,
+                        redo,
+                    },
+                ),
+                Err(msg) => {
+                    let code = if stopping {
+                        ErrorCode::SHUTTING_DOWN
+                    } else {
+                        ErrorCode::IO_ERROR
+                    };
+                    self.send_error(c.conn, st, c.request_id, code, msg)
+                }
             }
         }
     }
@@ -639,10 +792,14 @@ fn encode_batch(request_id: u64, batch: &[(Lsn, Kind, Vec<u8>)], out: &mut Vec<u
     );
 }
 
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The Error code for a page-store failure.
+fn store_error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::BadRequest(_) => ErrorCode::BAD_PAGE,
+        StoreError::Page(_) => ErrorCode::PAGE_CORRUPT,
+        StoreError::File(_) | StoreError::NoFreeBuffers(_) => ErrorCode::IO_ERROR,
+        StoreError::Wal(WalError::Closed) => ErrorCode::SHUTTING_DOWN,
+        StoreError::Wal(WalError::RecordTooLarge { .. }) => ErrorCode::RECORD_TOO_LARGE,
+        _ => ErrorCode::INTERNAL,
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -79,11 +79,21 @@ impl Reason {
 type Outcome = std::result::Result<(Lsn, Lsn), String>;
 
 struct QueueState {
-    requested: bool,
+    /// An immediate checkpoint was asked for, and why.
+    requested: Option<Reason>,
     started: u64,
     done: u64,
     outcomes: VecDeque<(u64, Outcome)>,
+    /// Stop the background writer.
+    stop_bgwriter: bool,
+    /// Take the shutdown checkpoint and stop.
     shutdown: bool,
+    /// Stop without a checkpoint (the store failed to open).
+    exit: bool,
+    /// Time and WAL volume may start checkpoints: false until the store is
+    /// open (recovery reads the WAL a checkpoint would release).
+    automatic: bool,
+    shutdown_outcome: Option<Outcome>,
     /// When the last checkpoint started (its timeout counts from there).
     last_start: Instant,
     /// When the last checkpoint triggered by WAL volume started.
@@ -93,6 +103,9 @@ struct QueueState {
     prev_redo: Option<Lsn>,
     /// End of the last checkpoint record: no WAL since means idle.
     last_checkpoint_end: Lsn,
+    /// Redo points of this run's checkpoints (and the one found at open):
+    /// known record starts where `wal_keep_size` may cut the WAL.
+    redo_history: VecDeque<Lsn>,
 }
 
 /// Requests and results of checkpoints, shared by the checkpointer thread,
@@ -110,16 +123,21 @@ impl CheckpointQueue {
     pub(crate) fn new(redo: Lsn, checkpoint_end: Lsn) -> CheckpointQueue {
         CheckpointQueue {
             st: Mutex::new(QueueState {
-                requested: false,
+                requested: None,
                 started: 0,
                 done: 0,
                 outcomes: VecDeque::new(),
+                stop_bgwriter: false,
                 shutdown: false,
+                exit: false,
+                automatic: false,
+                shutdown_outcome: None,
                 last_start: Instant::now(),
                 last_wal_start: None,
                 distance_estimate: 0.0,
                 prev_redo: redo.is_valid().then_some(redo),
                 last_checkpoint_end: checkpoint_end,
+                redo_history: redo.is_valid().then_some(redo).into_iter().collect(),
             }),
             cond: Condvar::new(),
             hurry: AtomicBool::new(false),
@@ -129,8 +147,16 @@ impl CheckpointQueue {
     /// Asks for an immediate checkpoint; the ticket is complete once a
     /// checkpoint that started after this call has finished.
     pub fn request(&self) -> u64 {
+        self.request_for(Reason::Requested)
+    }
+
+    /// [`CheckpointQueue::request`] with the reason to log (end of recovery).
+    pub(crate) fn request_for(&self, reason: Reason) -> u64 {
         let mut st = self.st.lock().unwrap();
-        st.requested = true;
+        st.requested = Some(match st.requested {
+            Some(Reason::EndOfRecovery) => Reason::EndOfRecovery,
+            _ => reason,
+        });
         self.hurry.store(true, SeqCst);
         let ticket = st.started + 1;
         self.cond.notify_all();
@@ -153,27 +179,56 @@ impl CheckpointQueue {
 
     pub fn wait(&self, ticket: u64) -> Outcome {
         let mut st = self.st.lock().unwrap();
-        while st.done < ticket && !st.shutdown {
+        while st.done < ticket && !st.shutdown && !st.exit {
             st = self.cond.wait(st).unwrap();
         }
         drop(st);
         self.outcome(ticket).expect("done or shut down")
     }
 
-    pub fn shut_down(&self) {
+    /// Tells the background writer to stop.
+    pub(crate) fn stop_bgwriter(&self) {
+        self.st.lock().unwrap().stop_bgwriter = true;
+        self.cond.notify_all();
+    }
+
+    /// Tells the checkpointer to take the shutdown checkpoint and stop.
+    pub(crate) fn shut_down(&self) {
         self.st.lock().unwrap().shutdown = true;
         self.hurry.store(true, SeqCst);
         self.cond.notify_all();
     }
 
+    /// Lets time and WAL volume start checkpoints (once recovery is over).
+    pub(crate) fn start_automatic(&self) {
+        let mut st = self.st.lock().unwrap();
+        st.automatic = true;
+        st.last_start = Instant::now();
+        self.cond.notify_all();
+    }
+
+    /// Stops the checkpointer and the background writer without a checkpoint.
+    pub(crate) fn abandon(&self) {
+        let mut st = self.st.lock().unwrap();
+        st.exit = true;
+        st.stop_bgwriter = true;
+        self.hurry.store(true, SeqCst);
+        self.cond.notify_all();
+    }
+
+    /// What the shutdown checkpoint did, once the checkpointer has stopped.
+    pub(crate) fn shutdown_outcome(&self) -> Option<Outcome> {
+        self.st.lock().unwrap().shutdown_outcome.clone()
+    }
+
     /// Sleeps `d` (the background writer's rest); false once shut down.
     pub(crate) fn sleep_unless_shut_down(&self, d: Duration) -> bool {
         let st = self.st.lock().unwrap();
-        if st.shutdown {
+        if st.stop_bgwriter {
             return false;
         }
         let st = self.cond.wait_timeout(st, d).unwrap().0;
-        !st.shutdown
+        !st.stop_bgwriter
     }
 
     /// Wakes the checkpointer to re-read its settings.
@@ -200,18 +255,31 @@ impl CheckpointQueue {
     }
 }
 
-/// The checkpointer thread's body.
+/// The checkpointer thread's body. Every checkpoint runs here (so that the
+/// page store's io_uring lives on this thread alone), the end-of-recovery
+/// and shutdown ones included.
 pub(crate) fn run(sh: &StoreShared) {
     loop {
         let q = &sh.ckpt;
         let mut st = q.st.lock().unwrap();
         let reason = loop {
-            if st.shutdown {
+            if st.exit {
                 return;
             }
-            if st.requested {
-                st.requested = false;
-                break Reason::Requested;
+            if st.shutdown {
+                drop(st);
+                let outcome = checkpoint(sh, Reason::Shutdown).map_err(|e| e.to_string());
+                let mut st = q.st.lock().unwrap();
+                st.shutdown_outcome = Some(outcome);
+                q.cond.notify_all();
+                return;
+            }
+            if let Some(reason) = st.requested.take() {
+                break reason;
+            }
+            if !st.automatic {
+                st = q.cond.wait(st).unwrap();
+                continue;
             }
             let timeout = Duration::from_millis(sh.tuning.checkpoint_timeout_ms.load(Relaxed));
             let elapsed = st.last_start.elapsed();
@@ -249,7 +317,7 @@ pub(crate) fn run(sh: &StoreShared) {
             st.last_wal_start = Some(Instant::now());
         }
         st.last_start = Instant::now();
-        q.hurry.store(st.requested || st.shutdown, SeqCst);
+        q.hurry.store(st.requested.is_some() || st.shutdown, SeqCst);
         drop(st);
         let outcome = checkpoint(sh, reason).map_err(|e| {
             tracing::error!("checkpoint failed: {e}");
@@ -385,7 +453,7 @@ fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -
     sh.stats.last_redo_lsn.store(redo.0, Relaxed);
 
     // 6. Release the WAL before the redo point.
-    let (distance, estimate) = {
+    let (distance, estimate, release) = {
         let mut st = sh.ckpt.st.lock().unwrap();
         let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
         st.prev_redo = Some(redo);
@@ -396,10 +464,27 @@ fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -
             0.9 * st.distance_estimate + 0.1 * distance
         };
         st.last_checkpoint_end = a.end;
-        (distance, st.distance_estimate)
+        st.redo_history.push_back(redo);
+        let start = sh.wal.start_lsn();
+        st.redo_history.retain(|r| *r >= start);
+        // wal_keep_size: cut at the newest known record start that keeps
+        // that much WAL behind the insert position (never past the redo point).
+        let keep_from = Lsn(sh.wal.insert_lsn().0.saturating_sub(sh.cfg.wal_keep_size.0));
+        let release = if keep_from >= redo {
+            redo
+        } else {
+            st.redo_history
+                .iter()
+                .copied()
+                .filter(|r| *r <= keep_from)
+                .max()
+                .unwrap_or(start)
+                .max(start)
+        };
+        (distance, st.distance_estimate, release)
     };
     let upto = recycle_upto(sh, redo, estimate);
-    let (recycled, removed) = sh.wal.remove_before_recycling(redo, Some(upto))?;
+    let (recycled, removed) = sh.wal.remove_before_recycling(release, Some(upto))?;
     let added = sh.wal.segments_created() - segs_before;
 
     let counter = match reason {

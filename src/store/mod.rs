@@ -431,6 +431,20 @@ impl Store {
         shared.stats.last_checkpoint_lsn.store(c.checkpoint.0, Relaxed);
         shared.stats.last_redo_lsn.store(c.redo.0, Relaxed);
 
+        let mut threads = Vec::new();
+        let sh = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("walden-ckpt".into())
+                .spawn(move || checkpointer::run(&sh))
+                .map_err(|e| StoreError::Thread("checkpointer", e))?,
+        );
+        let store = Store {
+            shared,
+            threads: Mutex::new(threads),
+            closed: AtomicBool::new(false),
+        };
+        let shared = &store.shared;
         if needs_redo {
             if !creating {
                 tracing::info!(
@@ -444,15 +458,22 @@ impl Store {
             c.state = ClusterState::InCrashRecovery;
             *shared.control.lock().unwrap() = c;
             control::write(&data_dir, &c, shared.cfg.fsync)?;
-            recovery::redo(&shared, redo_from, end)?;
+            if let Err(e) = recovery::redo(shared, redo_from, end) {
+                store.abandon();
+                return Err(e);
+            }
             let reason = if creating {
                 Reason::Requested
             } else {
                 Reason::EndOfRecovery
             };
-            checkpointer::checkpoint(&shared, reason).map_err(|e| {
-                StoreError::Recovery(format!("the end-of-recovery checkpoint failed: {e}"))
-            })?;
+            let ticket = shared.ckpt.request_for(reason);
+            if let Err(e) = shared.ckpt.wait(ticket) {
+                store.abandon();
+                return Err(StoreError::Recovery(format!(
+                    "the end-of-recovery checkpoint failed: {e}"
+                )));
+            }
         } else {
             tracing::info!(
                 "database system was shut down at {}",
@@ -460,29 +481,38 @@ impl Store {
             );
             c.state = ClusterState::InProduction;
             *shared.control.lock().unwrap() = c;
-            control::write(&data_dir, &c, shared.cfg.fsync)?;
+            if let Err(e) = control::write(&data_dir, &c, shared.cfg.fsync) {
+                store.abandon();
+                return Err(e.into());
+            }
         }
 
-        let mut threads = Vec::new();
-        let sh = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("walden-ckpt".into())
-                .spawn(move || checkpointer::run(&sh))
-                .map_err(|e| StoreError::Thread("checkpointer", e))?,
-        );
-        let sh = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("walden-bgwriter".into())
-                .spawn(move || bgwriter::run(&sh))
-                .map_err(|e| StoreError::Thread("background writer", e))?,
-        );
-        Ok(Store {
-            shared,
-            threads: Mutex::new(threads),
-            closed: AtomicBool::new(false),
-        })
+        // IMPORTANT: only now may time and WAL volume start checkpoints: one
+        // during redo would release WAL that redo is still reading.
+        store.shared.ckpt.start_automatic();
+        let sh = Arc::clone(&store.shared);
+        match std::thread::Builder::new()
+            .name("walden-bgwriter".into())
+            .spawn(move || bgwriter::run(&sh))
+        {
+            Ok(h) => store.threads.lock().unwrap().push(h),
+            Err(e) => {
+                store.abandon();
+                return Err(StoreError::Thread("background writer", e));
+            }
+        }
+        Ok(store)
+    }
+
+    /// Stops the threads of a store that failed to open, without a
+    /// shutdown checkpoint (the next start recovers again).
+    fn abandon(&self) {
+        self.closed.store(true, SeqCst);
+        self.shared.ckpt.abandon();
+        for h in std::mem::take(&mut *self.threads.lock().unwrap()) {
+            let _ = h.join();
+        }
+        self.shared.wal.shut_down();
     }
 
     pub fn wal(&self) -> &Arc<Wal> {
@@ -607,17 +637,33 @@ impl Store {
         self.shutdown()
     }
 
+    /// [`Store::close`] for a store shared by reference. Idempotent; page
+    /// writes after it fail.
+    pub fn shut_down(&self) -> Result<()> {
+        self.shutdown()
+    }
+
     fn shutdown(&self) -> Result<()> {
         if self.closed.swap(true, SeqCst) {
             return Ok(());
         }
         tracing::info!("shutting down");
+        let mut threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        // The background writer first (it is the second thread), then the
+        // checkpointer, which takes the shutdown checkpoint before it stops.
+        self.shared.ckpt.stop_bgwriter();
+        if threads.len() > 1 {
+            let _ = threads.pop().unwrap().join();
+        }
         self.shared.ckpt.shut_down();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
         for h in threads {
             let _ = h.join();
         }
-        let res = checkpointer::checkpoint(&self.shared, Reason::Shutdown);
+        let res = self
+            .shared
+            .ckpt
+            .shutdown_outcome()
+            .unwrap_or_else(|| Err("the checkpointer was not running".into()));
         self.shared.wal.shut_down();
         match res {
             Ok(_) => {
@@ -625,8 +671,10 @@ impl Store {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!("the shutdown checkpoint failed: {e}; the next start will recover from the WAL");
-                Err(e)
+                tracing::error!(
+                    "the shutdown checkpoint failed: {e}; the next start will recover from the WAL"
+                );
+                Err(StoreError::Checkpoint(e))
             }
         }
     }
