@@ -231,8 +231,11 @@ impl CheckpointQueue {
         !st.stop_bgwriter
     }
 
-    /// Wakes the checkpointer to re-read its settings.
+    /// Wakes the checkpointer to re-check its triggers and settings. Taking
+    /// the lock first means a checkpointer between its check and its wait
+    /// cannot miss the wake-up.
     pub fn poke(&self) {
+        drop(self.st.lock().unwrap());
         self.cond.notify_all();
     }
 
@@ -339,10 +342,15 @@ fn checkpoint_segments(sh: &StoreShared) -> f64 {
 /// XLogCheckpointNeeded: the insert position is CheckPointSegments - 1
 /// segments past the redo point's.
 fn wal_due(sh: &StoreShared) -> bool {
-    let seg = sh.cfg.wal_segment_size.0;
-    let redo = sh.redo_lsn().segno(seg);
-    let now = sh.wal.insert_lsn().segno(seg);
-    now >= redo + (checkpoint_segments(sh) as u64).saturating_sub(1).max(1)
+    wal_due_at(sh, sh.wal.insert_lsn().segno(sh.cfg.wal_segment_size.0))
+}
+
+/// [`wal_due`] for the segment `segno` being written: called by the
+/// flusher on every segment switch (as XLogWrite signals PostgreSQL's
+/// checkpointer), so a checkpoint starts within a segment of being due.
+pub(crate) fn wal_due_at(sh: &StoreShared, segno: u64) -> bool {
+    let redo = sh.redo_lsn().segno(sh.cfg.wal_segment_size.0);
+    segno >= redo + (checkpoint_segments(sh) as u64).saturating_sub(1).max(1)
 }
 
 /// Runs one checkpoint. Checkpoints never overlap: the checkpointer thread

@@ -490,6 +490,14 @@ impl Store {
         // IMPORTANT: only now may time and WAL volume start checkpoints: one
         // during redo would release WAL that redo is still reading.
         store.shared.ckpt.start_automatic();
+        let weak = Arc::downgrade(&store.shared);
+        store.shared.wal.add_segment_listener(Arc::new(move |segno| {
+            if let Some(sh) = weak.upgrade() {
+                if checkpointer::wal_due_at(&sh, segno) {
+                    sh.ckpt.poke();
+                }
+            }
+        }));
         let sh = Arc::clone(&store.shared);
         match std::thread::Builder::new()
             .name("walden-bgwriter".into())

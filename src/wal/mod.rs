@@ -312,6 +312,12 @@ impl Wal {
         self.shared.commit.add_listener(l);
     }
 
+    /// Calls `l(segno)` (on the flusher's thread: keep it short) whenever
+    /// the flusher moves on to a new segment.
+    pub fn add_segment_listener(&self, l: segments::SegmentListener) {
+        self.shared.segments.add_switch_listener(l);
+    }
+
     /// Asks the flusher to flush up to `lsn` without waiting (a server shard
     /// then waits in its own loop).
     pub fn request_flush(&self, lsn: Lsn) {

@@ -40,7 +40,13 @@ pub struct Segments {
     preparer: Mutex<PreparerState>,
     preparer_cond: Condvar,
     stats: Arc<WalStats>,
+    /// Told the new segment number whenever the flusher moves to a new
+    /// segment (the checkpointer: WAL volume may call for a checkpoint).
+    switch_listeners: std::sync::RwLock<Vec<SegmentListener>>,
 }
+
+/// Called with the number of the segment the flusher moved to.
+pub type SegmentListener = Arc<dyn Fn(u64) + Send + Sync>;
 
 #[derive(Default)]
 struct PreparerState {
@@ -72,6 +78,7 @@ impl Segments {
             preparer: Mutex::new(PreparerState::default()),
             preparer_cond: Condvar::new(),
             stats,
+            switch_listeners: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -190,13 +197,21 @@ impl Segments {
         SegmentFile::open(&self.path(segno), mode)
     }
 
-    /// Tells the preparer which segment is being written.
+    /// Tells the preparer (and the switch listeners) which segment is being written.
     pub fn advance(&self, current: u64) {
         let mut st = self.preparer.lock().unwrap();
         if current > st.current {
             st.current = current;
             self.preparer_cond.notify_one();
+            drop(st);
+            for l in self.switch_listeners.read().unwrap().iter() {
+                l(current);
+            }
         }
+    }
+
+    pub fn add_switch_listener(&self, l: SegmentListener) {
+        self.switch_listeners.write().unwrap().push(l);
     }
 
     /// The preparer thread's body: keep `prealloc` segments ready ahead.
