@@ -1,12 +1,14 @@
 //! `walden controldata`: print the control information of a walden data
 //! directory, like PostgreSQL's `pg_controldata`.
 //!
-//! The control file (last checkpoint, redo LSN, cluster state, checksums)
-//! arrives with the page store. Until then this prints what exists, under
-//! PostgreSQL's labels where the meaning matches: the retained WAL's start
-//! (`wal_start`), the end of valid WAL (found by a read-only scan), the
-//! segment files and their size. A damaged `wal_start` is reported and makes
-//! the exit status non-zero; it is never hidden.
+//! It prints the control file (`data/walden.control`: state, latest
+//! checkpoint and its redo point, timeline, the settings fixed at creation)
+//! under pg_controldata's labels, then what the WAL directory shows: the
+//! retained WAL's start (`wal_start`), the end of valid WAL (found by a
+//! read-only scan), the segment files and their size. A damaged control file
+//! or `wal_start` is reported and makes the exit status non-zero; it is
+//! never hidden. A directory without a control file (a WAL written before
+//! the page store existed) prints "none" for the control file's fields.
 
 use std::path::PathBuf;
 
@@ -38,10 +40,14 @@ struct ControlData {
     data_directory: String,
     wal_directory: String,
     control_version: Option<u32>,
+    system_identifier: Option<String>,
     cluster_state: String,
+    control_last_modified: Option<String>,
     latest_checkpoint_location: Option<String>,
     latest_checkpoint_redo_location: Option<String>,
     latest_checkpoint_timeline_id: u32,
+    latest_checkpoint_prev_timeline_id: u32,
+    latest_checkpoint_full_page_writes: Option<bool>,
     time_of_latest_checkpoint: Option<String>,
     wal_start: Option<String>,
     end_of_wal: Option<String>,
@@ -52,6 +58,7 @@ struct ControlData {
     first_wal_segment_file: Option<String>,
     last_wal_segment_file: Option<String>,
     bytes_per_wal_segment: Option<u64>,
+    database_block_size: Option<u32>,
     wal_block_size: usize,
     data_page_checksum_version: Option<u32>,
     /// Problems found; any of them makes the exit status non-zero.
@@ -90,15 +97,36 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let control = match walden::store::control::read(&data_dir.join("data")) {
+        Ok(c) => c,
+        Err(e) => {
+            warnings.push(e.to_string());
+            None
+        }
+    };
+    let time = |secs: u64| walden::store::checkpointer::format_time(secs);
     let mut d = ControlData {
         data_directory: data_dir.display().to_string(),
         wal_directory: wal_dir.display().to_string(),
-        control_version: None,
-        cluster_state: "unknown (no control file yet)".into(),
-        latest_checkpoint_location: None,
-        latest_checkpoint_redo_location: None,
-        latest_checkpoint_timeline_id: TIMELINE,
-        time_of_latest_checkpoint: None,
+        control_version: control.map(|_| walden::store::control::CONTROL_VERSION),
+        system_identifier: control.map(|c| c.system_identifier.to_string()),
+        cluster_state: control.map_or_else(
+            || "unknown (no control file: the page store was never opened here)".into(),
+            |c| c.state.name().to_string(),
+        ),
+        control_last_modified: control.map(|c| time(c.time)),
+        latest_checkpoint_location: control
+            .filter(|c| c.checkpoint.is_valid())
+            .map(|c| fmt_lsn(c.checkpoint)),
+        latest_checkpoint_redo_location: control
+            .filter(|c| c.checkpoint.is_valid())
+            .map(|c| fmt_lsn(c.redo)),
+        latest_checkpoint_timeline_id: control.map_or(TIMELINE, |c| c.timeline),
+        latest_checkpoint_prev_timeline_id: control.map_or(TIMELINE, |c| c.prev_timeline),
+        latest_checkpoint_full_page_writes: control.map(|c| c.full_page_writes),
+        time_of_latest_checkpoint: control
+            .filter(|c| c.checkpoint.is_valid())
+            .map(|c| time(c.checkpoint_time)),
         wal_start: wal_start.map(fmt_lsn),
         end_of_wal: None,
         end_of_wal_reason: None,
@@ -107,9 +135,10 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
         wal_segment_files: wal.segments.len(),
         first_wal_segment_file: wal.segments.first().and_then(|&s| wal.segment_name(s)),
         last_wal_segment_file: wal.segments.last().and_then(|&s| wal.segment_name(s)),
-        bytes_per_wal_segment: wal.segment_size,
+        bytes_per_wal_segment: control.map(|c| c.wal_segment_size).or(wal.segment_size),
+        database_block_size: control.map(|c| c.block_size),
         wal_block_size: walden::io::BLOCK,
-        data_page_checksum_version: None,
+        data_page_checksum_version: control.map(|c| c.data_checksum_version),
         warnings,
     };
     if let (Some(start), Some(size)) = (wal_start, wal.segment_size) {
@@ -146,9 +175,18 @@ fn print_text(d: &ControlData) {
     let lines: Vec<(&str, String)> = vec![
         (
             "walden control version",
-            "none yet (control file arrives with the page store)".into(),
+            d.control_version
+                .map_or("none (no control file)".into(), |v| v.to_string()),
+        ),
+        (
+            "Database system identifier",
+            none(&d.system_identifier, "none"),
         ),
         ("Database cluster state", d.cluster_state.clone()),
+        (
+            "walden.control last modified",
+            none(&d.control_last_modified, "never"),
+        ),
         (
             "Latest checkpoint location",
             none(&d.latest_checkpoint_location, "none"),
@@ -160,6 +198,15 @@ fn print_text(d: &ControlData) {
         (
             "Latest checkpoint's TimeLineID",
             d.latest_checkpoint_timeline_id.to_string(),
+        ),
+        (
+            "Latest checkpoint's PrevTimeLineID",
+            d.latest_checkpoint_prev_timeline_id.to_string(),
+        ),
+        (
+            "Latest checkpoint's full_page_writes",
+            d.latest_checkpoint_full_page_writes
+                .map_or("unknown".into(), |b| if b { "on" } else { "off" }.to_string()),
         ),
         (
             "Time of latest checkpoint",
@@ -187,8 +234,17 @@ fn print_text(d: &ControlData) {
             d.bytes_per_wal_segment
                 .map_or("unknown (no segment file)".into(), |s| s.to_string()),
         ),
+        (
+            "Database block size",
+            d.database_block_size
+                .map_or("unknown".into(), |b| b.to_string()),
+        ),
         ("WAL block size", d.wal_block_size.to_string()),
-        ("Data page checksum version", "none yet".into()),
+        (
+            "Data page checksum version",
+            d.data_page_checksum_version
+                .map_or("unknown".into(), |v| v.to_string()),
+        ),
     ];
     for w in &d.warnings {
         println!("WARNING: {w}");

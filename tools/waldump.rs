@@ -29,8 +29,13 @@ Output, one line per record, in pg_waldump's shape:
   tot    the bytes it occupies in the stream: rec rounded up to a multiple of 8,
          so the tot of consecutive records adds up to the distance between their LSNs
   lsn    where the record starts, printed as pg_waldump does (%X/%08X)
-  desc   the payload length, a short preview if the payload is printable UTF-8,
-         and `compressed raw_len=N` for an lz4-compressed payload
+  desc   for client records: the payload length, a short preview if it is
+         printable UTF-8, and `compressed raw_len=N` for an lz4-compressed payload;
+         for the page store's records what they touch:
+           PAGE_WRITE           rel 1 blk 7 off 100 len 5
+           PAGE_IMAGE           rel 1 blk 7 FPW, compression method: lz4, 61 bytes
+           CHECKPOINT_REDO      redo point, 8 bytes
+           CHECKPOINT_ONLINE    redo 0/1000028; tli 1; prev tli 1; fpw true
 
 Where it stops (a last line on stderr, unless -n or -e stopped it first):
   end of WAL at X: ...         zeros where the next record would be, or no next
@@ -48,9 +53,10 @@ segment files, which on a live server can run ahead of the flush LSN.
 
 --stats prints pg_waldump's table, one row per kind. Record size counts each
 record's stream length (padding included), so without -r the Combined size
-total equals the bytes between the two LSNs of the header line. FPI size is 0
-until page records with full-page images exist. --stats=record splits each kind
-by its flags (uncompressed / lz4), walden's analogue of pg_waldump's rmgr/info.";
+total equals the bytes between the two LSNs of the header line. FPI size is the
+stored bytes of full-page images (PAGE_IMAGE), Record size the rest. --stats=record
+splits each kind into uncompressed / lz4 (a full-page image stored lz4-compressed,
+or a record with the lz4 flag), walden's analogue of pg_waldump's rmgr/info.";
 
 /// How `--stats` groups records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -331,7 +337,9 @@ fn looks_like_segment(name: &str) -> bool {
 
 fn print_kind_list() {
     println!("{}", Kind::DATA.name());
-    println!("{}", Kind::NOOP.name());
+    for k in NAMED_WALDEN_KINDS {
+        println!("{}", k.name());
+    }
     println!(
         "{} .. {}   (other client kinds)",
         Kind(2).name(),
@@ -339,10 +347,20 @@ fn print_kind_list() {
     );
     println!(
         "{} .. {}   (other walden kinds)",
-        Kind(129).name(),
+        Kind(134).name(),
         Kind(255).name()
     );
 }
+
+/// walden's own kinds that have names, in order.
+const NAMED_WALDEN_KINDS: [Kind; 6] = [
+    Kind::NOOP,
+    Kind::PAGE_WRITE,
+    Kind::PAGE_IMAGE,
+    Kind::CHECKPOINT_REDO,
+    Kind::CHECKPOINT_ONLINE,
+    Kind::CHECKPOINT_SHUTDOWN,
+];
 
 fn parse_kind(name: &str) -> anyhow::Result<Kind> {
     (1..=255u8)
@@ -370,15 +388,28 @@ struct Description {
     fpi_len: u64,
 }
 
-/// The describer of each kind. Kinds with a structure of their own get an
-/// arm here: page records (relation/block, a full-page image with its
-/// compressed and raw size) arrive with the page store.
+/// The describer of each kind: client records and NOOPs are opaque bytes;
+/// the page store's records say what they touch (store::records::describe),
+/// and a full-page image's bytes count as FPI in --stats.
 fn describe(rec: &Record<'_>) -> Description {
-    match rec.kind {
-        Kind::DATA => describe_bytes(rec),
-        Kind::NOOP => describe_bytes(rec),
-        _ => describe_bytes(rec),
+    if let Some(text) = walden::store::records::describe(rec.kind, rec.payload, rec.lsn) {
+        let fpi_len = match rec.kind {
+            Kind::PAGE_IMAGE => walden::store::records::decode_page_image(rec.payload, rec.lsn)
+                .map_or(0, |i| i.image.len() as u64),
+            _ => 0,
+        };
+        return Description { text, fpi_len };
     }
+    describe_bytes(rec)
+}
+
+/// Whether a record is compressed: the record's lz4 flag, or a full-page
+/// image stored lz4-compressed.
+fn is_compressed(rec: &Record<'_>) -> bool {
+    rec.flags & FLAG_LZ4 != 0
+        || (rec.kind == Kind::PAGE_IMAGE
+            && walden::store::records::decode_page_image(rec.payload, rec.lsn)
+                .is_ok_and(|i| i.compressed))
 }
 
 /// Longest text preview, in characters.
@@ -447,10 +478,7 @@ impl Stats {
 
     fn add(&mut self, rec: &Record<'_>) {
         let fpi_len = describe(rec).fpi_len;
-        let row = self
-            .rows
-            .entry((rec.kind, rec.flags & FLAG_LZ4 != 0))
-            .or_default();
+        let row = self.rows.entry((rec.kind, is_compressed(rec))).or_default();
         row.count += 1;
         row.rec_len += rec.header.stream_len() - fpi_len;
         row.fpi_len += fpi_len;
@@ -463,8 +491,9 @@ impl Stats {
     fn table(&self) -> Vec<(String, Row)> {
         match self.mode {
             StatsMode::Kind => {
-                let mut by_kind: BTreeMap<Kind, Row> = [Kind::DATA, Kind::NOOP]
+                let mut by_kind: BTreeMap<Kind, Row> = [Kind::DATA]
                     .into_iter()
+                    .chain(NAMED_WALDEN_KINDS)
                     .map(|k| (k, Row::default()))
                     .collect();
                 for (&(kind, _), row) in &self.rows {
