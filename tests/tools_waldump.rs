@@ -613,3 +613,38 @@ fn follow_prints_records_appended_later() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A page store's directory: controldata reads its control file, waldump
+/// names its page and checkpoint records.
+#[test]
+fn controldata_and_waldump_read_a_page_store() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = walden::Config::with_data_directory(d.path());
+    cfg.set("wal_segment_size=1MB").unwrap();
+    cfg.set("min_wal_size=2MB").unwrap();
+    cfg.set("wal_compression=lz4").unwrap();
+    cfg.set("wal_keep_size=1GB").unwrap();
+    let store = walden::Store::open(cfg).unwrap();
+    store.write_page(7, 3, 10, b"hello").unwrap();
+    store.checkpoint().unwrap();
+    store.write_page(7, 3, 20, b"world").unwrap();
+    let c = store.control();
+    store.close().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let o = walden(&["controldata", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("Database cluster state:                shut down"), "{text}");
+    assert!(text.contains(&format!("Database system identifier:            {}", c.system_identifier)), "{text}");
+    assert!(text.contains("Data page checksum version:            1"), "{text}");
+    assert!(text.contains("Latest checkpoint's full_page_writes:  on"), "{text}");
+    let o = walden(&["waldump", "-D", dir]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("desc: rel 7 blk 3 FPW, compression method: lz4"), "{out}");
+    assert!(out.contains("kind: CHECKPOINT_REDO"), "{out}");
+    assert!(out.contains("kind: CHECKPOINT_SHUTDOWN"), "{out}");
+    assert!(out.contains("desc: redo "), "{out}");
+    let o = walden(&["waldump", "-D", dir, "--stats=record"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("PAGE_IMAGE/lz4"), "{out}");
+}

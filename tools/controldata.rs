@@ -237,13 +237,13 @@ fn print_text(d: &ControlData) {
         (
             "Database block size",
             d.database_block_size
-                .map_or("unknown".into(), |b| b.to_string()),
+                .map_or("none (no control file)".into(), |b| b.to_string()),
         ),
         ("WAL block size", d.wal_block_size.to_string()),
         (
             "Data page checksum version",
             d.data_page_checksum_version
-                .map_or("unknown".into(), |v| v.to_string()),
+                .map_or("none (no control file)".into(), |v| v.to_string()),
         ),
     ];
     for w in &d.warnings {
