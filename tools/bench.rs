@@ -54,9 +54,13 @@ pub struct BenchArgs {
     /// Duration in seconds.
     #[arg(short = 'T', long = "time", default_value_t = 10.0)]
     pub(crate) time: f64,
-    /// Payload bytes per record.
+    /// Payload bytes per record (with --pages: bytes per page write, at most 8168).
     #[arg(long, default_value_t = 100)]
     pub(crate) size: usize,
+    /// Page workload: each request writes --size bytes at a random offset
+    /// of a random page among this many (relation 1), instead of a record.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) pages: u32,
     /// Durability level to wait for: off, local, remote_write, on, remote_apply.
     #[arg(long, default_value = "local")]
     pub(crate) level: Durability,
@@ -121,6 +125,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
+    if args.pages > 0 {
+        return run_pages(&args, cfg, threads);
+    }
     let wal = Wal::open(cfg.clone())?;
     println!(
         "walden bench: embedded, {} thread(s), {} B records, batch {}, level {}, {} s, wal_sync_method={}{}, flusher={}, insert shards {}",
@@ -304,5 +311,152 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         stats.segments_created_by_flusher.load(Relaxed)
     );
     wal.close()?;
+    Ok(())
+}
+
+/// `--embedded --pages N`: random page writes through the page store, with
+/// its checkpointer and bgwriter running; prints the usual summary, the
+/// WAL written per page write (full-page images included) and commit
+/// latency inside and outside checkpoints.
+fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::Result<()> {
+    use walden::store::page::PAGE_DATA;
+    if args.size == 0 || args.size > PAGE_DATA {
+        bail!("--size {} must be between 1 and {PAGE_DATA} for page writes", args.size);
+    }
+    let store = walden::Store::open(cfg.clone())?;
+    let wal = store.wal();
+    println!(
+        "walden bench: embedded page writes, {} thread(s), {} B at random offsets of {} pages, level {}, {} s, \
+         full_page_writes={}, wal_compression={}, checkpoint_completion_target={}, shared_buffers={}",
+        threads,
+        args.size,
+        args.pages,
+        args.level,
+        args.time,
+        cfg.full_page_writes,
+        cfg.wal_compression.name(),
+        cfg.checkpoint_completion_target,
+        cfg.shared_buffers.0
+    );
+    let clients: Vec<CachePadded<Client>> = (0..threads)
+        .map(|_| {
+            CachePadded::new(Client {
+                interval: Mutex::new(Interval::default()),
+                records: AtomicU64::new(0),
+                durable_lsn: AtomicU64::new(0),
+            })
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.time);
+    let lsn0 = wal.insert_lsn();
+    let before = store.metrics_snapshot();
+    let ckpts = |s: &walden::metrics::StoreSnapshot| s.checkpoints.iter().map(|(_, n)| n).sum::<u64>();
+    let (hist, split) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (t, client) in clients.iter().enumerate() {
+            let (store, stop, args) = (&store, &stop, args);
+            handles.push(s.spawn(move || {
+                let mut h = bench_stats::histogram();
+                let mut split = bench_stats::CheckpointSplit::default();
+                let mut held = (threads <= store.wal().insert_shards()).then(|| store.wal().inserter());
+                let mut x = (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut payload = vec![0u8; args.size];
+                let in_ckpt = || store.stats().checkpoint_in_progress.load(Relaxed);
+                while !stop.load(Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let block = (x % args.pages as u64) as u32;
+                    let off = (x >> 32) as usize % (PAGE_DATA - args.size + 1);
+                    payload[..8.min(args.size)].copy_from_slice(&x.to_le_bytes()[..8.min(args.size)]);
+                    let during = in_ckpt();
+                    let t0 = Instant::now();
+                    let w = match held.as_mut() {
+                        Some(ins) => store.write_page_with(ins, 1, block, off, &payload),
+                        None => store.write_page(1, block, off, &payload),
+                    }
+                    .expect("page write");
+                    if store.wal().wait(w.end, args.level).is_err() {
+                        break;
+                    }
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    h.saturating_record(ns.max(1));
+                    split.record(ns, during || in_ckpt());
+                    client.records.fetch_add(1, Relaxed);
+                    client.interval.lock().unwrap().record(ns);
+                }
+                (h, split)
+            }));
+        }
+        let tick = if args.progress > 0.0 {
+            Duration::from_secs_f64(args.progress)
+        } else {
+            Duration::from_millis(500)
+        };
+        let mut last = Instant::now();
+        let mut last_records = 0u64;
+        let mut last_lsn = lsn0;
+        while Instant::now() < deadline {
+            std::thread::sleep(tick.min(deadline.saturating_duration_since(Instant::now())));
+            if args.progress > 0.0 {
+                let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
+                let (avg, sd) = bench_stats::drain(clients.iter().map(|c| &c.interval));
+                let dt = last.elapsed().as_secs_f64();
+                let lsn = wal.insert_lsn();
+                println!(
+                    "progress: {:.1} s, {:.1} rec/s, WAL {:.1} MB/s, lat {:.3} ms stddev {:.3}{}",
+                    started.elapsed().as_secs_f64(),
+                    (records - last_records) as f64 / dt,
+                    (lsn.0 - last_lsn.0) as f64 / dt / 1e6,
+                    avg / 1e6,
+                    sd / 1e6,
+                    if store.stats().checkpoint_in_progress.load(Relaxed) {
+                        ", checkpoint in progress"
+                    } else {
+                        ""
+                    }
+                );
+                last = Instant::now();
+                last_records = records;
+                last_lsn = lsn;
+            }
+        }
+        stop.store(true, Relaxed);
+        let mut total = bench_stats::histogram();
+        let mut split = bench_stats::CheckpointSplit::default();
+        for h in handles {
+            let (h, sp) = h.join().expect("bench thread");
+            total.add(h).unwrap();
+            split.add(&sp);
+        }
+        (total, split)
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
+    let wal_bytes = wal.insert_lsn().0 - lsn0.0;
+    let after = store.metrics_snapshot();
+    bench_stats::print_summary(records, elapsed, args.size, &hist);
+    println!("WAL MB/s: {:.1}", wal_bytes as f64 / elapsed / 1e6);
+    println!("WAL bytes: {wal_bytes}");
+    println!(
+        "WAL bytes per page write: {:.1}",
+        wal_bytes as f64 / records.max(1) as f64
+    );
+    let images = after.page_images - before.page_images;
+    println!(
+        "full-page images: {images} ({:.1}% of page writes), {} bytes",
+        images as f64 * 100.0 / records.max(1) as f64,
+        after.page_image_bytes - before.page_image_bytes
+    );
+    println!(
+        "pages written: {} by checkpoints, {} by the bgwriter, {} by foreground evictions",
+        after.buffers_checkpoint - before.buffers_checkpoint,
+        after.buffers_clean - before.buffers_clean,
+        after.buffers_backend - before.buffers_backend
+    );
+    split.print(ckpts(&after) - ckpts(&before));
+    store.close()?;
     Ok(())
 }

@@ -71,10 +71,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             sent: VecDeque::new(),
         });
     }
+    if args.pages > 0 && args.size > walden::store::page::PAGE_DATA {
+        anyhow::bail!(
+            "--size {} is larger than a page's data ({} bytes)",
+            args.size,
+            walden::store::page::PAGE_DATA
+        );
+    }
+    let what = if args.pages > 0 {
+        format!("{} B page writes over {} pages", args.size, args.pages)
+    } else {
+        format!("{} B records, batch {batch}", args.size)
+    };
     println!(
-        "walden bench: server {addr}, {clients} client(s), {threads} thread(s), pipeline {pipeline}, {} B records, batch {batch}, level {}, {} s",
-        args.size, args.level, args.time
+        "walden bench: server {addr}, {clients} client(s), {threads} thread(s), pipeline {pipeline}, {what}, level {}, {} s",
+        args.level, args.time
     );
+    // A status connection says whether a checkpoint is running, so that
+    // latencies split into inside and outside checkpoints.
+    let mut status = Client::connect(&addr, token.as_deref()).context("status connection")?;
+    let checkpoints = |c: &mut Client| -> anyhow::Result<(bool, u64)> {
+        let (_, _, _, json) = c.status()?;
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        Ok((
+            v["page_store"]["checkpoint_in_progress"].as_bool().unwrap_or(false),
+            v["page_store"]["checkpoints_completed"].as_u64().unwrap_or(0),
+        ))
+    };
+    let (_, ckpts0) = checkpoints(&mut status)?;
+    let in_checkpoint = AtomicBool::new(false);
     let stats: Vec<CachePadded<ThreadStats>> = (0..threads)
         .map(|_| {
             CachePadded::new(ThreadStats {
@@ -92,10 +117,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for (t, conns) in per_thread.into_iter().enumerate() {
             let (stats, stop, failed, ack_log, args) = (&stats[t], &stop, &failed, &ack_log, args);
+            let in_ckpt = &in_checkpoint;
             handles.push(s.spawn(move || {
-                let r = drive(
-                    t, conns, pipeline, batch, args.size, args.level, stats, stop, ack_log,
-                );
+                let work = Work {
+                    pipeline,
+                    batch,
+                    size: args.size,
+                    pages: args.pages,
+                    level: args.level,
+                    in_checkpoint: in_ckpt,
+                };
+                let r = drive(t, conns, &work, stats, stop, ack_log);
                 match r {
                     Ok(h) => h,
                     Err((h, e)) => {
@@ -115,8 +147,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let mut last = Instant::now();
         let mut last_records = 0u64;
+        let mut next_tick = Instant::now() + tick;
         while Instant::now() < deadline && !failed.load(Relaxed) {
-            std::thread::sleep(tick.min(deadline.saturating_duration_since(Instant::now())));
+            // Poll the checkpoint state every 20 ms; print on the tick.
+            std::thread::sleep(
+                Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now())),
+            );
+            if let Ok((running, _)) = checkpoints(&mut status) {
+                in_checkpoint.store(running, Relaxed);
+            }
+            if Instant::now() < next_tick {
+                continue;
+            }
+            next_tick += tick;
             if args.progress > 0.0 {
                 let records: u64 = stats.iter().map(|s| s.records.load(Relaxed)).sum();
                 let (avg, sd) = bench_stats::drain(stats.iter().map(|s| &s.interval));
@@ -133,40 +176,59 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
         stop.store(true, Relaxed);
         let mut total = bench_stats::histogram();
+        let mut split = bench_stats::CheckpointSplit::default();
         for h in handles {
-            total.add(h.join().expect("bench thread")).unwrap();
+            let (h, sp) = h.join().expect("bench thread");
+            total.add(h).unwrap();
+            split.add(&sp);
         }
-        total
+        (total, split)
     });
+    let (hist, split) = hist;
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(log) = &ack_log {
         log.lock().unwrap().flush().context("writing the ack log")?;
     }
     let records: u64 = stats.iter().map(|s| s.records.load(Relaxed)).sum();
     bench_stats::print_summary(records, elapsed, args.size, &hist);
+    if let Ok((_, ckpts)) = checkpoints(&mut status) {
+        split.print(ckpts - ckpts0);
+    }
     if failed.load(Relaxed) {
         anyhow::bail!("the run was cut short by an error (acknowledged records are in the summary and the ack log)");
     }
     Ok(())
 }
 
-type Hist = Histogram<u64>;
+type Hist = (Histogram<u64>, bench_stats::CheckpointSplit);
 
-/// One thread: keeps `pipeline` requests in flight on each of its
-/// connections, in lockstep (all acks of a group commit arrive together).
-#[allow(clippy::too_many_arguments)]
-fn drive(
-    t: usize,
-    mut conns: Vec<Conn>,
+/// What each connection sends.
+struct Work<'a> {
     pipeline: usize,
     batch: usize,
     size: usize,
+    /// Page writes over this many pages of relation 1 (0: records).
+    pages: u32,
     level: Durability,
+    in_checkpoint: &'a AtomicBool,
+}
+
+/// One thread: keeps `pipeline` requests in flight on each of its
+/// connections, in lockstep (all acks of a group commit arrive together).
+fn drive(
+    t: usize,
+    mut conns: Vec<Conn>,
+    work: &Work<'_>,
     stats: &ThreadStats,
     stop: &AtomicBool,
     ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 ) -> Result<Hist, (Hist, anyhow::Error)> {
-    let mut h = bench_stats::histogram();
+    let (pipeline, batch, size, level) = (work.pipeline, work.batch, work.size, work.level);
+    let mut h = (
+        bench_stats::histogram(),
+        bench_stats::CheckpointSplit::default(),
+    );
+    let mut x = (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut payloads: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; size]).collect();
     let mut counter = 0u64;
     let mut log = String::new();
@@ -174,6 +236,21 @@ fn drive(
         while !stop.load(Relaxed) {
             for (ci, conn) in conns.iter_mut().enumerate() {
                 while conn.sent.len() < pipeline {
+                    if work.pages > 0 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let block = (x % work.pages as u64) as u32;
+                        let room = walden::store::page::PAGE_DATA - size + 1;
+                        let off = ((x >> 32) as usize % room) as u16;
+                        fill(&mut payloads[0], x);
+                        let id = conn
+                            .client
+                            .queue_page_write(level, 1, block, off, &payloads[0]);
+                        let during = work.in_checkpoint.load(Relaxed);
+                        conn.sent.push_back((id, Instant::now(), vec![(during as u32, 0)]));
+                        continue;
+                    }
                     let mut meta = Vec::with_capacity(batch);
                     for p in payloads.iter_mut() {
                         counter += 1;
@@ -190,6 +267,20 @@ fn drive(
             }
             for conn in conns.iter_mut() {
                 match conn.client.recv()? {
+                    Frame::PageWritten { request_id, .. } => {
+                        let (id, sent_at, meta) =
+                            conn.sent.pop_front().context("an answer nobody asked for")?;
+                        anyhow::ensure!(
+                            id == request_id,
+                            "answer for request {request_id}, expected {id}"
+                        );
+                        let ns = sent_at.elapsed().as_nanos() as u64;
+                        h.0.saturating_record(ns.max(1));
+                        let during = meta[0].0 == 1 || work.in_checkpoint.load(Relaxed);
+                        h.1.record(ns, during);
+                        stats.records.fetch_add(1, Relaxed);
+                        stats.interval.lock().unwrap().record(ns);
+                    }
                     Frame::Ack {
                         request_id, lsns, ..
                     } => {
@@ -200,7 +291,8 @@ fn drive(
                             "ack for request {request_id}, expected {id}"
                         );
                         let ns = sent_at.elapsed().as_nanos() as u64;
-                        h.saturating_record(ns.max(1));
+                        h.0.saturating_record(ns.max(1));
+                        h.1.record(ns, work.in_checkpoint.load(Relaxed));
                         stats.records.fetch_add(lsns.len() as u64, Relaxed);
                         {
                             stats.interval.lock().unwrap().record(ns);
@@ -223,9 +315,14 @@ fn drive(
             conn.client
                 .set_read_timeout(Some(Duration::from_secs(10)))?;
             while let Some((id, _, meta)) = conn.sent.pop_front() {
+                let f = conn.client.recv()?;
+                if let Frame::PageWritten { request_id, .. } = f {
+                    anyhow::ensure!(id == request_id, "answer for request {request_id}, expected {id}");
+                    stats.records.fetch_add(1, Relaxed);
+                }
                 if let Frame::Ack {
                     request_id, lsns, ..
-                } = conn.client.recv()?
+                } = f
                 {
                     anyhow::ensure!(
                         id == request_id,

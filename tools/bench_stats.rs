@@ -59,3 +59,59 @@ pub fn print_summary(records: u64, elapsed: f64, size: usize, hist: &Histogram<u
     println!("latency p99: {:.3} ms", q(0.99));
     println!("latency p99.9: {:.3} ms", q(0.999));
 }
+
+/// Splits latencies by whether a checkpoint was running when a request
+/// started or finished (the bench prints both, and their ratio).
+pub struct CheckpointSplit {
+    pub inside: Histogram<u64>,
+    pub outside: Histogram<u64>,
+}
+
+impl Default for CheckpointSplit {
+    fn default() -> Self {
+        CheckpointSplit {
+            inside: histogram(),
+            outside: histogram(),
+        }
+    }
+}
+
+impl CheckpointSplit {
+    pub fn record(&mut self, ns: u64, during_checkpoint: bool) {
+        let h = if during_checkpoint {
+            &mut self.inside
+        } else {
+            &mut self.outside
+        };
+        h.saturating_record(ns.max(1));
+    }
+
+    pub fn add(&mut self, other: &CheckpointSplit) {
+        self.inside.add(&other.inside).unwrap();
+        self.outside.add(&other.outside).unwrap();
+    }
+
+    /// `latency outside checkpoints: …`, `latency inside checkpoints: …`
+    /// and the ratio of their p99s, when both saw requests.
+    pub fn print(&self, checkpoints: u64) {
+        let line = |what: &str, h: &Histogram<u64>| {
+            println!(
+                "latency {what} checkpoints: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} requests)",
+                h.value_at_quantile(0.5) as f64 / 1e6,
+                h.value_at_quantile(0.99) as f64 / 1e6,
+                h.value_at_quantile(0.999) as f64 / 1e6,
+                h.len()
+            )
+        };
+        println!("checkpoints during the run: {checkpoints}");
+        line("outside", &self.outside);
+        line("inside", &self.inside);
+        if !self.inside.is_empty() && !self.outside.is_empty() {
+            println!(
+                "checkpoint p99 ratio (inside/outside): {:.2}",
+                self.inside.value_at_quantile(0.99) as f64
+                    / self.outside.value_at_quantile(0.99).max(1) as f64
+            );
+        }
+    }
+}
