@@ -159,15 +159,15 @@ impl ErrorCode {
     pub const WAL_FULL: ErrorCode = ErrorCode(10);
     pub const INTERNAL: ErrorCode = ErrorCode(11);
     pub const TIMEOUT: ErrorCode = ErrorCode(12);
-    /// A page address or byte range that cannot exist (block too large,
-    /// offset + length past the page).
-    pub const BAD_PAGE: ErrorCode = ErrorCode(13);
-    /// The page on the data device failed its checksum.
-    pub const PAGE_CORRUPT: ErrorCode = ErrorCode(14);
-    /// The data device failed (a read or write error, or it is full).
-    pub const IO_ERROR: ErrorCode = ErrorCode(15);
     /// The server is recovering and does not serve requests yet.
-    pub const STARTING_UP: ErrorCode = ErrorCode(16);
+    pub const STARTING_UP: ErrorCode = ErrorCode(13);
+    /// A page address or byte range that cannot exist (block too large,
+    /// offset + length past the page). Page store codes start at 256.
+    pub const BAD_PAGE: ErrorCode = ErrorCode(256);
+    /// The page on the data device failed its checksum.
+    pub const PAGE_CORRUPT: ErrorCode = ErrorCode(257);
+    /// The data device failed (a read or write error, or it is full).
+    pub const IO_ERROR: ErrorCode = ErrorCode(258);
 
     pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BAD_FRAME,
@@ -182,10 +182,10 @@ impl ErrorCode {
         ErrorCode::WAL_FULL,
         ErrorCode::INTERNAL,
         ErrorCode::TIMEOUT,
+        ErrorCode::STARTING_UP,
         ErrorCode::BAD_PAGE,
         ErrorCode::PAGE_CORRUPT,
         ErrorCode::IO_ERROR,
-        ErrorCode::STARTING_UP,
     ];
 
     pub fn name(self) -> &'static str {
@@ -1820,7 +1820,9 @@ mod tests {
             ErrorCode::IO_ERROR,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
-            assert_eq!(c.0 as usize, i + 1);
+            // Core codes from 1, the page store's from 256.
+            let want = if i < 13 { i + 1 } else { 256 + i - 13 };
+            assert_eq!(c.0 as usize, want);
             assert_ne!(c.name(), "UNKNOWN");
             assert_eq!(c.closes_connection(), !keep.contains(&c), "{c}");
         }
