@@ -135,7 +135,7 @@ impl Millis {
         let (num, unit) = s.split_at(split);
         let n: u64 = num.parse().map_err(|_| {
             format!(
-                "invalid duration {s:?}: expected a number with an optional unit (ms, s, min, h)"
+                "invalid duration {s:?}: expected a number with an optional unit (ms, s, min, h, d)"
             )
         })?;
         let ms = match unit.trim() {
@@ -143,9 +143,10 @@ impl Millis {
             "s" => n * 1000,
             "min" => n * 60_000,
             "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
             other => {
                 return Err(format!(
-                    "invalid unit {other:?} in duration {s:?}: valid units are ms, s, min, h"
+                    "invalid unit {other:?} in duration {s:?}: valid units are ms, s, min, h, d"
                 ))
             }
         };
@@ -359,6 +360,14 @@ impl Config {
             .ok_or_else(|| ConfigError::Unknown(assignment.to_string()))?;
         let (name, value) = (name.trim(), value.trim());
         // Reuse the TOML parser so that -c accepts exactly what the file does.
+        let mut table = toml::Table::try_from(&*self).expect("config serializes");
+        // PostgreSQL's spellings of booleans, for boolean settings only
+        // (wal_compression = off is a word, not a boolean).
+        let value = match (table.get(name), value.to_ascii_lowercase().as_str()) {
+            (Some(toml::Value::Boolean(_)), "on" | "yes" | "1") => "true",
+            (Some(toml::Value::Boolean(_)), "off" | "no" | "0") => "false",
+            _ => value,
+        };
         let decimal = value.contains('.')
             && value.parse::<f64>().is_ok()
             && value.bytes().all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
@@ -373,7 +382,7 @@ impl Config {
         } else {
             format!("{value:?}")
         };
-        let mut table = toml::Table::try_from(&*self).expect("config serializes");
+
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {quoted}"))
             .map_err(|e| ConfigError::Invalid {
                 name: "-c",
@@ -540,6 +549,12 @@ mod tests {
         assert_eq!(cfg.checkpoint_completion_target, 0.5);
         cfg.set("wal_compression=lz4").unwrap();
         assert_eq!(cfg.wal_compression, WalCompression::Lz4);
+        cfg.set("wal_compression=off").unwrap();
+        assert_eq!(cfg.wal_compression, WalCompression::Off);
+        cfg.set("full_page_writes=off").unwrap();
+        assert!(!cfg.full_page_writes);
+        cfg.set("fsync=on").unwrap();
+        assert!(cfg.fsync);
         assert!(matches!(
             cfg.set("no_such_thing=1"),
             Err(ConfigError::Unknown(_))

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// of a random page among this many (relation 1), instead of a record.
     #[arg(long, default_value_t = 0)]
     pub(crate) pages: u32,
+    /// With --pages (embedded): first fill every page, then checkpoint, then
+    /// measure, so full-page images are of full pages (as after a table load).
+    #[arg(long)]
+    pub(crate) prefill: bool,
     /// Durability level to wait for: off, local, remote_write, on, remote_apply.
     #[arg(long, default_value = "local")]
     pub(crate) level: Durability,
@@ -104,14 +108,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(f) = &args.flusher {
         overrides.push(format!("wal_flusher={f}"));
-    }
-    for o in overrides.iter_mut() {
-        // Accept PostgreSQL's spelling of booleans.
-        if let Some(v) = o.strip_suffix("=off") {
-            *o = format!("{v}=false");
-        } else if let Some(v) = o.strip_suffix("=on") {
-            *o = format!("{v}=true");
-        }
     }
     let cfg = super::common::load_config(args.config.as_deref(), Some(&args.data_dir), &overrides)?;
     let keep = Size::parse(&args.keep_wal).map_err(anyhow::Error::msg)?.0;
@@ -347,6 +343,22 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
             })
         })
         .collect();
+    if args.prefill {
+        let t = Instant::now();
+        let mut page = vec![0u8; PAGE_DATA];
+        let mut last = Lsn(0);
+        for block in 0..args.pages {
+            fill_like_table_data(&mut page, block as u64 + 1);
+            last = store.write_page(1, block, 0, &page)?.end;
+        }
+        wal.wait(last, Durability::Local)?;
+        store.checkpoint()?;
+        println!(
+            "prefill: {} pages in {:.1} s, then a checkpoint",
+            args.pages,
+            t.elapsed().as_secs_f64()
+        );
+    }
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.time);
@@ -370,7 +382,7 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
                     x ^= x << 17;
                     let block = (x % args.pages as u64) as u32;
                     let off = (x >> 32) as usize % (PAGE_DATA - args.size + 1);
-                    payload[..8.min(args.size)].copy_from_slice(&x.to_le_bytes()[..8.min(args.size)]);
+                    fill_like_table_data(&mut payload, x);
                     let during = in_ckpt();
                     let t0 = Instant::now();
                     let w = match held.as_mut() {
@@ -459,4 +471,33 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
     split.print(ckpts(&after) - ckpts(&before));
     store.close()?;
     Ok(())
+}
+
+/// Bytes that compress about as table pages do (lz4 roughly 2:1): short
+/// runs of letters and digits, where most 16-byte pieces repeat
+/// an earlier piece (65%), as rows of a table repeat values.
+fn fill_like_table_data(out: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    const ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789 ";
+    let mut at = 0;
+    while at < out.len() {
+        let n = 16.min(out.len() - at);
+        let r = next();
+        if at >= 16 && r % 20 < 13 {
+            let back = 1 + (r >> 8) as usize % (at / 16).min(16);
+            let from = at - 16 * back;
+            out.copy_within(from..from + n, at);
+        } else {
+            for (i, b) in out[at..at + n].iter_mut().enumerate() {
+                *b = ALNUM[((r >> (i * 4)) as usize ^ i) % ALNUM.len()];
+            }
+        }
+        at += n;
+    }
 }

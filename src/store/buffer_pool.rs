@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam::utils::CachePadded;
 
-use crate::io::aligned::AlignedBuf;
+use crate::io::aligned::{self, AlignedBuf, Slot};
 use crate::io::PAGE_SIZE;
 use crate::lsn::Lsn;
 use crate::wal::{Durability, Wal};
@@ -64,7 +64,7 @@ struct Meta {
 struct Frame {
     meta: Mutex<Meta>,
     io_done: Condvar,
-    page: RwLock<AlignedBuf>,
+    page: RwLock<Slot>,
 }
 
 /// Counters the bgwriter and /metrics read.
@@ -128,14 +128,26 @@ thread_local! {
 }
 
 impl BufferPool {
-    pub fn new(frames: usize, files: Arc<RelFiles>, wal: Arc<Wal>, checksums: bool) -> BufferPool {
+    pub fn new(
+        frames: usize,
+        files: Arc<RelFiles>,
+        wal: Arc<Wal>,
+        checksums: bool,
+    ) -> Result<BufferPool, StoreError> {
         let frames = frames.max(16);
-        BufferPool {
-            frames: (0..frames)
-                .map(|_| Frame {
+        let pages = aligned::slots(frames, PAGE_SIZE).map_err(|e| {
+            StoreError::Recovery(format!(
+                "could not map shared_buffers ({} bytes): {e}",
+                frames * PAGE_SIZE
+            ))
+        })?;
+        Ok(BufferPool {
+            frames: pages
+                .into_iter()
+                .map(|page| Frame {
                     meta: Mutex::new(Meta::default()),
                     io_done: Condvar::new(),
-                    page: RwLock::new(AlignedBuf::zeroed(PAGE_SIZE)),
+                    page: RwLock::new(page),
                 })
                 .collect(),
             mapping: (0..PARTITIONS)
@@ -147,7 +159,7 @@ impl BufferPool {
             checksums,
             stats: PoolStats::default(),
             observer: RwLock::new(None),
-        }
+        })
     }
 
     pub fn frames(&self) -> usize {
@@ -467,13 +479,13 @@ impl Pinned<'_> {
     }
 
     /// The shared content latch.
-    pub fn read(&self) -> RwLockReadGuard<'_, AlignedBuf> {
+    pub fn read(&self) -> RwLockReadGuard<'_, Slot> {
         self.pool.frames[self.idx].page.read().unwrap()
     }
 
     /// The exclusive content latch. Call [`Pinned::mark_dirty`] before
     /// releasing it after a change.
-    pub fn write(&self) -> RwLockWriteGuard<'_, AlignedBuf> {
+    pub fn write(&self) -> RwLockWriteGuard<'_, Slot> {
         self.pool.frames[self.idx].page.write().unwrap()
     }
 

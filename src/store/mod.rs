@@ -413,8 +413,9 @@ impl Store {
         };
 
         let frames = (cfg.shared_buffers.0 / crate::io::PAGE_SIZE as u64) as usize;
+        let pool = BufferPool::new(frames, Arc::clone(&files), Arc::clone(&wal), checksums)?;
         let shared = Arc::new(StoreShared {
-            pool: BufferPool::new(frames, Arc::clone(&files), Arc::clone(&wal), checksums),
+            pool,
             wal,
             files,
             full_page_writes: cfg.full_page_writes,
