@@ -62,10 +62,18 @@ fn pages_round_trip_and_survive_a_clean_restart() {
     let p = store.read_page(1, 42).unwrap();
     assert_eq!(&p.data[52..52 + 18], b"block 42 says hell");
     store.close().unwrap();
+    let after_close = walden::store::control::read(&dir.path().join("data"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(after_close.state, ClusterState::ShutDown);
+    assert_eq!(after_close.checkpoint, after_close.redo, "a shutdown checkpoint");
 
     let store = Store::open(config(dir.path())).unwrap();
-    // A clean shutdown: the control file named a shutdown checkpoint, nothing replayed.
-    assert_eq!(store.recovery_progress().records.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // A clean shutdown: nothing to replay, so no end-of-recovery checkpoint:
+    // the control file still names the shutdown checkpoint.
+    assert_eq!(store.control().checkpoint, after_close.checkpoint);
+    assert_eq!(store.control().state, ClusterState::InProduction);
+    assert_eq!(store.metrics_snapshot().checkpoints.iter().map(|c| c.1).sum::<u64>(), 0);
     for block in 0..100u32 {
         let p = store.read_page(1, block).unwrap();
         let text = format!("block {block} says hello");

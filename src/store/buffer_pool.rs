@@ -84,7 +84,14 @@ pub struct BufferPool {
     /// Clock hand: the number of frames the sweep has passed, ever.
     hand: CachePadded<AtomicU64>,
     files: Arc<RelFiles>,
-    wal: Arc<Wal>,
+    /// The WAL whose flush LSN page writes wait for; `None` during the
+    /// startup scan, when every record replayed is already durable (see
+    /// `replayed_to`).
+    wal: RwLock<Option<Arc<Wal>>>,
+    /// During the startup scan: the end of the last record replayed. Every
+    /// byte below it is durable (the scan syncs each segment before reading
+    /// it), so it stands in for the flush LSN.
+    replayed_to: AtomicU64,
     checksums: bool,
     pub stats: PoolStats,
     observer: RwLock<Option<WriteObserver>>,
@@ -131,7 +138,6 @@ impl BufferPool {
     pub fn new(
         frames: usize,
         files: Arc<RelFiles>,
-        wal: Arc<Wal>,
         checksums: bool,
     ) -> Result<BufferPool, StoreError> {
         let frames = frames.max(16);
@@ -155,7 +161,8 @@ impl BufferPool {
                 .collect(),
             hand: CachePadded::new(AtomicU64::new(0)),
             files,
-            wal,
+            wal: RwLock::new(None),
+            replayed_to: AtomicU64::new(0),
             checksums,
             stats: PoolStats::default(),
             observer: RwLock::new(None),
@@ -417,7 +424,7 @@ impl BufferPool {
     /// copy about to be written), then checks it. Call before the write.
     pub fn before_write(&self, tag: PageTag, lsn: Lsn) -> Result<(), StoreError> {
         self.flush_wal(lsn)?;
-        let flushed = self.wal.flush_lsn();
+        let flushed = self.flushed();
         if let Some(obs) = self.observer.read().unwrap().as_ref() {
             obs(tag, lsn, flushed);
         }
@@ -431,10 +438,32 @@ impl BufferPool {
 
     /// Makes the WAL durable up to `lsn` (PostgreSQL's XLogFlush).
     pub fn flush_wal(&self, lsn: Lsn) -> Result<(), StoreError> {
-        if lsn > self.wal.flush_lsn() {
-            self.wal.wait(lsn, Durability::Local)?;
+        let wal = self.wal.read().unwrap().clone();
+        if let Some(wal) = wal {
+            if lsn > wal.flush_lsn() {
+                wal.wait(lsn, Durability::Local)?;
+            }
         }
         Ok(())
+    }
+
+    /// The flush LSN (during the startup scan: how far it replayed).
+    pub fn flushed(&self) -> Lsn {
+        match self.wal.read().unwrap().as_ref() {
+            Some(w) => w.flush_lsn(),
+            None => Lsn(self.replayed_to.load(SeqCst)),
+        }
+    }
+
+    /// During the startup scan: every record up to `lsn` has been read
+    /// from durable WAL and replayed.
+    pub fn set_replayed_to(&self, lsn: Lsn) {
+        self.replayed_to.store(lsn.0, SeqCst);
+    }
+
+    /// The WAL is open: page writes wait for its flush LSN from now on.
+    pub fn attach_wal(&self, wal: Arc<Wal>) {
+        *self.wal.write().unwrap() = Some(wal);
     }
 
     /// Marks every dirty frame as needing this checkpoint's write and lists

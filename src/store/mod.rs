@@ -402,18 +402,69 @@ impl Store {
             control::write(&data_dir, &c, cfg.fsync)?;
         }
 
-        let wal = Arc::new(Wal::open(cfg.clone())?);
-        let end = wal.opened_at();
-        let (redo_from, needs_redo, ckpt_end) = if c.checkpoint.is_valid() {
-            let ckpt_end = recovery::check_checkpoint_record(&wal, &c)?;
-            let clean = c.state == ClusterState::ShutDown && c.redo == c.checkpoint && end == ckpt_end;
-            (c.redo, !clean, ckpt_end)
-        } else {
-            (wal.start_lsn(), true, Lsn::INVALID)
-        };
-
         let frames = (cfg.shared_buffers.0 / crate::io::PAGE_SIZE as u64) as usize;
-        let pool = BufferPool::new(frames, Arc::clone(&files), Arc::clone(&wal), checksums)?;
+        let pool = BufferPool::new(frames, Arc::clone(&files), checksums)?;
+        let was_shut_down = !creating && c.state == ClusterState::ShutDown;
+        if !creating && !was_shut_down {
+            tracing::info!(
+                "database system was interrupted; last known up at {}",
+                checkpointer::format_time(c.time)
+            );
+            tracing::info!(
+                "database system was not properly shut down; automatic recovery in progress"
+            );
+            c.state = ClusterState::InCrashRecovery;
+            control::write(&data_dir, &c, cfg.fsync)?;
+        }
+        // One pass: the WAL's startup scan finds the end of valid WAL and
+        // hands every record to redo as it goes (each segment made durable
+        // before it is read).
+        let seg = cfg.wal_segment_size.0;
+        let estimated_end = crate::wal::segments::newest_segment(&cfg.wal_dir, crate::wal::TIMELINE, seg)
+            .map_or(Lsn(seg), |s| Lsn((s + 1) * seg));
+        if c.checkpoint.is_valid() && !was_shut_down {
+            tracing::info!("redo starts at {}", c.redo);
+        }
+        let mut redo = recovery::Redo::new(&pool, &progress, (!creating).then_some(&c), estimated_end);
+        let opened = Wal::open_observed(
+            cfg.clone(),
+            Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
+        );
+        let wal = match opened {
+            Ok(w) => Arc::new(w),
+            Err(WalError::Replay(msg)) => return Err(StoreError::Recovery(msg)),
+            Err(e) => return Err(e.into()),
+        };
+        let end = wal.opened_at();
+        if c.checkpoint.is_valid() {
+            if c.redo < wal.start_lsn() {
+                return Err(StoreError::Recovery(format!(
+                    "the WAL needed to recover from the redo point {} has been removed: \
+                     the retained WAL starts at {}",
+                    c.redo,
+                    wal.start_lsn()
+                )));
+            }
+            if redo.checkpoint_end.is_none() {
+                return Err(StoreError::Recovery(format!(
+                    "could not locate a valid checkpoint record at {}: the valid WAL ends at {end}",
+                    c.checkpoint
+                )));
+            }
+        }
+        let ckpt_end = redo.checkpoint_end.unwrap_or(Lsn::INVALID);
+        let clean = was_shut_down && c.redo == c.checkpoint && end == ckpt_end;
+        let needs_redo = !clean;
+        if was_shut_down && !clean {
+            tracing::info!(
+                "records follow the shutdown checkpoint at {}: they were replayed",
+                c.checkpoint
+            );
+        }
+        redo.finish(end, clean);
+        drop(redo);
+        pool.attach_wal(Arc::clone(&wal));
+
         let shared = Arc::new(StoreShared {
             pool,
             wal,
@@ -447,21 +498,11 @@ impl Store {
         };
         let shared = &store.shared;
         if needs_redo {
-            if !creating {
-                tracing::info!(
-                    "database system was interrupted; last known up at {}",
-                    checkpointer::format_time(c.time)
-                );
-                tracing::info!(
-                    "database system was not properly shut down; automatic recovery in progress"
-                );
-            }
             c.state = ClusterState::InCrashRecovery;
             *shared.control.lock().unwrap() = c;
-            control::write(&data_dir, &c, shared.cfg.fsync)?;
-            if let Err(e) = recovery::redo(shared, redo_from, end) {
+            if let Err(e) = control::write(&data_dir, &c, shared.cfg.fsync) {
                 store.abandon();
-                return Err(e);
+                return Err(e.into());
             }
             let reason = if creating {
                 Reason::Requested

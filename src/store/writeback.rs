@@ -15,7 +15,7 @@ use super::page::PageTag;
 use super::StoreError;
 
 /// Pages written at once.
-pub const BATCH: usize = 16;
+pub const BATCH: usize = 64;
 
 struct Pending {
     slot: usize,

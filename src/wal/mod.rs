@@ -72,6 +72,18 @@ pub enum WalError {
     Uring(std::io::Error),
     #[error("could not start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
+    /// The startup scan's observer (the page store's redo) failed.
+    #[error("{0}")]
+    Replay(String),
+}
+
+impl From<startup::ScanError> for WalError {
+    fn from(e: startup::ScanError) -> WalError {
+        match e {
+            startup::ScanError::File(f) => WalError::File(f),
+            startup::ScanError::Observer(m) => WalError::Replay(m),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, WalError>;
@@ -110,6 +122,14 @@ impl Wal {
     /// Opens (or creates) the WAL in `cfg.wal_dir`, finds the end of valid
     /// WAL, and starts the flusher and the segment preparer.
     pub fn open(cfg: Config) -> Result<Wal> {
+        Wal::open_observed(cfg, None)
+    }
+
+    /// [`Wal::open`], showing `observer` every valid record of the retained
+    /// WAL as the startup scan finds it, in order and each already durable
+    /// (every segment is fdatasynced before it is read). The page store
+    /// replays the WAL this way, in the same pass that finds its end.
+    pub fn open_observed(cfg: Config, observer: Option<startup::ScanObserver<'_>>) -> Result<Wal> {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
         file::create_dir_all(&dir)?;
@@ -147,7 +167,7 @@ impl Wal {
         };
 
         let began = Instant::now();
-        let scan = startup::scan(&dir, seg_size, TIMELINE, start)?;
+        let scan = startup::scan(&dir, seg_size, TIMELINE, start, cfg.fsync, observer)?;
         let end = scan.end;
         // The scan ran into a missing segment (directly, or inside a record
         // that spans into it) while later segments exist: that is lost or

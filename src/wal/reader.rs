@@ -89,6 +89,9 @@ pub struct WalReader {
     buf_start: Lsn,
     file: Option<(u64, SegmentFile)>,
     end: Option<EndOfWal>,
+    /// fdatasync each segment before reading from it (startup: every byte
+    /// handed out is then durable).
+    sync_on_open: bool,
 }
 
 impl WalReader {
@@ -111,7 +114,17 @@ impl WalReader {
             buf_start: from,
             file: None,
             end: None,
+            sync_on_open: false,
         }
+    }
+
+    /// Makes every segment durable (fdatasync) before reading from it, so
+    /// that every record returned is durable. Startup uses it: WAL found
+    /// after a crash may never have been synced, and recovery writes pages
+    /// whose LSNs are in it (WAL before data).
+    pub fn sync_on_open(mut self, on: bool) -> WalReader {
+        self.sync_on_open = on;
+        self
     }
 
     /// The next record's start LSN (after the end: where valid WAL ends).
@@ -221,7 +234,21 @@ impl WalReader {
             if self.file.as_ref().map(|(s, _)| *s) != Some(segno) {
                 let path = self.segment_path(segno);
                 match SegmentFile::open(&path, OpenMode::default()) {
-                    Ok(f) => self.file = Some((segno, f)),
+                    Ok(f) => {
+                        if self.sync_on_open {
+                            // IMPORTANT: durable before any of it is handed out.
+                            f.datasync()?;
+                            // Startup reads the whole WAL: have the kernel read
+                            // the next segment while this one is processed.
+                            if let Ok(next) = SegmentFile::open(
+                                &self.segment_path(segno + 1),
+                                OpenMode::default(),
+                            ) {
+                                next.will_need();
+                            }
+                        }
+                        self.file = Some((segno, f))
+                    }
                     Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
                         self.file = None;
                         return Ok(Err(EndOfWal::MissingSegment {

@@ -333,6 +333,22 @@ pub fn list_segments(dir: &Path, timeline: u32, segment_size: u64) -> Result<Vec
     Ok(segs)
 }
 
+/// The segment of `timeline` modified last (by mtime): after a crash,
+/// almost always the one that holds the end of WAL (preallocated segments
+/// were written before it, recycled ones long before). For estimates only.
+pub fn newest_segment(dir: &Path, timeline: u32, segment_size: u64) -> Option<u64> {
+    list_segments(dir, timeline, segment_size)
+        .ok()?
+        .into_iter()
+        .filter_map(|s| {
+            let name = lsn::segment_file_name(timeline, s, segment_size);
+            let m = std::fs::metadata(dir.join(name)).ok()?.modified().ok()?;
+            Some((m, s))
+        })
+        .max()
+        .map(|(_, s)| s)
+}
+
 /// Reads the retained WAL's first record LSN from `dir/wal_start`.
 pub fn read_wal_start(dir: &Path) -> Result<Option<Lsn>, FileError> {
     let path = dir.join(WAL_START_FILE);

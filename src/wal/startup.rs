@@ -17,7 +17,7 @@ use crate::io::file::{FileError, OpenMode, SegmentFile};
 use crate::io::BLOCK;
 use crate::lsn::Lsn;
 
-use super::reader::{EndOfWal, WalReader};
+use super::reader::{EndOfWal, Record, WalReader};
 use super::segments::Segments;
 
 /// What the scan found.
@@ -27,21 +27,41 @@ pub struct EndOfScan {
     pub records: u64,
 }
 
+/// Called with every valid record the startup scan passes, in order (the
+/// page store replays them as they go by: one pass over the WAL). An error
+/// stops the scan and the open.
+pub type ScanObserver<'a> = &'a mut dyn FnMut(&Record<'_>) -> Result<(), String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{0}")]
+    Observer(String),
+}
+
 /// Reads from `start` to the end of valid WAL, logging progress every few
-/// seconds on a long scan.
+/// seconds on a long scan. With `sync`, each segment is made durable before
+/// it is read, so every record the observer sees is durable.
 pub fn scan(
     dir: &Path,
     segment_size: u64,
     timeline: u32,
     start: Lsn,
-) -> Result<EndOfScan, FileError> {
-    let mut reader = WalReader::new(dir, segment_size, timeline, start, None);
+    sync: bool,
+    mut observer: Option<ScanObserver<'_>>,
+) -> Result<EndOfScan, ScanError> {
+    let mut reader =
+        WalReader::new(dir, segment_size, timeline, start, None).sync_on_open(sync);
     let mut records = 0u64;
     let began = Instant::now();
     let mut last_report = began;
-    while reader.next_record()?.is_some() {
+    while let Some(rec) = reader.next_record()? {
+        if let Some(obs) = observer.as_mut() {
+            obs(&rec).map_err(ScanError::Observer)?;
+        }
         records += 1;
-        if records % 4096 == 0 && last_report.elapsed().as_secs() >= 5 {
+        if records % 4096 == 0 && observer.is_none() && last_report.elapsed().as_secs() >= 5 {
             last_report = Instant::now();
             let bytes = reader.position().0 - start.0;
             tracing::info!(
