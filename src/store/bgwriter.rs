@@ -35,7 +35,10 @@ struct State {
 
 pub(crate) fn run(sh: &StoreShared) {
     let mut wb = match Writeback::new() {
-        Ok(w) => w,
+        Ok(mut w) => {
+            w.set_batch(16);
+            w
+        }
         Err(e) => {
             tracing::error!("background writer not started: {e}");
             return;

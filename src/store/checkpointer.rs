@@ -397,6 +397,11 @@ fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -
     let to_write = sh.pool.mark_for_checkpoint();
     let write_began = Instant::now();
     let mut wb = Writeback::new()?;
+    if !reason.immediate() {
+        // Paced: a few pages at a time, so the WAL's writes are not stuck
+        // behind a burst of page writes on a shared device.
+        wb.set_batch(8);
+    }
     let total = to_write.len().max(1) as f64;
     let mut schedule = Schedule::new(sh, redo, began);
     for (i, &(tag, frame)) in to_write.iter().enumerate() {

@@ -14,7 +14,8 @@ use super::buffer_pool::{BufferPool, WriteFilter, WriteStart};
 use super::page::PageTag;
 use super::StoreError;
 
-/// Pages written at once.
+/// Most pages written at once (immediate checkpoints; a paced one writes
+/// smaller batches, see [`Writeback::set_batch`]).
 pub const BATCH: usize = 64;
 
 struct Pending {
@@ -31,6 +32,8 @@ pub struct Writeback {
     done: Vec<PageCompletion>,
     /// Pages written since this writer was made.
     pub written: u64,
+    /// Pages queued before a batch is written (at most [`BATCH`]).
+    batch: usize,
 }
 
 impl Writeback {
@@ -40,7 +43,14 @@ impl Writeback {
             pending: Vec::with_capacity(BATCH),
             done: Vec::with_capacity(BATCH),
             written: 0,
+            batch: BATCH,
         })
+    }
+
+    /// Writes batches of `n` pages (1..=BATCH): small batches keep a paced
+    /// checkpoint's writes from arriving at the device in bursts.
+    pub fn set_batch(&mut self, n: usize) {
+        self.batch = n.clamp(1, BATCH);
     }
 
     /// Starts the write-out of frame `frame` if `filter` wants it, queueing
@@ -51,7 +61,7 @@ impl Writeback {
         frame: usize,
         filter: WriteFilter,
     ) -> Result<WriteStart, StoreError> {
-        if self.pending.len() == self.queue.slots() {
+        if self.pending.len() >= self.batch.min(self.queue.slots()) {
             self.flush(pool)?;
         }
         // A flush waits for all its writes, so between flushes the pending
@@ -66,7 +76,7 @@ impl Writeback {
                 lsn,
                 file: None,
             });
-            if self.pending.len() == BATCH {
+            if self.pending.len() >= self.batch {
                 self.flush(pool)?;
             }
         }
