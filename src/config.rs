@@ -370,7 +370,9 @@ impl Config {
         };
         let decimal = value.contains('.')
             && value.parse::<f64>().is_ok()
-            && value.bytes().all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
         let quoted = if value.parse::<i64>().is_ok()
             || decimal
             || value == "true"
@@ -508,7 +510,10 @@ impl Config {
         if !(0.0..=1.0).contains(&self.checkpoint_completion_target) {
             return invalid(
                 "checkpoint_completion_target",
-                format!("{} is not between 0 and 1", self.checkpoint_completion_target),
+                format!(
+                    "{} is not between 0 and 1",
+                    self.checkpoint_completion_target
+                ),
             );
         }
         Ok(())

@@ -777,7 +777,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             request_id,
             checkpoint,
             redo,
-        } => put_two_lsns(out, FrameType::CheckpointDone, *request_id, *checkpoint, *redo),
+        } => put_two_lsns(
+            out,
+            FrameType::CheckpointDone,
+            *request_id,
+            *checkpoint,
+            *redo,
+        ),
         Frame::PageData {
             request_id,
             lsn,

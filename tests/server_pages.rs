@@ -67,7 +67,13 @@ fn pages_round_trip_and_bad_requests_fail_alone() {
 
     // Out of range: an error for this request only.
     let e = c
-        .page_write(Durability::Local, 1, 5, (PAGE_DATA - 5) as u16, b"0123456789")
+        .page_write(
+            Durability::Local,
+            1,
+            5,
+            (PAGE_DATA - 5) as u16,
+            b"0123456789",
+        )
         .unwrap_err();
     assert_eq!(server_error(e), ErrorCode::BAD_PAGE);
     let e = c.page_read(1, u32::MAX).unwrap_err();
@@ -115,7 +121,13 @@ fn pipelined_page_writes_and_appends_are_acked_in_lsn_order() {
         let id = if i % 3 == 0 {
             c.queue_append(Durability::Local, &[(Kind::DATA, b"a record")])
         } else {
-            c.queue_page_write(Durability::Local, 2, i % 50, (i % 100) as u16, &i.to_le_bytes())
+            c.queue_page_write(
+                Durability::Local,
+                2,
+                i % 50,
+                (i % 100) as u16,
+                &i.to_le_bytes(),
+            )
         };
         ids.push(id);
     }
@@ -162,7 +174,10 @@ fn the_cli_writes_reads_and_checkpoints() {
     let addr_file = d.path().join("walden.addr");
     let t = std::time::Instant::now();
     while !addr_file.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "server did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let run = |args: &[&str]| {
@@ -179,7 +194,17 @@ fn the_cli_writes_reads_and_checkpoints() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let w = run(&["page", "write", "--rel", "3", "--block", "9", "--offset", "16", "from the shell"]);
+    let w = run(&[
+        "page",
+        "write",
+        "--rel",
+        "3",
+        "--block",
+        "9",
+        "--offset",
+        "16",
+        "from the shell",
+    ]);
     assert!(w.contains("(page LSN "), "{w}");
     let r = run(&["page", "read", "--rel", "3", "--block", "9"]);
     assert!(r.starts_with("relation 3 block 9: page LSN "), "{r}");
@@ -200,7 +225,18 @@ fn the_cli_writes_reads_and_checkpoints() {
     assert!(st.contains("last checkpoint:"), "{st}");
     // Bad input from the shell: a clear error, non-zero exit.
     let bad = Command::new(bin)
-        .args(["page", "write", "--rel", "1", "--block", "1", "--offset", "8160", "0123456789", "-D"])
+        .args([
+            "page",
+            "write",
+            "--rel",
+            "1",
+            "--block",
+            "1",
+            "--offset",
+            "8160",
+            "0123456789",
+            "-D",
+        ])
         .arg(d.path())
         .output()
         .unwrap();
@@ -212,6 +248,8 @@ fn the_cli_writes_reads_and_checkpoints() {
         .status()
         .unwrap();
     assert!(server.0.wait().unwrap().success());
-    let c = walden::store::control::read(&d.path().join("data")).unwrap().unwrap();
+    let c = walden::store::control::read(&d.path().join("data"))
+        .unwrap()
+        .unwrap();
     assert_eq!(c.state, walden::store::control::ClusterState::ShutDown);
 }

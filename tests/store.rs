@@ -54,7 +54,9 @@ fn pages_round_trip_and_survive_a_clean_restart() {
     let mut last = Lsn(0);
     for block in 0..100u32 {
         let text = format!("block {block} says hello");
-        let w = store.write_page(1, block, 10 + block as usize, text.as_bytes()).unwrap();
+        let w = store
+            .write_page(1, block, 10 + block as usize, text.as_bytes())
+            .unwrap();
         assert!(w.end > last);
         last = w.end;
     }
@@ -66,19 +68,34 @@ fn pages_round_trip_and_survive_a_clean_restart() {
         .unwrap()
         .unwrap();
     assert_eq!(after_close.state, ClusterState::ShutDown);
-    assert_eq!(after_close.checkpoint, after_close.redo, "a shutdown checkpoint");
+    assert_eq!(
+        after_close.checkpoint, after_close.redo,
+        "a shutdown checkpoint"
+    );
 
     let store = Store::open(config(dir.path())).unwrap();
     // A clean shutdown: nothing to replay, so no end-of-recovery checkpoint:
     // the control file still names the shutdown checkpoint.
     assert_eq!(store.control().checkpoint, after_close.checkpoint);
     assert_eq!(store.control().state, ClusterState::InProduction);
-    assert_eq!(store.metrics_snapshot().checkpoints.iter().map(|c| c.1).sum::<u64>(), 0);
+    assert_eq!(
+        store
+            .metrics_snapshot()
+            .checkpoints
+            .iter()
+            .map(|c| c.1)
+            .sum::<u64>(),
+        0
+    );
     for block in 0..100u32 {
         let p = store.read_page(1, block).unwrap();
         let text = format!("block {block} says hello");
         let off = 10 + block as usize;
-        assert_eq!(&p.data[off..off + text.len()], text.as_bytes(), "block {block}");
+        assert_eq!(
+            &p.data[off..off + text.len()],
+            text.as_bytes(),
+            "block {block}"
+        );
         assert!(p.data[..off].iter().all(|&b| b == 0));
     }
     store.close().unwrap();
@@ -141,7 +158,10 @@ fn evictions_write_pages_out_and_read_them_back() {
     let writes = seen.lock().unwrap();
     assert!(writes.len() > 300, "{} page writes", writes.len());
     for (page_lsn, flushed) in writes.iter() {
-        assert!(page_lsn <= flushed, "a page with LSN {page_lsn} was written with the WAL flushed to {flushed}");
+        assert!(
+            page_lsn <= flushed,
+            "a page with LSN {page_lsn} was written with the WAL flushed to {flushed}"
+        );
     }
     assert!(store.metrics_snapshot().buffers_backend > 0);
 }
@@ -185,7 +205,13 @@ fn checkpoints_release_wal_and_keep_it_near_max_wal_size() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     i += 1;
                     let w = store
-                        .write_page_with(&mut ins, 1, (i * 2 + t) % 300, (i % 4000) as usize, &[t as u8; 2000])
+                        .write_page_with(
+                            &mut ins,
+                            1,
+                            (i * 2 + t) % 300,
+                            (i % 4000) as usize,
+                            &[t as u8; 2000],
+                        )
                         .unwrap();
                     let a = ins.append(Kind::DATA, &[7u8; 3000]).unwrap();
                     if i % 16 == 0 {
@@ -202,7 +228,12 @@ fn checkpoints_release_wal_and_keep_it_near_max_wal_size() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let snap = store.metrics_snapshot();
-    let by_wal = snap.checkpoints.iter().find(|(r, _)| *r == "wal").unwrap().1;
+    let by_wal = snap
+        .checkpoints
+        .iter()
+        .find(|(r, _)| *r == "wal")
+        .unwrap()
+        .1;
     let w = store.wal().metrics_snapshot();
     let written_mb = (store.wal().insert_lsn().0 - store.wal().opened_at().0) >> 20;
     eprintln!(
@@ -210,17 +241,27 @@ fn checkpoints_release_wal_and_keep_it_near_max_wal_size() {
          {} recycled, {} removed, {} created",
         w.segments_recycled, w.segments_removed, w.segments_created
     );
-    assert!(written_mb >= 24, "too little WAL to prove anything: {written_mb} MB");
+    assert!(
+        written_mb >= 24,
+        "too little WAL to prove anything: {written_mb} MB"
+    );
     assert!(by_wal >= 2, "WAL volume started {by_wal} checkpoints");
     assert!(w.segments_recycled > 0, "released segments are recycled");
     // max_wal_size is a soft limit; a little slack for the segments being
     // prepared and the one being written.
-    assert!(most <= 8 + 3, "the WAL reached {most} segment files with max_wal_size = 8MB");
+    assert!(
+        most <= 8 + 3,
+        "the WAL reached {most} segment files with max_wal_size = 8MB"
+    );
     // After a checkpoint nothing before its redo segment remains.
     store.checkpoint().unwrap();
     let redo = store.redo_lsn();
     let segs = segment_files(dir.path());
-    assert_eq!(segs[0], redo.segno(1 << 20), "segments before the redo segment are released: {segs:?}");
+    assert_eq!(
+        segs[0],
+        redo.segno(1 << 20),
+        "segments before the redo segment are released: {segs:?}"
+    );
     assert_eq!(store.wal().start_lsn(), redo);
     store.close().unwrap();
 }
@@ -247,7 +288,12 @@ fn no_page_reaches_the_data_device_ahead_of_its_wal() {
     while began.elapsed() < std::time::Duration::from_millis(2500) {
         i += 1;
         store
-            .write_page(4, i.wrapping_mul(7919) % 200, (i % 1000) as usize, &[i as u8; 300])
+            .write_page(
+                4,
+                i.wrapping_mul(7919) % 200,
+                (i % 1000) as usize,
+                &[i as u8; 300],
+            )
             .unwrap();
         if i % 500 == 0 {
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -264,7 +310,10 @@ fn no_page_reaches_the_data_device_ahead_of_its_wal() {
     );
     assert!(snap.buffers_backend > 0 && snap.buffers_clean > 0 && snap.buffers_checkpoint > 0);
     for (page_lsn, flushed) in &seen {
-        assert!(page_lsn <= flushed, "page with LSN {page_lsn} written with the WAL durable only to {flushed}");
+        assert!(
+            page_lsn <= flushed,
+            "page with LSN {page_lsn} written with the WAL durable only to {flushed}"
+        );
     }
     // Something was actually ahead of the flush when it was chosen for
     // writing (else this test could not fail).

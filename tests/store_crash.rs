@@ -45,7 +45,10 @@ struct Model {
 
 impl Model {
     fn page(&self, k: Key) -> Vec<u8> {
-        self.pages.get(&k).cloned().unwrap_or_else(|| vec![0; PAGE_DATA])
+        self.pages
+            .get(&k)
+            .cloned()
+            .unwrap_or_else(|| vec![0; PAGE_DATA])
     }
 
     fn with(&self, k: Key, w: Write) -> Vec<u8> {
@@ -151,7 +154,9 @@ fn verify_in_process(dir: &Path, settings: &[String], m: &mut Model, what: &str)
     }
     assert!(m.pending.is_empty());
     store.close().unwrap();
-    let c = walden::store::control::read(&dir.join("data")).unwrap().unwrap();
+    let c = walden::store::control::read(&dir.join("data"))
+        .unwrap()
+        .unwrap();
     assert_eq!(c.state, ClusterState::ShutDown);
     // Every page on the data device carries a valid checksum after the
     // shutdown checkpoint.
@@ -167,7 +172,11 @@ fn verify_in_process(dir: &Path, settings: &[String], m: &mut Model, what: &str)
                 .unwrap_or_else(|e| panic!("{what}: on disk: {e}"));
             if !page::is_new(p) {
                 let k = (rel, block as u32);
-                assert_eq!(page::data(p), m.page(k).as_slice(), "{what}: page {k:?} on disk");
+                assert_eq!(
+                    page::data(p),
+                    m.page(k).as_slice(),
+                    "{what}: page {k:?} on disk"
+                );
                 pages += 1;
             }
         }
@@ -183,7 +192,8 @@ fn check_records(dir: &Path, m: &Model, what: &str) -> usize {
     let start = walden::wal::segments::read_wal_start(&wal_dir)
         .unwrap()
         .unwrap();
-    let mut r = walden::wal::reader::WalReader::new(&wal_dir, 1 << 20, walden::wal::TIMELINE, start, None);
+    let mut r =
+        walden::wal::reader::WalReader::new(&wal_dir, 1 << 20, walden::wal::TIMELINE, start, None);
     let mut records = HashMap::new();
     while let Some(rec) = r.next_record().unwrap() {
         if rec.kind == walden::Kind::DATA {
@@ -198,7 +208,10 @@ fn check_records(dir: &Path, m: &Model, what: &str) -> usize {
                 r.position()
             )
         });
-        assert!(got == &payload(seed, len), "{what}: record at {lsn} differs");
+        assert!(
+            got == &payload(seed, len),
+            "{what}: record at {lsn} differs"
+        );
         checked += 1;
     }
     checked
@@ -312,7 +325,10 @@ fn kill_9_under_records_and_page_writes_loses_nothing_acknowledged() {
                 }
                 "start" => {
                     started = true;
-                    assert!(m.pending.is_empty(), "{what}: unresolved pages after recovery");
+                    assert!(
+                        m.pending.is_empty(),
+                        "{what}: unresolved pages after recovery"
+                    );
                 }
                 "begin" => {
                     let k: Key = (f[1].parse().unwrap(), f[2].parse().unwrap());
@@ -321,7 +337,10 @@ fn kill_9_under_records_and_page_writes_loses_nothing_acknowledged() {
                         len: f[4].parse().unwrap(),
                         seed: f[5].parse().unwrap(),
                     };
-                    assert!(m.pending.insert(k, w).is_none(), "{what}: two writes in flight on {k:?}");
+                    assert!(
+                        m.pending.insert(k, w).is_none(),
+                        "{what}: two writes in flight on {k:?}"
+                    );
                 }
                 "page" => {
                     let k: Key = (f[1].parse().unwrap(), f[2].parse().unwrap());
@@ -332,8 +351,11 @@ fn kill_9_under_records_and_page_writes_loses_nothing_acknowledged() {
                     pages += 1;
                 }
                 "ack" => {
-                    m.acks
-                        .push((f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap()));
+                    m.acks.push((
+                        f[1].parse().unwrap(),
+                        f[2].parse().unwrap(),
+                        f[3].parse().unwrap(),
+                    ));
                     acks += 1;
                 }
                 other => panic!("{what}: unexpected line {other:?}"),
@@ -394,7 +416,10 @@ fn torn_page_after_crash(dir: &Path, settings: &[String]) {
 fn a_torn_page_is_repaired_from_its_full_page_image() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
-    settings.extend(["checkpoint_timeout=1h".into(), "bgwriter_lru_maxpages=0".into()]);
+    settings.extend([
+        "checkpoint_timeout=1h".into(),
+        "bgwriter_lru_maxpages=0".into(),
+    ]);
     torn_page_after_crash(dir.path(), &settings);
     let store = Store::open(config(dir.path(), &settings)).expect("recovery repairs the page");
     let p = store.read_page(1, 3).unwrap();
@@ -403,7 +428,9 @@ fn a_torn_page_is_repaired_from_its_full_page_image() {
     assert!(p.data[120..].iter().all(|&b| b == 0), "no garbage survived");
     for block in [0u32, 7] {
         let p = store.read_page(1, block).unwrap();
-        assert!(p.data.starts_with(format!("page {block} before").as_bytes()));
+        assert!(p
+            .data
+            .starts_with(format!("page {block} before").as_bytes()));
     }
     store.close().unwrap();
 }

@@ -634,13 +634,31 @@ fn controldata_and_waldump_read_a_page_store() {
     let o = walden(&["controldata", dir]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout).unwrap();
-    assert!(text.contains("Database cluster state:                shut down"), "{text}");
-    assert!(text.contains(&format!("Database system identifier:            {}", c.system_identifier)), "{text}");
-    assert!(text.contains("Data page checksum version:            1"), "{text}");
-    assert!(text.contains("Latest checkpoint's full_page_writes:  on"), "{text}");
+    assert!(
+        text.contains("Database cluster state:                shut down"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Database system identifier:            {}",
+            c.system_identifier
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("Data page checksum version:            1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Latest checkpoint's full_page_writes:  on"),
+        "{text}"
+    );
     let o = walden(&["waldump", "-D", dir]);
     let out = String::from_utf8(o.stdout).unwrap();
-    assert!(out.contains("desc: rel 7 blk 3 FPW, compression method: lz4"), "{out}");
+    assert!(
+        out.contains("desc: rel 7 blk 3 FPW, compression method: lz4"),
+        "{out}"
+    );
     assert!(out.contains("kind: CHECKPOINT_REDO"), "{out}");
     assert!(out.contains("kind: CHECKPOINT_SHUTDOWN"), "{out}");
     assert!(out.contains("desc: redo "), "{out}");

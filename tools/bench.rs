@@ -317,7 +317,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::Result<()> {
     use walden::store::page::PAGE_DATA;
     if args.size == 0 || args.size > PAGE_DATA {
-        bail!("--size {} must be between 1 and {PAGE_DATA} for page writes", args.size);
+        bail!(
+            "--size {} must be between 1 and {PAGE_DATA} for page writes",
+            args.size
+        );
     }
     let store = walden::Store::open(cfg.clone())?;
     let wal = store.wal();
@@ -364,7 +367,8 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
     let deadline = started + Duration::from_secs_f64(args.time);
     let lsn0 = wal.insert_lsn();
     let before = store.metrics_snapshot();
-    let ckpts = |s: &walden::metrics::StoreSnapshot| s.checkpoints.iter().map(|(_, n)| n).sum::<u64>();
+    let ckpts =
+        |s: &walden::metrics::StoreSnapshot| s.checkpoints.iter().map(|(_, n)| n).sum::<u64>();
     let (hist, split) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (t, client) in clients.iter().enumerate() {
@@ -372,7 +376,8 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
             handles.push(s.spawn(move || {
                 let mut h = bench_stats::histogram();
                 let mut split = bench_stats::CheckpointSplit::default();
-                let mut held = (threads <= store.wal().insert_shards()).then(|| store.wal().inserter());
+                let mut held =
+                    (threads <= store.wal().insert_shards()).then(|| store.wal().inserter());
                 let mut x = (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let mut payload = vec![0u8; args.size];
                 let in_ckpt = || store.stats().checkpoint_in_progress.load(Relaxed);

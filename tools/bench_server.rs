@@ -94,8 +94,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let (_, _, _, json) = c.status()?;
         let v: serde_json::Value = serde_json::from_str(&json)?;
         Ok((
-            v["page_store"]["checkpoint_in_progress"].as_bool().unwrap_or(false),
-            v["page_store"]["checkpoints_completed"].as_u64().unwrap_or(0),
+            v["page_store"]["checkpoint_in_progress"]
+                .as_bool()
+                .unwrap_or(false),
+            v["page_store"]["checkpoints_completed"]
+                .as_u64()
+                .unwrap_or(0),
         ))
     };
     let (_, ckpts0) = checkpoints(&mut status)?;
@@ -248,7 +252,8 @@ fn drive(
                             .client
                             .queue_page_write(level, 1, block, off, &payloads[0]);
                         let during = work.in_checkpoint.load(Relaxed);
-                        conn.sent.push_back((id, Instant::now(), vec![(during as u32, 0)]));
+                        conn.sent
+                            .push_back((id, Instant::now(), vec![(during as u32, 0)]));
                         continue;
                     }
                     let mut meta = Vec::with_capacity(batch);
@@ -268,8 +273,10 @@ fn drive(
             for conn in conns.iter_mut() {
                 match conn.client.recv()? {
                     Frame::PageWritten { request_id, .. } => {
-                        let (id, sent_at, meta) =
-                            conn.sent.pop_front().context("an answer nobody asked for")?;
+                        let (id, sent_at, meta) = conn
+                            .sent
+                            .pop_front()
+                            .context("an answer nobody asked for")?;
                         anyhow::ensure!(
                             id == request_id,
                             "answer for request {request_id}, expected {id}"
@@ -317,7 +324,10 @@ fn drive(
             while let Some((id, _, meta)) = conn.sent.pop_front() {
                 let f = conn.client.recv()?;
                 if let Frame::PageWritten { request_id, .. } = f {
-                    anyhow::ensure!(id == request_id, "answer for request {request_id}, expected {id}");
+                    anyhow::ensure!(
+                        id == request_id,
+                        "answer for request {request_id}, expected {id}"
+                    );
                     stats.records.fetch_add(1, Relaxed);
                 }
                 if let Frame::Ack {

@@ -206,7 +206,9 @@ fn print_text(d: &ControlData) {
         (
             "Latest checkpoint's full_page_writes",
             d.latest_checkpoint_full_page_writes
-                .map_or("unknown".into(), |b| if b { "on" } else { "off" }.to_string()),
+                .map_or("unknown".into(), |b| {
+                    if b { "on" } else { "off" }.to_string()
+                }),
         ),
         (
             "Time of latest checkpoint",

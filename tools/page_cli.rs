@@ -131,9 +131,21 @@ fn hexdump(data: &[u8], out: &mut impl Write) -> std::io::Result<()> {
         let (a, b) = hex.split_at(hex.len().min(8));
         let text: String = line
             .iter()
-            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
-        writeln!(out, "{:08x}  {:<23}  {:<23}  |{text}|", i * 16, a.join(" "), b.join(" "))?;
+        writeln!(
+            out,
+            "{:08x}  {:<23}  {:<23}  |{text}|",
+            i * 16,
+            a.join(" "),
+            b.join(" ")
+        )?;
     }
     writeln!(out, "{:08x}", data.len())
 }

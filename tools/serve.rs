@@ -61,8 +61,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, path))
     };
     let _ = std::fs::remove_file(&addr_file);
-    let server =
-        Server::start_with(cfg.clone(), |listen| write_addrs(&starting_file, listen, None));
+    let server = Server::start_with(cfg.clone(), |listen| {
+        write_addrs(&starting_file, listen, None)
+    });
     let _ = std::fs::remove_file(&starting_file);
     let server = server?;
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;

@@ -92,7 +92,8 @@ pub fn run(args: StoreChildArgs) -> anyhow::Result<()> {
         for t in 0..args.threads {
             let (store, out, args) = (&store, &out, &args);
             s.spawn(move || {
-                let mut x = (args.seed << 20) ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut x =
+                    (args.seed << 20) ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let mut n = 0u64;
                 let mut ins = store.wal().inserter();
                 loop {
@@ -100,7 +101,8 @@ pub fn run(args: StoreChildArgs) -> anyhow::Result<()> {
                     let seed = (args.seed << 40) ^ ((t as u64) << 32) ^ n;
                     if rng(&mut x) % 100 < args.page_percent {
                         let rel = 1 + (rng(&mut x) % args.rels as u64) as u32;
-                        let block = (t as u64 + args.threads as u64 * (rng(&mut x) % per_thread)) as u32;
+                        let block =
+                            (t as u64 + args.threads as u64 * (rng(&mut x) % per_thread)) as u32;
                         if block >= args.blocks {
                             continue;
                         }

@@ -177,7 +177,10 @@ unsafe impl Sync for Slot {}
 /// `count` zeroed slots of `slot_len` bytes (a multiple of [`BLOCK`]), each
 /// [`BLOCK`]-aligned, in one mapping.
 pub fn slots(count: usize, slot_len: usize) -> std::io::Result<Vec<Slot>> {
-    assert!(slot_len > 0 && slot_len % BLOCK == 0, "slots are whole blocks");
+    assert!(
+        slot_len > 0 && slot_len % BLOCK == 0,
+        "slots are whole blocks"
+    );
     let len = count
         .checked_mul(slot_len)
         .filter(|&l| l > 0)
@@ -197,7 +200,8 @@ pub fn slots(count: usize, slot_len: usize) -> std::io::Result<Vec<Slot>> {
     if raw == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    let base = NonNull::new(raw as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+    let base =
+        NonNull::new(raw as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
     let mapping = std::sync::Arc::new(Mapping { ptr: base, len });
     Ok((0..count)
         .map(|i| Slot {
@@ -244,6 +248,9 @@ mod slot_tests {
         }
         let keep = s.pop().unwrap();
         drop(s);
-        assert!(keep.iter().all(|&b| b == 4), "the mapping lives while a slot does");
+        assert!(
+            keep.iter().all(|&b| b == 4),
+            "the mapping lives while a slot does"
+        );
     }
 }

@@ -119,7 +119,13 @@ impl PageQueue {
 
     /// Queues a write of bounce page `i` (all [`PAGE_SIZE`] bytes) to `fd`
     /// at `offset`.
-    pub fn write_page(&mut self, fd: RawFd, i: usize, offset: u64, user_data: u64) -> io::Result<()> {
+    pub fn write_page(
+        &mut self,
+        fd: RawFd,
+        i: usize,
+        offset: u64,
+        user_data: u64,
+    ) -> io::Result<()> {
         assert!(!self.busy[i], "bounce page {i} is in flight");
         let e = opcode::WriteFixed::new(types::Fd(fd), self.slot_ptr(i), PAGE_SIZE as u32, 0)
             .offset(offset)
@@ -131,7 +137,13 @@ impl PageQueue {
     }
 
     /// Queues a read of one page at `offset` of `fd` into bounce page `i`.
-    pub fn read_page(&mut self, fd: RawFd, i: usize, offset: u64, user_data: u64) -> io::Result<()> {
+    pub fn read_page(
+        &mut self,
+        fd: RawFd,
+        i: usize,
+        offset: u64,
+        user_data: u64,
+    ) -> io::Result<()> {
         assert!(!self.busy[i], "bounce page {i} is in flight");
         let e = opcode::ReadFixed::new(types::Fd(fd), self.slot_ptr(i), PAGE_SIZE as u32, 0)
             .offset(offset)
@@ -238,7 +250,8 @@ mod tests {
         let mut q = PageQueue::new(4).unwrap();
         for i in 0..4 {
             q.page_mut(i).fill(i as u8 + 1);
-            q.write_page(f.raw_fd(), i, (i * PAGE_SIZE) as u64, i as u64).unwrap();
+            q.write_page(f.raw_fd(), i, (i * PAGE_SIZE) as u64, i as u64)
+                .unwrap();
         }
         assert_eq!(q.free_slot(), None);
         let mut done = Vec::new();
@@ -248,12 +261,21 @@ mod tests {
         q.fsync(f.raw_fd(), 99).unwrap();
         done.clear();
         q.drain(&mut done).unwrap();
-        assert_eq!(done, vec![PageCompletion { user_data: 99, result: 0 }]);
+        assert_eq!(
+            done,
+            vec![PageCompletion {
+                user_data: 99,
+                result: 0
+            }]
+        );
         q.read_page(f.raw_fd(), 0, 2 * PAGE_SIZE as u64, 7).unwrap();
         done.clear();
         q.drain(&mut done).unwrap();
         assert_eq!(done[0].result, PAGE_SIZE as i32);
         assert!(q.page(0).iter().all(|&b| b == 3));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * PAGE_SIZE as u64);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            4 * PAGE_SIZE as u64
+        );
     }
 }

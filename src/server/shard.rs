@@ -16,9 +16,9 @@ use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
 use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limits, RecordRef};
 use crate::record::Kind;
+use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{EndOfWal, WalReader};
-use crate::store::StoreError;
 use crate::wal::{WalError, TIMELINE};
 
 const RECV_BUF: usize = 256 << 10;
@@ -204,7 +204,9 @@ pub(crate) fn run(
             if let Some(st) = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial) {
                 shard.out.clear();
                 match &p.reply {
-                    Reply::Ack(lsns) => protocol::encode_ack(p.request_id, lsns, p.end, &mut shard.out),
+                    Reply::Ack(lsns) => {
+                        protocol::encode_ack(p.request_id, lsns, p.end, &mut shard.out)
+                    }
                     Reply::PageWritten(lsn) => protocol::encode(
                         &Frame::PageWritten {
                             request_id: p.request_id,

@@ -147,7 +147,12 @@ fn answer(mut s: TcpStream, cx: &Context) -> std::io::Result<()> {
                             );
                             false
                         } else {
-                            error(&mut out, request_id, ErrorCode::AUTH_FAILED, "authentication failed: wrong or missing token");
+                            error(
+                                &mut out,
+                                request_id,
+                                ErrorCode::AUTH_FAILED,
+                                "authentication failed: wrong or missing token",
+                            );
                             true
                         }
                     }

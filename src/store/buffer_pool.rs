@@ -221,14 +221,22 @@ impl BufferPool {
             let mut g1 = self.mapping[first].lock().unwrap();
             let mut g2 = second.map(|p| self.mapping[p].lock().unwrap());
             let mut m = f.meta.lock().unwrap();
-            let new_map = if first == new_p { &mut *g1 } else { g2.as_deref_mut().unwrap() };
+            let new_map = if first == new_p {
+                &mut *g1
+            } else {
+                g2.as_deref_mut().unwrap()
+            };
             if m.pins != 1 || m.dirty || m.io_busy || m.tag != old || new_map.contains_key(&tag) {
                 m.pins -= 1;
                 continue;
             }
             new_map.insert(tag, idx);
             if let Some(o) = old {
-                let old_map = if Some(first) == old_p { &mut *g1 } else { g2.as_deref_mut().unwrap() };
+                let old_map = if Some(first) == old_p {
+                    &mut *g1
+                } else {
+                    g2.as_deref_mut().unwrap()
+                };
                 old_map.remove(&o);
             }
             m.tag = Some(tag);

@@ -368,7 +368,12 @@ pub(crate) fn checkpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)>
     res
 }
 
-fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -> Result<(Lsn, Lsn)> {
+fn run_checkpoint(
+    sh: &StoreShared,
+    reason: Reason,
+    began: Instant,
+    log: bool,
+) -> Result<(Lsn, Lsn)> {
     let shutdown = reason == Reason::Shutdown;
     let segs_before = sh.wal.segments_created();
     if shutdown {
@@ -407,7 +412,8 @@ fn run_checkpoint(sh: &StoreShared, reason: Reason, began: Instant, log: bool) -
     for (i, &(tag, frame)) in to_write.iter().enumerate() {
         wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
         let progress = (i + 1) as f64 / total;
-        if !reason.immediate() && !sh.ckpt.hurry.load(SeqCst) && schedule.on_schedule(sh, progress) {
+        if !reason.immediate() && !sh.ckpt.hurry.load(SeqCst) && schedule.on_schedule(sh, progress)
+        {
             // Ahead of schedule: write what is queued, then rest a moment,
             // as PostgreSQL's CheckpointWriteDelay does per buffer.
             wb.flush(&sh.pool)?;
@@ -623,7 +629,10 @@ pub(crate) fn snapshot(sh: &StoreShared) -> crate::metrics::StoreSnapshot {
             ("wal", s.checkpoints_wal.load(Relaxed)),
             ("requested", s.checkpoints_requested.load(Relaxed)),
             ("shutdown", s.checkpoints_shutdown.load(Relaxed)),
-            ("end_of_recovery", s.checkpoints_end_of_recovery.load(Relaxed)),
+            (
+                "end_of_recovery",
+                s.checkpoints_end_of_recovery.load(Relaxed),
+            ),
         ],
         checkpoints_failed: s.checkpoints_failed.load(Relaxed),
         checkpoint_in_progress: s.checkpoint_in_progress.load(Relaxed),

@@ -270,7 +270,9 @@ fn new_system_identifier() -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    (now.as_secs() << 32) | ((now.subsec_micros() as u64) << 12) | (std::process::id() as u64 & 0xFFF)
+    (now.as_secs() << 32)
+        | ((now.subsec_micros() as u64) << 12)
+        | (std::process::id() as u64 & 0xFFF)
 }
 
 #[cfg(test)]
@@ -310,6 +312,8 @@ mod tests {
         assert_eq!(e, "it is 100 bytes, expected 512");
         let mut b = good;
         b[300] = 1;
-        assert!(ControlFile::decode(&b).unwrap_err().contains("incorrect checksum"));
+        assert!(ControlFile::decode(&b)
+            .unwrap_err()
+            .contains("incorrect checksum"));
     }
 }

@@ -420,12 +420,14 @@ impl Store {
         // hands every record to redo as it goes (each segment made durable
         // before it is read).
         let seg = cfg.wal_segment_size.0;
-        let estimated_end = crate::wal::segments::newest_segment(&cfg.wal_dir, crate::wal::TIMELINE, seg)
-            .map_or(Lsn(seg), |s| Lsn((s + 1) * seg));
+        let estimated_end =
+            crate::wal::segments::newest_segment(&cfg.wal_dir, crate::wal::TIMELINE, seg)
+                .map_or(Lsn(seg), |s| Lsn((s + 1) * seg));
         if c.checkpoint.is_valid() && !was_shut_down {
             tracing::info!("redo starts at {}", c.redo);
         }
-        let mut redo = recovery::Redo::new(&pool, &progress, (!creating).then_some(&c), estimated_end);
+        let mut redo =
+            recovery::Redo::new(&pool, &progress, (!creating).then_some(&c), estimated_end);
         let opened = Wal::open_observed(
             cfg.clone(),
             Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
@@ -480,7 +482,10 @@ impl Store {
             control: Mutex::new(c),
             cfg,
         });
-        shared.stats.last_checkpoint_lsn.store(c.checkpoint.0, Relaxed);
+        shared
+            .stats
+            .last_checkpoint_lsn
+            .store(c.checkpoint.0, Relaxed);
         shared.stats.last_redo_lsn.store(c.redo.0, Relaxed);
 
         let mut threads = Vec::new();
@@ -533,13 +538,16 @@ impl Store {
         // during redo would release WAL that redo is still reading.
         store.shared.ckpt.start_automatic();
         let weak = Arc::downgrade(&store.shared);
-        store.shared.wal.add_segment_listener(Arc::new(move |segno| {
-            if let Some(sh) = weak.upgrade() {
-                if checkpointer::wal_due_at(&sh, segno) {
-                    sh.ckpt.poke();
+        store
+            .shared
+            .wal
+            .add_segment_listener(Arc::new(move |segno| {
+                if let Some(sh) = weak.upgrade() {
+                    if checkpointer::wal_due_at(&sh, segno) {
+                        sh.ckpt.poke();
+                    }
                 }
-            }
-        }));
+            }));
         let sh = Arc::clone(&store.shared);
         match std::thread::Builder::new()
             .name("walden-bgwriter".into())
@@ -578,7 +586,13 @@ impl Store {
     /// and returns where the record landed. Wait for `end` at the durability
     /// you need. Takes a free insert slot; a thread that owns one (a server
     /// shard) uses [`Store::write_page_with`].
-    pub fn write_page(&self, rel: u32, block: u32, offset: usize, bytes: &[u8]) -> Result<Appended> {
+    pub fn write_page(
+        &self,
+        rel: u32,
+        block: u32,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<Appended> {
         let mut ins = self.shared.wal.inserter();
         self.write_page_with(&mut ins, rel, block, offset, bytes)
     }
@@ -637,7 +651,10 @@ impl Store {
     }
 
     /// `None` while the checkpoint a ticket asked for has not completed.
-    pub fn checkpoint_outcome(&self, ticket: u64) -> Option<std::result::Result<(Lsn, Lsn), String>> {
+    pub fn checkpoint_outcome(
+        &self,
+        ticket: u64,
+    ) -> Option<std::result::Result<(Lsn, Lsn), String>> {
         self.shared.ckpt.outcome(ticket)
     }
 

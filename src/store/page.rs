@@ -205,7 +205,10 @@ mod tests {
     fn every_flipped_byte_fails_the_checksum() {
         let tag = PageTag::new(1, 2);
         let clean = written(tag);
-        for pos in (0..PAGE_SIZE).step_by(7).chain([8, 9, 10, 11, PAGE_SIZE - 1]) {
+        for pos in (0..PAGE_SIZE)
+            .step_by(7)
+            .chain([8, 9, 10, 11, PAGE_SIZE - 1])
+        {
             let mut p = clean.clone();
             p[pos] ^= 0x40;
             assert!(verify(&p, tag, true).is_err(), "byte {pos}");

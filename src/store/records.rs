@@ -243,7 +243,11 @@ pub fn describe(kind: Kind, payload: &[u8], at: Lsn) -> Option<String> {
                 "rel {} blk {} FPW{}, {} bytes",
                 i.tag.rel,
                 i.tag.block,
-                if i.compressed { ", compression method: lz4" } else { "" },
+                if i.compressed {
+                    ", compression method: lz4"
+                } else {
+                    ""
+                },
                 i.image.len()
             ),
             Err(e) => format!("INVALID: {}", e.what),
@@ -295,7 +299,10 @@ mod tests {
             full_page_writes: true,
         };
         let b = encode_checkpoint(&c);
-        assert_eq!(decode_checkpoint(Kind::CHECKPOINT_ONLINE, &b, Lsn(8)), Ok(c));
+        assert_eq!(
+            decode_checkpoint(Kind::CHECKPOINT_ONLINE, &b, Lsn(8)),
+            Ok(c)
+        );
     }
 
     #[test]
@@ -315,7 +322,11 @@ mod tests {
         assert!(decode_page_write(&out, Lsn(8)).is_ok());
         out[8..10].copy_from_slice(&((PAGE_DATA - 2) as u16).to_le_bytes());
         let e = decode_page_write(&out, Lsn(0x1000)).unwrap_err();
-        assert!(e.to_string().starts_with("invalid PAGE_WRITE record at 0/1000"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("invalid PAGE_WRITE record at 0/1000"),
+            "{e}"
+        );
         assert!(decode_page_write(&out[..5], Lsn(8)).is_err());
         encode_page_image(PageTag::new(1, 1), &vec![0; PAGE_DATA], true, &mut out);
         out.push(0);

@@ -150,7 +150,10 @@ impl<'a> Redo<'a> {
                 rec.lsn
             ))
         };
-        if !matches!(rec.kind, Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN) {
+        if !matches!(
+            rec.kind,
+            Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN
+        ) {
             return Err(bad(format!("the record there is a {} record", rec.kind)));
         }
         let cp = records::decode_checkpoint(rec.kind, rec.payload, rec.lsn)?;

@@ -247,8 +247,7 @@ impl InsertState {
                 } else {
                     record::encode_noop_header(&mut hdr, Lsn(at), payload.len());
                     self.buffer.put(Lsn(at), &hdr);
-                    self.buffer
-                        .zero(Lsn(at + HEADER_LEN as u64), payload.len());
+                    self.buffer.zero(Lsn(at + HEADER_LEN as u64), payload.len());
                 }
                 self.buffer
                     .zero(Lsn(at + (HEADER_LEN + payload.len()) as u64), pad);

@@ -51,8 +51,7 @@ pub fn scan(
     sync: bool,
     mut observer: Option<ScanObserver<'_>>,
 ) -> Result<EndOfScan, ScanError> {
-    let mut reader =
-        WalReader::new(dir, segment_size, timeline, start, None).sync_on_open(sync);
+    let mut reader = WalReader::new(dir, segment_size, timeline, start, None).sync_on_open(sync);
     let mut records = 0u64;
     let began = Instant::now();
     let mut last_report = began;
