@@ -48,16 +48,40 @@ pub struct OpenMode {
     pub sync: bool,
 }
 
-/// One open file. All positional I/O of the engine goes through it.
+/// One open file. All positional I/O of the engine goes through it: a real
+/// file, or one on a simulated disk ([`super::sim`]) in tests.
 #[derive(Debug)]
 pub struct SegmentFile {
-    file: File,
+    file: Backing,
     path: PathBuf,
     direct: bool,
 }
 
+#[derive(Debug)]
+enum Backing {
+    Os(File),
+    Sim(sim::SimFile),
+}
+
+use super::sim;
+
 impl SegmentFile {
     pub fn open(path: &Path, mode: OpenMode) -> Result<SegmentFile> {
+        if let Some(disk) = sim::disk_for(path) {
+            let f = sim::SimFile::open(
+                disk,
+                path,
+                mode.create_new,
+                mode.direct,
+                mode.dsync || mode.sync,
+            )
+            .map_err(|e| FileError::new("open file", path, e))?;
+            return Ok(SegmentFile {
+                file: Backing::Sim(f),
+                path: path.to_owned(),
+                direct: mode.direct,
+            });
+        }
         let attempt = |direct: bool| {
             let mut flags = 0;
             if direct {
@@ -87,10 +111,16 @@ impl SegmentFile {
             Err(e) => return Err(FileError::new("open file", path, e)),
         };
         Ok(SegmentFile {
-            file,
+            file: Backing::Os(file),
             path: path.to_owned(),
             direct,
         })
+    }
+
+    /// True for a file on a simulated disk, which io_uring cannot reach:
+    /// callers use the synchronous methods instead of [`SegmentFile::raw_fd`].
+    pub fn is_simulated(&self) -> bool {
+        matches!(self.file, Backing::Sim(_))
     }
 
     pub fn path(&self) -> &Path {
@@ -102,8 +132,16 @@ impl SegmentFile {
         self.direct
     }
 
+    /// The descriptor, for io_uring. Panics on a simulated file (see
+    /// [`SegmentFile::is_simulated`]).
     pub fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        match &self.file {
+            Backing::Os(f) => f.as_raw_fd(),
+            Backing::Sim(_) => panic!(
+                "io_uring cannot reach the simulated file {}",
+                self.path.display()
+            ),
+        }
     }
 
     pub fn is_empty(&self) -> Result<bool> {
@@ -111,18 +149,27 @@ impl SegmentFile {
     }
 
     pub fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| FileError::new("stat file", &self.path, e))
+        match &self.file {
+            Backing::Os(f) => f.metadata().map(|m| m.len()),
+            Backing::Sim(f) => f.len(),
+        }
+        .map_err(|e| FileError::new("stat file", &self.path, e))
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
     /// With O_DIRECT, `buf`, its length and `offset` must be block aligned.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let file = match &self.file {
+            Backing::Os(f) => f,
+            Backing::Sim(f) => {
+                return f
+                    .read_at(buf, offset)
+                    .map_err(|e| FileError::new("read from file", &self.path, e))
+            }
+        };
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -134,46 +181,62 @@ impl SegmentFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| FileError::new("write to file", &self.path, e))
+        match &self.file {
+            Backing::Os(f) => f.write_all_at(buf, offset),
+            Backing::Sim(f) => f.write_all_at(buf, offset),
+        }
+        .map_err(|e| FileError::new("write to file", &self.path, e))
     }
 
     /// fdatasync(2). A failure is never retried: the caller must treat it as
     /// fatal (the kernel may have dropped the dirty data and cleared the error).
     pub fn datasync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| FileError::new("fdatasync file", &self.path, e))
+        match &self.file {
+            Backing::Os(f) => f.sync_data(),
+            Backing::Sim(f) => f.sync(),
+        }
+        .map_err(|e| FileError::new("fdatasync file", &self.path, e))
     }
 
     /// fsync(2), with the same rule as [`SegmentFile::datasync`].
     pub fn fsync(&self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| FileError::new("fsync file", &self.path, e))
+        match &self.file {
+            Backing::Os(f) => f.sync_all(),
+            Backing::Sim(f) => f.sync(),
+        }
+        .map_err(|e| FileError::new("fsync file", &self.path, e))
     }
 
     /// Asks the kernel to start reading the whole file into the page cache
     /// (POSIX_FADV_WILLNEED), without waiting: a sequential reader then
     /// finds it there. Only a hint; errors are ignored.
     pub fn will_need(&self) {
+        let Backing::Os(file) = &self.file else {
+            return;
+        };
         // SAFETY: posix_fadvise only reads its integer arguments; fd is open.
-        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
     }
 
     /// Reserves `len` bytes of disk space (blocks come back as zeros).
     pub fn allocate(&self, len: u64) -> Result<()> {
+        let file = match &self.file {
+            Backing::Os(f) => f,
+            Backing::Sim(f) => {
+                return f
+                    .allocate(len)
+                    .map_err(|e| FileError::new("allocate space in file", &self.path, e))
+            }
+        };
         // SAFETY: fallocate only reads its integer arguments; fd is open.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
         if rc == 0 {
             return Ok(());
         }
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // Filesystems without fallocate: extend the file instead.
-            return self
-                .file
+            return file
                 .set_len(len)
                 .map_err(|e| FileError::new("extend file", &self.path, e));
         }
@@ -184,6 +247,9 @@ impl SegmentFile {
 /// fsync of a directory, so that creations, renames and removals in it are
 /// durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    if let Some(d) = sim::disk_for(dir) {
+        return sim::sync_dir(&d, dir).map_err(|e| FileError::new("fsync directory", dir, e));
+    }
     // IMPORTANT: without this a crash can forget a rename or a new segment.
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -192,6 +258,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Names of the entries of `dir` (files only), unsorted.
 pub fn list_files(dir: &Path) -> Result<Vec<String>> {
+    if let Some(d) = sim::disk_for(dir) {
+        return sim::list_files(&d, dir).map_err(|e| FileError::new("open directory", dir, e));
+    }
     let mut out = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| FileError::new("open directory", dir, e))?;
     for entry in entries {
@@ -206,13 +275,62 @@ pub fn list_files(dir: &Path) -> Result<Vec<String>> {
 }
 
 pub fn create_dir_all(dir: &Path) -> Result<()> {
+    if let Some(d) = sim::disk_for(dir) {
+        return sim::create_dir_all(&d, dir)
+            .map_err(|e| FileError::new("create directory", dir, e));
+    }
     std::fs::create_dir_all(dir).map_err(|e| FileError::new("create directory", dir, e))
 }
 
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    if let Some(d) = sim::disk_for(from) {
+        return sim::rename(&d, from, to).map_err(|e| FileError::new("rename file", from, e));
+    }
     std::fs::rename(from, to).map_err(|e| FileError::new("rename file", from, e))
 }
 
 pub fn remove_file(path: &Path) -> Result<()> {
+    if let Some(d) = sim::disk_for(path) {
+        return sim::remove_file(&d, path).map_err(|e| FileError::new("remove file", path, e));
+    }
     std::fs::remove_file(path).map_err(|e| FileError::new("remove file", path, e))
+}
+
+/// Whether `path` exists (a file or a directory).
+pub fn exists(path: &Path) -> bool {
+    match sim::disk_for(path) {
+        Some(d) => sim::exists(&d, path),
+        None => path.exists(),
+    }
+}
+
+/// The whole contents of a small file (`NotFound` when it does not exist).
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    if sim::disk_for(path).is_none() {
+        return std::fs::read(path);
+    }
+    let f = SegmentFile::open(path, OpenMode::default()).map_err(|e| e.source)?;
+    let mut buf = vec![0; f.len().map_err(|e| e.source)? as usize];
+    let n = f.read_at(&mut buf, 0).map_err(|e| e.source)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Creates (or truncates) a small file with `bytes`; not synced.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if sim::disk_for(path).is_none() {
+        return std::fs::write(path, bytes).map_err(|e| FileError::new("write file", path, e));
+    }
+    if exists(path) {
+        remove_file(path)?;
+    }
+    let f = SegmentFile::open(
+        path,
+        OpenMode {
+            write: true,
+            create_new: true,
+            ..Default::default()
+        },
+    )?;
+    f.write_all_at(bytes, 0)
 }

@@ -1,8 +1,10 @@
 //! The bottom floor: every syscall, every io_uring operation and the aligned
 //! memory they use. Nothing above this module calls libc.
 //!
-//! The engine reaches the disk through three small surfaces, so that a
-//! simulated, fault-injecting disk can later slide underneath them:
+//! The engine reaches the disk through these small surfaces, so that the
+//! simulated, fault-injecting disk of [`sim`] slides underneath them in tests
+//! (on a simulated disk the two io_uring queues are not used: the engine
+//! takes its synchronous paths):
 //! - [`file::SegmentFile`]: positional reads and writes, data sync, preallocation;
 //! - [`file`]'s directory helpers: list, create, rename, remove, fsync the directory;
 //! - [`uring::WalQueue`]: the flusher's asynchronous writes and syncs;
@@ -15,6 +17,7 @@ pub mod file;
 pub mod net;
 pub mod page_queue;
 pub mod probe;
+pub mod sim;
 pub mod uring;
 
 /// The unit of page-store I/O: one 8 KiB page (two blocks), as PostgreSQL's BLCKSZ.

@@ -383,9 +383,36 @@ impl BufferPool {
     /// shared latch, clears its dirty bit and seals the copy (header and
     /// checksum). The frame stays `io_busy` until [`BufferPool::finish_write`].
     pub fn start_write(&self, idx: usize, filter: WriteFilter, dest: &mut [u8]) -> WriteStart {
+        self.start_write_inner(idx, filter, dest, true)
+            .expect("waited for the I/O")
+    }
+
+    /// [`BufferPool::start_write`], but `None` instead of waiting when an
+    /// I/O is in progress on the frame. A writer holding frames of its own
+    /// in an unwritten batch must not wait (two such writers would wait for
+    /// each other forever): it writes its batch first.
+    pub fn try_start_write(
+        &self,
+        idx: usize,
+        filter: WriteFilter,
+        dest: &mut [u8],
+    ) -> Option<WriteStart> {
+        self.start_write_inner(idx, filter, dest, false)
+    }
+
+    fn start_write_inner(
+        &self,
+        idx: usize,
+        filter: WriteFilter,
+        dest: &mut [u8],
+        wait: bool,
+    ) -> Option<WriteStart> {
         let f = &self.frames[idx];
         let mut m = f.meta.lock().unwrap();
         while m.io_busy {
+            if !wait {
+                return None;
+            }
             m = f.io_done.wait(m).unwrap();
         }
         let reusable = m.pins == 0 && m.usage == 0;
@@ -395,9 +422,9 @@ impl BufferPool {
             WriteFilter::Any => true,
         };
         if !wanted || !m.valid || !m.dirty || m.tag.is_none() {
-            return WriteStart::Skipped {
+            return Some(WriteStart::Skipped {
                 reusable: reusable && (!m.dirty || !m.valid),
-            };
+            });
         }
         let tag = m.tag.unwrap();
         m.io_busy = true;
@@ -412,7 +439,7 @@ impl BufferPool {
         drop(g);
         let lsn = page::lsn(dest);
         page::seal(dest, tag, self.checksums);
-        WriteStart::Started { tag, lsn }
+        Some(WriteStart::Started { tag, lsn })
     }
 
     /// Ends a write-out: the frame may be written again; if the write
@@ -476,11 +503,18 @@ impl BufferPool {
 
     /// Marks every dirty frame as needing this checkpoint's write and lists
     /// them, sorted by page (so the writes go out in file order).
+    ///
+    /// IMPORTANT: a frame whose write-out is in progress counts as dirty (as
+    /// PostgreSQL keeps BM_DIRTY until the write completes): its dirty bit is
+    /// already clear, but the write may end after this checkpoint took the
+    /// list of files to sync. The checkpoint's own attempt waits for that
+    /// write, which notes its file first. Found by the simulated-disk
+    /// torture test.
     pub fn mark_for_checkpoint(&self) -> Vec<(PageTag, usize)> {
         let mut out = Vec::new();
         for (idx, f) in self.frames.iter().enumerate() {
             let mut m = f.meta.lock().unwrap();
-            if m.valid && m.dirty {
+            if m.valid && (m.dirty || m.io_busy) {
                 if let Some(tag) = m.tag {
                     m.checkpoint_needed = true;
                     out.push((tag, idx));
@@ -520,8 +554,8 @@ impl Pinned<'_> {
         self.pool.frames[self.idx].page.read().unwrap()
     }
 
-    /// The exclusive content latch. Call [`Pinned::mark_dirty`] before
-    /// releasing it after a change.
+    /// The exclusive content latch. Call [`Pinned::mark_dirty`] while
+    /// holding it, before the change is logged.
     pub fn write(&self) -> RwLockWriteGuard<'_, Slot> {
         self.pool.frames[self.idx].page.write().unwrap()
     }

@@ -205,7 +205,7 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// Reads `data_dir/walden.control`; `None` if there is none.
 pub fn read(data_dir: &Path) -> Result<Option<ControlFile>, ControlError> {
     let p = path(data_dir);
-    let bytes = match std::fs::read(&p) {
+    let bytes = match file::read_file(&p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(FileError::new("read file", &p, e).into()),

@@ -273,6 +273,13 @@ impl StoreShared {
         let mut g = p.write();
         let saved: Vec<u8> = page::data(&g)[offset..offset + bytes.len()].to_vec();
         page::data_mut(&mut g)[offset..offset + bytes.len()].copy_from_slice(bytes);
+        // IMPORTANT: dirty before the record is logged, as PostgreSQL's
+        // MarkBufferDirty precedes XLogInsert. A checkpoint whose redo point
+        // lands after our record must find the page dirty when it marks the
+        // pages it writes; marked after logging, the page could be skipped
+        // and the change lost by a crash (recovery starts at that redo
+        // point). Found by the simulated-disk torture test.
+        p.mark_dirty();
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             loop {
@@ -293,7 +300,6 @@ impl StoreShared {
                 match ins.append_checked(kind, &scratch, |_| self.redo_seq.load(SeqCst) == seq) {
                     Ok(Some(a)) => {
                         page::set_lsn(&mut g, a.end);
-                        p.mark_dirty();
                         self.stats.page_writes.fetch_add(1, Relaxed);
                         if image {
                             self.stats.page_images.fetch_add(1, Relaxed);

@@ -178,6 +178,8 @@ fn plan(
 
 /// Logs and aborts: the PANIC of PostgreSQL. A restart recovers from the WAL.
 pub(crate) fn fatal(msg: std::fmt::Arguments<'_>) -> ! {
+    // Tests on a simulated disk: the disk dies and this thread unwinds.
+    crate::io::sim::on_fatal(&msg.to_string());
     tracing::error!("PANIC: {msg}");
     eprintln!("walden: PANIC: {msg}");
     std::process::abort()

@@ -140,9 +140,10 @@ impl Wal {
         };
         let present = segments::list_segments(&dir, TIMELINE, seg_size)?;
         if let Some(&first) = present.first() {
-            let len = std::fs::metadata(segments_path(&dir, first, seg_size))
-                .map(|m| m.len())
-                .unwrap_or(0);
+            let len =
+                file::SegmentFile::open(&segments_path(&dir, first, seg_size), Default::default())
+                    .and_then(|f| f.len())
+                    .unwrap_or(0);
             if len != seg_size {
                 return Err(bad(format!(
                     "segment files are {len} bytes but wal_segment_size is {seg_size}: \
@@ -256,7 +257,12 @@ impl Wal {
         let settings = flusher::FlushSettings::from_config(&shared.cfg);
         *shared.tuning.lock().unwrap() = Some(Arc::clone(&settings.tuning));
         let pin = shared.cfg.cpu_affinity.last().copied();
-        let kind = shared.cfg.wal_flusher;
+        // io_uring cannot reach a simulated disk (tests): write synchronously.
+        let kind = if crate::io::sim::is_simulated(&shared.cfg.wal_dir) {
+            FlusherKind::Pwrite
+        } else {
+            shared.cfg.wal_flusher
+        };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(
             std::thread::Builder::new()
@@ -265,6 +271,9 @@ impl Wal {
                     if let Some(core) = pin {
                         crate::topology::pin_current_thread(core);
                     }
+                    // If the flusher unwinds (a fatal error on a simulated
+                    // disk in tests), waiters must not wait for it forever.
+                    let _release = ReleaseWaitersOnUnwind(Arc::clone(&fl));
                     match kind {
                         FlusherKind::Uring => flusher::run_uring(fl, settings, ready_tx),
                         FlusherKind::Pwrite => {
@@ -523,6 +532,17 @@ impl Wal {
 impl Drop for Wal {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+struct ReleaseWaitersOnUnwind(Arc<WalShared>);
+
+impl Drop for ReleaseWaitersOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.closed.store(true, SeqCst);
+            self.0.commit.shut_down();
+        }
     }
 }
 

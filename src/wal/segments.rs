@@ -115,7 +115,7 @@ impl Segments {
         let path = self.path(segno);
         // Without the lock: a name that exists is never replaced (every
         // rename below checks under the lock that its target is free).
-        if path.exists() {
+        if file::exists(&path) {
             return Ok(false);
         }
         let tmp = self.dir.join(format!(
@@ -125,7 +125,7 @@ impl Segments {
         ));
         self.fill_new(&tmp)?;
         let _g = self.files.lock().unwrap();
-        if path.exists() {
+        if file::exists(&path) {
             drop(_g);
             let _ = file::remove_file(&tmp);
             return Ok(false);
@@ -281,7 +281,7 @@ impl Segments {
                     next_future += 1;
                 }
                 let target = self.path(next_future);
-                if next_future <= future_limit && !target.exists() {
+                if next_future <= future_limit && !file::exists(&target) {
                     file::rename(&old, &target)?;
                     next_future += 1;
                     recycled += 1;
@@ -352,8 +352,8 @@ pub fn newest_segment(dir: &Path, timeline: u32, segment_size: u64) -> Option<u6
 /// Reads the retained WAL's first record LSN from `dir/wal_start`.
 pub fn read_wal_start(dir: &Path) -> Result<Option<Lsn>, FileError> {
     let path = dir.join(WAL_START_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let text = match file::read_file(&path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(FileError::new("read file", &path, e)),
     };
@@ -385,7 +385,7 @@ pub fn write_wal_start(dir: &Path, start: Lsn) -> Result<(), FileError> {
     let tmp = dir.join(format!("{WAL_START_FILE}.tmp"));
     let text = start.to_string();
     let body = format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()));
-    std::fs::write(&tmp, body).map_err(|e| FileError::new("write file", &tmp, e))?;
+    file::write_file(&tmp, body.as_bytes())?;
     SegmentFile::open(
         &tmp,
         OpenMode {

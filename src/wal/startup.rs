@@ -85,7 +85,7 @@ pub fn clear_after(segments: &Segments, end: Lsn) -> Result<(u64, u64), FileErro
     let segno = end.segno(seg_size);
     let path = segments.path(segno);
     let mut zeroed = 0u64;
-    if path.exists() {
+    if crate::io::file::exists(&path) {
         let f = SegmentFile::open(
             &path,
             OpenMode {
@@ -146,7 +146,7 @@ pub fn read_tail(segments: &Segments, end: Lsn) -> Result<Vec<u8>, FileError> {
 pub fn sync_segments(segments: &Segments, first: u64, last: u64) -> Result<(), FileError> {
     for segno in first..=last {
         let path = segments.path(segno);
-        if path.exists() {
+        if crate::io::file::exists(&path) {
             SegmentFile::open(&path, OpenMode::default())?.datasync()?;
         }
     }
