@@ -73,6 +73,16 @@ impl WalCompression {
     }
 }
 
+/// What an append does when the WAL device is full (`wal_full_policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalFullPolicy {
+    /// Refuse it with a "WAL device full" error (the client retries later).
+    Error,
+    /// Wait until space returns.
+    Wait,
+}
+
 /// A size in bytes, written as a number or with PostgreSQL's units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Size(pub u64);
@@ -207,6 +217,9 @@ pub struct Config {
     pub wal_init_zero: bool,
     /// Reuse released segments by renaming them rather than deleting them.
     pub wal_recycle: bool,
+    /// When no new segment can be created (the WAL device is full): `error`
+    /// refuses appends that would need it, `wait` makes them wait for space.
+    pub wal_full_policy: WalFullPolicy,
     /// Which flusher to run (`uring`, or `pwrite` for comparisons).
     pub wal_flusher: FlusherKind,
     /// Most write batches the io_uring flusher keeps in flight at once.
@@ -286,6 +299,7 @@ impl Default for Config {
             max_wal_size: Size(1 << 30),
             wal_init_zero: true,
             wal_recycle: true,
+            wal_full_policy: WalFullPolicy::Error,
             wal_flusher: FlusherKind::Uring,
             wal_max_inflight: 4,
             wal_max_write: Size(1 << 20),

@@ -1,7 +1,10 @@
 //! A child process for crash tests: appends records from several threads at a
 //! durability level and prints one line per acknowledged record,
-//! `ack <lsn> <len> <seed>`, flushed before the next append, until killed.
+//! `ack <lsn> <len> <seed> <end>`, flushed before the next append, until killed.
 //! The payload is `walden::testkit::payload(seed, len)`, so a test can rebuild it byte for byte.
+//!
+//! `--inject-sync-eio-at N` (hidden) makes the N-th sync of a WAL file fail
+//! with EIO (`walden::io::file::inject_sync_eio_at`), for tests/fsync_eio.rs.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,10 +30,33 @@ pub struct WalChildArgs {
     count: u64,
     #[arg(short = 'c', long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
+    /// (testing) The N-th sync of a file in this process (counting from before
+    /// the WAL is opened: on a new WAL, the first two are startup's) fails
+    /// with EIO. Forces wal_flusher=pwrite and wal_sync_method=fdatasync (the
+    /// io_uring flusher does not sync through the hooked call) and
+    /// wal_prealloc=0 (no segment preparer, whose syncs would race the
+    /// flusher's for the N-th).
+    #[arg(long, value_name = "N", hide = true)]
+    inject_sync_eio_at: Option<u64>,
 }
 
 pub fn run(args: WalChildArgs) -> anyhow::Result<()> {
-    let cfg = super::common::load_config(None, Some(&args.data_dir), &args.set)?;
+    let mut set = args.set.clone();
+    if args.inject_sync_eio_at.is_some() {
+        // After the -c settings, so that these win.
+        set.extend(
+            [
+                "wal_flusher=pwrite",
+                "wal_sync_method=fdatasync",
+                "wal_prealloc=0",
+            ]
+            .map(String::from),
+        );
+    }
+    let cfg = super::common::load_config(None, Some(&args.data_dir), &set)?;
+    if let Some(n) = args.inject_sync_eio_at {
+        walden::io::file::inject_sync_eio_at(n);
+    }
     let wal = Wal::open(cfg)?;
     let out = Mutex::new(std::io::stdout());
     writeln!(out.lock().unwrap(), "start {}", wal.opened_at())?;
@@ -50,7 +76,7 @@ pub fn run(args: WalChildArgs) -> anyhow::Result<()> {
                     let a = wal.append(Kind::DATA, &p).expect("append");
                     wal.wait(a.end, args.level).expect("wait");
                     let mut o = out.lock().unwrap();
-                    writeln!(o, "ack {} {} {}", a.lsn, len, seed).unwrap();
+                    writeln!(o, "ack {} {} {} {}", a.lsn, len, seed, a.end).unwrap();
                     o.flush().unwrap();
                 }
             });

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An I/O failure, naming the operation and the file as PostgreSQL's
 /// messages do (`could not write to file "...": No space left on device`).
@@ -33,6 +34,41 @@ impl FileError {
 }
 
 pub type Result<T> = std::result::Result<T, FileError>;
+
+/// Test-only fault injection: the number of the sync that fails with EIO
+/// (0: off, always, except in `walden wal-child --inject-sync-eio-at N`;
+/// the server never sets it).
+static SYNC_EIO_AT: AtomicU64 = AtomicU64::new(0);
+/// Syncs of real files counted since [`inject_sync_eio_at`] armed the hook.
+static SYNCS: AtomicU64 = AtomicU64::new(0);
+
+/// Test-only hook, used by `walden wal-child --inject-sync-eio-at N` (never by
+/// the server): the `n`-th [`SegmentFile::datasync`] or [`SegmentFile::fsync`]
+/// of a real file (not a simulated one) from now on, counted process-wide,
+/// fails with EIO without calling the real sync, as a device that failed the
+/// writeback would; the syncs before and after it are real. `0` turns it off.
+pub fn inject_sync_eio_at(n: u64) {
+    SYNC_EIO_AT.store(0, Ordering::SeqCst);
+    SYNCS.store(0, Ordering::SeqCst);
+    SYNC_EIO_AT.store(n, Ordering::SeqCst);
+}
+
+/// The injected failure, if this sync is the one [`inject_sync_eio_at`] chose.
+/// Off (always outside tests), one relaxed load.
+#[inline]
+fn injected_sync_error() -> Option<std::io::Error> {
+    let at = SYNC_EIO_AT.load(Ordering::Relaxed);
+    if at == 0 {
+        return None;
+    }
+    count_injected_sync(at)
+}
+
+#[cold]
+fn count_injected_sync(at: u64) -> Option<std::io::Error> {
+    (SYNCS.fetch_add(1, Ordering::Relaxed) + 1 == at)
+        .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+}
 
 /// How a segment file is opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,7 +187,7 @@ impl SegmentFile {
     pub fn len(&self) -> Result<u64> {
         match &self.file {
             Backing::Os(f) => f.metadata().map(|m| m.len()),
-            Backing::Sim(f) => f.len(),
+            Backing::Sim(f) => f.size(),
         }
         .map_err(|e| FileError::new("stat file", &self.path, e))
     }
@@ -192,7 +228,10 @@ impl SegmentFile {
     /// fatal (the kernel may have dropped the dirty data and cleared the error).
     pub fn datasync(&self) -> Result<()> {
         match &self.file {
-            Backing::Os(f) => f.sync_data(),
+            Backing::Os(f) => match injected_sync_error() {
+                Some(e) => Err(e),
+                None => f.sync_data(),
+            },
             Backing::Sim(f) => f.sync(),
         }
         .map_err(|e| FileError::new("fdatasync file", &self.path, e))
@@ -201,7 +240,10 @@ impl SegmentFile {
     /// fsync(2), with the same rule as [`SegmentFile::datasync`].
     pub fn fsync(&self) -> Result<()> {
         match &self.file {
-            Backing::Os(f) => f.sync_all(),
+            Backing::Os(f) => match injected_sync_error() {
+                Some(e) => Err(e),
+                None => f.sync_all(),
+            },
             Backing::Sim(f) => f.sync(),
         }
         .map_err(|e| FileError::new("fsync file", &self.path, e))

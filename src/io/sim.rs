@@ -306,7 +306,7 @@ impl SimDisk {
 }
 
 fn image(st: &State, root: &Path, seed: u64) -> (SimDisk, CutReport) {
-    let mut rng = Rng(seed ^ 0x5eed_0f_c0ff_ee);
+    let mut rng = Rng(seed ^ 0x5eed_0fc0_ffee);
     let mut rep = CutReport::default();
     let mut inodes = Vec::with_capacity(st.inodes.len());
     for ino in &st.inodes {
@@ -524,7 +524,7 @@ impl SimFile {
         })
     }
 
-    pub fn len(&self) -> Result<u64, Error> {
+    pub fn size(&self) -> Result<u64, Error> {
         let st = self.disk.lock();
         check_live(&st)?;
         Ok(st.inodes[self.ino].data.len() as u64)

@@ -434,6 +434,7 @@ impl Shard<'_> {
                             WalError::RecordTooLarge { .. } => ErrorCode::RECORD_TOO_LARGE,
                             WalError::InvalidKind => ErrorCode::BAD_FRAME,
                             WalError::Closed => ErrorCode::SHUTTING_DOWN,
+                            WalError::WalFull { .. } => ErrorCode::WAL_FULL,
                             _ => ErrorCode::INTERNAL,
                         };
                         self.send_error(id, st, request_id, code, e.to_string());
@@ -802,6 +803,7 @@ fn store_error_code(e: &StoreError) -> ErrorCode {
         StoreError::File(_) | StoreError::NoFreeBuffers(_) => ErrorCode::IO_ERROR,
         StoreError::Wal(WalError::Closed) => ErrorCode::SHUTTING_DOWN,
         StoreError::Wal(WalError::RecordTooLarge { .. }) => ErrorCode::RECORD_TOO_LARGE,
+        StoreError::Wal(WalError::WalFull { .. }) => ErrorCode::WAL_FULL,
         _ => ErrorCode::INTERNAL,
     }
 }

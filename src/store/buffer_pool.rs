@@ -7,6 +7,7 @@
 //! 2. a frame's content latch (`page`, a RwLock), held shared to read or to
 //!    copy the page for a write-out, exclusive to change it;
 //! 3. a frame's header (`meta`), briefly, for pins, usage, flags.
+//!
 //! A thread never waits for a latch while holding a header, and never takes
 //! a partition while holding a latch.
 //!

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, SyncMethod};
 use crate::io::aligned::AlignedBuf;
-use crate::io::file::{OpenMode, SegmentFile};
+use crate::io::file::{FileError, OpenMode, SegmentFile};
 use crate::io::uring::{Completion, WalQueue};
 use crate::io::BLOCK;
 use crate::lsn::Lsn;
@@ -176,6 +176,31 @@ fn plan(
     to
 }
 
+/// The WAL device is full and the next segment cannot be created: nothing
+/// is lost (the records wait in the ring, unacknowledged) and appends past
+/// the limit are refused meanwhile, so wait and retry until space returns.
+/// At shutdown there is no one left to wait for: PANIC (a restart recovers
+/// whatever was made durable; nothing after it was acknowledged).
+fn wait_for_room(shared: &WalShared, segno: u64, mode: OpenMode, first: FileError) -> SegmentFile {
+    tracing::warn!("the flusher waits for room on the WAL device: {first}");
+    loop {
+        if shared.commit.is_shut_down() {
+            fatal(format_args!(
+                "shutting down while the WAL device is full: {first}; the records not yet written are lost (none was acknowledged)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        match shared.segments.open_for_write(segno, mode) {
+            Ok(f) => {
+                tracing::info!("the WAL device has room again: the flusher goes on");
+                return f;
+            }
+            Err(e) if e.is_no_space() => {}
+            Err(e) => fatal(format_args!("could not open WAL segment for writing: {e}")),
+        }
+    }
+}
+
 /// Logs and aborts: the PANIC of PostgreSQL. A restart recovers from the WAL.
 pub(crate) fn fatal(msg: std::fmt::Arguments<'_>) -> ! {
     // Tests on a simulated disk: the disk dies and this thread unwinds.
@@ -230,6 +255,7 @@ impl Files {
                 }
                 f
             }
+            Err(e) if e.is_no_space() => wait_for_room(shared, segno, mode, e),
             Err(e) => fatal(format_args!("could not open WAL segment for writing: {e}")),
         })
     }
@@ -728,7 +754,10 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
                 file.write_all_at(data, p.file_offset)
             };
             if let Err(e) = res {
-                fatal(format_args!("{e} (WAL {})", p.lsn));
+                fatal(format_args!(
+                    "{e} (WAL {flushed}..{safe} is not acknowledged; the write was at {})",
+                    p.lsn
+                ));
             }
             if segnos.last() != Some(&p.segno) {
                 segnos.push(p.segno);
@@ -743,7 +772,9 @@ pub(crate) fn run_pwrite(shared: Arc<WalShared>, s: FlushSettings) {
                     f.datasync()
                 };
                 if let Err(e) = res {
-                    fatal(format_args!("{e} (WAL up to {safe})"));
+                    fatal(format_args!(
+                        "{e} (WAL {flushed}..{safe} is not acknowledged)"
+                    ));
                 }
                 shared.stats.syncs.fetch_add(1, Relaxed);
             }

@@ -72,6 +72,8 @@ pub enum WalError {
     Uring(std::io::Error),
     #[error("could not start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
+    #[error("WAL device full: no room for a new WAL segment, so appends past {limit} are refused until space is freed on the WAL device")]
+    WalFull { limit: Lsn },
     /// The startup scan's observer (the page store's redo) failed.
     #[error("{0}")]
     Replay(String),
@@ -573,6 +575,31 @@ impl WalShared {
         Ok(())
     }
 
+    /// Refuses (or, with `wal_full_policy = wait`, holds) an append of
+    /// `len` payload bytes while the WAL device is full and the append
+    /// would need a segment that could not be created. A margin stays free
+    /// below the limit for the checkpoint's own records, whose checkpoint
+    /// is what frees WAL.
+    fn check_room(&self, len: usize) -> Result<()> {
+        const MARGIN: u64 = 64 << 10;
+        loop {
+            let Some(limit) = self.segments.full_limit() else {
+                return Ok(());
+            };
+            let end = self.insert.insert_lsn().0 + record::stream_len(len) + MARGIN;
+            if end <= limit.0 {
+                return Ok(());
+            }
+            if self.cfg.wal_full_policy == crate::config::WalFullPolicy::Error {
+                return Err(WalError::WalFull { limit });
+            }
+            if self.closed.load(Relaxed) {
+                return Err(WalError::Closed);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn wait_for_space(&self, start: Lsn, needed: Lsn) {
         self.commit.request(start);
         self.commit.wait_until(
@@ -596,6 +623,7 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
+        w.check_room(payload.len())?;
         self.scratch.clear();
         let (start, end) =
             w.insert
@@ -614,6 +642,12 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
+        w.check_room(
+            records
+                .iter()
+                .map(|(_, p)| p.len() + record::HEADER_LEN)
+                .sum(),
+        )?;
         let max = w.insert.max_reservation();
         let mut end = w.insert.insert_lsn();
         let mut i = 0;
@@ -664,6 +698,11 @@ impl Inserter<'_> {
         }
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
+        }
+        // Page records are refused like client records; checkpoint records
+        // use the margin kept for them.
+        if kind == Kind::PAGE_WRITE || kind == Kind::PAGE_IMAGE {
+            w.check_room(payload.len())?;
         }
         self.scratch.clear();
         let (start, end, kept) = w.insert.insert_checked(

@@ -8,7 +8,7 @@
 //! never replaced under it.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub struct Segments {
     /// Told the new segment number whenever the flusher moves to a new
     /// segment (the checkpointer: WAL volume may call for a checkpoint).
     switch_listeners: std::sync::RwLock<Vec<SegmentListener>>,
+    /// While the WAL device is full: the start of the first segment that
+    /// could not be created (appends must end before it); else `u64::MAX`.
+    full_limit: AtomicU64,
 }
 
 /// Called with the number of the segment the flusher moved to.
@@ -79,6 +82,37 @@ impl Segments {
             preparer_cond: Condvar::new(),
             stats,
             switch_listeners: std::sync::RwLock::new(Vec::new()),
+            full_limit: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// While the WAL device is full, the LSN appends must end before (the
+    /// end of the last segment that exists); `None` when there is room.
+    pub fn full_limit(&self) -> Option<Lsn> {
+        match self.full_limit.load(SeqCst) {
+            u64::MAX => None,
+            l => Some(Lsn(l)),
+        }
+    }
+
+    fn note_full(&self, segno: u64, e: &FileError) {
+        let limit = segno * self.segment_size;
+        let before = self.full_limit.fetch_min(limit, SeqCst);
+        if before == u64::MAX {
+            tracing::error!(
+                "WAL device full: could not create WAL segment {}: {e}; \
+                 appends past {} are refused (wal_full_policy) until space is freed",
+                self.path(segno).display(),
+                Lsn(limit)
+            );
+        }
+    }
+
+    fn note_created(&self, segno: u64) {
+        let limit = self.full_limit.load(SeqCst);
+        if limit != u64::MAX && segno * self.segment_size >= limit {
+            self.full_limit.store(u64::MAX, SeqCst);
+            tracing::info!("the WAL device has room again: appends resume");
         }
     }
 
@@ -116,6 +150,7 @@ impl Segments {
         // Without the lock: a name that exists is never replaced (every
         // rename below checks under the lock that its target is free).
         if file::exists(&path) {
+            self.note_created(segno);
             return Ok(false);
         }
         let tmp = self.dir.join(format!(
@@ -123,7 +158,12 @@ impl Segments {
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Relaxed)
         ));
-        self.fill_new(&tmp)?;
+        if let Err(e) = self.fill_new(&tmp) {
+            if e.is_no_space() {
+                self.note_full(segno, &e);
+            }
+            return Err(e);
+        }
         let _g = self.files.lock().unwrap();
         if file::exists(&path) {
             drop(_g);
@@ -137,6 +177,8 @@ impl Segments {
             super::flusher::fatal(format_args!("{e}"));
         }
         self.stats.segments_created.fetch_add(1, Relaxed);
+        drop(_g);
+        self.note_created(segno);
         Ok(true)
     }
 
