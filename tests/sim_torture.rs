@@ -391,7 +391,13 @@ fn run_seed(seed: u64) -> Result<String, String> {
                 }
             };
             stop.store(true, SeqCst);
-            summary.push_str(&format!("g{generation}: {how}; "));
+            let fired = disk.fired();
+            let eio = if fired > 0 {
+                format!(" ({fired} injected EIO)")
+            } else {
+                String::new()
+            };
+            summary.push_str(&format!("g{generation}: {how}{eio}; "));
             // Old engine down (on the old disk), then the image takes its place.
             shut_down(Arc::clone(&store));
             drop(store);

@@ -105,6 +105,8 @@ struct State {
     writes: u64,
     syncs: u64,
     ops: u64,
+    /// Injected EIOs that fired.
+    fired: u64,
     dead: Option<String>,
     cut: Option<Box<Cut>>,
 }
@@ -278,6 +280,11 @@ impl SimDisk {
         self.lock().faults
     }
 
+    /// Injected EIOs that fired so far.
+    pub fn fired(&self) -> u64 {
+        self.lock().fired
+    }
+
     /// Writes and syncs seen so far.
     pub fn counts(&self) -> (u64, u64) {
         let st = self.lock();
@@ -356,6 +363,7 @@ fn image(st: &State, root: &Path, seed: u64) -> (SimDisk, CutReport) {
         writes: 0,
         syncs: 0,
         ops: 0,
+        fired: 0,
         dead: None,
         cut: None,
     };
@@ -576,6 +584,7 @@ impl SimFile {
         self.disk.op(&mut st);
         st.writes += 1;
         if st.faults.fail_write_at == Some(st.writes) {
+            st.fired += 1;
             return Err(eio());
         }
         self.change(
@@ -602,6 +611,7 @@ impl SimFile {
         self.disk.op(&mut st);
         st.syncs += 1;
         let fail = st.faults.fail_sync_at == Some(st.syncs);
+        st.fired += fail as u64;
         let ino = &mut st.inodes[self.ino];
         let pending = std::mem::take(&mut ino.pending);
         if fail {
@@ -643,6 +653,7 @@ pub fn sync_dir(disk: &Arc<SimDisk>, dir: &Path) -> Result<(), Error> {
     disk.op(&mut st);
     st.syncs += 1;
     if st.faults.fail_sync_at == Some(st.syncs) {
+        st.fired += 1;
         return Err(eio());
     }
     let log = std::mem::take(&mut st.name_log);

@@ -444,13 +444,18 @@ impl BufferPool {
     }
 
     /// Ends a write-out: the frame may be written again; if the write
-    /// failed, it is dirty again.
+    /// failed, it is dirty again, and still needed by a checkpoint.
     pub fn finish_write(&self, idx: usize, ok: bool) {
         let f = &self.frames[idx];
         let mut m = f.meta.lock().unwrap();
         m.io_busy = false;
         if !ok {
             m.dirty = true;
+            // IMPORTANT: the write that cleared the checkpoint's mark did
+            // not happen; a checkpoint that listed the page must still write
+            // it (waiting for this write-out, it then finds the mark). Found
+            // by the simulated-disk torture test (EIO on a bgwriter write).
+            m.checkpoint_needed = true;
         }
         drop(m);
         f.io_done.notify_all();
