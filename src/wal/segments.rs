@@ -166,7 +166,10 @@ impl Segments {
             }
             return Err(e);
         }
-        let _g = self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if file::exists(&path) {
             drop(_g);
             let _ = file::remove_file(&tmp);
@@ -306,7 +309,10 @@ impl Segments {
         current: u64,
         recycle_upto: Option<u64>,
     ) -> Result<(u64, u64), FileError> {
-        let _g = self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let last_release = lsn.segno(self.segment_size); // exclusive
         let present = self.list()?;
         let mut next_future = current + 1;
@@ -349,7 +355,10 @@ impl Segments {
     /// startup after the end of WAL was found: those files can hold records
     /// with valid LSNs that were never acknowledged.
     pub fn remove_after(&self, segno: u64) -> Result<u64, FileError> {
-        let _g = self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut removed = 0;
         for s in self.list()?.into_iter().filter(|&s| s > segno) {
             file::remove_file(&self.path(s))?;
