@@ -27,6 +27,24 @@ fn config(disk: &SimDisk, policy: &str) -> Config {
     cfg
 }
 
+/// Waits until the preparer made segment 2 (segment 1 exists from the open).
+fn wait_for_second_segment(cfg: &Config) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while walden::io::file::list_files(&cfg.wal_dir)
+        .unwrap()
+        .iter()
+        .filter(|f| f.starts_with("0000"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the preparer made no second segment"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Every (LSN, payload) is in the WAL of `cfg`, byte for byte.
 fn assert_present(cfg: &Config, acked: &[(Lsn, Vec<u8>)]) {
     let wal = Wal::open(cfg.clone()).unwrap();
@@ -55,20 +73,7 @@ fn a_full_wal_device_refuses_appends_harms_nothing_and_resumes() {
     let wal = Wal::open(cfg.clone()).unwrap();
     // Segments 1 and 2 exist; room for half a segment more: segment 3
     // cannot be created.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while walden::io::file::list_files(&cfg.wal_dir)
-        .unwrap()
-        .iter()
-        .filter(|f| f.starts_with("0000"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the preparer made no second segment"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_second_segment(&cfg);
     disk.set_faults(Faults {
         capacity: Some(disk.used() + (512 << 10)),
         ..Faults::default()
@@ -159,17 +164,7 @@ fn with_wal_full_policy_wait_an_append_waits_for_space() {
     sim::install(Arc::clone(&disk));
     let cfg = config(&disk, "wait");
     let wal = Arc::new(Wal::open(cfg.clone()).unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while walden::io::file::list_files(&cfg.wal_dir)
-        .unwrap()
-        .iter()
-        .filter(|f| f.starts_with("0000"))
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_second_segment(&cfg);
     disk.set_faults(Faults {
         capacity: Some(disk.used()),
         ..Faults::default()

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use walden::io::sim::{self, Faults, SimDisk};
 use walden::store::control::{self, ControlFile};
 use walden::store::page::PAGE_DATA;
-use walden::testkit::payload;
+use walden::testkit::{payload, Rng};
 use walden::wal::reader::WalReader;
 use walden::wal::TIMELINE;
 use walden::{Config, Durability, Kind, Lsn, Store};
@@ -32,24 +32,6 @@ use walden::{Config, Durability, Kind, Lsn, Store};
 const GENERATIONS: usize = 3;
 const RELS: u64 = 2;
 const BLOCKS: u64 = 12;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
 
 #[derive(Clone, Debug)]
 struct PageWrite {
@@ -134,14 +116,14 @@ fn config(disk: &SimDisk, rng: &mut Rng) -> Config {
     cfg
 }
 
-/// Checks the recovered store against the model; returns the end of WAL.
+/// Checks the recovered store against the model. `control` is the control
+/// file recovery started from (for messages).
 fn check(
     store: &Store,
     model: &mut Model,
     flushed_at_cut: Lsn,
-    control_found: Option<ControlFile>,
+    control: Option<ControlFile>,
 ) -> Result<(), String> {
-    let found_ctl = control_found;
     let wal = store.wal();
     let end = wal.opened_at();
     if end < flushed_at_cut {
@@ -159,22 +141,27 @@ fn check(
         start,
         Some(end),
     );
-    let mut files = walden::io::file::list_files(&cfg.wal_dir).unwrap_or_default();
-    files.sort();
-    let mut r2 = WalReader::new(&cfg.wal_dir, cfg.wal_segment_size.0, TIMELINE, start, None);
-    while let Ok(Some(_)) = r2.next_record() {}
-    let wal_info = format!(
-        "WAL files {files:?}; a scan from {start} ends: {:?}",
-        r2.end()
-    );
-    let mut found = 0usize;
+    // For a failure's message only: the WAL files and why a scan stops.
+    let wal_info = || {
+        let mut files = walden::io::file::list_files(&cfg.wal_dir).unwrap_or_default();
+        files.sort();
+        let mut r = WalReader::new(&cfg.wal_dir, cfg.wal_segment_size.0, TIMELINE, start, None);
+        while let Ok(Some(_)) = r.next_record() {}
+        format!(
+            "WAL files {files:?}; a scan from {start} ends: {:?}",
+            r.end()
+        )
+    };
+    let mut found = std::collections::HashSet::new();
     while let Some(rec) = r
         .next_record()
         .map_err(|e| format!("reading the WAL: {e}"))?
     {
         if rec.kind == Kind::DATA {
             match model.records.get(&rec.lsn) {
-                Some((_, p)) if p[..] == rec.payload[..] => found += 1,
+                Some((_, p)) if p[..] == rec.payload[..] => {
+                    found.insert(rec.lsn);
+                }
                 Some(_) => {
                     return Err(format!(
                         "record at {} has other bytes than appended",
@@ -186,15 +173,17 @@ fn check(
         }
     }
     let expected = model.records.range(start..).count();
-    if found != expected {
+    if found.len() != expected {
         let missing = model
             .records
             .range(start..)
             .map(|(l, _)| *l)
-            .find(|_| true)
+            .find(|l| !found.contains(l))
             .unwrap();
         return Err(format!(
-            "{found} of the {expected} records below the end of WAL {end} were found (from {missing})"
+            "{} of the {expected} records below the end of WAL {end} were found (the first missing at {missing}); {}",
+            found.len(),
+            wal_info()
         ));
     }
     for rel in 1..=RELS as u32 {
@@ -218,10 +207,11 @@ fn check(
                 return Err(format!(
                     "(control file: checkpoint {} redo {}; WAL from {start}) \
                      page ({rel}, {block}) (LSN {}) differs from the model of the WAL up to {end} \
-                     at bytes {first}..={last}; {wal_info}; the model's writes: {}",
-                    found_ctl.map_or(Lsn(0), |c| c.checkpoint),
-                    found_ctl.map_or(Lsn(0), |c| c.redo),
+                     at bytes {first}..={last}; {}; the model's writes: {}",
+                    control.map_or(Lsn(0), |c| c.checkpoint),
+                    control.map_or(Lsn(0), |c| c.redo),
                     got.lsn,
+                    wal_info(),
                     writes.join(", ")
                 ));
             }

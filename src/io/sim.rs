@@ -42,6 +42,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
+use crate::testkit::Rng;
+
 /// The sector a torn write is cut at.
 pub const SECTOR: usize = 512;
 
@@ -171,27 +173,6 @@ fn apply_name(names: &mut BTreeMap<PathBuf, usize>, op: &NameOp) {
             if let Some(ino) = names.remove(from) {
                 names.insert(to.clone(), ino);
             }
-        }
-    }
-}
-
-/// splitmix64: small, seedable, good enough to choose faults.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
         }
     }
 }

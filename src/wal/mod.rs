@@ -580,13 +580,15 @@ impl WalShared {
     /// would need a segment that could not be created. A margin stays free
     /// below the limit for the checkpoint's own records, whose checkpoint
     /// is what frees WAL.
-    fn check_room(&self, len: usize) -> Result<()> {
+    /// `len` is only called while the device is full: the common case costs
+    /// one atomic load.
+    fn check_room(&self, len: impl Fn() -> u64) -> Result<()> {
         const MARGIN: u64 = 64 << 10;
         loop {
             let Some(limit) = self.segments.full_limit() else {
                 return Ok(());
             };
-            let end = self.insert.insert_lsn().0 + record::stream_len(len) + MARGIN;
+            let end = self.insert.insert_lsn().0 + len() + MARGIN;
             if end <= limit.0 {
                 return Ok(());
             }
@@ -623,7 +625,7 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
-        w.check_room(payload.len())?;
+        w.check_room(|| record::stream_len(payload.len()))?;
         self.scratch.clear();
         let (start, end) =
             w.insert
@@ -642,12 +644,12 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
-        w.check_room(
+        w.check_room(|| {
             records
                 .iter()
-                .map(|(_, p)| p.len() + record::HEADER_LEN)
-                .sum(),
-        )?;
+                .map(|(_, p)| record::stream_len(p.len()))
+                .sum()
+        })?;
         let max = w.insert.max_reservation();
         let mut end = w.insert.insert_lsn();
         let mut i = 0;
@@ -702,7 +704,7 @@ impl Inserter<'_> {
         // Page records are refused like client records; checkpoint records
         // use the margin kept for them.
         if kind == Kind::PAGE_WRITE || kind == Kind::PAGE_IMAGE {
-            w.check_room(payload.len())?;
+            w.check_room(|| record::stream_len(payload.len()))?;
         }
         self.scratch.clear();
         let (start, end, kept) = w.insert.insert_checked(

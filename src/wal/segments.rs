@@ -91,7 +91,7 @@ impl Segments {
     /// While the WAL device is full, the LSN appends must end before (the
     /// end of the last segment that exists); `None` when there is room.
     pub fn full_limit(&self) -> Option<Lsn> {
-        match self.full_limit.load(SeqCst) {
+        match self.full_limit.load(Relaxed) {
             u64::MAX => None,
             l => Some(Lsn(l)),
         }
