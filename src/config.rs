@@ -278,6 +278,9 @@ pub struct Config {
     pub wal_keep_size: Size,
     /// Log each checkpoint's start and completion with its statistics.
     pub log_checkpoints: bool,
+    /// Threads that apply page records during crash recovery, each owning a
+    /// share of the pages (0: one per CPU this process may run on, at most 8).
+    pub recovery_workers: u32,
 }
 
 impl Default for Config {
@@ -325,6 +328,7 @@ impl Default for Config {
             min_wal_size: Size(80 << 20),
             wal_keep_size: Size(0),
             log_checkpoints: true,
+            recovery_workers: 0,
         }
     }
 }
@@ -419,8 +423,25 @@ impl Config {
         Ok(())
     }
 
+    /// The number of redo workers `recovery_workers` asks for.
+    pub fn redo_workers(&self) -> usize {
+        match self.recovery_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            n => n as usize,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |name, message: String| Err(ConfigError::Invalid { name, message });
+        if self.recovery_workers > 64 {
+            return invalid(
+                "recovery_workers",
+                format!(
+                    "{} is not between 0 (one per CPU) and 64",
+                    self.recovery_workers
+                ),
+            );
+        }
         let seg = self.wal_segment_size.0;
         if !seg.is_power_of_two() || !((1 << 20)..=(1 << 30)).contains(&seg) {
             return invalid(

@@ -432,17 +432,29 @@ impl Store {
         if c.checkpoint.is_valid() && !was_shut_down {
             tracing::info!("redo starts at {}", c.redo);
         }
-        let mut redo =
-            recovery::Redo::new(&pool, &progress, (!creating).then_some(&c), estimated_end);
-        let opened = Wal::open_observed(
-            cfg.clone(),
-            Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
-        );
-        let wal = match opened {
-            Ok(w) => Arc::new(w),
-            Err(WalError::Replay(msg)) => return Err(StoreError::Recovery(msg)),
-            Err(e) => return Err(e.into()),
-        };
+        let failure = recovery::RedoFailure::new();
+        let workers = cfg.redo_workers();
+        // The redo workers borrow the pool: they run in a scope that ends
+        // once the scan is over and they have applied everything.
+        let (wal, replayed) = std::thread::scope(|scope| -> Result<_> {
+            let mut redo = recovery::Redo::new(
+                scope,
+                &pool,
+                &progress,
+                &failure,
+                (!creating).then_some(&c),
+                estimated_end,
+                workers,
+            )?;
+            let opened = Wal::open_observed(cfg.clone(), Some(&mut redo));
+            let joined = redo.join();
+            let wal = match opened {
+                Ok(w) => Arc::new(w),
+                Err(WalError::Replay(msg)) => return Err(StoreError::Recovery(msg)),
+                Err(e) => return Err(e.into()),
+            };
+            Ok((wal, joined?))
+        })?;
         let end = wal.opened_at();
         if c.checkpoint.is_valid() {
             if c.redo < wal.start_lsn() {
@@ -453,14 +465,14 @@ impl Store {
                     wal.start_lsn()
                 )));
             }
-            if redo.checkpoint_end.is_none() {
+            if replayed.checkpoint_end.is_none() {
                 return Err(StoreError::Recovery(format!(
                     "could not locate a valid checkpoint record at {}: the valid WAL ends at {end}",
                     c.checkpoint
                 )));
             }
         }
-        let ckpt_end = redo.checkpoint_end.unwrap_or(Lsn::INVALID);
+        let ckpt_end = replayed.checkpoint_end.unwrap_or(Lsn::INVALID);
         let clean = was_shut_down && c.redo == c.checkpoint && end == ckpt_end;
         let needs_redo = !clean;
         if was_shut_down && !clean {
@@ -469,8 +481,7 @@ impl Store {
                 c.checkpoint
             );
         }
-        redo.finish(end, clean);
-        drop(redo);
+        replayed.finish(&progress, end, clean);
         pool.attach_wal(Arc::clone(&wal));
 
         let shared = Arc::new(StoreShared {

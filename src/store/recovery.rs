@@ -10,13 +10,26 @@
 //! - Other records (client data, checkpoints) have nothing to replay; the
 //!   checkpoint record the control file names is checked on the way.
 //!
-//! The scan fdatasyncs each segment before reading it, so every record seen
-//! here is durable and a page written out during redo (an eviction) never
-//! gets ahead of durable WAL. Progress is logged every few seconds and
+//! Parallel redo: the scan's thread reads and checks the WAL and hands each
+//! page record, copied into a batch, to one of `recovery_workers` redo
+//! threads chosen by its page, so one page's records are applied in WAL
+//! order by one thread while different pages replay in parallel. Redo is
+//! bound by cache misses (the mapping entry, the frame, the page LSN and the
+//! bytes a record changes, each somewhere in a pool of gigabytes), so a
+//! worker also prefetches what the next records of its batch touch, letting
+//! those misses overlap rather than queue.
+//!
+//! The scan fdatasyncs each segment before reading it, so every record
+//! dispatched is durable and a page written out during redo (an eviction)
+//! never gets ahead of durable WAL. Progress is logged every few seconds and
 //! published in [`RecoveryProgress`](super::RecoveryProgress).
 
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::Mutex;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
+
+use crossbeam::channel::{self, Receiver, Sender};
 
 use crate::lsn::Lsn;
 use crate::record::Kind;
@@ -24,13 +37,81 @@ use crate::wal::reader::Record;
 
 use super::buffer_pool::{BufferPool, Fill};
 use super::control::ControlFile;
-use super::page;
+use super::page::{self, PageTag};
 use super::records;
 use super::{RecoveryProgress, StoreError};
 
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The redo loop, fed one record at a time by the WAL's startup scan.
+/// A batch goes to its worker at this many records or bytes.
+const BATCH_RECORDS: usize = 512;
+const BATCH_BYTES: usize = 256 << 10;
+/// Batches queued per worker before the scan waits for it.
+const QUEUE_DEPTH: usize = 4;
+/// How many records ahead of the one it applies a worker prefetches.
+const LOOKAHEAD: usize = 8;
+
+/// One page record in a batch; its bytes are `data[at..at + len]` (a page
+/// write's new bytes, or a full-page image's whole payload).
+#[derive(Clone, Copy)]
+struct Entry {
+    kind: Kind,
+    tag: PageTag,
+    /// A page write's offset in the page's data area.
+    offset: u16,
+    lsn: Lsn,
+    end: Lsn,
+    at: u32,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    recs: Vec<Entry>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            data: Vec::with_capacity(BATCH_BYTES + 2 * crate::io::PAGE_SIZE),
+            recs: Vec::with_capacity(BATCH_RECORDS),
+        }
+    }
+}
+
+/// The first failure of any worker; the scan stops at its next record.
+#[derive(Default)]
+struct Failure {
+    failed: AtomicBool,
+    error: Mutex<Option<StoreError>>,
+}
+
+impl Failure {
+    fn set(&self, e: StoreError) {
+        let mut g = self.error.lock().unwrap();
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.failed.store(true, Release);
+    }
+
+    fn take(&self) -> Option<StoreError> {
+        if !self.failed.load(Acquire) {
+            return None;
+        }
+        self.error.lock().unwrap().take()
+    }
+}
+
+struct Worker<'a> {
+    tx: Option<Sender<Batch>>,
+    batch: Batch,
+    handle: Option<ScopedJoinHandle<'a, ()>>,
+}
+
+/// The redo loop, fed one record at a time by the WAL's startup scan, and
+/// its workers.
 pub(crate) struct Redo<'a> {
     pool: &'a BufferPool,
     progress: &'a RecoveryProgress,
@@ -40,27 +121,45 @@ pub(crate) struct Redo<'a> {
     checkpoint: Lsn,
     checkpoint_redo: Lsn,
     /// The end of the checkpoint record, once seen (and valid).
-    pub checkpoint_end: Option<Lsn>,
+    checkpoint_end: Option<Lsn>,
     /// A rough end of WAL for the progress percentage (the end of the
     /// segment file written last).
     estimated_end: Lsn,
     began: Instant,
     last_report: Instant,
-    pub records: u64,
-    pub writes: u64,
-    pub images: u64,
-    pub first: Option<Lsn>,
-    pub last: Lsn,
-    pub end: Lsn,
+    workers: Vec<Worker<'a>>,
+    /// Emptied batches coming back from the workers, for reuse.
+    spare: Receiver<Batch>,
+    failure: &'a Failure,
+    records: u64,
+    writes: u64,
+    images: u64,
+    first: Option<Lsn>,
+    last: Lsn,
+    end: Lsn,
+}
+
+/// Where redo workers keep their first failure: lives outside the scope
+/// the workers run in.
+pub(crate) struct RedoFailure(Failure);
+
+impl RedoFailure {
+    pub fn new() -> RedoFailure {
+        RedoFailure(Failure::default())
+    }
 }
 
 impl<'a> Redo<'a> {
-    pub fn new(
+    /// Starts `workers` redo threads (at least one) in `scope`.
+    pub fn new<'env>(
+        scope: &'a Scope<'a, 'env>,
         pool: &'a BufferPool,
         progress: &'a RecoveryProgress,
+        failure: &'a RedoFailure,
         c: Option<&ControlFile>,
         estimated_end: Lsn,
-    ) -> Redo<'a> {
+        workers: usize,
+    ) -> Result<Redo<'a>, StoreError> {
         let (from, checkpoint, checkpoint_redo) = match c {
             Some(c) if c.checkpoint.is_valid() => (c.redo, c.checkpoint, c.redo),
             // A new store: replay whatever page records the WAL holds.
@@ -70,7 +169,36 @@ impl<'a> Redo<'a> {
         progress.at.store(from.0, Relaxed);
         progress.end.store(estimated_end.0, Relaxed);
         progress.active.store(true, SeqCst);
-        Redo {
+        let failure = &failure.0;
+        let (spare_tx, spare) = channel::unbounded();
+        let mut ws = Vec::new();
+        for n in 0..workers.max(1) {
+            let (tx, rx) = channel::bounded::<Batch>(QUEUE_DEPTH);
+            let spare_tx = spare_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("walden-redo{n}"))
+                .spawn_scoped(scope, move || {
+                    for mut batch in rx {
+                        if !failure.failed.load(Relaxed) {
+                            if let Err(e) = apply_batch(pool, &batch) {
+                                failure.set(e);
+                            }
+                        }
+                        batch.data.clear();
+                        batch.recs.clear();
+                        let _ = spare_tx.send(batch);
+                    }
+                })
+                .map_err(|e| {
+                    StoreError::Recovery(format!("could not start a redo worker thread: {e}"))
+                })?;
+            ws.push(Worker {
+                tx: Some(tx),
+                batch: Batch::new(),
+                handle: Some(handle),
+            });
+        }
+        Ok(Redo {
             pool,
             progress,
             from,
@@ -80,17 +208,24 @@ impl<'a> Redo<'a> {
             estimated_end,
             began: Instant::now(),
             last_report: Instant::now(),
+            workers: ws,
+            spare,
+            failure,
             records: 0,
             writes: 0,
             images: 0,
             first: None,
             last: from,
             end: from,
-        }
+        })
     }
 
-    /// Replays one record (the scan hands every valid one, in order).
+    /// Replays one record (the scan hands every valid one, in order): page
+    /// records go to their worker, the rest is checked here.
     pub fn apply(&mut self, rec: &Record<'_>) -> Result<(), StoreError> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
         let end = rec.end_lsn();
         if rec.lsn == self.checkpoint {
             self.check_checkpoint(rec)?;
@@ -104,35 +239,36 @@ impl<'a> Redo<'a> {
         match rec.kind {
             Kind::PAGE_WRITE => {
                 let w = records::decode_page_write(rec.payload, rec.lsn)?;
-                let p = self
-                    .pool
-                    .pin(w.tag, Fill::Read)
-                    .map_err(|e| redo_error(rec.lsn, e))?;
-                let mut g = p.write();
-                if page::lsn(&g) <= rec.lsn {
-                    page::data_mut(&mut g)[w.offset..w.offset + w.bytes.len()]
-                        .copy_from_slice(w.bytes);
-                    page::set_lsn(&mut g, end);
-                    p.mark_dirty();
-                }
+                let e = Entry {
+                    kind: rec.kind,
+                    tag: w.tag,
+                    offset: w.offset as u16,
+                    lsn: rec.lsn,
+                    end,
+                    at: 0,
+                    len: 0,
+                };
+                self.dispatch(e, w.bytes);
                 self.writes += 1;
             }
             Kind::PAGE_IMAGE => {
                 let i = records::decode_page_image(rec.payload, rec.lsn)?;
-                let p = self
-                    .pool
-                    .pin(i.tag, Fill::Zero)
-                    .map_err(|e| redo_error(rec.lsn, e))?;
-                let mut g = p.write();
-                i.restore(page::data_mut(&mut g), rec.lsn)?;
-                page::set_lsn(&mut g, end);
-                p.mark_dirty();
+                let e = Entry {
+                    kind: rec.kind,
+                    tag: i.tag,
+                    offset: 0,
+                    lsn: rec.lsn,
+                    end,
+                    at: 0,
+                    len: 0,
+                };
+                self.dispatch(e, rec.payload);
                 self.images += 1;
             }
             _ => {}
         }
-        // Everything up to here is durable (the scan synced it) and applied:
-        // a page evicted now may carry it.
+        // Everything up to here is durable (the scan synced it): a page
+        // evicted by a worker may carry it.
         self.pool.set_replayed_to(end);
         self.records += 1;
         self.last = rec.lsn;
@@ -141,6 +277,54 @@ impl<'a> Redo<'a> {
             self.report(end);
         }
         Ok(())
+    }
+
+    fn dispatch(&mut self, mut e: Entry, bytes: &[u8]) {
+        let n = self.workers.len();
+        let key =
+            ((e.tag.rel as u64) << 32 | e.tag.block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let w = &mut self.workers[((key >> 32) % n as u64) as usize];
+        e.at = w.batch.data.len() as u32;
+        e.len = bytes.len() as u32;
+        w.batch.data.extend_from_slice(bytes);
+        w.batch.recs.push(e);
+        if w.batch.recs.len() >= BATCH_RECORDS || w.batch.data.len() >= BATCH_BYTES {
+            let fresh = self.spare.try_recv().unwrap_or_else(|_| Batch::new());
+            let full = std::mem::replace(&mut w.batch, fresh);
+            // A worker that is gone (it panicked) is reported by `join`.
+            let _ = w.tx.as_ref().unwrap().send(full);
+        }
+    }
+
+    /// Hands over the partial batches and waits for every worker to finish
+    /// (a worker's panic is resumed here); then what was replayed, or the
+    /// first failure.
+    pub fn join(mut self) -> Result<Replayed, StoreError> {
+        for w in &mut self.workers {
+            if let Some(tx) = w.tx.take() {
+                let _ = tx.send(std::mem::take(&mut w.batch));
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                if let Err(panic) = h.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        Ok(Replayed {
+            checkpoint_end: self.checkpoint_end,
+            records: self.records,
+            writes: self.writes,
+            images: self.images,
+            first: self.first,
+            last: self.last,
+            began: self.began,
+            workers: self.workers.len(),
+        })
     }
 
     fn check_checkpoint(&mut self, rec: &Record<'_>) -> Result<(), StoreError> {
@@ -189,14 +373,29 @@ impl<'a> Redo<'a> {
             done / 1e6 / secs
         );
     }
+}
 
-    /// Once the scan found the end of WAL: logs the summary, unless the
-    /// store was shut down cleanly (`quiet`).
-    pub fn finish(&mut self, end: Lsn, quiet: bool) {
-        self.progress.at.store(end.0, Relaxed);
-        self.progress.end.store(end.0, Relaxed);
-        self.progress.records.store(self.records, Relaxed);
-        self.progress.active.store(false, SeqCst);
+/// What redo did, once its workers are joined.
+pub(crate) struct Replayed {
+    /// The end of the control file's checkpoint record, if the scan saw it.
+    pub checkpoint_end: Option<Lsn>,
+    records: u64,
+    writes: u64,
+    images: u64,
+    first: Option<Lsn>,
+    last: Lsn,
+    began: Instant,
+    workers: usize,
+}
+
+impl Replayed {
+    /// Once the scan found the end of WAL: publishes it and logs the
+    /// summary, unless the store was shut down cleanly (`quiet`).
+    pub fn finish(&self, progress: &RecoveryProgress, end: Lsn, quiet: bool) {
+        progress.at.store(end.0, Relaxed);
+        progress.end.store(end.0, Relaxed);
+        progress.records.store(self.records, Relaxed);
+        progress.active.store(false, SeqCst);
         if quiet {
             return;
         }
@@ -208,15 +407,78 @@ impl<'a> Redo<'a> {
         let bytes = end.0.saturating_sub(first.0) as f64;
         tracing::info!(
             "redo done at {}: {} records ({} page writes, {} full-page images) replayed from {first} to {end}, \
-             {:.1} MB in {secs:.3} s ({:.1} MB/s, read and checked in the same pass)",
+             {:.1} MB in {secs:.3} s ({:.1} MB/s, read and checked in the same pass, {} redo worker(s))",
             self.last,
             self.records,
             self.writes,
             self.images,
             bytes / 1e6,
-            bytes / 1e6 / secs.max(1e-9)
+            bytes / 1e6 / secs.max(1e-9),
+            self.workers
         );
     }
+}
+
+impl crate::wal::startup::Observe for Redo<'_> {
+    fn record(&mut self, rec: &Record<'_>) -> Result<(), String> {
+        self.apply(rec).map_err(|e| e.to_string())
+    }
+}
+
+/// A worker's part: applies a batch in order, prefetching `LOOKAHEAD`
+/// records ahead.
+fn apply_batch(pool: &BufferPool, b: &Batch) -> Result<(), StoreError> {
+    let prefetch = |e: &Entry| match e.kind {
+        Kind::PAGE_WRITE => {
+            pool.prefetch(e.tag, page::PAGE_HEADER + e.offset as usize, e.len as usize)
+        }
+        _ => None,
+    };
+    let n = b.recs.len();
+    let mut hints = [None; LOOKAHEAD];
+    for (i, e) in b.recs.iter().take(LOOKAHEAD).enumerate() {
+        hints[i] = prefetch(e);
+    }
+    for (i, e) in b.recs.iter().enumerate() {
+        let hint = hints[i % LOOKAHEAD];
+        if i + LOOKAHEAD < n {
+            hints[i % LOOKAHEAD] = prefetch(&b.recs[i + LOOKAHEAD]);
+        }
+        let bytes = &b.data[e.at as usize..(e.at + e.len) as usize];
+        apply_one(pool, e, bytes, hint).map_err(|err| redo_error(e.lsn, err))?;
+    }
+    Ok(())
+}
+
+fn apply_one(
+    pool: &BufferPool,
+    e: &Entry,
+    bytes: &[u8],
+    hint: Option<usize>,
+) -> Result<(), StoreError> {
+    match e.kind {
+        Kind::PAGE_WRITE => {
+            let offset = e.offset as usize;
+            pool.pin_hinted(e.tag, Fill::Read, hint)?.modify(|g| {
+                if page::lsn(g) > e.lsn {
+                    return false;
+                }
+                page::data_mut(g)[offset..offset + bytes.len()].copy_from_slice(bytes);
+                page::set_lsn(g, e.end);
+                true
+            });
+        }
+        Kind::PAGE_IMAGE => {
+            let i = records::decode_page_image(bytes, e.lsn)?;
+            let p = pool.pin(e.tag, Fill::Zero)?;
+            let mut g = p.write();
+            i.restore(page::data_mut(&mut g), e.lsn)?;
+            page::set_lsn(&mut g, e.end);
+            p.mark_dirty();
+        }
+        _ => unreachable!("only page records are dispatched"),
+    }
+    Ok(())
 }
 
 fn redo_error(at: Lsn, e: StoreError) -> StoreError {

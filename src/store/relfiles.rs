@@ -3,6 +3,14 @@
 //! with O_DIRECT on first use and kept open. Every page write notes its file
 //! as needing a sync; the checkpointer takes that set and fsyncs each file
 //! before it may call the checkpoint complete.
+//!
+//! Files grow ahead of their writes, by fallocate in steps of an eighth of
+//! their size (1 to 64 MiB): an O_DIRECT write that extends a file or fills
+//! a hole takes ext4's inode lock exclusively and is punted by io_uring to
+//! a worker, so a batch of such writes goes one at a time; into allocated
+//! blocks they run in parallel (fio here, 8 kB writes at queue depth 64:
+//! 68 MB/s into a sparse file, 671 MB/s into a fallocated one). Blocks
+//! allocated and never written read as zeros, a new page.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,6 +26,9 @@ pub const BASE_DIR: &str = "base";
 pub struct RelFiles {
     dir: PathBuf,
     open: Mutex<HashMap<u32, Arc<SegmentFile>>>,
+    /// Bytes of each open file known to be allocated (its length when
+    /// first seen, then what [`RelFiles::reserve`] fallocated).
+    allocated: Mutex<HashMap<u32, u64>>,
     /// Relations written since the checkpointer last took the set.
     needs_sync: Mutex<BTreeSet<u32>>,
     fsync: bool,
@@ -37,6 +48,7 @@ impl RelFiles {
         Ok(RelFiles {
             dir,
             open: Mutex::new(HashMap::new()),
+            allocated: Mutex::new(HashMap::new()),
             needs_sync: Mutex::new(BTreeSet::new()),
             fsync,
         })
@@ -117,16 +129,50 @@ impl RelFiles {
     /// needed, and notes the file for the next checkpoint's sync.
     pub fn write_page(&self, tag: PageTag, buf: &[u8]) -> Result<(), FileError> {
         debug_assert_eq!(buf.len(), PAGE_SIZE);
-        let f = self.file(tag.rel, true)?.expect("created");
+        let f = self.file_for_write(tag)?;
         f.write_all_at(buf, tag.offset())?;
         self.note_written(tag.rel);
         Ok(())
     }
 
-    /// The file to write `tag` to through an io_uring (created if needed).
-    /// The caller calls [`RelFiles::note_written`] once the write completed.
-    pub fn file_for_write(&self, rel: u32) -> Result<Arc<SegmentFile>, FileError> {
-        Ok(self.file(rel, true)?.expect("created"))
+    /// The file to write page `tag` to through an io_uring (created if
+    /// needed), with the page's block allocated. The caller calls
+    /// [`RelFiles::note_written`] once the write completed.
+    pub fn file_for_write(&self, tag: PageTag) -> Result<Arc<SegmentFile>, FileError> {
+        let f = self.file(tag.rel, true)?.expect("created");
+        self.reserve(&f, tag)?;
+        Ok(f)
+    }
+
+    /// Allocates the file's blocks through `tag`'s page if they are not yet,
+    /// growing it by a step (see the module comment). A step refused for
+    /// want of space is retried for the page alone, so a nearly full data
+    /// device still takes what fits.
+    fn reserve(&self, f: &SegmentFile, tag: PageTag) -> Result<(), FileError> {
+        const MIN_STEP: u64 = 1 << 20;
+        const MAX_STEP: u64 = 64 << 20;
+        let need = tag.offset() + PAGE_SIZE as u64;
+        let mut allocated = self.allocated.lock().unwrap();
+        let have = match allocated.get(&tag.rel) {
+            Some(&n) => n,
+            None => f.len()?,
+        };
+        if need <= have {
+            allocated.insert(tag.rel, have);
+            return Ok(());
+        }
+        let step = (have / 8).clamp(MIN_STEP, MAX_STEP);
+        let target = need.max(have + step).div_ceil(MIN_STEP) * MIN_STEP;
+        let got = match f.allocate(target) {
+            Ok(()) => target,
+            Err(e) if e.is_no_space() => {
+                f.allocate(need)?;
+                need
+            }
+            Err(e) => return Err(e),
+        };
+        allocated.insert(tag.rel, got);
+        Ok(())
     }
 
     pub fn note_written(&self, rel: u32) {

@@ -112,7 +112,7 @@ impl Writeback {
                 break;
             }
             let queued = pool.before_write(p.tag, p.lsn).and_then(|()| {
-                let f = pool.files().file_for_write(p.tag.rel)?;
+                let f = pool.files().file_for_write(p.tag)?;
                 if f.is_simulated() {
                     // Tests on a simulated disk: written here, synchronously.
                     let res = f.write_all_at(self.queue.page(p.slot), p.tag.offset());

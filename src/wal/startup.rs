@@ -27,10 +27,14 @@ pub struct EndOfScan {
     pub records: u64,
 }
 
-/// Called with every valid record the startup scan passes, in order (the
-/// page store replays them as they go by: one pass over the WAL). An error
-/// stops the scan and the open.
-pub type ScanObserver<'a> = &'a mut dyn FnMut(&Record<'_>) -> Result<(), String>;
+/// Sees every valid record the startup scan passes, in order (the page
+/// store replays them as they go by: one pass over the WAL).
+pub trait Observe {
+    /// A valid record, in order. An error stops the scan and the open.
+    fn record(&mut self, rec: &Record<'_>) -> Result<(), String>;
+}
+
+pub type ScanObserver<'a> = &'a mut dyn Observe;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -57,7 +61,7 @@ pub fn scan(
     let mut last_report = began;
     while let Some(rec) = reader.next_record()? {
         if let Some(obs) = observer.as_mut() {
-            obs(&rec).map_err(ScanError::Observer)?;
+            obs.record(&rec).map_err(ScanError::Observer)?;
         }
         records += 1;
         if records % 4096 == 0 && observer.is_none() && last_report.elapsed().as_secs() >= 5 {
