@@ -256,8 +256,23 @@ impl SegmentFile {
         let Backing::Os(file) = &self.file else {
             return;
         };
-        // SAFETY: posix_fadvise only reads its integer arguments; fd is open.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        // Linux caps one WILLNEED at the device's readahead size
+        // (read_ahead_kb), so a whole file is asked for piece by piece.
+        const PIECE: u64 = 4 << 20;
+        let len = self.len().unwrap_or(0);
+        let mut off = 0;
+        while off < len {
+            // SAFETY: posix_fadvise only reads its integer arguments; fd is open.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    off as libc::off_t,
+                    PIECE as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            off += PIECE;
+        }
     }
 
     /// Reserves `len` bytes of disk space (blocks come back as zeros).

@@ -43,6 +43,59 @@ use super::StoreError;
 const MAX_USAGE: u8 = 5;
 const PARTITIONS: usize = 64;
 
+/// The mapping table's hash: one folded multiply of the page address and a
+/// random per-pool seed (foldhash's construction) rather than SipHash's
+/// rounds, since the table is probed on every page access. The seed keeps
+/// clients, who choose page addresses, from aiming at one bucket.
+#[derive(Clone)]
+struct TagHasher {
+    seed: u64,
+}
+
+impl TagHasher {
+    fn new() -> TagHasher {
+        use std::hash::{BuildHasher, Hasher};
+        TagHasher {
+            seed: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        }
+    }
+}
+
+impl std::hash::BuildHasher for TagHasher {
+    type Hasher = TagHash;
+    fn build_hasher(&self) -> TagHash {
+        TagHash {
+            seed: self.seed,
+            acc: 0,
+        }
+    }
+}
+
+struct TagHash {
+    seed: u64,
+    acc: u64,
+}
+
+impl std::hash::Hasher for TagHash {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.acc = self.acc.rotate_left(8) ^ b as u64;
+        }
+    }
+
+    /// A PageTag hashes as two u32s (rel, then block): together one u64.
+    fn write_u32(&mut self, v: u32) {
+        self.acc = self.acc << 32 | v as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        let m = ((self.acc ^ self.seed) as u128) * 0x9E37_79B9_7F4A_7C15_u128;
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+}
+
 /// Called for every page write-out with (page, page LSN, flush LSN at the
 /// moment of the write). Tests use it to check WAL before data.
 pub type WriteObserver = Arc<dyn Fn(PageTag, Lsn, Lsn) + Send + Sync>;
@@ -64,9 +117,6 @@ struct Meta {
 
 struct Frame {
     meta: Mutex<Meta>,
-    /// Where the page's bytes are (the slot under `page`), for prefetching
-    /// without the latch.
-    addr: usize,
     io_done: Condvar,
     page: RwLock<Slot>,
 }
@@ -84,7 +134,9 @@ pub struct PoolStats {
 
 pub struct BufferPool {
     frames: Box<[Frame]>,
-    mapping: Box<[Mutex<HashMap<PageTag, usize>>]>,
+    /// Where frame 0's page is (see [`BufferPool::new`]).
+    page_base: usize,
+    mapping: Box<[Mutex<HashMap<PageTag, usize, TagHasher>>]>,
     /// Clock hand: the number of frames the sweep has passed, ever.
     hand: CachePadded<AtomicU64>,
     files: Arc<RelFiles>,
@@ -145,24 +197,33 @@ impl BufferPool {
         checksums: bool,
     ) -> Result<BufferPool, StoreError> {
         let frames = frames.max(16);
+        let hasher = TagHasher::new();
         let pages = aligned::slots(frames, PAGE_SIZE).map_err(|e| {
             StoreError::Recovery(format!(
                 "could not map shared_buffers ({} bytes): {e}",
                 frames * PAGE_SIZE
             ))
         })?;
+        // The slots lie end to end in one mapping (aligned::slots): frame
+        // i's page is at page_base + i × PAGE_SIZE, which prefetching
+        // computes without loading anything.
+        let page_base = pages[0].addr();
+        debug_assert!(pages
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.addr() == page_base + i * PAGE_SIZE));
         Ok(BufferPool {
+            page_base,
             frames: pages
                 .into_iter()
                 .map(|page| Frame {
                     meta: Mutex::new(Meta::default()),
-                    addr: page.addr(),
                     io_done: Condvar::new(),
                     page: RwLock::new(page),
                 })
                 .collect(),
             mapping: (0..PARTITIONS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
                 .collect(),
             hand: CachePadded::new(AtomicU64::new(0)),
             files,
@@ -283,9 +344,10 @@ impl BufferPool {
             .get(&tag)?;
         let f = &self.frames[idx];
         aligned::prefetch_write(&f.meta as *const Mutex<Meta> as usize, 1);
-        aligned::prefetch_write(f.addr, page::PAGE_HEADER);
+        let addr = self.page_base + idx * PAGE_SIZE;
+        aligned::prefetch_write(addr, page::PAGE_HEADER);
         let offset = offset.min(PAGE_SIZE);
-        aligned::prefetch_write(f.addr + offset, len.min(PAGE_SIZE - offset));
+        aligned::prefetch_write(addr + offset, len.min(PAGE_SIZE - offset));
         Some(idx)
     }
 

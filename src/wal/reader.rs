@@ -9,6 +9,8 @@ use crate::lsn::{self, Lsn};
 use crate::record::{self, Header, Kind, RecordError, HEADER_LEN};
 
 const READ_CHUNK: usize = 1 << 20;
+/// Segments the startup scan asks the kernel to read ahead of the current one.
+const READ_AHEAD_SEGMENTS: u64 = 3;
 
 /// One decoded record, borrowed from the reader's buffer.
 #[derive(Debug, Clone, Copy)]
@@ -85,13 +87,20 @@ pub struct WalReader {
     pos: Lsn,
     limit: Option<Lsn>,
     /// Bytes of the stream starting at LSN `buf_start`.
+    /// `buf[..filled]` holds them; the rest is room to read into, kept so
+    /// that a read does not zero its destination first.
     buf: Vec<u8>,
+    filled: usize,
     buf_start: Lsn,
     file: Option<(u64, SegmentFile)>,
     end: Option<EndOfWal>,
     /// fdatasync each segment before reading from it (startup: every byte
     /// handed out is then durable).
     sync_on_open: bool,
+    /// With `sync_on_open`: a helper thread that asks the kernel to read
+    /// the segments ahead (WILLNEED, piece by piece, which costs the
+    /// asking thread page allocations), and the last segment it was sent.
+    read_ahead: Option<(std::sync::mpsc::Sender<PathBuf>, u64)>,
 }
 
 impl WalReader {
@@ -111,10 +120,12 @@ impl WalReader {
             pos: from,
             limit,
             buf: Vec::new(),
+            filled: 0,
             buf_start: from,
             file: None,
             end: None,
             sync_on_open: false,
+            read_ahead: None,
         }
     }
 
@@ -203,24 +214,25 @@ impl WalReader {
     }
 
     fn buffered_from(&self, at: Lsn) -> usize {
-        (self.buf_start.0 + self.buf.len() as u64).saturating_sub(at.0) as usize
+        (self.buf_start.0 + self.filled as u64).saturating_sub(at.0) as usize
     }
 
     /// Makes `n` bytes from `self.pos` available in the buffer. `Ok(Err(end))`
     /// when the stream ends before that.
     fn fill(&mut self, n: usize) -> Result<Result<(), EndOfWal>, FileError> {
         let at = self.pos;
-        if self.buf_start > at || self.buf_start.0 + (self.buf.len() as u64) < at.0 {
-            self.buf.clear();
+        if self.buf_start > at || self.buf_start.0 + (self.filled as u64) < at.0 {
+            self.filled = 0;
             self.buf_start = at;
         } else if at.0 - self.buf_start.0 > (READ_CHUNK as u64) {
             // Drop consumed bytes so the buffer does not grow without bound.
             let consumed = (at.0 - self.buf_start.0) as usize;
-            self.buf.drain(..consumed);
+            self.buf.copy_within(consumed..self.filled, 0);
+            self.filled -= consumed;
             self.buf_start = at;
         }
         while self.buffered_from(at) < n {
-            let next = Lsn(self.buf_start.0 + self.buf.len() as u64);
+            let next = Lsn(self.buf_start.0 + self.filled as u64);
             let mut want = (n - self.buffered_from(at)).max(READ_CHUNK);
             if let Some(limit) = self.limit {
                 if next >= limit {
@@ -239,13 +251,8 @@ impl WalReader {
                             // IMPORTANT: durable before any of it is handed out.
                             f.datasync()?;
                             // Startup reads the whole WAL: have the kernel read
-                            // the next segment while this one is processed.
-                            if let Ok(next) = SegmentFile::open(
-                                &self.segment_path(segno + 1),
-                                OpenMode::default(),
-                            ) {
-                                next.will_need();
-                            }
+                            // the next segments while this one is processed.
+                            self.read_ahead_of(segno);
                         }
                         self.file = Some((segno, f))
                     }
@@ -264,10 +271,12 @@ impl WalReader {
                 }
             }
             let (_, file) = self.file.as_ref().unwrap();
-            let old = self.buf.len();
-            self.buf.resize(old + want, 0);
-            let got = file.read_at(&mut self.buf[old..], seg_off)?;
-            self.buf.truncate(old + got);
+            let old = self.filled;
+            if self.buf.len() < old + want {
+                self.buf.resize(old + want, 0);
+            }
+            let got = file.read_at(&mut self.buf[old..old + want], seg_off)?;
+            self.filled = old + got;
             // A short segment file: take what there is, the next round
             // reports it missing.
             if got == 0 {
@@ -278,6 +287,44 @@ impl WalReader {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Sends the helper the segments up to READ_AHEAD_SEGMENTS past `segno`
+    /// it has not been sent (starting it on first use). Not on a simulated
+    /// disk, whose reads are instant and whose operations a seed orders.
+    fn read_ahead_of(&mut self, segno: u64) {
+        if crate::io::sim::is_simulated(&self.dir) {
+            return;
+        }
+        if self.read_ahead.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+            let spawned = std::thread::Builder::new()
+                .name("walden-readahead".into())
+                .spawn(move || {
+                    for path in rx {
+                        if let Ok(f) = SegmentFile::open(&path, OpenMode::default()) {
+                            f.will_need();
+                        }
+                    }
+                });
+            // Without the helper the scan still works, only slower.
+            if spawned.is_err() {
+                return;
+            }
+            self.read_ahead = Some((tx, segno));
+        }
+        let last = segno + READ_AHEAD_SEGMENTS;
+        let paths: Vec<PathBuf> = {
+            let (_, sent) = self.read_ahead.as_ref().unwrap();
+            (segno.max(*sent) + 1..=last)
+                .map(|s| self.segment_path(s))
+                .collect()
+        };
+        let (tx, sent) = self.read_ahead.as_mut().unwrap();
+        for p in paths {
+            let _ = tx.send(p);
+        }
+        *sent = last.max(*sent);
     }
 
     fn segment_path(&self, segno: u64) -> PathBuf {
