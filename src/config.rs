@@ -618,6 +618,21 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_record_size"), "{e}");
+        let mut cfg = Config::default();
+        cfg.set("recovery_workers=65").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("recovery_workers") && e.contains("65"), "{e}");
+    }
+
+    #[test]
+    fn recovery_workers_zero_means_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(Config::default().redo_workers(), cpus.min(8));
+        let cfg = Config {
+            recovery_workers: 3,
+            ..Config::default()
+        };
+        assert_eq!(cfg.redo_workers(), 3);
     }
 }
 
