@@ -265,7 +265,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
                         rng.range(400, 3000)
                     },
                 ),
-                cut_seed: rng.next(),
+                cut_seed: rng.next_u64(),
                 ..Faults::default()
             };
             match rng.below(20) {
@@ -284,7 +284,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
             for t in 0..2u64 {
                 let (store, shared, stop) =
                     (Arc::clone(&store), Arc::clone(&shared), Arc::clone(&stop));
-                let mut r = Rng(rng.next() ^ t);
+                let mut r = Rng(rng.next_u64() ^ t);
                 let n = r.range(10, 400);
                 workers.push(std::thread::spawn(move || {
                     for _ in 0..n {
@@ -303,7 +303,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
                             } else {
                                 r.range(1, 3000)
                             } as usize;
-                            let bytes = payload(r.next(), len);
+                            let bytes = payload(r.next_u64(), len);
                             let a = store.wal().append(Kind::DATA, &bytes);
                             match a {
                                 Ok(a) => {
@@ -317,7 +317,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
                             let block = r.below(BLOCKS) as u32;
                             let off = r.below(PAGE_DATA as u64) as usize;
                             let len = r.range(1, (PAGE_DATA - off).min(1500) as u64) as usize;
-                            let bytes = payload(r.next(), len);
+                            let bytes = payload(r.next_u64(), len);
                             // The model is updated under its lock right after the
                             // append, and appends to one page are ordered by its
                             // latch, so LSN order is the order applied.
@@ -376,7 +376,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
                         .dead()
                         .map(|m| format!("died: {m}"))
                         .unwrap_or("end of workload".into());
-                    let (img, rep) = disk.power_cut(rng.next());
+                    let (img, rep) = disk.power_cut(rng.next_u64());
                     (img, flushed, format!("cut after {why} {rep:?}"))
                 }
             };

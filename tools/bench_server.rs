@@ -134,7 +134,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 let r = drive(t, conns, &work, stats, stop, ack_log);
                 match r {
                     Ok(h) => h,
-                    Err((h, e)) => {
+                    Err(failed_with) => {
+                        let (h, e) = *failed_with;
                         if !stop.load(Relaxed) {
                             eprintln!("walden bench: thread {t}: {e:#}");
                             failed.store(true, Relaxed);
@@ -226,7 +227,7 @@ fn drive(
     stats: &ThreadStats,
     stop: &AtomicBool,
     ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
-) -> Result<Hist, (Hist, anyhow::Error)> {
+) -> Result<Hist, Box<(Hist, anyhow::Error)>> {
     let (pipeline, batch, size, level) = (work.pipeline, work.batch, work.size, work.level);
     let mut h = (
         bench_stats::histogram(),
@@ -353,7 +354,7 @@ fn drive(
     let logged = write_log(ack_log, &mut log);
     match result.and(logged) {
         Ok(()) => Ok(h),
-        Err(e) => Err((h, e)),
+        Err(e) => Err(Box::new((h, e))),
     }
 }
 
