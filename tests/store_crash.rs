@@ -9,6 +9,9 @@
 //! - a page torn on disk after a crash is repaired from its full-page image,
 //!   and with full_page_writes off the same damage is reported by name.
 //!
+//! Cycles vary the sync method, wal_compression, the pool size (evicting or
+//! not) and the number of redo workers (1 to 3).
+//!
 //! `WALDEN_STORE_CRASH_CYCLES=N` runs more cycles (default 24);
 //! `WALDEN_CRASH_SEED` replays a failing run.
 
@@ -111,6 +114,9 @@ fn cycle_settings(cycle: u64) -> Vec<String> {
         s.push("shared_buffers=4MB".into());
         s.push("bgwriter_lru_maxpages=0".into());
     }
+    // Redo on 1, 2 or 3 worker threads: each page's records must be applied
+    // in order whichever worker owns it.
+    s.push(format!("recovery_workers={}", 1 + cycle % 3));
     s
 }
 
