@@ -109,6 +109,45 @@ impl Client {
         Ok(self.stream.set_read_timeout(t)?)
     }
 
+    /// Non-blocking mode, for a caller that polls many connections (the
+    /// bench): [`Client::try_recv`] then returns `None` instead of waiting,
+    /// and [`Client::flush`] still sends everything (it waits for room).
+    pub fn set_nonblocking(&self, on: bool) -> Result<()> {
+        Ok(self.stream.set_nonblocking(on)?)
+    }
+
+    /// The socket, to poll for readability.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
+    /// The next frame if a whole one is already buffered; never reads.
+    pub fn next_buffered(&mut self) -> Result<Option<Frame>> {
+        self.decode_buffered()?.map(check_error).transpose()
+    }
+
+    /// The next frame if one is buffered or can be read without waiting
+    /// (non-blocking mode); Error frames become `Err` as in [`Client::recv`].
+    pub fn try_recv(&mut self) -> Result<Option<Frame>> {
+        if !self.wbuf.is_empty() {
+            self.flush()?;
+        }
+        if let Some(f) = self.decode_buffered()? {
+            return Ok(Some(check_error(f)?));
+        }
+        match self.read_more() {
+            Ok(()) => {}
+            Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        }
+        match self.decode_buffered()? {
+            Some(f) => Ok(Some(check_error(f)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The server's limits (from HelloOk).
     pub fn limits(&self) -> Limits {
         self.limits
@@ -124,9 +163,21 @@ impl Client {
         protocol::encode(frame, &mut self.wbuf);
     }
 
-    /// Sends everything queued.
+    /// Sends everything queued (in non-blocking mode too: it waits for room
+    /// in the socket's send buffer).
     pub fn flush(&mut self) -> Result<()> {
-        self.stream.write_all(&self.wbuf)?;
+        let mut sent = 0;
+        while sent < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[sent..]) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_writable(self.as_raw_fd())?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.wbuf.clear();
         Ok(())
     }
@@ -160,10 +211,7 @@ impl Client {
     /// The next frame from the server. An Error frame becomes `Err`, except
     /// through [`Client::recv_frame`].
     pub fn recv(&mut self) -> Result<Frame> {
-        match self.recv_frame()? {
-            Frame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
-            f => Ok(f),
-        }
+        check_error(self.recv_frame()?)
     }
 
     /// The next frame, Error frames included.
@@ -172,40 +220,55 @@ impl Client {
             self.flush()?;
         }
         loop {
-            let window = &self.rbuf[self.rpos..self.rend];
-            if let Some((frame, len)) = protocol::decode(window, Direction::ToClient, &self.limits)?
-            {
-                let f = frame.to_frame();
-                self.rpos += len;
-                if self.rpos == self.rend {
-                    self.rpos = 0;
-                    self.rend = 0;
-                }
+            if let Some(f) = self.decode_buffered()? {
                 return Ok(f);
             }
-            // Room for more: move the partial frame to the front, and grow
-            // only when one frame is larger than the buffer.
-            if self.rpos > 0 {
-                self.rbuf.copy_within(self.rpos..self.rend, 0);
-                self.rend -= self.rpos;
-                self.rpos = 0;
-            }
-            if self.rend == self.rbuf.len() {
-                let grow = (self.rbuf.len() * 2)
-                    .min(self.limits.max_frame_size as usize + 4096)
-                    .max(self.rend + 1);
-                self.rbuf.resize(grow, 0);
-            }
-            let n = match self.stream.read(&mut self.rbuf[self.rend..]) {
-                Ok(n) => n,
+            self.read_more()?;
+        }
+    }
+
+    /// A whole frame from the receive buffer, if one is there.
+    fn decode_buffered(&mut self) -> Result<Option<Frame>> {
+        let window = &self.rbuf[self.rpos..self.rend];
+        let Some((frame, len)) = protocol::decode(window, Direction::ToClient, &self.limits)?
+        else {
+            return Ok(None);
+        };
+        let f = frame.to_frame();
+        self.rpos += len;
+        if self.rpos == self.rend {
+            self.rpos = 0;
+            self.rend = 0;
+        }
+        Ok(Some(f))
+    }
+
+    /// One read into the receive buffer (made room for first).
+    fn read_more(&mut self) -> Result<()> {
+        // Room for more: move the partial frame to the front, and grow
+        // only when one frame is larger than the buffer.
+        if self.rpos > 0 {
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+        }
+        if self.rend == self.rbuf.len() {
+            let grow = (self.rbuf.len() * 2)
+                .min(self.limits.max_frame_size as usize + 4096)
+                .max(self.rend + 1);
+            self.rbuf.resize(grow, 0);
+        }
+        loop {
+            match self.stream.read(&mut self.rbuf[self.rend..]) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => {
+                    self.rend += n;
+                    return Ok(());
+                }
                 // A signal interrupted the wait: nothing was read, wait again.
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
-                return Err(ClientError::Closed);
             }
-            self.rend += n;
         }
     }
 
@@ -350,4 +413,31 @@ fn unexpected(f: Frame) -> ClientError {
         Frame::Error { code, message, .. } => ClientError::Server { code, message },
         other => ClientError::Unexpected(format!("{other:?}").chars().take(200).collect()),
     }
+}
+
+fn check_error(f: Frame) -> Result<Frame> {
+    match f {
+        Frame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+        f => Ok(f),
+    }
+}
+
+/// Waits until `fd` can take more bytes (a non-blocking socket's send buffer
+/// was full).
+fn wait_writable(fd: std::os::fd::RawFd) -> Result<()> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd it is given, which lives
+    // on this stack frame for the call.
+    let rc = unsafe { libc::poll(&mut p, 1, -1) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }

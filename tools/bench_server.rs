@@ -218,8 +218,107 @@ struct Work<'a> {
     in_checkpoint: &'a AtomicBool,
 }
 
+/// What one driving thread keeps between requests.
+struct Driver {
+    t: usize,
+    x: u64,
+    payloads: Vec<Vec<u8>>,
+    counter: u64,
+    log: String,
+    h: Hist,
+}
+
+impl Driver {
+    /// Queues one request on connection `ci` (sent at its next flush).
+    fn queue_one(&mut self, ci: usize, conn: &mut Conn, work: &Work<'_>) {
+        if work.pages > 0 {
+            let x = &mut self.x;
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            let block = (*x % work.pages as u64) as u32;
+            let room = walden::store::page::PAGE_DATA - work.size + 1;
+            let off = ((*x >> 32) as usize % room) as u16;
+            fill(&mut self.payloads[0], *x);
+            let id = conn
+                .client
+                .queue_page_write(work.level, 1, block, off, &self.payloads[0]);
+            let during = work.in_checkpoint.load(Relaxed);
+            conn.sent
+                .push_back((id, Instant::now(), vec![(during as u32, 0)]));
+            return;
+        }
+        let mut meta = Vec::with_capacity(self.payloads.len());
+        for p in self.payloads.iter_mut() {
+            self.counter += 1;
+            let tag = ((self.t as u64) << 48) ^ ((ci as u64) << 32) ^ self.counter;
+            fill(p, tag);
+            meta.push((p.len() as u32, crc32c::crc32c(p)));
+        }
+        let recs: Vec<(Kind, &[u8])> = self.payloads.iter().map(|p| (Kind::DATA, &p[..])).collect();
+        let id = conn.client.queue_append(work.level, &recs);
+        conn.sent.push_back((id, Instant::now(), meta));
+    }
+
+    /// Accounts for one answer on `conn`.
+    fn on_answer(
+        &mut self,
+        conn: &mut Conn,
+        frame: Frame,
+        work: &Work<'_>,
+        stats: &ThreadStats,
+        ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    ) -> anyhow::Result<()> {
+        match frame {
+            Frame::PageWritten { request_id, .. } => {
+                let (id, sent_at, meta) = conn
+                    .sent
+                    .pop_front()
+                    .context("an answer nobody asked for")?;
+                anyhow::ensure!(
+                    id == request_id,
+                    "answer for request {request_id}, expected {id}"
+                );
+                let ns = sent_at.elapsed().as_nanos() as u64;
+                self.h.0.saturating_record(ns.max(1));
+                let during = meta[0].0 == 1 || work.in_checkpoint.load(Relaxed);
+                self.h.1.record(ns, during);
+                stats.records.fetch_add(1, Relaxed);
+                stats.interval.lock().unwrap().record(ns);
+            }
+            Frame::Ack {
+                request_id, lsns, ..
+            } => {
+                let (id, sent_at, meta) =
+                    conn.sent.pop_front().context("an ack nobody asked for")?;
+                anyhow::ensure!(
+                    id == request_id,
+                    "ack for request {request_id}, expected {id}"
+                );
+                let ns = sent_at.elapsed().as_nanos() as u64;
+                self.h.0.saturating_record(ns.max(1));
+                self.h.1.record(ns, work.in_checkpoint.load(Relaxed));
+                stats.records.fetch_add(lsns.len() as u64, Relaxed);
+                stats.interval.lock().unwrap().record(ns);
+                if ack_log.is_some() {
+                    for (lsn, (len, crc)) in lsns.iter().zip(&meta) {
+                        let _ = writeln!(self.log, "{lsn} {len} {crc:08x}");
+                    }
+                    if self.log.len() > 64 << 10 {
+                        write_log(ack_log, &mut self.log)?;
+                    }
+                }
+            }
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        }
+        Ok(())
+    }
+}
+
 /// One thread: keeps `pipeline` requests in flight on each of its
-/// connections, in lockstep (all acks of a group commit arrive together).
+/// connections, as pgbench does with its clients: it polls them all and
+/// sends a connection its next request as soon as an answer frees a place,
+/// whatever the other connections are waiting for.
 fn drive(
     t: usize,
     mut conns: Vec<Conn>,
@@ -228,95 +327,59 @@ fn drive(
     stop: &AtomicBool,
     ack_log: &Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 ) -> Result<Hist, Box<(Hist, anyhow::Error)>> {
-    let (pipeline, batch, size, level) = (work.pipeline, work.batch, work.size, work.level);
-    let mut h = (
-        bench_stats::histogram(),
-        bench_stats::CheckpointSplit::default(),
-    );
-    let mut x = (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut payloads: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; size]).collect();
-    let mut counter = 0u64;
-    let mut log = String::new();
+    let pipeline = work.pipeline;
+    let mut d = Driver {
+        t,
+        x: (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        payloads: (0..work.batch).map(|_| vec![0u8; work.size]).collect(),
+        counter: 0,
+        log: String::new(),
+        h: (
+            bench_stats::histogram(),
+            bench_stats::CheckpointSplit::default(),
+        ),
+    };
     let result = (|| -> anyhow::Result<()> {
+        for (ci, conn) in conns.iter_mut().enumerate() {
+            conn.client.set_nonblocking(true)?;
+            while conn.sent.len() < pipeline {
+                d.queue_one(ci, conn, work);
+            }
+            conn.client.flush()?;
+        }
+        let mut fds: Vec<libc::pollfd> = conns
+            .iter()
+            .map(|c| libc::pollfd {
+                fd: c.client.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         while !stop.load(Relaxed) {
+            poll_all(&mut fds, 100)?;
             for (ci, conn) in conns.iter_mut().enumerate() {
-                while conn.sent.len() < pipeline {
-                    if work.pages > 0 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let block = (x % work.pages as u64) as u32;
-                        let room = walden::store::page::PAGE_DATA - size + 1;
-                        let off = ((x >> 32) as usize % room) as u16;
-                        fill(&mut payloads[0], x);
-                        let id = conn
-                            .client
-                            .queue_page_write(level, 1, block, off, &payloads[0]);
-                        let during = work.in_checkpoint.load(Relaxed);
-                        conn.sent
-                            .push_back((id, Instant::now(), vec![(during as u32, 0)]));
-                        continue;
-                    }
-                    let mut meta = Vec::with_capacity(batch);
-                    for p in payloads.iter_mut() {
-                        counter += 1;
-                        let tag = ((t as u64) << 48) ^ ((ci as u64) << 32) ^ counter;
-                        fill(p, tag);
-                        meta.push((p.len() as u32, crc32c::crc32c(p)));
-                    }
-                    let recs: Vec<(Kind, &[u8])> =
-                        payloads.iter().map(|p| (Kind::DATA, &p[..])).collect();
-                    let id = conn.client.queue_append(level, &recs);
-                    conn.sent.push_back((id, Instant::now(), meta));
+                if fds[ci].revents == 0 {
+                    continue;
                 }
-                conn.client.flush()?;
-            }
-            for conn in conns.iter_mut() {
-                match conn.client.recv()? {
-                    Frame::PageWritten { request_id, .. } => {
-                        let (id, sent_at, meta) = conn
-                            .sent
-                            .pop_front()
-                            .context("an answer nobody asked for")?;
-                        anyhow::ensure!(
-                            id == request_id,
-                            "answer for request {request_id}, expected {id}"
-                        );
-                        let ns = sent_at.elapsed().as_nanos() as u64;
-                        h.0.saturating_record(ns.max(1));
-                        let during = meta[0].0 == 1 || work.in_checkpoint.load(Relaxed);
-                        h.1.record(ns, during);
-                        stats.records.fetch_add(1, Relaxed);
-                        stats.interval.lock().unwrap().record(ns);
+                // One read, then whatever whole frames it brought: a second
+                // read would only find the socket empty (poll says when not).
+                let Some(f) = conn.client.try_recv()? else {
+                    continue;
+                };
+                d.on_answer(conn, f, work, stats, ack_log)?;
+                while let Some(f) = conn.client.next_buffered()? {
+                    d.on_answer(conn, f, work, stats, ack_log)?;
+                }
+                if !stop.load(Relaxed) {
+                    while conn.sent.len() < pipeline {
+                        d.queue_one(ci, conn, work);
                     }
-                    Frame::Ack {
-                        request_id, lsns, ..
-                    } => {
-                        let (id, sent_at, meta) =
-                            conn.sent.pop_front().context("an ack nobody asked for")?;
-                        anyhow::ensure!(
-                            id == request_id,
-                            "ack for request {request_id}, expected {id}"
-                        );
-                        let ns = sent_at.elapsed().as_nanos() as u64;
-                        h.0.saturating_record(ns.max(1));
-                        h.1.record(ns, work.in_checkpoint.load(Relaxed));
-                        stats.records.fetch_add(lsns.len() as u64, Relaxed);
-                        {
-                            stats.interval.lock().unwrap().record(ns);
-                        }
-                        if ack_log.is_some() {
-                            for (lsn, (len, crc)) in lsns.iter().zip(&meta) {
-                                let _ = writeln!(log, "{lsn} {len} {crc:08x}");
-                            }
-                            if log.len() > 64 << 10 {
-                                write_log(ack_log, &mut log)?;
-                            }
-                        }
-                    }
-                    other => anyhow::bail!("unexpected answer: {other:?}"),
+                    conn.client.flush()?;
                 }
             }
+        }
+        for conn in &conns {
+            conn.client.set_nonblocking(false)?;
         }
         // Collect what is still in flight, so the log has every ack.
         for conn in conns.iter_mut() {
@@ -342,7 +405,7 @@ fn drive(
                     stats.records.fetch_add(lsns.len() as u64, Relaxed);
                     if ack_log.is_some() {
                         for (lsn, (len, crc)) in lsns.iter().zip(&meta) {
-                            let _ = writeln!(log, "{lsn} {len} {crc:08x}");
+                            let _ = writeln!(d.log, "{lsn} {len} {crc:08x}");
                         }
                     }
                 }
@@ -351,10 +414,10 @@ fn drive(
         Ok(())
     })();
     // The acks received before an error are real: keep them in the log.
-    let logged = write_log(ack_log, &mut log);
+    let logged = write_log(ack_log, &mut d.log);
     match result.and(logged) {
-        Ok(()) => Ok(h),
-        Err(e) => Err(Box::new((h, e))),
+        Ok(()) => Ok(d.h),
+        Err(e) => Err(Box::new((d.h, e))),
     }
 }
 
@@ -381,4 +444,21 @@ fn fill(p: &mut [u8], tag: u64) {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
+}
+
+/// Waits up to `timeout_ms` for any of `fds` to be readable (or closed).
+fn poll_all(fds: &mut [libc::pollfd], timeout_ms: i32) -> anyhow::Result<()> {
+    for f in fds.iter_mut() {
+        f.revents = 0;
+    }
+    // SAFETY: poll reads and writes exactly fds.len() pollfds, all in the
+    // slice it is given, for the duration of the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
