@@ -132,19 +132,13 @@ impl Client {
         if !self.wbuf.is_empty() {
             self.flush()?;
         }
-        if let Some(f) = self.decode_buffered()? {
-            return Ok(Some(check_error(f)?));
+        if let Some(f) = self.next_buffered()? {
+            return Ok(Some(f));
         }
         match self.read_more() {
-            Ok(()) => {}
-            Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        }
-        match self.decode_buffered()? {
-            Some(f) => Ok(Some(check_error(f)?)),
-            None => Ok(None),
+            Ok(()) => self.next_buffered(),
+            Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

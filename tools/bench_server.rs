@@ -385,30 +385,9 @@ fn drive(
         for conn in conns.iter_mut() {
             conn.client
                 .set_read_timeout(Some(Duration::from_secs(10)))?;
-            while let Some((id, _, meta)) = conn.sent.pop_front() {
+            while !conn.sent.is_empty() {
                 let f = conn.client.recv()?;
-                if let Frame::PageWritten { request_id, .. } = f {
-                    anyhow::ensure!(
-                        id == request_id,
-                        "answer for request {request_id}, expected {id}"
-                    );
-                    stats.records.fetch_add(1, Relaxed);
-                }
-                if let Frame::Ack {
-                    request_id, lsns, ..
-                } = f
-                {
-                    anyhow::ensure!(
-                        id == request_id,
-                        "ack for request {request_id}, expected {id}"
-                    );
-                    stats.records.fetch_add(lsns.len() as u64, Relaxed);
-                    if ack_log.is_some() {
-                        for (lsn, (len, crc)) in lsns.iter().zip(&meta) {
-                            let _ = writeln!(d.log, "{lsn} {len} {crc:08x}");
-                        }
-                    }
-                }
+                d.on_answer(conn, f, work, stats, ack_log)?;
             }
         }
         Ok(())

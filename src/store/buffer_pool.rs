@@ -258,9 +258,7 @@ impl BufferPool {
     }
 
     fn partition(tag: PageTag) -> usize {
-        // Fibonacci hashing of the 64-bit address.
-        let k = ((tag.rel as u64) << 32 | tag.block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (k >> 58) as usize % PARTITIONS
+        (tag.spread() >> 58) as usize % PARTITIONS
     }
 
     /// Pins the frame holding `tag`, loading the page (or zeros) into a
@@ -609,7 +607,8 @@ impl BufferPool {
     }
 
     /// During the startup scan: every record up to `lsn` has been read
-    /// from durable WAL and replayed.
+    /// from durable WAL (and handed to redo, which may not have applied it
+    /// yet: what matters to a write-out is that it is durable).
     pub fn set_replayed_to(&self, lsn: Lsn) {
         // Release, not SeqCst: once per record, and a full fence here would
         // wait for the page stores before it to reach the cache.

@@ -446,7 +446,10 @@ impl Store {
                 estimated_end,
                 workers,
             )?;
-            let opened = Wal::open_observed(cfg.clone(), Some(&mut redo));
+            let opened = Wal::open_observed(
+                cfg.clone(),
+                Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
+            );
             let joined = redo.join();
             let wal = match opened {
                 Ok(w) => Arc::new(w),

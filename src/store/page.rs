@@ -45,6 +45,12 @@ impl PageTag {
     pub fn offset(self) -> u64 {
         self.block as u64 * PAGE_SIZE as u64
     }
+
+    /// The 64-bit address spread by Fibonacci hashing: its high bits pick a
+    /// buffer-pool partition, lower ones a redo worker.
+    pub fn spread(self) -> u64 {
+        ((self.rel as u64) << 32 | self.block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
 }
 
 impl fmt::Display for PageTag {

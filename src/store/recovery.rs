@@ -80,14 +80,19 @@ impl Batch {
     }
 }
 
-/// The first failure of any worker; the scan stops at its next record.
+/// The first failure of any redo worker; the scan stops at its next
+/// record. Lives outside the scope the workers run in.
 #[derive(Default)]
-struct Failure {
+pub(crate) struct RedoFailure {
     failed: AtomicBool,
     error: Mutex<Option<StoreError>>,
 }
 
-impl Failure {
+impl RedoFailure {
+    pub fn new() -> RedoFailure {
+        RedoFailure::default()
+    }
+
     fn set(&self, e: StoreError) {
         let mut g = self.error.lock().unwrap();
         if g.is_none() {
@@ -130,23 +135,12 @@ pub(crate) struct Redo<'a> {
     workers: Vec<Worker<'a>>,
     /// Emptied batches coming back from the workers, for reuse.
     spare: Receiver<Batch>,
-    failure: &'a Failure,
+    failure: &'a RedoFailure,
     records: u64,
     writes: u64,
     images: u64,
     first: Option<Lsn>,
     last: Lsn,
-    end: Lsn,
-}
-
-/// Where redo workers keep their first failure: lives outside the scope
-/// the workers run in.
-pub(crate) struct RedoFailure(Failure);
-
-impl RedoFailure {
-    pub fn new() -> RedoFailure {
-        RedoFailure(Failure::default())
-    }
 }
 
 impl<'a> Redo<'a> {
@@ -169,7 +163,6 @@ impl<'a> Redo<'a> {
         progress.at.store(from.0, Relaxed);
         progress.end.store(estimated_end.0, Relaxed);
         progress.active.store(true, SeqCst);
-        let failure = &failure.0;
         let (spare_tx, spare) = channel::unbounded();
         let mut ws = Vec::new();
         for n in 0..workers.max(1) {
@@ -216,7 +209,6 @@ impl<'a> Redo<'a> {
             images: 0,
             first: None,
             last: from,
-            end: from,
         })
     }
 
@@ -272,7 +264,6 @@ impl<'a> Redo<'a> {
         self.pool.set_replayed_to(end);
         self.records += 1;
         self.last = rec.lsn;
-        self.end = end;
         if self.records % 1024 == 0 {
             self.report(end);
         }
@@ -280,10 +271,8 @@ impl<'a> Redo<'a> {
     }
 
     fn dispatch(&mut self, mut e: Entry, bytes: &[u8]) {
-        let n = self.workers.len();
-        let key =
-            ((e.tag.rel as u64) << 32 | e.tag.block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let w = &mut self.workers[((key >> 32) % n as u64) as usize];
+        let n = self.workers.len() as u64;
+        let w = &mut self.workers[((e.tag.spread() >> 32) % n) as usize];
         e.at = w.batch.data.len() as u32;
         e.len = bytes.len() as u32;
         w.batch.data.extend_from_slice(bytes);
@@ -416,12 +405,6 @@ impl Replayed {
             bytes / 1e6 / secs.max(1e-9),
             self.workers
         );
-    }
-}
-
-impl crate::wal::startup::Observe for Redo<'_> {
-    fn record(&mut self, rec: &Record<'_>) -> Result<(), String> {
-        self.apply(rec).map_err(|e| e.to_string())
     }
 }
 

@@ -155,10 +155,9 @@ impl RelFiles {
         let mut allocated = self.allocated.lock().unwrap();
         let have = match allocated.get(&tag.rel) {
             Some(&n) => n,
-            None => f.len()?,
+            None => *allocated.entry(tag.rel).or_insert(f.len()?),
         };
         if need <= have {
-            allocated.insert(tag.rel, have);
             return Ok(());
         }
         let step = (have / 8).clamp(MIN_STEP, MAX_STEP);

@@ -313,17 +313,12 @@ impl WalReader {
             }
             self.read_ahead = Some((tx, segno));
         }
-        let last = segno + READ_AHEAD_SEGMENTS;
-        let paths: Vec<PathBuf> = {
-            let (_, sent) = self.read_ahead.as_ref().unwrap();
-            (segno.max(*sent) + 1..=last)
-                .map(|s| self.segment_path(s))
-                .collect()
-        };
-        let (tx, sent) = self.read_ahead.as_mut().unwrap();
-        for p in paths {
-            let _ = tx.send(p);
+        let (tx, sent) = self.read_ahead.as_ref().unwrap();
+        let (first, last) = (segno.max(*sent) + 1, segno + READ_AHEAD_SEGMENTS);
+        for s in first..=last {
+            let _ = tx.send(self.segment_path(s));
         }
+        let sent = &mut self.read_ahead.as_mut().unwrap().1;
         *sent = last.max(*sent);
     }
 

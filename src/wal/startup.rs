@@ -27,14 +27,10 @@ pub struct EndOfScan {
     pub records: u64,
 }
 
-/// Sees every valid record the startup scan passes, in order (the page
-/// store replays them as they go by: one pass over the WAL).
-pub trait Observe {
-    /// A valid record, in order. An error stops the scan and the open.
-    fn record(&mut self, rec: &Record<'_>) -> Result<(), String>;
-}
-
-pub type ScanObserver<'a> = &'a mut dyn Observe;
+/// Called with every valid record the startup scan passes, in order (the
+/// page store replays them as they go by: one pass over the WAL). An error
+/// stops the scan and the open.
+pub type ScanObserver<'a> = &'a mut dyn FnMut(&Record<'_>) -> Result<(), String>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -61,7 +57,7 @@ pub fn scan(
     let mut last_report = began;
     while let Some(rec) = reader.next_record()? {
         if let Some(obs) = observer.as_mut() {
-            obs.record(&rec).map_err(ScanError::Observer)?;
+            obs(&rec).map_err(ScanError::Observer)?;
         }
         records += 1;
         if records % 4096 == 0 && observer.is_none() && last_report.elapsed().as_secs() >= 5 {
