@@ -201,6 +201,9 @@ pub struct Config {
     /// `commit_siblings` other commits are waiting, to let more join the group.
     pub commit_delay: u64,
     pub commit_siblings: u32,
+    /// Microseconds a shard or the flusher keeps polling for its next event
+    /// before it blocks, after recent activity (0: block at once).
+    pub idle_poll_time: u64,
     /// Number of insert slots (shards); 0 means one per online CPU.
     pub insert_shards: u32,
     /// CPUs the shards (and the flusher, last) are pinned to; empty: no pinning.
@@ -295,6 +298,7 @@ impl Default for Config {
             wal_writer_delay: Millis(200),
             commit_delay: 0,
             commit_siblings: 5,
+            idle_poll_time: 300,
             insert_shards: 0,
             cpu_affinity: Vec::new(),
             max_record_size: Size(1 << 20),
@@ -502,6 +506,12 @@ impl Config {
             return invalid(
                 "commit_delay",
                 format!("{}us is more than 100000us", self.commit_delay),
+            );
+        }
+        if self.idle_poll_time > 10_000 {
+            return invalid(
+                "idle_poll_time",
+                format!("{}us is more than 10000us", self.idle_poll_time),
             );
         }
         if self.min_wal_size.0 < 2 * seg {

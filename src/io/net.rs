@@ -213,9 +213,12 @@ impl NetRing {
         wake: Arc<EventFd>,
         recv_buf_size: usize,
     ) -> io::Result<NetRing> {
+        // TASKRUN_FLAG: the kernel flags pending completions in the SQ ring,
+        // so that an idle poll sees them without a syscall.
         let ring = match IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
         {
             Ok(r) => r,
@@ -331,6 +334,23 @@ impl NetRing {
         .user_data(user_data(SEND, id, c.generation));
         c.send_armed = true;
         self.push(e)
+    }
+
+    /// Submits what is queued (sends go out now) without waiting.
+    pub fn submit_queued(&mut self) -> io::Result<()> {
+        self.arm_accept()?;
+        self.arm_wake()?;
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Whether [`NetRing::wait`] would find something without blocking: an
+    /// event not yet taken, a completion, or completions the kernel holds
+    /// for this thread (the TASKRUN flag). No syscall: for polling.
+    pub fn has_completions(&mut self) -> bool {
+        !self.events.is_empty()
+            || self.ring.submission().taskrun()
+            || !self.ring.completion().is_empty()
     }
 
     /// Submits what is queued and waits for at least one completion, a

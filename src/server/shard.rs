@@ -117,6 +117,11 @@ pub(crate) fn run(
     let mut serial = 0u64;
     let mut stopped_accepting = false;
     let mut last_sweep = Instant::now();
+    let mut last_data = Instant::now();
+    // The flush LSN this shard waits for: its oldest pending ack's end, or
+    // past what followers were fed.
+    let mut wait_for: Option<Lsn> = None;
+    let idle_poll = Duration::from_micros(shared.cfg.idle_poll_time);
 
     loop {
         let stopping = shared.stopping.load(SeqCst);
@@ -136,15 +141,39 @@ pub(crate) fn run(
             }
         }
 
-        let timeout = if shard
-            .pending
-            .front()
-            .is_some_and(|p| wal.flush_lsn() >= p.end)
-        {
+        let flushed_enough = || wait_for.is_some_and(|l| wal.flush_lsn() >= l);
+        let mut timeout = if flushed_enough() {
             Duration::ZERO
         } else {
             Duration::from_millis(100)
         };
+        // Poll before blocking while acks are due or a client was recently
+        // active: its next request, or the flush, comes within microseconds
+        // (and the flusher need not signal a thread that polls).
+        if !timeout.is_zero()
+            && (wait_for.is_some() || last_data.elapsed() < crate::io::RECENTLY_BUSY)
+        {
+            if let Err(e) = shard.ring.submit_queued() {
+                tracing::error!("shard {index}: io_uring submit failed: {e}");
+                break;
+            }
+            let ring = &mut shard.ring;
+            if crate::io::poll_until(idle_poll, || {
+                ring.has_completions() || flushed_enough() || shared.stopping.load(SeqCst)
+            }) {
+                timeout = Duration::ZERO;
+            }
+        }
+        if !timeout.is_zero() {
+            if let Some(lsn) = wait_for {
+                // Ask to be woken; the check after it covers a flush
+                // published before the ask.
+                flush.want(lsn);
+                if flushed_enough() {
+                    timeout = Duration::ZERO;
+                }
+            }
+        }
         if let Err(e) = shard.ring.wait(timeout) {
             tracing::error!("shard {index}: io_uring wait failed: {e}");
             break;
@@ -175,6 +204,7 @@ pub(crate) fn run(
                     let (Some(st), Some(dec)) = (conns.get_mut(&id), decoders.get_mut(&id)) else {
                         continue;
                     };
+                    last_data = Instant::now();
                     received.clear();
                     received.extend_from_slice(shard.ring.received(id));
                     st.last_activity = Instant::now();
@@ -242,14 +272,16 @@ pub(crate) fn run(
                 shard.feed_follower(id, st, flushed);
             }
         }
-        // Ask to be woken for the next thing we wait for.
+        // What we wait for next from the flusher (asked for before blocking).
         let follows = conns.values().any(|s| s.follow.is_some());
-        if let Some(p) = shard.pending.front() {
-            flush.want(p.end);
+        wait_for = if let Some(p) = shard.pending.front() {
             wal.request_flush(p.end);
+            Some(p.end)
         } else if follows {
-            flush.want(Lsn(flushed.0 + 1));
-        }
+            Some(Lsn(flushed.0 + 1))
+        } else {
+            None
+        };
 
         if last_sweep.elapsed() >= Duration::from_millis(100) {
             last_sweep = Instant::now();

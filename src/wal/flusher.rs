@@ -46,6 +46,9 @@ pub struct FlushSettings {
     /// Write (and sync) synchronously when a batch is one write and nothing
     /// is in flight.
     pub sync_writes_at_depth_1: bool,
+    /// `idle_poll_time`: how long the idle flusher polls for the next
+    /// commit before it blocks.
+    pub idle_poll: Duration,
 }
 
 impl FlushSettings {
@@ -57,6 +60,7 @@ impl FlushSettings {
             max_inflight: cfg.wal_max_inflight as usize,
             max_write: cfg.wal_max_write.0,
             sync_writes_at_depth_1: cfg.wal_sync_at_depth_1,
+            idle_poll: Duration::from_micros(cfg.idle_poll_time),
         }
     }
 
@@ -663,6 +667,22 @@ pub(crate) fn run_uring(
         }
         if shared.commit.is_shut_down() && units.is_empty() {
             timeout = timeout.min(Duration::from_micros(100));
+        }
+        if can_start
+            && units.is_empty()
+            && wait_until.is_none()
+            && demand.last_flush.elapsed() < crate::io::RECENTLY_BUSY
+        {
+            // Recently busy and idle now: the next commit is likely within
+            // microseconds, so poll for it rather than sleep and be woken.
+            let commit = &shared.commit;
+            let insert = &shared.insert;
+            if crate::io::poll_until(s.idle_poll, || {
+                (commit.request_lsn() > submitted && insert.safe_point() > submitted)
+                    || commit.is_shut_down()
+            }) {
+                continue;
+            }
         }
         if can_start {
             shared.commit.flusher_will_sleep();
