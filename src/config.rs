@@ -632,6 +632,12 @@ mod tests {
         cfg.set("recovery_workers=65").unwrap();
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("recovery_workers") && e.contains("65"), "{e}");
+        let mut cfg = Config::default();
+        cfg.set("idle_poll_time=20000").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("idle_poll_time") && e.contains("20000us"), "{e}");
+        cfg.set("idle_poll_time=0").unwrap();
+        cfg.validate().unwrap();
     }
 
     #[test]
