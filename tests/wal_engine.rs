@@ -472,3 +472,34 @@ fn commit_delay_holds_the_flush_when_enough_commits_wait() {
         );
     }
 }
+
+/// An idle flusher sleeps `wal_writer_delay` at a time (it used to wake every
+/// 100 µs): a record appended at level `off` while it sleeps, that nobody
+/// waits for, must still be made durable by the timer, within about one
+/// `wal_writer_delay`.
+#[test]
+fn an_off_record_appended_to_an_idle_wal_is_flushed_by_the_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.wal_writer_delay = walden::config::Millis(100);
+    let wal = Wal::open(cfg).unwrap();
+    // Idle long enough for the flusher to be in its long sleep.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    let a = wal.append(Kind::DATA, b"nobody waits for me").unwrap();
+    while wal.flush_lsn() < a.end && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let took = start.elapsed();
+    assert!(
+        wal.flush_lsn() >= a.end,
+        "the record was not flushed within 5 s (flush LSN {}, record end {})",
+        wal.flush_lsn(),
+        a.end
+    );
+    // One timer period, plus slack for a loaded CI machine.
+    assert!(
+        took < std::time::Duration::from_millis(1000),
+        "the record took {took:?} to be flushed with wal_writer_delay = 100ms"
+    );
+}
