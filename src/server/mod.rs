@@ -418,6 +418,7 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
             "wal_buffers": cfg.wal_buffers.0,
             "max_record_size": cfg.max_record_size.0,
             "listen_addr": cfg.listen_addr,
+            "idle_poll_time_us": cfg.idle_poll_time,
             "wal_dir": cfg.wal_dir.display().to_string(),
             "data_dir": cfg.data_dir.display().to_string(),
             "full_page_writes": cfg.full_page_writes,
