@@ -207,7 +207,7 @@ pub(crate) fn run(
                     last_data = Instant::now();
                     received.clear();
                     received.extend_from_slice(shard.ring.received(id));
-                    st.last_activity = Instant::now();
+                    st.last_activity = last_data;
                     shard.process(id, st, dec, &received, &mut ins);
                     let max = shard.shared.runtime.read().unwrap().max_in_flight;
                     st.paused = st.in_flight >= max;

@@ -674,6 +674,10 @@ pub(crate) fn run_uring(
         if shared.commit.is_shut_down() && units.is_empty() {
             timeout = timeout.min(Duration::from_micros(100));
         }
+        // Someone waits for WAL beyond what we submitted, and it is copied.
+        let commit_ready = || {
+            shared.commit.request_lsn() > submitted && shared.insert.safe_point() > submitted
+        };
         if can_start
             && units.is_empty()
             && wait_until.is_none()
@@ -681,21 +685,15 @@ pub(crate) fn run_uring(
         {
             // Recently busy and idle now: the next commit is likely within
             // microseconds, so poll for it rather than sleep and be woken.
-            let commit = &shared.commit;
-            let insert = &shared.insert;
             if crate::io::poll_until(s.idle_poll, || {
-                (commit.request_lsn() > submitted && insert.safe_point() > submitted)
-                    || commit.is_shut_down()
+                commit_ready() || shared.commit.is_shut_down()
             }) {
                 continue;
             }
         }
         if can_start {
             shared.commit.flusher_will_sleep();
-            if shared.commit.request_lsn() > submitted
-                && shared.insert.safe_point() > submitted
-                && wait_until.is_none()
-            {
+            if commit_ready() && wait_until.is_none() {
                 shared.commit.flusher_awake();
                 continue;
             }
