@@ -14,6 +14,7 @@
 pub mod client;
 pub mod config;
 pub mod durability;
+pub(crate) mod fatal;
 pub mod io;
 pub mod lsn;
 pub mod metrics;

@@ -138,7 +138,7 @@ impl Writeback {
         }
         if let Err(e) = self.queue.drain(&mut self.done) {
             // The ring itself failed: nothing can be trusted about the batch.
-            crate::wal::flusher::fatal(format_args!("page write io_uring failed: {e}"));
+            crate::fatal::fatal(format_args!("page write io_uring failed: {e}"));
         }
         let mut ok = vec![false; self.pending.len()];
         for c in &self.done {
@@ -181,18 +181,18 @@ impl Writeback {
         for (i, (_, f)) in files.iter().enumerate() {
             if f.is_simulated() {
                 if let Err(e) = f.fsync() {
-                    crate::wal::flusher::fatal(format_args!("{e}"));
+                    crate::fatal::fatal(format_args!("{e}"));
                 }
                 secs[i] = started.elapsed().as_secs_f64();
                 continue;
             }
             if let Err(e) = self.queue.fsync(f.raw_fd(), i as u64) {
-                crate::wal::flusher::fatal(format_args!("could not queue fsync: {e}"));
+                crate::fatal::fatal(format_args!("could not queue fsync: {e}"));
             }
         }
         while self.queue.in_flight() > 0 {
             if let Err(e) = self.queue.submit_and_wait(1, None) {
-                crate::wal::flusher::fatal(format_args!("page store io_uring failed: {e}"));
+                crate::fatal::fatal(format_args!("page store io_uring failed: {e}"));
             }
             self.done.clear();
             self.queue.reap(&mut self.done);
@@ -200,7 +200,7 @@ impl Writeback {
                 let (_, f) = &files[c.user_data as usize];
                 if c.result < 0 {
                     // IMPORTANT: PostgreSQL's fsyncgate lesson: PANIC, recover from the WAL.
-                    crate::wal::flusher::fatal(format_args!(
+                    crate::fatal::fatal(format_args!(
                         "could not fsync file \"{}\": {}",
                         f.path().display(),
                         std::io::Error::from_raw_os_error(-c.result)

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, SyncMethod};
+use crate::fatal::fatal;
 use crate::io::aligned::AlignedBuf;
 use crate::io::file::{FileError, OpenMode, SegmentFile};
 use crate::io::uring::{Completion, WalQueue};
@@ -203,15 +204,6 @@ fn wait_for_room(shared: &WalShared, segno: u64, mode: OpenMode, first: FileErro
             Err(e) => fatal(format_args!("could not open WAL segment for writing: {e}")),
         }
     }
-}
-
-/// Logs and aborts: the PANIC of PostgreSQL. A restart recovers from the WAL.
-pub(crate) fn fatal(msg: std::fmt::Arguments<'_>) -> ! {
-    // Tests on a simulated disk: the disk dies and this thread unwinds.
-    crate::io::sim::on_fatal(&msg.to_string());
-    tracing::error!("PANIC: {msg}");
-    eprintln!("walden: PANIC: {msg}");
-    std::process::abort()
 }
 
 /// A unit of completion: one write (when writes are durable by themselves:

@@ -179,7 +179,7 @@ impl Segments {
         // IMPORTANT: the new name must be durable before anything is written
         // to the segment and acknowledged. A failed directory fsync is fatal.
         if let Err(e) = self.sync_dir() {
-            super::flusher::fatal(format_args!("{e}"));
+            crate::fatal::fatal(format_args!("{e}"));
         }
         self.stats.segments_created.fetch_add(1, Relaxed);
         drop(_g);
