@@ -4,9 +4,11 @@
 //! message, acknowledge nothing after the last good sync, and let a restart
 //! recover every record that was acknowledged.
 //!
-//! A child process (`walden wal-child --inject-sync-eio-at N`, pwrite flusher,
-//! fdatasync) appends from several threads at `local` and prints each
-//! acknowledged record; its N-th sync fails with EIO without syncing. On a new
+//! A child process (`walden wal-child --inject-sync-eio-at N`, fdatasync,
+//! on each flusher: the io_uring one, whose queued sync is then replaced by
+//! a no-op that completes with EIO, and the pwrite one) appends from
+//! several threads at `local` and prints each acknowledged record; its N-th
+//! sync fails with EIO without syncing. On a new
 //! WAL the first two syncs are startup's (`wal_start`, the first segment), so
 //! N = 3 fails the flusher's first sync and larger N fail later ones. We check
 //! that it died by SIGABRT naming the segment and the unacknowledged range
@@ -146,12 +148,16 @@ fn scan(wal_dir: &Path) -> HashMap<Lsn, Vec<u8>> {
     out
 }
 
-fn failed_fdatasync_is_fatal(n: u64) {
+fn failed_fdatasync_is_fatal(flusher: &str, n: u64) {
     let began = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let wal_dir = dir.path().join("wal");
     // --count bounds the run should the failure not be fatal.
     let n_arg = n.to_string();
+    let flusher_arg = format!("wal_flusher={flusher}");
+    // On the io_uring flusher every sync goes through the queue (not the
+    // synchronous depth-1 path, which is the pwrite flusher's call).
+    let depth_1 = format!("wal_sync_at_depth_1={}", flusher == "pwrite");
     let run = run_child(
         dir.path(),
         &[
@@ -159,11 +165,18 @@ fn failed_fdatasync_is_fatal(n: u64) {
             "4",
             "--count",
             "1000",
+            "-c",
+            &flusher_arg,
+            "-c",
+            &depth_1,
             "--inject-sync-eio-at",
             &n_arg,
         ],
     );
-    let ctx = format!("N={n}: status {:?}, stderr:\n{}", run.status, run.stderr);
+    let ctx = format!(
+        "{flusher} flusher, N={n}: status {:?}, stderr:\n{}",
+        run.status, run.stderr
+    );
 
     // 1. It aborted (PANIC), rather than exiting or going on.
     assert_eq!(
@@ -204,7 +217,7 @@ fn failed_fdatasync_is_fatal(n: u64) {
     for a in &acks {
         assert!(
             a.end <= x,
-            "N={n}: record {}..{} was acknowledged but WAL {x}..{y} was not synced",
+            "{flusher} N={n}: record {}..{} was acknowledged but WAL {x}..{y} was not synced",
             a.lsn,
             a.end
         );
@@ -219,7 +232,7 @@ fn failed_fdatasync_is_fatal(n: u64) {
     } else {
         assert!(
             !acks.is_empty(),
-            "N={n}: nothing acknowledged before the failure, the test proves little"
+            "{flusher} N={n}: nothing acknowledged before the failure, the test proves little"
         );
     }
     let max_end = acks.iter().map(|a| a.end).max().unwrap_or(opened_at);
@@ -229,30 +242,33 @@ fn failed_fdatasync_is_fatal(n: u64) {
     let restart = run_child(dir.path(), &["--threads", "2", "--count", "3"]);
     assert!(
         restart.status.success(),
-        "N={n}: the restart failed: {:?}, stderr:\n{}",
+        "{flusher} N={n}: the restart failed: {:?}, stderr:\n{}",
         restart.status,
         restart.stderr
     );
     let (reopened_at, _) = parse_stdout(&restart.stdout);
     assert!(
         reopened_at >= max_end,
-        "N={n}: the restart continues at {reopened_at}, before acknowledged WAL ending at {max_end}"
+        "{flusher} N={n}: the restart continues at {reopened_at}, before acknowledged WAL ending at {max_end}"
     );
 
     // 5. Every acknowledged record is there, byte for byte.
     let records = scan(&wal_dir);
     for a in &acks {
-        let got = records
-            .get(&a.lsn)
-            .unwrap_or_else(|| panic!("N={n}: acknowledged record at {} is missing", a.lsn));
+        let got = records.get(&a.lsn).unwrap_or_else(|| {
+            panic!(
+                "{flusher} N={n}: acknowledged record at {} is missing",
+                a.lsn
+            )
+        });
         assert!(
             got == &payload(a.seed, a.len),
-            "N={n}: record at {} differs from what was acknowledged",
+            "{flusher} N={n}: record at {} differs from what was acknowledged",
             a.lsn
         );
     }
     eprintln!(
-        "N={n:2}: aborted with WAL {x}..{y} not acknowledged, {} acks (last ends {max_end}), all recovered; {} ms",
+        "{flusher} N={n:2}: aborted with WAL {x}..{y} not acknowledged, {} acks (last ends {max_end}), all recovered; {} ms",
         acks.len(),
         began.elapsed().as_millis()
     );
@@ -260,15 +276,30 @@ fn failed_fdatasync_is_fatal(n: u64) {
 
 #[test]
 fn eio_on_the_first_flusher_sync_is_fatal() {
-    failed_fdatasync_is_fatal(3);
+    failed_fdatasync_is_fatal("pwrite", 3);
 }
 
 #[test]
 fn eio_on_the_tenth_sync_is_fatal() {
-    failed_fdatasync_is_fatal(10);
+    failed_fdatasync_is_fatal("pwrite", 10);
 }
 
 #[test]
 fn eio_on_the_fortieth_sync_is_fatal() {
-    failed_fdatasync_is_fatal(40);
+    failed_fdatasync_is_fatal("pwrite", 40);
+}
+
+#[test]
+fn eio_on_the_first_io_uring_flusher_sync_is_fatal() {
+    failed_fdatasync_is_fatal("uring", 3);
+}
+
+#[test]
+fn eio_on_the_tenth_sync_of_the_io_uring_flusher_is_fatal() {
+    failed_fdatasync_is_fatal("uring", 10);
+}
+
+#[test]
+fn eio_on_the_fortieth_sync_of_the_io_uring_flusher_is_fatal() {
+    failed_fdatasync_is_fatal("uring", 40);
 }

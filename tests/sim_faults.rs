@@ -1,6 +1,7 @@
 //! Single faults on the simulated disk (`walden::io::sim`), one at a time:
 //! the WAL device filling up (ENOSPC while preparing a segment) with either
-//! `wal_full_policy`, and what a power cut keeps afterwards.
+//! `wal_full_policy`, and what a power cut keeps afterwards. Each runs on
+//! both flushers (the io_uring one on the simulated disk's queue).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +12,10 @@ use walden::wal::reader::WalReader;
 use walden::wal::TIMELINE;
 use walden::{Config, Durability, Kind, Lsn, Wal, WalError};
 
-fn config(disk: &SimDisk, policy: &str) -> Config {
+fn config(disk: &SimDisk, policy: &str, flusher: &str) -> Config {
     let mut cfg = Config::with_data_directory(disk.root());
     for s in [
+        &format!("wal_flusher={flusher}"),
         "wal_segment_size=1MB",
         "wal_buffers=256kB",
         "max_record_size=16kB",
@@ -67,9 +69,14 @@ fn assert_present(cfg: &Config, acked: &[(Lsn, Vec<u8>)]) {
 
 #[test]
 fn a_full_wal_device_refuses_appends_harms_nothing_and_resumes() {
+    full_device_refuses_and_resumes("uring");
+    full_device_refuses_and_resumes("pwrite");
+}
+
+fn full_device_refuses_and_resumes(flusher: &str) {
     let disk = Arc::new(SimDisk::new());
     sim::install(Arc::clone(&disk));
-    let cfg = config(&disk, "error");
+    let cfg = config(&disk, "error", flusher);
     let wal = Wal::open(cfg.clone()).unwrap();
     // Segments 1 and 2 exist; room for half a segment more: segment 3
     // cannot be created.
@@ -160,9 +167,14 @@ fn a_full_wal_device_refuses_appends_harms_nothing_and_resumes() {
 
 #[test]
 fn with_wal_full_policy_wait_an_append_waits_for_space() {
+    append_waits_for_space("uring");
+    append_waits_for_space("pwrite");
+}
+
+fn append_waits_for_space(flusher: &str) {
     let disk = Arc::new(SimDisk::new());
     sim::install(Arc::clone(&disk));
-    let cfg = config(&disk, "wait");
+    let cfg = config(&disk, "wait", flusher);
     let wal = Arc::new(Wal::open(cfg.clone()).unwrap());
     wait_for_second_segment(&cfg);
     disk.set_faults(Faults {
@@ -208,4 +220,73 @@ fn with_wal_full_policy_wait_an_append_waits_for_space() {
     sim::install(Arc::clone(&image));
     assert_present(&cfg, &acked);
     sim::uninstall(image.root());
+}
+
+/// A batch that runs into a segment the full device cannot hold is cut at
+/// that segment: the records before it are made durable and acknowledged
+/// while the flusher waits for room (it used to wait with them queued but
+/// not written, so their waiters hung until space returned). Without a
+/// preparer (`wal_prealloc = 0`) the flusher is the first to find the
+/// device full, so the appends past the segment end were not refused.
+#[test]
+fn records_before_a_segment_the_full_device_cannot_hold_are_acknowledged() {
+    for flusher in ["uring", "pwrite"] {
+        let disk = Arc::new(SimDisk::new());
+        sim::install(Arc::clone(&disk));
+        let mut cfg = config(&disk, "error", flusher);
+        cfg.set("wal_prealloc=0").unwrap();
+        let wal = Arc::new(Wal::open(cfg.clone()).unwrap());
+        let mut acked = Vec::new();
+        // Fill segment 1 to within a record of its end (it starts at 1 MB).
+        let mut n = 0;
+        while wal.insert_lsn().0 + 2 * 4096 < 2 << 20 {
+            n += 1;
+            let p = payload(n, 4000);
+            let a = wal.append(Kind::DATA, &p).unwrap();
+            acked.push((a.lsn, p));
+        }
+        wal.wait(wal.insert_lsn(), Durability::Local).unwrap();
+        // No room for segment 2.
+        disk.set_faults(Faults {
+            capacity: Some(disk.used()),
+            ..Faults::default()
+        });
+        // Three records in one reservation: the first two end in segment
+        // 1, the last crosses into segment 2.
+        let ps: Vec<Vec<u8>> = (0..3).map(|i| payload(1000 + i, 3000)).collect();
+        let batch: Vec<(Kind, &[u8])> = ps.iter().map(|p| (Kind::DATA, &p[..])).collect();
+        let mut lsns = Vec::new();
+        let end = wal.append_batch(&batch, &mut lsns).unwrap();
+        assert!(lsns[2].0 < 2 << 20 && end.0 > 2 << 20, "{lsns:?} {end}");
+        let second_end = lsns[2];
+        wal.request_flush(end);
+        let w = Arc::clone(&wal);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(w.wait(second_end, Durability::Local));
+        });
+        let r = rx.recv_timeout(Duration::from_secs(5));
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "{flusher} flusher: records before the segment the device cannot hold were not \
+             acknowledged within 5 s: {r:?}"
+        );
+        assert!(
+            wal.flush_lsn() < end,
+            "the last record cannot be durable yet"
+        );
+        acked.push((lsns[0], ps[0].clone()));
+        acked.push((lsns[1], ps[1].clone()));
+        assert!(disk.dead().is_none(), "a full device is not fatal");
+        // Space returns: the last record becomes durable too.
+        disk.set_faults(Faults::default());
+        wal.wait(end, Durability::Local).unwrap();
+        acked.push((lsns[2], ps[2].clone()));
+        let (image, _) = disk.power_cut(3);
+        Arc::into_inner(wal).unwrap().close().unwrap();
+        let image = Arc::new(image);
+        sim::install(Arc::clone(&image));
+        assert_present(&cfg, &acked);
+        sim::uninstall(image.root());
+    }
 }

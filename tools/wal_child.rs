@@ -32,10 +32,10 @@ pub struct WalChildArgs {
     set: Vec<String>,
     /// (testing) The N-th sync of a file in this process (counting from before
     /// the WAL is opened: on a new WAL, the first two are startup's) fails
-    /// with EIO. Forces wal_flusher=pwrite and wal_sync_method=fdatasync (the
-    /// io_uring flusher does not sync through the hooked call) and
-    /// wal_prealloc=0 (no segment preparer, whose syncs would race the
-    /// flusher's for the N-th).
+    /// with EIO; on the io_uring flusher a queued sync chosen this way runs
+    /// as a no-op that completes with EIO. Forces wal_sync_method=fdatasync
+    /// and wal_prealloc=0 (no segment preparer, whose syncs would race the
+    /// flusher's for the N-th); choose the flusher with -c wal_flusher=.
     #[arg(long, value_name = "N", hide = true)]
     inject_sync_eio_at: Option<u64>,
 }
@@ -44,14 +44,7 @@ pub fn run(args: WalChildArgs) -> anyhow::Result<()> {
     let mut set = args.set.clone();
     if args.inject_sync_eio_at.is_some() {
         // After the -c settings, so that these win.
-        set.extend(
-            [
-                "wal_flusher=pwrite",
-                "wal_sync_method=fdatasync",
-                "wal_prealloc=0",
-            ]
-            .map(String::from),
-        );
+        set.extend(["wal_sync_method=fdatasync", "wal_prealloc=0"].map(String::from));
     }
     let cfg = super::common::load_config(None, Some(&args.data_dir), &set)?;
     if let Some(n) = args.inject_sync_eio_at {

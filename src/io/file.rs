@@ -56,7 +56,7 @@ pub fn inject_sync_eio_at(n: u64) {
 /// The injected failure, if this sync is the one [`inject_sync_eio_at`] chose.
 /// Off (always outside tests), one relaxed load.
 #[inline]
-fn injected_sync_error() -> Option<std::io::Error> {
+pub(crate) fn injected_sync_error() -> Option<std::io::Error> {
     let at = SYNC_EIO_AT.load(Ordering::Relaxed);
     if at == 0 {
         return None;
@@ -170,6 +170,14 @@ impl SegmentFile {
 
     /// The descriptor, for io_uring. Panics on a simulated file (see
     /// [`SegmentFile::is_simulated`]).
+    /// The simulated file behind this one, on a simulated disk (tests).
+    pub(crate) fn simulated(&self) -> Option<&sim::SimFile> {
+        match &self.file {
+            Backing::Os(_) => None,
+            Backing::Sim(f) => Some(f),
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         match &self.file {
             Backing::Os(f) => f.as_raw_fd(),

@@ -3,11 +3,13 @@
 //!
 //! The engine reaches the disk through these small surfaces, so that the
 //! simulated, fault-injecting disk of [`sim`] slides underneath them in tests
-//! (on a simulated disk the two io_uring queues are not used: the engine
-//! takes its synchronous paths):
+//! (on a simulated disk the page store's io_uring is not used: it takes its
+//! synchronous path):
 //! - [`file::SegmentFile`]: positional reads and writes, data sync, preallocation;
 //! - [`file`]'s directory helpers: list, create, rename, remove, fsync the directory;
-//! - [`uring::WalQueue`]: the flusher's asynchronous writes and syncs;
+//! - [`uring::WalIo`]: the flusher's asynchronous writes and syncs, on
+//!   io_uring ([`uring::WalQueue`]) or on a simulated disk
+//!   ([`sim_queue::SimQueue`], which completes them out of order);
 //! - [`page_queue::PageQueue`]: the page store's batched page writes and file syncs.
 //!
 //! What this module is not: it knows nothing of LSNs, records or segments.
@@ -18,6 +20,7 @@ pub mod net;
 pub mod page_queue;
 pub mod probe;
 pub mod sim;
+pub mod sim_queue;
 pub mod uring;
 
 /// The unit of page-store I/O: one 8 KiB page (two blocks), as PostgreSQL's BLCKSZ.

@@ -116,6 +116,9 @@ struct State {
 /// A power cut taken at a chosen operation.
 pub struct Cut {
     pub image: SimDisk,
+    /// The disk as reads saw it at the cut (every write applied): what the
+    /// engine had written, for a test to compare the image against.
+    pub seen: SimDisk,
     pub report: CutReport,
     /// What [`SimDisk::set_cut_probe`]'s probe said at the cut (the test's
     /// flush LSN, say).
@@ -140,6 +143,9 @@ pub struct SimDisk {
     root: PathBuf,
     state: Mutex<State>,
     probe: RwLock<Option<Probe>>,
+    /// Seeds the simulated io_uring queues opened on this disk (their
+    /// completion order and timing), see [`SimDisk::set_io_seed`].
+    io_seed: AtomicU64,
 }
 
 impl std::fmt::Debug for SimDisk {
@@ -202,7 +208,20 @@ impl SimDisk {
             root,
             state: Mutex::new(st),
             probe: RwLock::new(None),
+            io_seed: AtomicU64::new(n),
         }
+    }
+
+    /// Seeds the completion order of the simulated io_uring queues opened on
+    /// this disk from now on (each queue takes the next seed), so that a
+    /// seeded test replays the same choices.
+    pub fn set_io_seed(&self, seed: u64) {
+        self.io_seed.store(seed, SeqCst);
+    }
+
+    /// The seed for the next simulated queue.
+    pub(crate) fn next_io_seed(&self) -> u64 {
+        self.io_seed.fetch_add(0x9e37_79b9_7f4a_7c15, SeqCst)
     }
 
     /// A function called at a [`Faults::cut_at_op`] cut, under the disk's
@@ -235,6 +254,7 @@ impl SimDisk {
                 .unwrap_or(0);
             st.cut = Some(Box::new(Cut {
                 image,
+                seen: seen(st, &self.root),
                 report,
                 probe,
                 at_op: st.ops,
@@ -290,6 +310,47 @@ impl SimDisk {
     pub fn power_cut(&self, seed: u64) -> (SimDisk, CutReport) {
         let st = self.lock();
         image(&st, &self.root, seed)
+    }
+
+    /// [`SimDisk::power_cut`], and at the same instant the disk as reads
+    /// see it (every write applied, as in [`Cut::seen`]).
+    pub fn power_cut_and_seen(&self, seed: u64) -> (SimDisk, CutReport, SimDisk) {
+        let st = self.lock();
+        let (image, report) = image(&st, &self.root, seed);
+        (image, report, seen(&st, &self.root))
+    }
+}
+
+/// A copy of the disk as reads see it now, every write applied and durable.
+fn seen(st: &State, root: &Path) -> SimDisk {
+    let inodes = st
+        .inodes
+        .iter()
+        .map(|ino| Inode {
+            data: ino.data.clone(),
+            durable: ino.data.clone(),
+            pending: Vec::new(),
+        })
+        .collect();
+    let image = State {
+        inodes,
+        names: st.names.clone(),
+        durable_names: st.names.clone(),
+        name_log: Vec::new(),
+        dirs: st.dirs.clone(),
+        faults: Faults::default(),
+        writes: 0,
+        syncs: 0,
+        ops: 0,
+        fired: 0,
+        dead: None,
+        cut: None,
+    };
+    SimDisk {
+        root: root.to_owned(),
+        state: Mutex::new(image),
+        probe: RwLock::new(None),
+        io_seed: AtomicU64::new(0),
     }
 }
 
@@ -353,6 +414,7 @@ fn image(st: &State, root: &Path, seed: u64) -> (SimDisk, CutReport) {
             root: root.to_owned(),
             state: Mutex::new(image),
             probe: RwLock::new(None),
+            io_seed: AtomicU64::new(seed),
         },
         rep,
     )
@@ -466,8 +528,9 @@ fn aligned(direct: bool, off: u64, len: usize, ptr: *const u8) -> Result<(), Err
     Ok(())
 }
 
-/// An open file on a simulated disk.
-#[derive(Debug)]
+/// An open file on a simulated disk. A clone is another handle on the same
+/// open file (the simulated io_uring keeps one per queued operation).
+#[derive(Clone, Debug)]
 pub struct SimFile {
     disk: Arc<SimDisk>,
     ino: usize,

@@ -8,6 +8,7 @@
 //! caller does.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::aligned::{AlignedBuf, SharedBuf};
+use super::file::SegmentFile;
 use super::BLOCK;
 
 const WAKE_USER_DATA: u64 = u64::MAX;
@@ -64,19 +66,84 @@ impl Drop for EventFd {
     }
 }
 
+/// The flusher's queue of asynchronous writes and syncs: the seam between
+/// the WAL flusher and the kernel. [`WalQueue`] is io_uring;
+/// [`super::sim_queue::SimQueue`] runs the same operations on a simulated
+/// disk, completing them out of order and failing them as the disk's faults
+/// say, so that the seeded torture tests drive the real flusher pipeline.
+///
+/// The contract both keep, and the flusher relies on:
+/// - an operation's memory (ring range, bounce block) is read when the
+///   operation runs, at any time until its completion is reaped: the caller
+///   must leave it untouched until then;
+/// - `link` makes the next queued operation run only after this one
+///   succeeded; if this one fails, the next completes with `-ECANCELED`;
+/// - every completion carries the `user_data` it was queued with: callers
+///   make each one unique, so a completion can never be taken for another's
+///   (a bounce block is freed by the completion of the write that used it).
+pub trait WalIo {
+    /// Entries one linked chain may hold.
+    fn max_chain(&self) -> usize;
+    /// Makes room for a chain of `n` entries (see [`WalQueue::begin_chain`]).
+    fn begin_chain(&mut self, n: usize) -> io::Result<()>;
+    fn bounce_blocks(&self) -> usize;
+    fn bounce_free(&self, i: usize) -> bool;
+    fn bounce_mut(&mut self, i: usize) -> &mut [u8];
+    /// Queues a write of `len` bytes of the shared ring at `ring_offset`.
+    fn write_ring(
+        &mut self,
+        file: &SegmentFile,
+        ring_offset: usize,
+        len: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()>;
+    /// Queues a write of bounce block `i` (all [`BLOCK`] bytes).
+    fn write_bounce(
+        &mut self,
+        file: &SegmentFile,
+        i: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()>;
+    /// Queues fdatasync (`datasync`) or fsync of `file`.
+    fn sync(
+        &mut self,
+        file: &SegmentFile,
+        datasync: bool,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()>;
+    /// Submits what is queued without waiting.
+    fn submit(&mut self) -> io::Result<()>;
+    /// Submits what is queued and waits for `want` completions, a wake-up
+    /// of the eventfd, or `timeout`.
+    fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()>;
+    /// Moves finished operations into `out`; true if the eventfd was signalled.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> bool;
+}
+
 /// The flusher's submission/completion queue.
 pub struct WalQueue {
     // Field order matters: the ring is dropped (after Drop::drop drained it)
     // before the memory it had registered.
     ring: IoUring,
     shared: Arc<SharedBuf>,
-    bounce: AlignedBuf,
+    /// Dropped by hand in Drop, and only once the kernel is done with it.
+    bounce: ManuallyDrop<AlignedBuf>,
     bounce_busy: Vec<Option<u64>>,
     wake: Arc<EventFd>,
-    wake_buf: Box<[u8; 8]>,
+    /// The pending eventfd read's target; leaked like `bounce` if the
+    /// kernel may still write it.
+    wake_buf: ManuallyDrop<Box<[u8; 8]>>,
     wake_armed: bool,
     in_flight: usize,
     single_issuer: bool,
+    /// Syncs that the test-only hook [`super::file::inject_sync_eio_at`]
+    /// chose to fail: queued as no-ops, completed with EIO.
+    injected_eio: Vec<u64>,
 }
 
 impl WalQueue {
@@ -115,12 +182,13 @@ impl WalQueue {
             ring,
             shared,
             bounce_busy: vec![None; bounce.len() / BLOCK],
-            bounce,
+            bounce: ManuallyDrop::new(bounce),
             wake,
-            wake_buf: Box::new([0; 8]),
+            wake_buf: ManuallyDrop::new(Box::new([0; 8])),
             wake_armed: false,
             in_flight: 0,
             single_issuer,
+            injected_eio: Vec::new(),
         })
     }
 
@@ -258,10 +326,17 @@ impl WalQueue {
         } else {
             types::FsyncFlags::empty()
         };
-        let mut e = opcode::Fsync::new(types::Fd(fd))
-            .flags(flags)
-            .build()
-            .user_data(user_data);
+        let mut e = if super::file::injected_sync_error().is_some() {
+            // Test-only (tests/fsync_eio.rs): this sync "fails" without
+            // syncing, in its place in the chain; reap reports EIO.
+            self.injected_eio.push(user_data);
+            opcode::Nop::new().build().user_data(user_data)
+        } else {
+            opcode::Fsync::new(types::Fd(fd))
+                .flags(flags)
+                .build()
+                .user_data(user_data)
+        };
         if link {
             e = e.flags(squeue::Flags::IO_LINK);
         }
@@ -331,10 +406,16 @@ impl WalQueue {
             if let Some(slot) = self.bounce_busy.iter_mut().find(|b| **b == Some(user_data)) {
                 *slot = None;
             }
-            out.push(Completion {
-                user_data,
-                result: cqe.result(),
-            });
+            let mut result = cqe.result();
+            if !self.injected_eio.is_empty() {
+                if let Some(i) = self.injected_eio.iter().position(|&u| u == user_data) {
+                    self.injected_eio.swap_remove(i);
+                    if result == 0 {
+                        result = -libc::EIO;
+                    }
+                }
+            }
+            out.push(Completion { user_data, result });
         }
         woken
     }
@@ -343,17 +424,112 @@ impl WalQueue {
 impl Drop for WalQueue {
     fn drop(&mut self) {
         // IMPORTANT: the kernel may still read registered memory for writes in
-        // flight; wait for them (the pending eventfd read is woken first).
+        // flight, and write the eventfd read's buffer; wait for them (the
+        // pending eventfd read is woken first). A wait interrupted by a
+        // signal is retried; if waiting fails otherwise, the memory is
+        // leaked rather than freed under the kernel's feet.
         if self.wake_armed {
             self.wake.signal();
         }
         let mut sink = Vec::new();
         while self.in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(
+                        "could not wait for {} WAL operation(s) in flight at teardown: {e}; \
+                         their buffers are leaked",
+                        self.in_flight
+                    );
+                    // The ring memory is an Arc: keep one count for ever.
+                    std::mem::forget(Arc::clone(&self.shared));
+                    return;
+                }
             }
             self.reap(&mut sink);
         }
+        // SAFETY: nothing is in flight: the kernel no longer uses either
+        // buffer, and both are dropped exactly once, here.
+        unsafe {
+            ManuallyDrop::drop(&mut self.bounce);
+            ManuallyDrop::drop(&mut self.wake_buf);
+        }
+    }
+}
+
+impl WalIo for WalQueue {
+    fn max_chain(&self) -> usize {
+        WalQueue::max_chain(self)
+    }
+
+    fn begin_chain(&mut self, n: usize) -> io::Result<()> {
+        WalQueue::begin_chain(self, n)
+    }
+
+    fn bounce_blocks(&self) -> usize {
+        WalQueue::bounce_blocks(self)
+    }
+
+    fn bounce_free(&self, i: usize) -> bool {
+        WalQueue::bounce_free(self, i)
+    }
+
+    fn bounce_mut(&mut self, i: usize) -> &mut [u8] {
+        WalQueue::bounce_mut(self, i)
+    }
+
+    fn write_ring(
+        &mut self,
+        file: &SegmentFile,
+        ring_offset: usize,
+        len: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
+        WalQueue::write_ring(
+            self,
+            file.raw_fd(),
+            ring_offset,
+            len,
+            file_offset,
+            user_data,
+            link,
+        )
+    }
+
+    fn write_bounce(
+        &mut self,
+        file: &SegmentFile,
+        i: usize,
+        file_offset: u64,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
+        WalQueue::write_bounce(self, file.raw_fd(), i, file_offset, user_data, link)
+    }
+
+    fn sync(
+        &mut self,
+        file: &SegmentFile,
+        datasync: bool,
+        user_data: u64,
+        link: bool,
+    ) -> io::Result<()> {
+        WalQueue::sync(self, file.raw_fd(), datasync, user_data, link)
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        WalQueue::submit(self)
+    }
+
+    fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        WalQueue::submit_and_wait(self, want, timeout)
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) -> bool {
+        WalQueue::reap(self, out)
     }
 }
 

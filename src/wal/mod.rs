@@ -259,12 +259,10 @@ impl Wal {
         let settings = flusher::FlushSettings::from_config(&shared.cfg);
         *shared.tuning.lock().unwrap() = Some(Arc::clone(&settings.tuning));
         let pin = shared.cfg.cpu_affinity.last().copied();
-        // io_uring cannot reach a simulated disk (tests): write synchronously.
-        let kind = if crate::io::sim::is_simulated(&shared.cfg.wal_dir) {
-            FlusherKind::Pwrite
-        } else {
-            shared.cfg.wal_flusher
-        };
+        let kind = shared.cfg.wal_flusher;
+        // io_uring cannot reach a simulated disk (tests): there the io_uring
+        // flusher runs on a simulated queue.
+        let sim_disk = crate::io::sim::disk_for(&shared.cfg.wal_dir);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(
             std::thread::Builder::new()
@@ -277,6 +275,10 @@ impl Wal {
                     // disk in tests), waiters must not wait for it forever.
                     let _release = ReleaseWaitersOnUnwind(Arc::clone(&fl));
                     match kind {
+                        FlusherKind::Uring if sim_disk.is_some() => {
+                            let _ = ready_tx.send(Ok(()));
+                            flusher::run_simulated(fl, settings, sim_disk.as_deref().unwrap())
+                        }
                         FlusherKind::Uring => flusher::run_uring(fl, settings, ready_tx),
                         FlusherKind::Pwrite => {
                             let _ = ready_tx.send(Ok(()));
