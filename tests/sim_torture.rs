@@ -159,10 +159,12 @@ fn check(
         // writes the whole blocks ahead of a partial one): then the record
         // it ends in was never acknowledged, and the end of WAL may be that
         // record's start. Any other shortfall is lost acknowledged WAL.
-        let cut_inside = seen
-            .and_then(|d| record_end(d, wal.config(), end))
-            .filter(|&e| e > flushed_at_cut);
-        if cut_inside.is_none() {
+        // (A header that itself crosses the flush LSN was not all written.)
+        let cut_inside = end.0 + walden::record::HEADER_LEN as u64 > flushed_at_cut.0
+            || seen
+                .and_then(|d| record_end(d, wal.config(), end))
+                .is_some_and(|e| e > flushed_at_cut);
+        if !cut_inside {
             return Err(format!(
                 "lost acknowledged WAL: the end of WAL is {end} but {flushed_at_cut} was flushed before the power cut"
             ));

@@ -1133,6 +1133,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tags_are_unique_within_a_unit_and_decode_back() {
+        let mut seen = std::collections::HashSet::new();
+        for op in 0..64 {
+            let w = Tag::write(7, op, (op + 1) * BLOCK);
+            assert_eq!(
+                Tag::decode(w),
+                Tag {
+                    unit: 7,
+                    op: op as u8,
+                    write_blocks: Some(op as u32 + 1)
+                }
+            );
+            let s = Tag::sync(7, 64 + op);
+            assert_eq!(Tag::decode(s).write_blocks, None);
+            assert_eq!(Tag::decode(s).op as usize, 64 + op);
+            assert!(seen.insert(w) && seen.insert(s));
+        }
+        // Two writes of the same length in one batch: distinct tags.
+        assert_ne!(Tag::write(1, 0, BLOCK), Tag::write(1, 1, BLOCK));
+        assert_eq!(
+            Tag::decode(Tag::write(u32::MAX, 255, 1 << 30)).unit,
+            u32::MAX
+        );
+    }
+
+    #[test]
     fn plan_splits_at_segments_ring_wrap_and_tail() {
         let mut out = Vec::new();
         let mib = 1 << 20;
