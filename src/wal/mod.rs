@@ -24,6 +24,7 @@ pub mod insert;
 pub mod reader;
 pub mod segments;
 pub mod startup;
+pub mod version;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
