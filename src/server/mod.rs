@@ -1,8 +1,9 @@
 //! `walden serve`: the WAL engine behind the wire protocol (docs/protocol.md).
 //!
 //! One shard thread per insert slot, pinned per `cpu_affinity`, each with its
-//! own SO_REUSEPORT listener and io_uring (multishot accept, single-shot
-//! recv/send), appending through the insert slot it owns. Acknowledgements
+//! own io_uring (accept, recv, send) on a duplicate of the one listening
+//! socket (no SO_REUSEPORT: no other process can bind the port, see
+//! `io::net`), appending through the insert slot it owns. Acknowledgements
 //! at `local` and above are sent when the flusher's eventfd says the flush
 //! LSN passed them: no lock and no channel on the append path.
 //!
@@ -32,6 +33,9 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("invalid value for parameter \"listen_addr\": {0:?} is not an address (host:port)")]
     BadAddress(String),
+    /// The protocol port: `could not bind 127.0.0.1:7480: address already in use`.
+    #[error(transparent)]
+    Bind(#[from] net::ListenError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -64,6 +68,8 @@ pub(crate) struct ServerShared {
     pub started: std::time::Instant,
     pub name: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Open connections per shard (for /status: how the listener spreads them).
+    pub shard_connections: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 /// Settings a reload (SIGHUP) may change while the server runs. Shards read
@@ -162,19 +168,17 @@ impl Server {
             return Err(ServerError::Unauthenticated(addr.to_string()));
         }
         cfg.validate().map_err(crate::wal::WalError::from)?;
-        // The first listener picks the port (port 0 works); the others bind it too.
-        let first = net::listen_reuseport(addr, 1024).map_err(|source| ServerError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
-        let local = net::local_addr(&first).map_err(|source| ServerError::Listen {
+        // One socket for every shard (port 0 works): while it is open no
+        // other process can bind the address (see `io::net`).
+        let listener = net::listen(addr, 1024)?;
+        let local = net::local_addr(&listener).map_err(|source| ServerError::Listen {
             addr: addr.to_string(),
             source,
         })?;
         let name = format!("walden {}", env!("CARGO_PKG_VERSION"));
         let progress = Arc::new(RecoveryProgress::default());
         let responder = startup::StartupResponder::start(
-            &first,
+            &listener,
             startup::Context {
                 progress: Arc::clone(&progress),
                 token: runtime.token.clone(),
@@ -190,15 +194,16 @@ impl Server {
         let bound = local;
         let wal = Arc::clone(store.wal());
         let shards_n = wal.insert_shards();
-        let mut listeners = vec![first];
+        // Each shard accepts on its own duplicate of the one socket; the
+        // kernel wakes one shard's accept per connection.
+        let mut listeners = Vec::with_capacity(shards_n);
         for _ in 1..shards_n {
-            listeners.push(net::listen_reuseport(bound, 1024).map_err(|source| {
-                ServerError::Listen {
-                    addr: bound.to_string(),
-                    source,
-                }
+            listeners.push(listener.try_clone().map_err(|source| ServerError::Listen {
+                addr: bound.to_string(),
+                source,
             })?);
         }
+        listeners.push(listener);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let st = Arc::clone(&store);
         metrics.set_store_snapshot(Arc::new(move || st.metrics_snapshot()));
@@ -211,6 +216,9 @@ impl Server {
             started: std::time::Instant::now(),
             name,
             metrics,
+            shard_connections: (0..shards_n)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
         });
         let mut shards = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -400,6 +408,11 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
         "insert_shards": wal.insert_shards(),
         "cpu_affinity": cfg.cpu_affinity,
         "records_appended": wal.records_appended(),
+        "connections_per_shard": s
+            .shard_connections
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<_>>(),
         "page_store": {
             "system_identifier": c.system_identifier.to_string(),
             "checkpoint_lsn": c.checkpoint.to_string(),
