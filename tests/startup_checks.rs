@@ -1,13 +1,154 @@
-//! What a start refuses: with real processes, a second server on the same
-//! port.
+//! What a start refuses, and that a refused start changes nothing on disk:
+//! a control file whose checkpoint is past the end of WAL (or cut off from
+//! it by a damaged record); and, with real processes, a second server on
+//! the same port.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use walden::Durability;
+use walden::store::control::{self, ClusterState};
+use walden::{Config, Durability, Lsn, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walden");
+
+fn config(dir: &Path) -> Config {
+    let mut cfg = Config::with_data_directory(dir);
+    for s in [
+        "wal_segment_size=1MB",
+        "wal_buffers=1MB",
+        "max_record_size=64kB",
+        "shared_buffers=1MB",
+        "checkpoint_timeout=1h",
+        // Keep every segment: the test damages WAL before the redo point.
+        "wal_keep_size=1TB",
+    ] {
+        cfg.set(s).unwrap();
+    }
+    cfg
+}
+
+/// Every file under `dir` with its bytes (and every directory, as empty).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut all = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                all.insert(p.clone(), None);
+                todo.push(p);
+            } else {
+                all.insert(p.clone(), Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    all
+}
+
+fn assert_unchanged(
+    before: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    after: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    what: &str,
+) {
+    let differ: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| {
+            format!(
+                "{} ({})",
+                k.display(),
+                match (before.get(k), after.get(k)) {
+                    (None, _) => "appeared",
+                    (_, None) => "disappeared",
+                    _ => "changed",
+                }
+            )
+        })
+        .collect();
+    assert!(differ.is_empty(), "{what} changed: {differ:?}");
+}
+
+/// A store with some pages, an online checkpoint in the middle, closed
+/// cleanly. Returns the online checkpoint's (checkpoint LSN, redo LSN).
+fn store_with_a_checkpoint(dir: &Path) -> (Lsn, Lsn) {
+    let store = Store::open(config(dir)).unwrap();
+    for b in 0..20u32 {
+        store.write_page(1, b, 0, &[b as u8 + 1; 100]).unwrap();
+    }
+    let (ckpt, redo) = store.checkpoint().unwrap();
+    let mut last = Lsn(0);
+    for b in 0..20u32 {
+        last = store.write_page(1, b, 200, &[b as u8 + 7; 50]).unwrap().end;
+    }
+    store.wal().wait(last, Durability::Local).unwrap();
+    store.close().unwrap();
+    (ckpt, redo)
+}
+
+/// Rewrites the control file as a crash right after that checkpoint would
+/// have left it, or with a checkpoint LSN of our choosing.
+fn set_control(dir: &Path, checkpoint: Lsn, redo: Lsn) {
+    let data = dir.join("data");
+    let mut c = control::read(&data).unwrap().unwrap();
+    c.checkpoint = checkpoint;
+    c.redo = redo;
+    c.state = ClusterState::InProduction;
+    control::write(&data, &c, true).unwrap();
+}
+
+fn segment_of(dir: &Path, lsn: Lsn) -> (PathBuf, u64) {
+    let seg = 1u64 << 20;
+    let name = walden::lsn::segment_file_name(1, lsn.segno(seg), seg);
+    (dir.join("wal").join(name), lsn.segment_offset(seg))
+}
+
+#[test]
+fn a_checkpoint_past_the_end_of_wal_is_refused_before_anything_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, redo) = store_with_a_checkpoint(d.path());
+    // The control file names a checkpoint in the zeros after the end of
+    // WAL (segments preallocated there exist).
+    let beyond = Lsn(((redo.0 >> 20) + 2) << 20);
+    set_control(d.path(), beyond, redo);
+    let before = snapshot(d.path());
+    let e = Store::open(config(d.path())).err().unwrap().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "could not locate a valid checkpoint record at {beyond}: invalid record length at {beyond}"
+        )),
+        "{e}"
+    );
+    // Before the fix: the control file said "in crash recovery", the
+    // segments after the end of WAL were removed.
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+}
+
+#[test]
+fn a_checkpoint_cut_off_by_a_damaged_record_is_refused_before_the_wal_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let (ckpt, redo) = store_with_a_checkpoint(d.path());
+    set_control(d.path(), ckpt, redo);
+    // Damage the checkpoint's CHECKPOINT_REDO record (its payload): the
+    // WAL now ends there, before the checkpoint record, which is intact.
+    let (seg, off) = segment_of(d.path(), redo);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[off as usize + 26] ^= 0xFF;
+    std::fs::write(&seg, &bytes).unwrap();
+    let before = snapshot(d.path());
+    let e = Store::open(config(d.path())).err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "could not locate a valid checkpoint record at {ckpt}: the valid WAL ends at {redo}"
+        )
+    );
+    // Before the fix the WAL after the damaged record, the checkpoint
+    // record included, was zeroed before the refusal.
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+}
 
 // ---- real processes ----
 

@@ -75,7 +75,8 @@ pub enum WalError {
     Thread(&'static str, std::io::Error),
     #[error("WAL device full: no room for a new WAL segment, so appends past {limit} are refused until space is freed on the WAL device")]
     WalFull { limit: Lsn },
-    /// The startup scan's observer (the page store's redo) failed.
+    /// The startup scan's observer (the page store's redo) failed, or the
+    /// caller refused the end the scan found.
     #[error("{0}")]
     Replay(String),
 }
@@ -121,6 +122,12 @@ pub struct Wal {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Asked, once the startup scan found the end of WAL and before anything
+/// in the WAL directory is changed, whether the start may go on; an error
+/// refuses it (the page store: the checkpoint record it needs is past the
+/// end).
+pub type MayStart<'a> = &'a mut dyn FnMut(&startup::EndOfScan) -> std::result::Result<(), String>;
+
 impl Wal {
     /// Opens (or creates) the WAL in `cfg.wal_dir`, finds the end of valid
     /// WAL, and starts the flusher and the segment preparer.
@@ -130,9 +137,25 @@ impl Wal {
 
     /// [`Wal::open`], showing `observer` every valid record of the retained
     /// WAL as the startup scan finds it, in order and each already durable
-    /// (every segment is fdatasynced before it is read). The page store
-    /// replays the WAL this way, in the same pass that finds its end.
+    /// (every segment is fdatasynced before it is read).
     pub fn open_observed(cfg: Config, observer: Option<startup::ScanObserver<'_>>) -> Result<Wal> {
+        Wal::open_checked(cfg, observer, &mut |_| Ok(()))
+    }
+
+    /// The open itself. The page store replays the WAL through `observer`,
+    /// in the same pass that finds its end, and checks that end in
+    /// `may_start`.
+    ///
+    /// IMPORTANT: every refusal comes before the first change to the WAL
+    /// directory. Startup zeroes what follows the end of WAL and removes
+    /// later segments; a start that is then refused (a missing segment, a
+    /// checkpoint record past the end) must have changed nothing, or the
+    /// refusal protects nothing.
+    pub(crate) fn open_checked(
+        cfg: Config,
+        observer: Option<startup::ScanObserver<'_>>,
+        may_start: MayStart<'_>,
+    ) -> Result<Wal> {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
         file::create_dir_all(&dir)?;
@@ -154,13 +177,10 @@ impl Wal {
                 )));
             }
         }
-        let start = match segments::read_wal_start(&dir)? {
-            Some(l) => l,
-            None if present.is_empty() || present[0] == 1 => {
-                let l = Lsn(seg_size);
-                segments::write_wal_start(&dir, l)?;
-                l
-            }
+        let (start, start_missing) = match segments::read_wal_start(&dir)? {
+            Some(l) => (l, false),
+            // Written below, once the start is decided.
+            None if present.is_empty() || present[0] == 1 => (Lsn(seg_size), true),
             None => {
                 return Err(bad(format!(
                     "segments exist (the first is {}) but {} is missing: cannot tell where the first record starts",
@@ -200,7 +220,12 @@ impl Wal {
             ),
             None => tracing::info!("end of WAL at {end}"),
         }
+        may_start(&scan).map_err(WalError::Replay)?;
 
+        // The start is decided: from here on the WAL directory changes.
+        if start_missing {
+            segments::write_wal_start(&dir, start)?;
+        }
         let stats = Arc::new(WalStats::default());
         let segments = Arc::new(Segments::new(&dir, &cfg, TIMELINE, Arc::clone(&stats)));
         let (zeroed, removed) = startup::clear_after(&segments, end)?;
