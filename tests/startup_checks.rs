@@ -1,7 +1,7 @@
 //! What a start refuses, and that a refused start changes nothing on disk:
 //! a control file whose checkpoint is past the end of WAL (or cut off from
-//! it by a damaged record); and, with real processes, a second server on
-//! the same port.
+//! it by a damaged record), a WAL or control file of a newer format; and,
+//! with real processes, a second server on the same port.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use walden::store::control::{self, ClusterState};
+use walden::wal::version;
 use walden::{Config, Durability, Lsn, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walden");
@@ -150,6 +151,73 @@ fn a_checkpoint_cut_off_by_a_damaged_record_is_refused_before_the_wal_changes() 
     assert_unchanged(&before, &snapshot(d.path()), "the data directory");
 }
 
+#[test]
+fn a_newer_wal_or_control_file_version_is_refused_before_anything_changes() {
+    let d = tempfile::tempdir().unwrap();
+    store_with_a_checkpoint(d.path());
+    let wal_dir = d.path().join("wal");
+    let data_dir = d.path().join("data");
+
+    version::write(&wal_dir, 99).unwrap();
+    let before = snapshot(d.path());
+    let e = Store::open(config(d.path())).err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "WAL format version 99 in \"{}\" is not supported: this build of walden reads and writes \
+             WAL format version 1 only (run the walden release that wrote this WAL; nothing was changed)",
+            wal_dir.join("wal_version").display()
+        )
+    );
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    // The WAL engine alone refuses it too.
+    let e = walden::Wal::open(config(d.path()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("WAL format version 99 in"), "{e}");
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    version::write(&wal_dir, 1).unwrap();
+
+    let ctl = data_dir.join("walden.control");
+    let good = std::fs::read(&ctl).unwrap();
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let crc = crc32c::crc32c(&newer[..508]);
+    newer[508..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&ctl, &newer).unwrap();
+    let before = snapshot(d.path());
+    let e = Store::open(config(d.path())).err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "control file \"{}\" has version 99, but this build of walden reads and writes version 1 \
+             only (run the walden release that wrote it; nothing was changed)",
+            ctl.display()
+        )
+    );
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    std::fs::write(&ctl, &good).unwrap();
+    Store::open(config(d.path())).unwrap().close().unwrap();
+}
+
+#[test]
+fn a_wal_from_before_format_versions_is_version_1_and_gets_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    store_with_a_checkpoint(d.path());
+    let wal_dir = d.path().join("wal");
+    assert_eq!(
+        version::read(&wal_dir).unwrap(),
+        Some(1),
+        "written at creation"
+    );
+    // As the previous build left it: no wal_version.
+    std::fs::remove_file(wal_dir.join("wal_version")).unwrap();
+    let store = Store::open(config(d.path())).unwrap();
+    assert_eq!(version::read(&wal_dir).unwrap(), Some(1));
+    store.close().unwrap();
+}
+
 // ---- real processes ----
 
 fn run_bounded(args: &[&str]) -> Output {
@@ -276,4 +344,53 @@ fn a_second_server_on_the_same_port_is_refused() {
         .unwrap();
     drop(c);
     assert!(sigterm(&mut first).success());
+}
+
+#[test]
+fn waldump_and_controldata_report_a_newer_wal_format() {
+    let d = tempfile::tempdir().unwrap();
+    store_with_a_checkpoint(d.path());
+    let dir = d.path().to_str().unwrap();
+    let control = run_bounded(&["controldata", "-D", dir]);
+    let text = String::from_utf8_lossy(&control.stdout);
+    assert!(control.status.success(), "{text}");
+    assert!(text.contains("WAL format version:"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("WAL format version:") && l.ends_with(" 1")),
+        "{text}"
+    );
+
+    version::write(&d.path().join("wal"), 99).unwrap();
+    let before = snapshot(d.path());
+    let want = format!(
+        "WAL format version 99 in \"{}\" is not supported",
+        d.path().join("wal/wal_version").display()
+    );
+    let dump = run_bounded(&["waldump", "-D", dir]);
+    let err = String::from_utf8_lossy(&dump.stderr);
+    assert!(!dump.status.success());
+    assert!(err.contains(&want), "{err}");
+    let control = run_bounded(&["controldata", "-D", dir]);
+    let text = String::from_utf8_lossy(&control.stdout);
+    assert!(!control.status.success(), "{text}");
+    assert!(text.contains(&format!("WARNING: {want}")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("WAL format version:") && l.ends_with(" 99")),
+        "{text}"
+    );
+    // The control file's fields are still shown.
+    assert!(text.contains("Database cluster state:"), "{text}");
+    let serve = run_bounded(
+        &[
+            &["serve", "-D", dir, "-c", "listen_addr=127.0.0.1:0"],
+            QUIET,
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert!(!serve.status.success(), "{err}");
+    assert!(err.contains(&format!("walden: error: {want}")), "{err}");
+    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
 }

@@ -365,7 +365,8 @@ impl Store {
     /// server shows it to `walden status` while it recovers).
     ///
     /// IMPORTANT: every refusal comes before the first change on disk: the
-    /// control file and the checkpoint record are read and judged first, and the control file is written only once the
+    /// control file, the WAL's version and the checkpoint record are read
+    /// and judged first, and the control file is written only once the
     /// WAL's startup scan has found the end and the WAL agreed to start
     /// (`may_start`, below). A refused start must leave the directories as
     /// they were, or a second look (by a person, or a newer walden) finds
@@ -375,6 +376,7 @@ impl Store {
         let data_dir = cfg.data_dir.clone();
         file::create_dir_all(&data_dir)?;
         let found = control::read(&data_dir)?;
+        crate::wal::version::check(&cfg.wal_dir).map_err(WalError::from)?;
         let creating = found.is_none();
         let files = Arc::new(RelFiles::open(&data_dir, cfg.fsync)?);
         if creating {

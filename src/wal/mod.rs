@@ -59,6 +59,9 @@ pub enum WalError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     File(#[from] FileError),
+    /// `wal_version` names a format this build does not read.
+    #[error(transparent)]
+    Version(#[from] version::UnsupportedVersion),
     #[error("record of {len} bytes is larger than max_record_size ({max} bytes)")]
     RecordTooLarge { len: usize, max: u64 },
     #[error("the WAL is shut down")]
@@ -79,6 +82,15 @@ pub enum WalError {
     /// caller refused the end the scan found.
     #[error("{0}")]
     Replay(String),
+}
+
+impl From<version::VersionError> for WalError {
+    fn from(e: version::VersionError) -> WalError {
+        match e {
+            version::VersionError::File(f) => WalError::File(f),
+            version::VersionError::Unsupported(u) => WalError::Version(u),
+        }
+    }
 }
 
 impl From<startup::ScanError> for WalError {
@@ -149,8 +161,8 @@ impl Wal {
     /// IMPORTANT: every refusal comes before the first change to the WAL
     /// directory. Startup zeroes what follows the end of WAL and removes
     /// later segments; a start that is then refused (a missing segment, a
-    /// checkpoint record past the end) must have changed nothing, or the
-    /// refusal protects nothing.
+    /// checkpoint record past the end, a newer format) must have changed
+    /// nothing, or the refusal protects nothing.
     pub(crate) fn open_checked(
         cfg: Config,
         observer: Option<startup::ScanObserver<'_>>,
@@ -159,6 +171,8 @@ impl Wal {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
         file::create_dir_all(&dir)?;
+        // Before any record is read: a newer format is not ours to judge.
+        let versioned = version::check(&dir)?;
         let seg_size = cfg.wal_segment_size.0;
         let bad = |message: String| WalError::BadDirectory {
             dir: dir.display().to_string(),
@@ -223,6 +237,17 @@ impl Wal {
         may_start(&scan).map_err(WalError::Replay)?;
 
         // The start is decided: from here on the WAL directory changes.
+        if !versioned {
+            if !present.is_empty() {
+                tracing::info!(
+                    "{} has no {}: written by a walden from before format versions, \
+                     which is WAL format version 1; writing the file",
+                    dir.display(),
+                    version::WAL_VERSION_FILE
+                );
+            }
+            version::write(&dir, version::WAL_FORMAT_VERSION)?;
+        }
         if start_missing {
             segments::write_wal_start(&dir, start)?;
         }
