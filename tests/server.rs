@@ -345,7 +345,7 @@ fn spawn_server(dir: &std::path::Path) -> std::process::Child {
 fn read_addr(dir: &std::path::Path) -> String {
     let t = Instant::now();
     loop {
-        if let Ok(text) = std::fs::read_to_string(dir.join("walden.addr")) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("data/walden.addr")) {
             if let Some(a) = text.lines().find_map(|l| l.strip_prefix("listen_addr=")) {
                 return a.to_string();
             }
@@ -400,7 +400,7 @@ fn sigterm_exits_cleanly_and_a_restart_continues_at_the_right_lsn() {
     };
     assert!(exit.success(), "clean shutdown exits 0: {exit:?}");
     assert!(
-        !d.path().join("walden.addr").exists(),
+        !d.path().join("data/walden.addr").exists(),
         "walden.addr removed on clean exit"
     );
 
@@ -438,7 +438,7 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
     let bin = env!("CARGO_BIN_EXE_walden");
     let serve = || spawn_server(d.path());
     for cycle in 0..3 {
-        let _ = std::fs::remove_file(d.path().join("walden.addr"));
+        let _ = std::fs::remove_file(d.path().join("data/walden.addr"));
         let mut server = serve();
         let addr = read_addr(d.path());
         let (host, port) = addr.rsplit_once(':').unwrap();
@@ -474,7 +474,7 @@ fn kill_9_under_bench_load_then_verify_finds_every_ack() {
             "the bench must notice the server died"
         );
         // Restart (recovery), stop cleanly, then verify every ack offline.
-        let _ = std::fs::remove_file(d.path().join("walden.addr"));
+        let _ = std::fs::remove_file(d.path().join("data/walden.addr"));
         let mut server = serve();
         read_addr(d.path());
         Command::new("kill")

@@ -1,7 +1,8 @@
 //! What a start refuses, and that a refused start changes nothing on disk:
 //! a control file whose checkpoint is past the end of WAL (or cut off from
 //! it by a damaged record), a WAL or control file of a newer format; and,
-//! with real processes, a second server on the same port.
+//! with real processes, a second server on the same port, and a data
+//! directory whose parent is read-only (walden.addr lives inside it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -324,7 +325,7 @@ fn a_second_server_on_the_same_port_is_refused() {
         .concat(),
         &log,
     );
-    let addr = wait_for_addr(&a.join("walden.addr"), &mut first, &log);
+    let addr = wait_for_addr(&a.join("data/walden.addr"), &mut first, &log);
     // Another data directory, the same address.
     let listen = format!("listen_addr={addr}");
     let second =
@@ -344,6 +345,93 @@ fn a_second_server_on_the_same_port_is_refused() {
         .unwrap();
     drop(c);
     assert!(sigterm(&mut first).success());
+}
+
+/// Removes the immutable attribute again, however the test ends.
+struct Immutable(PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn walden_addr_is_written_in_the_data_directory_whose_parent_is_read_only() {
+    let d = tempfile::tempdir().unwrap();
+    // The documented /srv layout: both directories in a parent walden may
+    // not write (ProtectSystem=strict makes /srv read-only).
+    let srv = d.path().join("srv");
+    let (wal, data) = (srv.join("walden-wal"), srv.join("walden-data"));
+    std::fs::create_dir_all(&wal).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let conf = d.path().join("walden.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "wal_dir = {:?}\ndata_dir = {:?}\nlisten_addr = \"127.0.0.1:0\"\nmetrics_addr = \"127.0.0.1:0\"\n\
+             wal_segment_size = \"1MB\"\n",
+            wal.display().to_string(),
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    // Tests run as root, whom mode 0555 does not stop: an immutable
+    // directory stops everyone. Where chattr is missing or refused (not
+    // ext4/xfs), the listing below still shows where the files went.
+    let locked = Command::new("chattr")
+        .arg("+i")
+        .arg(&srv)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _undo = locked.then(|| Immutable(srv.clone()));
+    if locked {
+        assert!(
+            std::fs::write(srv.join("probe"), b"").is_err(),
+            "an immutable directory took a new file"
+        );
+    } else {
+        eprintln!(
+            "chattr +i is not available here: checking where files go, not a read-only parent"
+        );
+    }
+    let parent_before: Vec<_> = std::fs::read_dir(&srv)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    let log = d.path().join("serve.log");
+    let mut server = spawn(&["serve", "--config", conf.to_str().unwrap()], &log);
+    let addr = wait_for_addr(&data.join("walden.addr"), &mut server, &log);
+    let text = std::fs::read_to_string(data.join("walden.addr")).unwrap();
+    assert!(text.contains("\nmetrics_addr=127.0.0.1:"), "{text}");
+    // `walden status -D` finds it there.
+    let status = run_bounded(&["status", "-D", data.to_str().unwrap()]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("state:           in production"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let mut parent_after: Vec<_> = std::fs::read_dir(&srv)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    parent_after.sort();
+    let mut parent_before = parent_before;
+    parent_before.sort();
+    assert_eq!(parent_before, parent_after, "walden wrote in the parent");
+    assert!(!addr.is_empty());
+    assert!(sigterm(&mut server).success());
+    assert!(
+        !data.join("walden.addr").exists(),
+        "removed at a clean stop"
+    );
 }
 
 #[test]

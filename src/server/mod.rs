@@ -53,9 +53,20 @@ pub enum ServerError {
     },
     #[error("auth_token_file {0} is empty")]
     EmptyToken(String),
-    #[error("could not start shard thread: {0}")]
-    Thread(std::io::Error),
+    /// A file the caller writes once the port is bound (`walden.starting`).
+    #[error(transparent)]
+    File(#[from] crate::io::file::FileError),
+    /// `could not start a shard thread: …`.
+    #[error("could not {0}: {1}")]
+    Thread(&'static str, std::io::Error),
 }
+
+/// The file `walden serve` writes, in the data directory, once the server
+/// is ready: `listen_addr=HOST:PORT` and `metrics_addr=HOST:PORT` lines.
+pub const ADDR_FILE: &str = "walden.addr";
+/// The file that holds the protocol address while the server recovers
+/// (same format; removed when `walden.addr` appears).
+pub const STARTING_FILE: &str = "walden.starting";
 
 /// What every shard shares.
 pub(crate) struct ServerShared {
@@ -157,10 +168,11 @@ impl Server {
     /// [`Server::start`], calling `bound(addr)` as soon as the protocol
     /// address is bound and before recovery runs: while it runs, that
     /// address answers Hello and Status (with recovery's progress) and
-    /// refuses everything else with `STARTING_UP`.
+    /// refuses everything else with `STARTING_UP`. `bound` may write files
+    /// (`walden.starting`); its error names the file.
     pub fn start_with(
         cfg: Config,
-        bound: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+        bound: impl FnOnce(SocketAddr) -> Result<(), crate::io::file::FileError>,
     ) -> Result<Server, ServerError> {
         let addr = resolve(&cfg.listen_addr)?;
         let runtime = Runtime::from_config(&cfg)?;
@@ -187,8 +199,8 @@ impl Server {
                 started: std::time::Instant::now(),
             },
         )
-        .map_err(ServerError::Thread)?;
-        bound(local).map_err(ServerError::Thread)?;
+        .map_err(|e| ServerError::Thread("start the startup responder", e))?;
+        bound(local)?;
         let store = Arc::new(Store::open_with_progress(cfg.clone(), progress)?);
         responder.stop();
         let bound = local;
@@ -222,7 +234,10 @@ impl Server {
         });
         let mut shards = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
-            let wake = Arc::new(EventFd::new().map_err(ServerError::Thread)?);
+            let wake = Arc::new(
+                EventFd::new()
+                    .map_err(|e| ServerError::Thread("create an eventfd for a shard", e))?,
+            );
             let listener_wake = Arc::new(FlushListener::new(Arc::clone(&wake)));
             shared.wal.add_flush_listener(Arc::clone(&listener_wake));
             shared.store.add_checkpoint_listener(Arc::clone(&wake));
@@ -237,7 +252,7 @@ impl Server {
                     }
                     shard::run(i, sh, listener, w, listener_wake);
                 })
-                .map_err(ServerError::Thread)?;
+                .map_err(|e| ServerError::Thread("start a shard thread", e))?;
             shards.push((handle, wake));
         }
         tracing::info!(
