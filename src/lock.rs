@@ -288,6 +288,11 @@ pub struct DirLocks {
 }
 
 impl DirLocks {
+    /// No lock: for a WAL opened by a store, which holds the locks itself.
+    pub(crate) fn none() -> DirLocks {
+        DirLocks { locks: Vec::new() }
+    }
+
     /// Locks `cfg.wal_dir` (created if missing).
     pub fn for_wal(cfg: &Config) -> Result<DirLocks, LockError> {
         file::create_dir_all(&cfg.wal_dir)?;

@@ -38,16 +38,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let starting_file = cfg.data_dir.join(STARTING_FILE);
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("could not install signal handlers")?;
-    walden::io::file::create_dir_all(&cfg.data_dir)?;
+    let wrote_starting = std::cell::Cell::new(false);
+    // Called with the directories locked: a server refused by the lock
+    // never gets here, so it neither removes nor writes another's files.
     let server = Server::start_with(cfg.clone(), |listen| {
         // A killed server's walden.addr must not pass for ours.
         match walden::io::file::remove_file(&addr_file) {
             Err(e) if e.source.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+        wrote_starting.set(true);
         write_addrs(&starting_file, listen, None)
     });
-    let _ = std::fs::remove_file(&starting_file);
+    if wrote_starting.get() {
+        let _ = std::fs::remove_file(&starting_file);
+    }
     let server = server?;
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;
     write_addrs(&addr_file, server.local_addr(), metrics_addr)?;
@@ -85,8 +90,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    server.shutdown()?;
+    // While the lock is still ours: once it is released, the next server's
+    // walden.addr could already be there.
     let _ = std::fs::remove_file(&addr_file);
+    server.shutdown()?;
     tracing::info!("walden stopped cleanly");
     Ok(())
 }

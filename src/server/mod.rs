@@ -53,6 +53,9 @@ pub enum ServerError {
     },
     #[error("auth_token_file {0} is empty")]
     EmptyToken(String),
+    /// Another process holds the data or WAL directory's lock.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     /// A file the caller writes once the port is bound (`walden.starting`).
     #[error(transparent)]
     File(#[from] crate::io::file::FileError),
@@ -168,8 +171,8 @@ impl Server {
     /// [`Server::start`], calling `bound(addr)` as soon as the protocol
     /// address is bound and before recovery runs: while it runs, that
     /// address answers Hello and Status (with recovery's progress) and
-    /// refuses everything else with `STARTING_UP`. `bound` may write files
-    /// (`walden.starting`); its error names the file.
+    /// refuses everything else with `STARTING_UP`. `bound` runs with the
+    /// directories locked, so it may write files there.
     pub fn start_with(
         cfg: Config,
         bound: impl FnOnce(SocketAddr) -> Result<(), crate::io::file::FileError>,
@@ -180,6 +183,10 @@ impl Server {
             return Err(ServerError::Unauthenticated(addr.to_string()));
         }
         cfg.validate().map_err(crate::wal::WalError::from)?;
+        // IMPORTANT: the directories are locked before anything is bound or
+        // written, by the caller's `bound` or by recovery: a second server
+        // on a running server's directory must change nothing.
+        let locks = crate::lock::DirLocks::for_store(&cfg)?;
         // One socket for every shard (port 0 works): while it is open no
         // other process can bind the address (see `io::net`).
         let listener = net::listen(addr, 1024)?;
@@ -187,6 +194,7 @@ impl Server {
             addr: addr.to_string(),
             source,
         })?;
+        locks.note_listen_addr(local);
         let name = format!("walden {}", env!("CARGO_PKG_VERSION"));
         let progress = Arc::new(RecoveryProgress::default());
         let responder = startup::StartupResponder::start(
@@ -201,7 +209,7 @@ impl Server {
         )
         .map_err(|e| ServerError::Thread("start the startup responder", e))?;
         bound(local)?;
-        let store = Arc::new(Store::open_with_progress(cfg.clone(), progress)?);
+        let store = Arc::new(Store::open_locked(cfg.clone(), progress, locks)?);
         responder.stop();
         let bound = local;
         let wal = Arc::clone(store.wal());
@@ -301,6 +309,7 @@ impl Server {
                 source,
             })?;
         *self.http.lock().unwrap() = Some(handle);
+        self.shared.store.locks().note_metrics_addr(bound);
         Ok(bound)
     }
 

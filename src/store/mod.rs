@@ -46,8 +46,9 @@ use std::thread::JoinHandle;
 use crossbeam::utils::CachePadded;
 
 use crate::config::{Config, WalCompression};
-use crate::io::file::{self, FileError};
+use crate::io::file::FileError;
 use crate::io::uring::EventFd;
+use crate::lock::{DirLocks, LockError};
 use crate::lsn::Lsn;
 use crate::record::Kind;
 use crate::wal::startup::EndOfScan;
@@ -72,6 +73,9 @@ pub enum StoreError {
     Record(#[from] RecordDecodeError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Another process (or another open store) holds a directory's lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// A page address or byte range a client asked for that cannot exist.
     #[error("{0}")]
     BadRequest(String),
@@ -350,19 +354,32 @@ pub struct Store {
     shared: Arc<StoreShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// The data and WAL directories' locks. Dropped after `Drop` has shut
+    /// the store and its WAL down: nothing writes once they are released.
+    locks: DirLocks,
 }
 
 impl Store {
     /// Opens (or creates) the page store in `cfg.data_dir` and the WAL in
     /// `cfg.wal_dir`; after a crash, replays the WAL from the last
     /// checkpoint's redo point and takes an end-of-recovery checkpoint
-    /// before returning.
+    /// before returning. Holds the lock (`walden.pid`) of both directories
+    /// until closed: a second writer, in this process or another, is
+    /// refused before it changes anything.
     pub fn open(cfg: Config) -> Result<Store> {
         Store::open_with_progress(cfg, Arc::new(RecoveryProgress::default()))
     }
 
     /// [`Store::open`], publishing recovery's progress in `progress` (the
     /// server shows it to `walden status` while it recovers).
+    pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
+        cfg.validate().map_err(WalError::from)?;
+        let locks = DirLocks::for_store(&cfg)?;
+        Store::open_locked(cfg, progress, locks)
+    }
+
+    /// The open itself, under the locks of [`DirLocks::for_store`] (the
+    /// server takes them before it binds its port).
     ///
     /// IMPORTANT: every refusal comes before the first change on disk: the
     /// control file, the WAL's version and the checkpoint record are read
@@ -371,10 +388,13 @@ impl Store {
     /// (`may_start`, below). A refused start must leave the directories as
     /// they were, or a second look (by a person, or a newer walden) finds
     /// less than was there.
-    pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
+    pub(crate) fn open_locked(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        locks: DirLocks,
+    ) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let data_dir = cfg.data_dir.clone();
-        file::create_dir_all(&data_dir)?;
         let found = control::read(&data_dir)?;
         crate::wal::version::check(&cfg.wal_dir).map_err(WalError::from)?;
         let creating = found.is_none();
@@ -488,10 +508,11 @@ impl Store {
                 estimated_end,
                 workers,
             )?;
-            let opened = Wal::open_checked(
+            let opened = Wal::open_locked(
                 cfg.clone(),
                 Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
                 &mut may_start,
+                DirLocks::none(),
             );
             let joined = redo.join();
             let wal = match opened {
@@ -557,6 +578,7 @@ impl Store {
             shared,
             threads: Mutex::new(threads),
             closed: AtomicBool::new(false),
+            locks,
         };
         let shared = &store.shared;
         if needs_redo {
@@ -632,6 +654,12 @@ impl Store {
 
     pub fn wal(&self) -> &Arc<Wal> {
         &self.shared.wal
+    }
+
+    /// The directory locks this store holds (the server adds its
+    /// addresses to them once bound).
+    pub fn locks(&self) -> &DirLocks {
+        &self.locks
     }
 
     pub fn config(&self) -> &Config {

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, ConfigError, FlusherKind};
 use crate::io::file::{self, FileError};
 use crate::io::uring::EventFd;
+use crate::lock::{DirLocks, LockError};
 use crate::lsn::Lsn;
 use crate::record::{self, Kind};
 
@@ -59,6 +60,9 @@ pub enum WalError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     File(#[from] FileError),
+    /// Another process (or another open engine) holds the directory's lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// `wal_version` names a format this build does not read.
     #[error(transparent)]
     Version(#[from] version::UnsupportedVersion),
@@ -132,6 +136,10 @@ pub(crate) struct WalShared {
 pub struct Wal {
     shared: Arc<WalShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The WAL directory's lock (none when a store holds it). A field of
+    /// `Wal`, not of the shared state: dropped after `Drop` has stopped
+    /// every thread that writes.
+    _locks: DirLocks,
 }
 
 /// Asked, once the startup scan found the end of WAL and before anything
@@ -142,7 +150,9 @@ pub type MayStart<'a> = &'a mut dyn FnMut(&startup::EndOfScan) -> std::result::R
 
 impl Wal {
     /// Opens (or creates) the WAL in `cfg.wal_dir`, finds the end of valid
-    /// WAL, and starts the flusher and the segment preparer.
+    /// WAL, and starts the flusher and the segment preparer. Holds the WAL
+    /// directory's lock (`walden.pid`) until closed: a second open of the
+    /// same directory, in this process or another, is refused.
     pub fn open(cfg: Config) -> Result<Wal> {
         Wal::open_observed(cfg, None)
     }
@@ -151,11 +161,14 @@ impl Wal {
     /// WAL as the startup scan finds it, in order and each already durable
     /// (every segment is fdatasynced before it is read).
     pub fn open_observed(cfg: Config, observer: Option<startup::ScanObserver<'_>>) -> Result<Wal> {
-        Wal::open_checked(cfg, observer, &mut |_| Ok(()))
+        cfg.validate()?;
+        let locks = DirLocks::for_wal(&cfg)?;
+        Wal::open_locked(cfg, observer, &mut |_| Ok(()), locks)
     }
 
-    /// The open itself. The page store replays the WAL through `observer`,
-    /// in the same pass that finds its end, and checks that end in
+    /// The open itself, under locks the caller took (a store holds them and
+    /// passes none). The page store replays the WAL through `observer`, in
+    /// the same pass that finds its end, and checks that end in
     /// `may_start`.
     ///
     /// IMPORTANT: every refusal comes before the first change to the WAL
@@ -163,10 +176,11 @@ impl Wal {
     /// later segments; a start that is then refused (a missing segment, a
     /// checkpoint record past the end, a newer format) must have changed
     /// nothing, or the refusal protects nothing.
-    pub(crate) fn open_checked(
+    pub(crate) fn open_locked(
         cfg: Config,
         observer: Option<startup::ScanObserver<'_>>,
         may_start: MayStart<'_>,
+        locks: DirLocks,
     ) -> Result<Wal> {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
@@ -340,6 +354,7 @@ impl Wal {
         let wal = Wal {
             shared,
             threads: Mutex::new(threads),
+            _locks: locks,
         };
         // The io_uring is built on the flusher's own thread (SINGLE_ISSUER);
         // report a failure here rather than abort later.
