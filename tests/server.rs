@@ -621,12 +621,13 @@ fn connections_spread_over_the_shards_sharing_one_listener() {
     eprintln!("connections per shard: {per:?}");
     assert_eq!(per.len(), 3, "{per:?}");
     assert_eq!(per.iter().sum::<u64>(), 30, "{per:?}");
-    // Round robin gives 10 each (measured: [9, 11, 10], [7, 12, 11]); a
-    // shard slowed by a busy machine re-arms its accept later and takes
-    // fewer (once [2, 14, 14]). What must hold: no shard is left out, and
-    // none takes them all (multishot accept: [30, 0, 0]).
+    // Round robin gives 10 each, and alone that is what we see ([11, 10,
+    // 9]); beside the other tests of this file, which load both CPUs, a
+    // shard that runs late takes fewer ([7, 16, 7], [2, 14, 14], once
+    // [4, 21, 5]). What must hold: no shard is left out, and none takes
+    // (nearly) all (multishot accept: [30, 0, 0]).
     assert!(
-        per.iter().all(|&n| (1..=20).contains(&n)),
+        per.iter().all(|&n| (1..=25).contains(&n)),
         "connections per shard: {per:?}"
     );
     drop(clients);
