@@ -32,7 +32,7 @@
 #      shared_buffers=1GB, max_connections=200, listening on sock/ and
 #      127.0.0.1:<free port>
 #   B  walden serve -D walden -c listen_addr=127.0.0.1:0 -c metrics_addr=   (background,
-#      address read from walden/walden.addr), then
+#      address read from walden/data/walden.addr), then
 #      walden bench -h HOST -p PORT -c C -j J -T SECS --size 100 --level local,
 #      then SIGTERM to the server and wait for its exit.
 # The PostgreSQL server stays up (idle) during B; walden's server is started
@@ -252,18 +252,18 @@ walden_get() {
 # run_walden C R : starts the server, runs the bench, stops the server; sets R_RPS R_WLAT R_WP99 (ms)
 run_walden() {
     local out=$LOGS/walden-c$1-r$2.txt slog=$LOGS/serve-c$1-r$2.txt addr= host port rc
-    rm -f "$WDIR/walden.addr"
+    rm -f "$WDIR/data/walden.addr"
     "${W_SERVE[@]}" >"$slog" 2>&1 &
     WPID=$!
     for _ in $(seq 600); do
-        if [[ -s $WDIR/walden.addr ]]; then
-            addr=$(sed -n 's/^listen_addr=//p' "$WDIR/walden.addr" | head -1)
+        if [[ -s $WDIR/data/walden.addr ]]; then
+            addr=$(sed -n 's/^listen_addr=//p' "$WDIR/data/walden.addr" | head -1)
             [[ -n $addr ]] && break
         fi
         kill -0 "$WPID" 2>/dev/null || { tail -20 "$slog" >&2; die "walden serve exited during startup (log above)"; }
         sleep 0.1
     done
-    [[ -n $addr ]] || { tail -20 "$slog" >&2; die "walden serve wrote no listen_addr to $WDIR/walden.addr in 60 s"; }
+    [[ -n $addr ]] || { tail -20 "$slog" >&2; die "walden serve wrote no listen_addr to $WDIR/data/walden.addr in 60 s"; }
     host=${addr%:*}; port=${addr##*:}; host=${host#[}; host=${host%]}
     set_w_cmd "$host" "$port" "$1" "$(jobs_for "$1")"
     "${W_CMD[@]}" >"$out" 2>&1 || { grep -v '^progress:' "$out" | tail -20 >&2; die "walden bench failed: $(q "${W_CMD[@]}")"; }

@@ -77,9 +77,9 @@ redis-cli -p "$RPORT" ping >/dev/null 2>&1 || { tail "$TMP/redis.log" >&2; die "
 
 "$WALDEN" serve -D "$TMP/walden" -c listen_addr=127.0.0.1:0 -c metrics_addr= >"$TMP/walden.log" 2>&1 &
 WALDEN_PID=$!
-for _ in $(seq 100); do [[ -s $TMP/walden/walden.addr ]] && break; sleep 0.1; done
-[[ -s $TMP/walden/walden.addr ]] || { tail "$TMP/walden.log" >&2; die "walden serve did not start"; }
-WPORT=$(sed -n 's/^listen_addr=.*:\([0-9]*\)$/\1/p' "$TMP/walden/walden.addr")
+for _ in $(seq 100); do [[ -s $TMP/walden/data/walden.addr ]] && break; sleep 0.1; done
+[[ -s $TMP/walden/data/walden.addr ]] || { tail "$TMP/walden.log" >&2; die "walden serve did not start"; }
+WPORT=$(sed -n 's/^listen_addr=.*:\([0-9]*\)$/\1/p' "$TMP/walden/data/walden.addr")
 
 # redis-benchmark PING at C clients for about SECS: "rps avg_ms"
 redis_run() {

@@ -61,12 +61,12 @@ fio_read() {
 
 walden_recover() {
     drop_caches
-    rm -f "$DIR/run/walden.addr"
+    rm -f "$DIR/run/data/walden.addr"
     local t0 t1
     t0=$(date +%s.%N)
     WALDEN_LOG=info "$WALDEN" serve -D "$DIR/run" "${SETTINGS[@]}" 2>"$LOGS/serve.log" &
     local pid=$!
-    while [[ ! -s $DIR/run/walden.addr ]]; do
+    while [[ ! -s $DIR/run/data/walden.addr ]]; do
         kill -0 "$pid" 2>/dev/null || { cat "$LOGS/serve.log"; die "walden serve exited"; }
         sleep 0.01
     done

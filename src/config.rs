@@ -232,7 +232,7 @@ pub struct Config {
     /// When a flush is one write and nothing is in flight, the io_uring
     /// flusher writes (and syncs) with plain syscalls: cheaper at depth 1.
     pub wal_sync_at_depth_1: bool,
-    /// Address the protocol listens on (every shard binds it with SO_REUSEPORT).
+    /// Address the protocol listens on (one socket, shared by the shards; no SO_REUSEPORT).
     pub listen_addr: String,
     /// Address of the HTTP endpoint (/metrics, /status); empty: off.
     pub metrics_addr: String,

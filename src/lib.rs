@@ -8,14 +8,16 @@
 //! [`store`]) are opaque 8 KiB blocks materialised from page records.
 //!
 //! Floors, from the bottom: [`io`] (every syscall and `unsafe`), [`lsn`],
-//! [`record`], [`config`], [`wal`], [`store`], then the protocol, client and
-//! server. Nothing imports upward.
+//! [`record`], [`config`], [`lock`], [`wal`], [`store`], then the protocol,
+//! client and server. Nothing imports upward.
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod durability;
 pub(crate) mod fatal;
 pub mod io;
+pub mod lock;
 pub mod lsn;
 pub mod metrics;
 pub mod protocol;

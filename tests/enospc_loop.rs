@@ -151,7 +151,7 @@ struct ServerProc {
 
 impl ServerProc {
     fn spawn(dir: &Path, wal_dir: &Path, log: PathBuf) -> ServerProc {
-        let _ = std::fs::remove_file(dir.join("walden.addr"));
+        let _ = std::fs::remove_file(dir.join("data/walden.addr"));
         let stderr = File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_walden"))
             .args(["serve", "-D"])
@@ -213,7 +213,7 @@ impl ServerProc {
     fn wait_for_addr(&mut self) -> String {
         let t = Instant::now();
         loop {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join("walden.addr")) {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("data/walden.addr")) {
                 if let Some(a) = text.lines().find_map(|l| l.strip_prefix("listen_addr=")) {
                     return a.to_string();
                 }

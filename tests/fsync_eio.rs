@@ -8,9 +8,9 @@
 //! on each flusher: the io_uring one, whose queued sync is then replaced by
 //! a no-op that completes with EIO, and the pwrite one) appends from
 //! several threads at `local` and prints each acknowledged record; its N-th
-//! sync fails with EIO without syncing. On a new
-//! WAL the first two syncs are startup's (`wal_start`, the first segment), so
-//! N = 3 fails the flusher's first sync and larger N fail later ones. We check
+//! sync fails with EIO without syncing. On a new WAL the first three syncs
+//! are startup's (`wal_version`, `wal_start`, the first segment), so N = 4
+//! fails the flusher's first sync and larger N fail later ones. We check
 //! that it died by SIGABRT naming the segment and the unacknowledged range
 //! X..Y, that no acknowledged record ends after X, and that after a restart
 //! every acknowledged record is in the WAL byte for byte.
@@ -222,12 +222,16 @@ fn failed_fdatasync_is_fatal(flusher: &str, n: u64) {
             a.end
         );
     }
-    if n == 3 {
+    if n == FIRST_FLUSHER_SYNC {
         // The flusher's very first sync failed: nothing was ever durable.
-        assert!(acks.is_empty(), "N=3: {} records acknowledged", acks.len());
+        assert!(
+            acks.is_empty(),
+            "N={n}: {} records acknowledged",
+            acks.len()
+        );
         assert_eq!(
             x, opened_at,
-            "N=3: the unacknowledged WAL starts at the start"
+            "N={n}: the unacknowledged WAL starts at the start"
         );
     } else {
         assert!(
@@ -274,9 +278,13 @@ fn failed_fdatasync_is_fatal(flusher: &str, n: u64) {
     );
 }
 
+/// The flusher's first sync: after startup's three (`wal_version`,
+/// `wal_start`, the first segment's creation).
+const FIRST_FLUSHER_SYNC: u64 = 4;
+
 #[test]
 fn eio_on_the_first_flusher_sync_is_fatal() {
-    failed_fdatasync_is_fatal("pwrite", 3);
+    failed_fdatasync_is_fatal("pwrite", FIRST_FLUSHER_SYNC);
 }
 
 #[test]
@@ -291,7 +299,7 @@ fn eio_on_the_fortieth_sync_is_fatal() {
 
 #[test]
 fn eio_on_the_first_io_uring_flusher_sync_is_fatal() {
-    failed_fdatasync_is_fatal("uring", 3);
+    failed_fdatasync_is_fatal("uring", FIRST_FLUSHER_SYNC);
 }
 
 #[test]

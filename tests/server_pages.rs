@@ -171,7 +171,7 @@ fn the_cli_writes_reads_and_checkpoints() {
             .spawn()
             .unwrap(),
     );
-    let addr_file = d.path().join("walden.addr");
+    let addr_file = d.path().join("data/walden.addr");
     let t = std::time::Instant::now();
     while !addr_file.exists() {
         assert!(

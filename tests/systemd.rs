@@ -326,9 +326,10 @@ fn exec_start_notifies_ready_survives_reload_and_stops_cleanly() {
     let mut server = start_as_systemd_would(tmp.path(), &sock_path);
 
     wait_for(&sock, "READY=1", Duration::from_secs(60), &mut server);
-    // With --config and no -D, the address file sits beside wal/ and data/.
-    let addr = std::fs::read_to_string(tmp.path().join("walden.addr"))
-        .expect("walden.addr beside wal/ and data/");
+    // With --config and no -D, the address file is in the data directory
+    // (its parent may be read-only under ProtectSystem=strict).
+    let addr = std::fs::read_to_string(tmp.path().join("data/walden.addr"))
+        .expect("walden.addr in the data directory");
     assert!(addr.contains("listen_addr=127.0.0.1:"), "{addr}");
 
     // ExecReload: SIGHUP must not stop the server.

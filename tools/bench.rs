@@ -24,10 +24,10 @@ pub struct BenchArgs {
     /// Run the WAL engine inside this process (no server).
     #[arg(long)]
     pub(crate) embedded: bool,
-    /// Server host (default: from DIR/walden.addr, else 127.0.0.1).
+    /// Server host (default: from DIR/data/walden.addr, else 127.0.0.1).
     #[arg(short = 'h', long = "host")]
     pub(crate) host: Option<String>,
-    /// Server port (default: from DIR/walden.addr, else 7480).
+    /// Server port (default: from DIR/data/walden.addr, else 7480).
     #[arg(short = 'p', long = "port")]
     pub(crate) port: Option<u16>,
     /// Requests each client keeps in flight (server mode).

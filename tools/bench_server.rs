@@ -33,7 +33,7 @@ struct Conn {
     sent: VecDeque<InFlight>,
 }
 
-/// The server's address: -h/-p, else DIR/walden.addr, else 127.0.0.1:7480.
+/// The server's address: -h/-p, else DIR/data/walden.addr, else 127.0.0.1:7480.
 fn server_addr(args: &BenchArgs) -> String {
     let from_file = super::common::listen_addr_in(&args.data_dir);
     let (fh, fp) = match from_file.as_deref().and_then(|a| a.rsplit_once(':')) {

@@ -11,10 +11,10 @@ use walden::{Durability, Kind, Lsn};
 
 #[derive(Args, Clone)]
 pub struct Conn {
-    /// Server address (host:port); default: DIR/walden.addr, else 127.0.0.1:7480.
+    /// Server address (host:port); default: DIR/data/walden.addr, else 127.0.0.1:7480.
     #[arg(short = 'H', long = "host")]
     host: Option<String>,
-    /// Data directory whose walden.addr names the server.
+    /// Data directory whose walden.addr (in DIR/data, or DIR itself) names the server.
     #[arg(short = 'D', long, default_value = "walden-data")]
     data_dir: PathBuf,
     /// File holding the auth token.

@@ -1,9 +1,11 @@
 //! What the tools share: loading the configuration the way `walden serve` does,
-//! and finding a running server (its `walden.addr`, the auth token).
+//! and finding a running server (its `walden.addr` in the data directory,
+//! the auth token).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use walden::server::{ADDR_FILE, STARTING_FILE};
 use walden::Config;
 
 /// Settings from `--config FILE` (or defaults), with the data directory
@@ -39,15 +41,22 @@ pub fn start_metrics(
     Ok(Some(server.serve_http(&cfg.metrics_addr)?))
 }
 
-/// The protocol address a running server wrote to `DIR/walden.addr` (once
-/// ready), else to `DIR/walden.starting` (while it recovers).
+/// The protocol address a running server wrote to `walden.addr` (once
+/// ready), else to `walden.starting` (while it recovers), in its data
+/// directory: `DIR/data` for `-D DIR` (the layout `walden serve -D DIR`
+/// makes), else `DIR` itself (a data directory given directly, as with
+/// `--config`).
 pub fn listen_addr_in(dir: &Path) -> Option<String> {
-    ["walden.addr", "walden.starting"].iter().find_map(|f| {
-        std::fs::read_to_string(dir.join(f))
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
-    })
+    let data = dir.join("data");
+    let found = [data.as_path(), dir].into_iter().find_map(|d| {
+        [ADDR_FILE, STARTING_FILE].iter().find_map(|f| {
+            std::fs::read_to_string(d.join(f))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("listen_addr=").map(str::to_string))
+        })
+    });
+    found
 }
 
 /// The auth token in `path` (surrounding whitespace trimmed), if one is given.

@@ -40,6 +40,10 @@ struct ControlData {
     data_directory: String,
     wal_directory: String,
     control_version: Option<u32>,
+    /// `wal_version`'s number; 1 for a WAL from before the file existed.
+    wal_format_version: Option<u32>,
+    /// Why the WAL format version is what it is, when there is no file.
+    wal_format_version_note: Option<String>,
     system_identifier: Option<String>,
     cluster_state: String,
     control_last_modified: Option<String>,
@@ -79,6 +83,25 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
     let wal_dir = data_dir.join("wal");
     let wal = WalDir::open(&wal_dir)?;
     let mut warnings = Vec::new();
+    // A newer format's records are not ours to decode: report, don't scan.
+    let wal_readable = match wal.check_version() {
+        Ok(()) => true,
+        Err(e) => {
+            warnings.push(format!("{e:#}"));
+            false
+        }
+    };
+    let (wal_format_version, wal_format_version_note) = match wal.version {
+        Some(v) => (Some(v), None),
+        None if wal.segments.is_empty() => (None, Some("none (no WAL yet)".to_string())),
+        None => (
+            Some(1),
+            Some(format!(
+                "1 (no {} file: written before WAL format versions)",
+                walden::wal::version::WAL_VERSION_FILE
+            )),
+        ),
+    };
 
     let wal_start = match segments::read_wal_start(&wal_dir) {
         Ok(Some(l)) => Some(l),
@@ -97,9 +120,16 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let mut control_version = None;
     let control = match walden::store::control::read(&data_dir.join("data")) {
-        Ok(c) => c,
+        Ok(c) => {
+            control_version = c.map(|_| walden::store::control::CONTROL_VERSION);
+            c
+        }
         Err(e) => {
+            if let walden::store::control::ControlError::Version { found, .. } = &e {
+                control_version = Some(*found);
+            }
             warnings.push(e.to_string());
             None
         }
@@ -108,7 +138,9 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
     let mut d = ControlData {
         data_directory: data_dir.display().to_string(),
         wal_directory: wal_dir.display().to_string(),
-        control_version: control.map(|_| walden::store::control::CONTROL_VERSION),
+        control_version,
+        wal_format_version,
+        wal_format_version_note,
         system_identifier: control.map(|c| c.system_identifier.to_string()),
         cluster_state: control.map_or_else(
             || "unknown (no control file: the page store was never opened here)".into(),
@@ -141,7 +173,7 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
         data_page_checksum_version: control.map(|c| c.data_checksum_version),
         warnings,
     };
-    if let (Some(start), Some(size)) = (wal_start, wal.segment_size) {
+    if let (Some(start), Some(size), true) = (wal_start, wal.segment_size, wal_readable) {
         // Read-only: the scan only reads segment files.
         let scan = startup::scan(&wal_dir, size, TIMELINE, start, false, None)?;
         d.end_of_wal = Some(fmt_lsn(scan.end));
@@ -215,6 +247,13 @@ fn print_text(d: &ControlData) {
             none(&d.time_of_latest_checkpoint, "none"),
         ),
         ("WAL directory", d.wal_directory.clone()),
+        (
+            "WAL format version",
+            d.wal_format_version_note.clone().unwrap_or_else(|| {
+                d.wal_format_version
+                    .map_or("none".into(), |v| v.to_string())
+            }),
+        ),
         ("First retained WAL record (wal_start)", wal_start),
         ("Current end of valid WAL", none(&d.end_of_wal, "unknown")),
         (

@@ -646,7 +646,7 @@ impl CrashTest {
         name: &str,
     ) -> anyhow::Result<(Running, Duration, Option<Lsn>)> {
         let data = &self.generation.data;
-        let addr_file = data.join("walden.addr");
+        let addr_file = data.join("data").join(walden::server::ADDR_FILE);
         // A killed server leaves its walden.addr behind.
         match fs::remove_file(&addr_file) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

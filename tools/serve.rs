@@ -1,18 +1,19 @@
 //! `walden serve`: runs the server until SIGTERM/SIGINT; SIGHUP reloads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use walden::server::Server;
+use walden::io::file::FileError;
+use walden::server::{Server, ADDR_FILE, STARTING_FILE};
 
 #[derive(Args)]
 pub struct ServeArgs {
     /// Configuration file (TOML; see systemd/walden.toml for every setting).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Data directory: WAL in DIR/wal, pages in DIR/data, addresses in DIR/walden.addr.
+    /// Data directory: WAL in DIR/wal, pages in DIR/data, addresses in DIR/data/walden.addr.
     #[arg(short = 'D', long)]
     data_dir: Option<PathBuf>,
     /// Override a setting, as `postgres -c name=value` (repeatable).
@@ -26,49 +27,35 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| args.config.is_none().then(|| PathBuf::from("walden-data")));
     let cfg = super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)?;
-    // Beside wal/ and data/: DIR/walden.addr with -D DIR, and the data
-    // directory's parent with --config (/var/lib/walden/walden.addr), so
-    // `walden status -D DIR` finds it either way.
-    let addr_file = dir
-        .clone()
-        .or_else(|| {
-            cfg.data_dir
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(|p| p.to_path_buf())
-        })
-        .unwrap_or_else(|| cfg.data_dir.clone())
-        .join("walden.addr");
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    if let Some(parent) = addr_file.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
+    // In the data directory, always: it is a directory walden owns and
+    // writes (ReadWritePaths= under systemd), while its parent may be
+    // read-only (/srv under ProtectSystem=strict). `walden status -D`
+    // looks there.
+    let addr_file = cfg.data_dir.join(ADDR_FILE);
     // walden.addr appears once the server is ready (tests and tools wait
     // for it). During recovery the protocol address is in walden.starting,
     // where `walden status` finds it to show recovery's progress.
-    let starting_file = addr_file.with_file_name("walden.starting");
-    let write_addrs = |path: &std::path::Path,
-                       listen: std::net::SocketAddr,
-                       metrics: Option<std::net::SocketAddr>| {
-        let text = format!(
-            "listen_addr={listen}\nmetrics_addr={}\n",
-            metrics.map(|a| a.to_string()).unwrap_or_default()
-        );
-        // Atomically: a reader never sees half a file.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, path))
-    };
-    let _ = std::fs::remove_file(&addr_file);
+    let starting_file = cfg.data_dir.join(STARTING_FILE);
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("could not install signal handlers")?;
+    let wrote_starting = std::cell::Cell::new(false);
+    // Called with the directories locked: a server refused by the lock
+    // never gets here, so it neither removes nor writes another's files.
     let server = Server::start_with(cfg.clone(), |listen| {
+        // A killed server's walden.addr must not pass for ours.
+        match walden::io::file::remove_file(&addr_file) {
+            Err(e) if e.source.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        wrote_starting.set(true);
         write_addrs(&starting_file, listen, None)
     });
-    let _ = std::fs::remove_file(&starting_file);
+    if wrote_starting.get() {
+        let _ = std::fs::remove_file(&starting_file);
+    }
     let server = server?;
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;
-    write_addrs(&addr_file, server.local_addr(), metrics_addr)
-        .with_context(|| format!("writing {}", addr_file.display()))?;
+    write_addrs(&addr_file, server.local_addr(), metrics_addr)?;
     tracing::info!(
         "walden ready: protocol on {}, metrics on {}, addresses in {}",
         server.local_addr(),
@@ -103,8 +90,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    server.shutdown()?;
+    // While the lock is still ours: once it is released, the next server's
+    // walden.addr could already be there.
     let _ = std::fs::remove_file(&addr_file);
+    server.shutdown()?;
     tracing::info!("walden stopped cleanly");
     Ok(())
+}
+
+/// Writes the bound addresses to `path` through a temporary file and a
+/// rename, so that a reader never sees half a file.
+fn write_addrs(
+    path: &Path,
+    listen: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<(), FileError> {
+    let text = format!(
+        "listen_addr={listen}\nmetrics_addr={}\n",
+        metrics.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    walden::io::file::write_file(&tmp, text.as_bytes())?;
+    walden::io::file::rename(&tmp, path)
 }

@@ -57,6 +57,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.data_dir.join("wal"));
     let dir = WalDir::open(&wal_dir)?;
+    dir.check_version()?;
     let seg = dir
         .segment_size
         .context("the WAL directory has no segment files")?;

@@ -31,7 +31,7 @@ pub struct WalChildArgs {
     #[arg(short = 'c', long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
     /// (testing) The N-th sync of a file in this process (counting from before
-    /// the WAL is opened: on a new WAL, the first two are startup's) fails
+    /// the WAL is opened: on a new WAL, the first three are startup's) fails
     /// with EIO; on the io_uring flusher a queued sync chosen this way runs
     /// as a no-op that completes with EIO. Forces wal_sync_method=fdatasync
     /// and wal_prealloc=0 (no segment preparer, whose syncs would race the

@@ -18,6 +18,7 @@ use walden::lsn;
 use walden::record::{Kind, FLAG_LZ4};
 use walden::wal::reader::{EndOfWal, Record, WalReader};
 use walden::wal::segments;
+use walden::wal::version::WAL_FORMAT_VERSION;
 use walden::wal::TIMELINE;
 use walden::Lsn;
 
@@ -131,6 +132,7 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
         (None, None) => PathBuf::from("walden-data/wal"),
     };
     let wal = WalDir::open(&dir)?;
+    wal.check_version()?;
     let Some(segment_size) = wal.segment_size else {
         bail!("no WAL segment files in {}", dir.display());
     };
@@ -264,6 +266,9 @@ pub struct WalDir {
     pub segment_size: Option<u64>,
     /// Segment numbers of timeline [`TIMELINE`], ascending.
     pub segments: Vec<u64>,
+    /// What `wal_version` says; `None` without the file (a WAL from before
+    /// format versions: version 1, or no WAL yet).
+    pub version: Option<u32>,
 }
 
 impl WalDir {
@@ -273,6 +278,7 @@ impl WalDir {
         if !meta.is_dir() {
             bail!("\"{}\" is not a directory", dir.display());
         }
+        let version = walden::wal::version::read(dir)?;
         let first = walden::io::file::list_files(dir)?
             .into_iter()
             .filter(|n| looks_like_segment(n))
@@ -282,6 +288,7 @@ impl WalDir {
                 dir: dir.to_owned(),
                 segment_size: None,
                 segments: Vec::new(),
+                version,
             });
         };
         let path = dir.join(&first);
@@ -299,7 +306,24 @@ impl WalDir {
             dir: dir.to_owned(),
             segment_size: Some(size),
             segments: segments::list_segments(dir, TIMELINE, size)?,
+            version,
         })
+    }
+
+    /// Refuses a WAL of a format this build cannot decode (a newer
+    /// walden's): its records would be misread, not shown.
+    pub fn check_version(&self) -> anyhow::Result<()> {
+        match self.version {
+            Some(found) if found != WAL_FORMAT_VERSION => {
+                Err(walden::wal::version::UnsupportedVersion {
+                    path: walden::wal::version::path(&self.dir),
+                    found,
+                    supported: WAL_FORMAT_VERSION,
+                }
+                .into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The first record of the retained WAL, from `wal_start`; without that

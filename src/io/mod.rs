@@ -16,6 +16,7 @@
 
 pub mod aligned;
 pub mod file;
+pub mod lockfile;
 pub mod net;
 pub mod page_queue;
 pub mod probe;

@@ -1,8 +1,9 @@
 //! `walden serve`: the WAL engine behind the wire protocol (docs/protocol.md).
 //!
 //! One shard thread per insert slot, pinned per `cpu_affinity`, each with its
-//! own SO_REUSEPORT listener and io_uring (multishot accept, single-shot
-//! recv/send), appending through the insert slot it owns. Acknowledgements
+//! own io_uring (accept, recv, send) on a duplicate of the one listening
+//! socket (no SO_REUSEPORT: no other process can bind the port, see
+//! `io::net`), appending through the insert slot it owns. Acknowledgements
 //! at `local` and above are sent when the flusher's eventfd says the flush
 //! LSN passed them: no lock and no channel on the append path.
 //!
@@ -32,6 +33,9 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("invalid value for parameter \"listen_addr\": {0:?} is not an address (host:port)")]
     BadAddress(String),
+    /// The protocol port: `could not bind 127.0.0.1:7480: address already in use`.
+    #[error(transparent)]
+    Bind(#[from] net::ListenError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -49,9 +53,23 @@ pub enum ServerError {
     },
     #[error("auth_token_file {0} is empty")]
     EmptyToken(String),
-    #[error("could not start shard thread: {0}")]
-    Thread(std::io::Error),
+    /// Another process holds the data or WAL directory's lock.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// A file the caller writes once the port is bound (`walden.starting`).
+    #[error(transparent)]
+    File(#[from] crate::io::file::FileError),
+    /// `could not start a shard thread: …`.
+    #[error("could not {0}: {1}")]
+    Thread(&'static str, std::io::Error),
 }
+
+/// The file `walden serve` writes, in the data directory, once the server
+/// is ready: `listen_addr=HOST:PORT` and `metrics_addr=HOST:PORT` lines.
+pub const ADDR_FILE: &str = "walden.addr";
+/// The file that holds the protocol address while the server recovers
+/// (same format; removed when `walden.addr` appears).
+pub const STARTING_FILE: &str = "walden.starting";
 
 /// What every shard shares.
 pub(crate) struct ServerShared {
@@ -64,6 +82,8 @@ pub(crate) struct ServerShared {
     pub started: std::time::Instant,
     pub name: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Open connections per shard (for /status: how the listener spreads them).
+    pub shard_connections: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 /// Settings a reload (SIGHUP) may change while the server runs. Shards read
@@ -151,10 +171,11 @@ impl Server {
     /// [`Server::start`], calling `bound(addr)` as soon as the protocol
     /// address is bound and before recovery runs: while it runs, that
     /// address answers Hello and Status (with recovery's progress) and
-    /// refuses everything else with `STARTING_UP`.
+    /// refuses everything else with `STARTING_UP`. `bound` runs with the
+    /// directories locked, so it may write files there.
     pub fn start_with(
         cfg: Config,
-        bound: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+        bound: impl FnOnce(SocketAddr) -> Result<(), crate::io::file::FileError>,
     ) -> Result<Server, ServerError> {
         let addr = resolve(&cfg.listen_addr)?;
         let runtime = Runtime::from_config(&cfg)?;
@@ -162,19 +183,22 @@ impl Server {
             return Err(ServerError::Unauthenticated(addr.to_string()));
         }
         cfg.validate().map_err(crate::wal::WalError::from)?;
-        // The first listener picks the port (port 0 works); the others bind it too.
-        let first = net::listen_reuseport(addr, 1024).map_err(|source| ServerError::Listen {
+        // IMPORTANT: the directories are locked before anything is bound or
+        // written, by the caller's `bound` or by recovery: a second server
+        // on a running server's directory must change nothing.
+        let locks = crate::lock::DirLocks::for_store(&cfg)?;
+        // One socket for every shard (port 0 works): while it is open no
+        // other process can bind the address (see `io::net`).
+        let listener = net::listen(addr, 1024)?;
+        let local = net::local_addr(&listener).map_err(|source| ServerError::Listen {
             addr: addr.to_string(),
             source,
         })?;
-        let local = net::local_addr(&first).map_err(|source| ServerError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        locks.note_listen_addr(local);
         let name = format!("walden {}", env!("CARGO_PKG_VERSION"));
         let progress = Arc::new(RecoveryProgress::default());
         let responder = startup::StartupResponder::start(
-            &first,
+            &listener,
             startup::Context {
                 progress: Arc::clone(&progress),
                 token: runtime.token.clone(),
@@ -183,22 +207,23 @@ impl Server {
                 started: std::time::Instant::now(),
             },
         )
-        .map_err(ServerError::Thread)?;
-        bound(local).map_err(ServerError::Thread)?;
-        let store = Arc::new(Store::open_with_progress(cfg.clone(), progress)?);
+        .map_err(|e| ServerError::Thread("start the startup responder", e))?;
+        bound(local)?;
+        let store = Arc::new(Store::open_locked(cfg.clone(), progress, locks)?);
         responder.stop();
         let bound = local;
         let wal = Arc::clone(store.wal());
         let shards_n = wal.insert_shards();
-        let mut listeners = vec![first];
+        // Each shard accepts on its own duplicate of the one socket; the
+        // kernel wakes one shard's accept per connection.
+        let mut listeners = Vec::with_capacity(shards_n);
         for _ in 1..shards_n {
-            listeners.push(net::listen_reuseport(bound, 1024).map_err(|source| {
-                ServerError::Listen {
-                    addr: bound.to_string(),
-                    source,
-                }
+            listeners.push(listener.try_clone().map_err(|source| ServerError::Listen {
+                addr: bound.to_string(),
+                source,
             })?);
         }
+        listeners.push(listener);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let st = Arc::clone(&store);
         metrics.set_store_snapshot(Arc::new(move || st.metrics_snapshot()));
@@ -211,10 +236,16 @@ impl Server {
             started: std::time::Instant::now(),
             name,
             metrics,
+            shard_connections: (0..shards_n)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
         });
         let mut shards = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
-            let wake = Arc::new(EventFd::new().map_err(ServerError::Thread)?);
+            let wake = Arc::new(
+                EventFd::new()
+                    .map_err(|e| ServerError::Thread("create an eventfd for a shard", e))?,
+            );
             let listener_wake = Arc::new(FlushListener::new(Arc::clone(&wake)));
             shared.wal.add_flush_listener(Arc::clone(&listener_wake));
             shared.store.add_checkpoint_listener(Arc::clone(&wake));
@@ -229,7 +260,7 @@ impl Server {
                     }
                     shard::run(i, sh, listener, w, listener_wake);
                 })
-                .map_err(ServerError::Thread)?;
+                .map_err(|e| ServerError::Thread("start a shard thread", e))?;
             shards.push((handle, wake));
         }
         tracing::info!(
@@ -278,6 +309,7 @@ impl Server {
                 source,
             })?;
         *self.http.lock().unwrap() = Some(handle);
+        self.shared.store.locks().note_metrics_addr(bound);
         Ok(bound)
     }
 
@@ -400,6 +432,11 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
         "insert_shards": wal.insert_shards(),
         "cpu_affinity": cfg.cpu_affinity,
         "records_appended": wal.records_appended(),
+        "connections_per_shard": s
+            .shard_connections
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<_>>(),
         "page_store": {
             "system_identifier": c.system_identifier.to_string(),
             "checkpoint_lsn": c.checkpoint.to_string(),

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,6 +198,7 @@ pub(crate) fn run(
                     );
                     decoders.insert(id, Decoder::new(Direction::ToServer, shard.limits));
                     shard.shared.metrics.connection_opened();
+                    shard.shared.shard_connections[index].fetch_add(1, Relaxed);
                     tracing::debug!(shard = index, ?peer, "connection accepted");
                 }
                 Event::Data(id) => {
@@ -219,6 +220,7 @@ pub(crate) fn run(
                     decoders.remove(&id);
                     if let Some(st) = conns.remove(&id) {
                         shard.shared.metrics.connection_closed();
+                        shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
                         tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
                     }
                 }

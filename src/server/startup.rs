@@ -1,4 +1,4 @@
-//! While the page store recovers, the first listener is already bound and
+//! While the page store recovers, the listener is already bound and
 //! answered here: Hello and Status work (so `walden status` shows how far
 //! redo has come), every other request gets `STARTING_UP` and the
 //! connection closes, as PostgreSQL answers "the database system is starting
@@ -49,6 +49,9 @@ impl StartupResponder {
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
+                // O_NONBLOCK belongs to the socket, which the shards share
+                // (through duplicates) from now on: hand it back as it came.
+                let _ = l.set_nonblocking(false);
             })?;
         Ok(StartupResponder {
             stop,
@@ -57,7 +60,7 @@ impl StartupResponder {
     }
 
     /// Stops answering; connections not yet accepted wait in the listen
-    /// queue for the shard that owns the listener.
+    /// queue for the shards.
     pub fn stop(mut self) {
         self.stop.store(true, SeqCst);
         if let Some(h) = self.handle.take() {
@@ -213,7 +216,7 @@ mod tests {
 
     #[test]
     fn status_shows_recovery_and_everything_else_waits() {
-        let l = crate::io::net::listen_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let l = crate::io::net::listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = crate::io::net::local_addr(&l).unwrap().to_string();
         let progress = Arc::new(RecoveryProgress::default());
         progress.active.store(true, SeqCst);

@@ -104,6 +104,22 @@ pub enum ControlError {
     File(#[from] FileError),
     #[error("control file \"{}\" is invalid: {what}", path.display())]
     Invalid { path: PathBuf, what: String },
+    /// A control file of another version (a newer walden's, most likely):
+    /// its layout is not ours to judge, so nothing else about it is.
+    #[error(
+        "control file \"{}\" has version {found}, but this build of walden reads and writes \
+         version {supported} only{} (run the walden release that wrote it; nothing was changed)",
+        path.display(),
+        if *damaged { " (or the file is damaged: its version 1 checksum does not match)" } else { "" }
+    )]
+    Version {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+        /// The bytes do not pass version 1's checks either: the version
+        /// field may be a damaged 1.
+        damaged: bool,
+    },
 }
 
 impl ControlFile {
@@ -210,9 +226,27 @@ pub fn read(data_dir: &Path) -> Result<Option<ControlFile>, ControlError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(FileError::new("read file", &p, e).into()),
     };
-    ControlFile::decode(&bytes)
-        .map(Some)
-        .map_err(|what| ControlError::Invalid { path: p, what })
+    match ControlFile::decode(&bytes) {
+        Ok(c) => Ok(Some(c)),
+        Err(what) => match declared_version(&bytes) {
+            // Before the layout's own complaint: another version may have
+            // another size or checksum, and "incorrect checksum" would
+            // hide what the operator needs to know.
+            Some(found) if found != CONTROL_VERSION => Err(ControlError::Version {
+                path: p,
+                found,
+                supported: CONTROL_VERSION,
+                damaged: !what.starts_with("control version"),
+            }),
+            _ => Err(ControlError::Invalid { path: p, what }),
+        },
+    }
+}
+
+/// The version a file with walden's magic says it has (bytes 8..12), which
+/// every version of the layout keeps where version 1 has it.
+fn declared_version(b: &[u8]) -> Option<u32> {
+    (b.len() >= 12 && &b[0..8] == MAGIC).then(|| u32::from_le_bytes(b[8..12].try_into().unwrap()))
 }
 
 /// Replaces `data_dir/walden.control` atomically and durably.
@@ -295,6 +329,33 @@ mod tests {
         assert_eq!(got.system_identifier, c.system_identifier);
         assert_eq!(std::fs::metadata(path(dir.path())).unwrap().len(), 512);
         assert!(!dir.path().join("walden.control.tmp").exists());
+    }
+
+    #[test]
+    fn another_version_is_named_before_the_layout_is_judged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        let mut b = ControlFile::new(16 << 20, true, true).encode();
+        b[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&p, b).unwrap();
+        let e = read(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "control file \"{}\" has version 99, but this build of walden reads and writes \
+                 version 1 only (run the walden release that wrote it; nothing was changed)",
+                p.display()
+            )
+        );
+        // A longer file of a newer layout: still its version, not its size.
+        let mut longer = b.to_vec();
+        longer.resize(1024, 0);
+        std::fs::write(&p, &longer).unwrap();
+        let e = read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("has version 99"), "{e}");
+        assert!(e.contains("or the file is damaged"), "{e}");
     }
 
     #[test]

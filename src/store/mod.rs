@@ -46,10 +46,12 @@ use std::thread::JoinHandle;
 use crossbeam::utils::CachePadded;
 
 use crate::config::{Config, WalCompression};
-use crate::io::file::{self, FileError};
+use crate::io::file::FileError;
 use crate::io::uring::EventFd;
+use crate::lock::{DirLocks, LockError};
 use crate::lsn::Lsn;
 use crate::record::Kind;
+use crate::wal::startup::EndOfScan;
 use crate::wal::{Appended, Inserter, Wal, WalError};
 
 use buffer_pool::{BufferPool, Fill};
@@ -71,6 +73,9 @@ pub enum StoreError {
     Record(#[from] RecordDecodeError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Another process (or another open store) holds a directory's lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// A page address or byte range a client asked for that cannot exist.
     #[error("{0}")]
     BadRequest(String),
@@ -349,13 +354,18 @@ pub struct Store {
     shared: Arc<StoreShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// The data and WAL directories' locks. Dropped after `Drop` has shut
+    /// the store and its WAL down: nothing writes once they are released.
+    locks: DirLocks,
 }
 
 impl Store {
     /// Opens (or creates) the page store in `cfg.data_dir` and the WAL in
     /// `cfg.wal_dir`; after a crash, replays the WAL from the last
     /// checkpoint's redo point and takes an end-of-recovery checkpoint
-    /// before returning.
+    /// before returning. Holds the lock (`walden.pid`) of both directories
+    /// until closed: a second writer, in this process or another, is
+    /// refused before it changes anything.
     pub fn open(cfg: Config) -> Result<Store> {
         Store::open_with_progress(cfg, Arc::new(RecoveryProgress::default()))
     }
@@ -364,11 +374,31 @@ impl Store {
     /// server shows it to `walden status` while it recovers).
     pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
+        let locks = DirLocks::for_store(&cfg)?;
+        Store::open_locked(cfg, progress, locks)
+    }
+
+    /// The open itself, under the locks of [`DirLocks::for_store`] (the
+    /// server takes them before it binds its port).
+    ///
+    /// IMPORTANT: every refusal comes before the first change on disk: the
+    /// control file, the WAL's version and the checkpoint record are read
+    /// and judged first, and the control file is written only once the
+    /// WAL's startup scan has found the end and the WAL agreed to start
+    /// (`may_start`, below). A refused start must leave the directories as
+    /// they were, or a second look (by a person, or a newer walden) finds
+    /// less than was there.
+    pub(crate) fn open_locked(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        locks: DirLocks,
+    ) -> Result<Store> {
+        cfg.validate().map_err(WalError::from)?;
         let data_dir = cfg.data_dir.clone();
-        file::create_dir_all(&data_dir)?;
-        let files = Arc::new(RelFiles::open(&data_dir, cfg.fsync)?);
         let found = control::read(&data_dir)?;
+        crate::wal::version::check(&cfg.wal_dir).map_err(WalError::from)?;
         let creating = found.is_none();
+        let files = Arc::new(RelFiles::open(&data_dir, cfg.fsync)?);
         if creating {
             let rels = files.list()?;
             if let Some(r) = rels.first() {
@@ -398,6 +428,14 @@ impl Store {
                 if checksums { "on" } else { "off" }
             );
         }
+        // As PostgreSQL reads its checkpoint record before redo: the WAL
+        // from the redo point on must still be there, and the record the
+        // control file names must be a checkpoint with that redo point.
+        let checkpoint_end = if !creating && c.checkpoint.is_valid() {
+            Some(recovery::read_checkpoint(&cfg, &c)?)
+        } else {
+            None
+        };
         if creating {
             tracing::info!(
                 "creating the page store in {} (system identifier {}, data checksums {})",
@@ -405,7 +443,6 @@ impl Store {
                 c.system_identifier,
                 if checksums { "on" } else { "off" }
             );
-            control::write(&data_dir, &c, cfg.fsync)?;
         }
 
         let frames = (cfg.shared_buffers.0 / crate::io::PAGE_SIZE as u64) as usize;
@@ -419,8 +456,33 @@ impl Store {
             tracing::info!(
                 "database system was not properly shut down; automatic recovery in progress"
             );
+        }
+        // Once the WAL's scan found the end, before the WAL changes: the
+        // checkpoint record must lie before that end (a record cut off by
+        // a bad one in between was not really found), and then the control
+        // file says what is going on.
+        let at_open = c;
+        let mut may_start = |scan: &EndOfScan| -> std::result::Result<(), String> {
+            if let Some(ckpt_end) = checkpoint_end {
+                if scan.end < ckpt_end {
+                    return Err(format!(
+                        "could not locate a valid checkpoint record at {}: \
+                         the valid WAL ends at {}",
+                        at_open.checkpoint, scan.end
+                    ));
+                }
+            }
+            if creating || !was_shut_down {
+                let mut now = at_open;
+                if !creating {
+                    now.state = ClusterState::InCrashRecovery;
+                }
+                control::write(&data_dir, &now, cfg.fsync).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        if !creating && !was_shut_down {
             c.state = ClusterState::InCrashRecovery;
-            control::write(&data_dir, &c, cfg.fsync)?;
         }
         // One pass: the WAL's startup scan finds the end of valid WAL and
         // hands every record to redo as it goes (each segment made durable
@@ -446,9 +508,11 @@ impl Store {
                 estimated_end,
                 workers,
             )?;
-            let opened = Wal::open_observed(
+            let opened = Wal::open_locked(
                 cfg.clone(),
                 Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
+                &mut may_start,
+                DirLocks::none(),
             );
             let joined = redo.join();
             let wal = match opened {
@@ -460,14 +524,8 @@ impl Store {
         })?;
         let end = wal.opened_at();
         if c.checkpoint.is_valid() {
-            if c.redo < wal.start_lsn() {
-                return Err(StoreError::Recovery(format!(
-                    "the WAL needed to recover from the redo point {} has been removed: \
-                     the retained WAL starts at {}",
-                    c.redo,
-                    wal.start_lsn()
-                )));
-            }
+            // Checked before the open (read_checkpoint, may_start); kept as
+            // the last word of redo, which saw the record go by.
             if replayed.checkpoint_end.is_none() {
                 return Err(StoreError::Recovery(format!(
                     "could not locate a valid checkpoint record at {}: the valid WAL ends at {end}",
@@ -520,6 +578,7 @@ impl Store {
             shared,
             threads: Mutex::new(threads),
             closed: AtomicBool::new(false),
+            locks,
         };
         let shared = &store.shared;
         if needs_redo {
@@ -595,6 +654,12 @@ impl Store {
 
     pub fn wal(&self) -> &Arc<Wal> {
         &self.shared.wal
+    }
+
+    /// The directory locks this store holds (the server adds its
+    /// addresses to them once bound).
+    pub fn locks(&self) -> &DirLocks {
+        &self.locks
     }
 
     pub fn config(&self) -> &Config {

@@ -31,9 +31,11 @@ use std::time::Instant;
 
 use crossbeam::channel::{self, Receiver, Sender};
 
+use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::record::Kind;
-use crate::wal::reader::Record;
+use crate::wal::reader::{Record, WalReader};
+use crate::wal::TIMELINE;
 
 use super::buffer_pool::{BufferPool, Fill};
 use super::control::ControlFile;
@@ -317,25 +319,7 @@ impl<'a> Redo<'a> {
     }
 
     fn check_checkpoint(&mut self, rec: &Record<'_>) -> Result<(), StoreError> {
-        let bad = |why: String| {
-            StoreError::Recovery(format!(
-                "could not locate a valid checkpoint record at {}: {why}",
-                rec.lsn
-            ))
-        };
-        if !matches!(
-            rec.kind,
-            Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN
-        ) {
-            return Err(bad(format!("the record there is a {} record", rec.kind)));
-        }
-        let cp = records::decode_checkpoint(rec.kind, rec.payload, rec.lsn)?;
-        if cp.redo != self.checkpoint_redo {
-            return Err(bad(format!(
-                "it names redo {} but the control file says {}",
-                cp.redo, self.checkpoint_redo
-            )));
-        }
+        check_checkpoint_record(rec, self.checkpoint_redo)?;
         self.checkpoint_end = Some(rec.end_lsn());
         Ok(())
     }
@@ -362,6 +346,61 @@ impl<'a> Redo<'a> {
             done / 1e6 / secs
         );
     }
+}
+
+/// The checks of the checkpoint record the control file names: a
+/// checkpoint, with the redo point the control file says.
+fn check_checkpoint_record(rec: &Record<'_>, redo: Lsn) -> Result<(), StoreError> {
+    let bad = |why: String| {
+        StoreError::Recovery(format!(
+            "could not locate a valid checkpoint record at {}: {why}",
+            rec.lsn
+        ))
+    };
+    if !matches!(
+        rec.kind,
+        Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN
+    ) {
+        return Err(bad(format!("the record there is a {} record", rec.kind)));
+    }
+    let cp = records::decode_checkpoint(rec.kind, rec.payload, rec.lsn)?;
+    if cp.redo != redo {
+        return Err(bad(format!(
+            "it names redo {} but the control file says {}",
+            cp.redo, redo
+        )));
+    }
+    Ok(())
+}
+
+/// Before anything is changed (PostgreSQL's ReadCheckpointRecord): the WAL
+/// from the control file's redo point on is still retained, and the record
+/// at its checkpoint LSN is a valid checkpoint with that redo point.
+/// Returns the record's end. Reads only.
+pub(crate) fn read_checkpoint(cfg: &Config, c: &ControlFile) -> Result<Lsn, StoreError> {
+    let seg = cfg.wal_segment_size.0;
+    if let Some(start) = crate::wal::segments::read_wal_start(&cfg.wal_dir)? {
+        if c.redo < start {
+            return Err(StoreError::Recovery(format!(
+                "the WAL needed to recover from the redo point {} has been removed: \
+                 the retained WAL starts at {start}",
+                c.redo
+            )));
+        }
+    }
+    let mut reader = WalReader::new(&cfg.wal_dir, seg, TIMELINE, c.checkpoint, None);
+    let Some(rec) = reader.next_record()? else {
+        let why = reader
+            .end()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "no record".into());
+        return Err(StoreError::Recovery(format!(
+            "could not locate a valid checkpoint record at {}: {why}",
+            c.checkpoint
+        )));
+    };
+    check_checkpoint_record(&rec, c.redo)?;
+    Ok(rec.end_lsn())
 }
 
 /// What redo did, once its workers are joined.

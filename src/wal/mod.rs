@@ -24,6 +24,7 @@ pub mod insert;
 pub mod reader;
 pub mod segments;
 pub mod startup;
+pub mod version;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, ConfigError, FlusherKind};
 use crate::io::file::{self, FileError};
 use crate::io::uring::EventFd;
+use crate::lock::{DirLocks, LockError};
 use crate::lsn::Lsn;
 use crate::record::{self, Kind};
 
@@ -58,6 +60,12 @@ pub enum WalError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     File(#[from] FileError),
+    /// Another process (or another open engine) holds the directory's lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// `wal_version` names a format this build does not read.
+    #[error(transparent)]
+    Version(#[from] version::UnsupportedVersion),
     #[error("record of {len} bytes is larger than max_record_size ({max} bytes)")]
     RecordTooLarge { len: usize, max: u64 },
     #[error("the WAL is shut down")]
@@ -74,9 +82,19 @@ pub enum WalError {
     Thread(&'static str, std::io::Error),
     #[error("WAL device full: no room for a new WAL segment, so appends past {limit} are refused until space is freed on the WAL device")]
     WalFull { limit: Lsn },
-    /// The startup scan's observer (the page store's redo) failed.
+    /// The startup scan's observer (the page store's redo) failed, or the
+    /// caller refused the end the scan found.
     #[error("{0}")]
     Replay(String),
+}
+
+impl From<version::VersionError> for WalError {
+    fn from(e: version::VersionError) -> WalError {
+        match e {
+            version::VersionError::File(f) => WalError::File(f),
+            version::VersionError::Unsupported(u) => WalError::Version(u),
+        }
+    }
 }
 
 impl From<startup::ScanError> for WalError {
@@ -118,23 +136,57 @@ pub(crate) struct WalShared {
 pub struct Wal {
     shared: Arc<WalShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The WAL directory's lock (none when a store holds it). A field of
+    /// `Wal`, not of the shared state: dropped after `Drop` has stopped
+    /// every thread that writes.
+    _locks: DirLocks,
 }
+
+/// Asked, once the startup scan found the end of WAL and before anything
+/// in the WAL directory is changed, whether the start may go on; an error
+/// refuses it (the page store: the checkpoint record it needs is past the
+/// end).
+pub type MayStart<'a> = &'a mut dyn FnMut(&startup::EndOfScan) -> std::result::Result<(), String>;
 
 impl Wal {
     /// Opens (or creates) the WAL in `cfg.wal_dir`, finds the end of valid
-    /// WAL, and starts the flusher and the segment preparer.
+    /// WAL, and starts the flusher and the segment preparer. Holds the WAL
+    /// directory's lock (`walden.pid`) until closed: a second open of the
+    /// same directory, in this process or another, is refused.
     pub fn open(cfg: Config) -> Result<Wal> {
         Wal::open_observed(cfg, None)
     }
 
     /// [`Wal::open`], showing `observer` every valid record of the retained
     /// WAL as the startup scan finds it, in order and each already durable
-    /// (every segment is fdatasynced before it is read). The page store
-    /// replays the WAL this way, in the same pass that finds its end.
+    /// (every segment is fdatasynced before it is read).
     pub fn open_observed(cfg: Config, observer: Option<startup::ScanObserver<'_>>) -> Result<Wal> {
+        cfg.validate()?;
+        let locks = DirLocks::for_wal(&cfg)?;
+        Wal::open_locked(cfg, observer, &mut |_| Ok(()), locks)
+    }
+
+    /// The open itself, under locks the caller took (a store holds them and
+    /// passes none). The page store replays the WAL through `observer`, in
+    /// the same pass that finds its end, and checks that end in
+    /// `may_start`.
+    ///
+    /// IMPORTANT: every refusal comes before the first change to the WAL
+    /// directory. Startup zeroes what follows the end of WAL and removes
+    /// later segments; a start that is then refused (a missing segment, a
+    /// checkpoint record past the end, a newer format) must have changed
+    /// nothing, or the refusal protects nothing.
+    pub(crate) fn open_locked(
+        cfg: Config,
+        observer: Option<startup::ScanObserver<'_>>,
+        may_start: MayStart<'_>,
+        locks: DirLocks,
+    ) -> Result<Wal> {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
         file::create_dir_all(&dir)?;
+        // Before any record is read: a newer format is not ours to judge.
+        let versioned = version::check(&dir)?;
         let seg_size = cfg.wal_segment_size.0;
         let bad = |message: String| WalError::BadDirectory {
             dir: dir.display().to_string(),
@@ -153,13 +205,10 @@ impl Wal {
                 )));
             }
         }
-        let start = match segments::read_wal_start(&dir)? {
-            Some(l) => l,
-            None if present.is_empty() || present[0] == 1 => {
-                let l = Lsn(seg_size);
-                segments::write_wal_start(&dir, l)?;
-                l
-            }
+        let (start, start_missing) = match segments::read_wal_start(&dir)? {
+            Some(l) => (l, false),
+            // Written below, once the start is decided.
+            None if present.is_empty() || present[0] == 1 => (Lsn(seg_size), true),
             None => {
                 return Err(bad(format!(
                     "segments exist (the first is {}) but {} is missing: cannot tell where the first record starts",
@@ -199,7 +248,23 @@ impl Wal {
             ),
             None => tracing::info!("end of WAL at {end}"),
         }
+        may_start(&scan).map_err(WalError::Replay)?;
 
+        // The start is decided: from here on the WAL directory changes.
+        if !versioned {
+            if !present.is_empty() {
+                tracing::info!(
+                    "{} has no {}: written by a walden from before format versions, \
+                     which is WAL format version 1; writing the file",
+                    dir.display(),
+                    version::WAL_VERSION_FILE
+                );
+            }
+            version::write(&dir, version::WAL_FORMAT_VERSION)?;
+        }
+        if start_missing {
+            segments::write_wal_start(&dir, start)?;
+        }
         let stats = Arc::new(WalStats::default());
         let segments = Arc::new(Segments::new(&dir, &cfg, TIMELINE, Arc::clone(&stats)));
         let (zeroed, removed) = startup::clear_after(&segments, end)?;
@@ -291,6 +356,7 @@ impl Wal {
         let wal = Wal {
             shared,
             threads: Mutex::new(threads),
+            _locks: locks,
         };
         // The io_uring is built on the flusher's own thread (SINGLE_ISSUER);
         // report a failure here rather than abort later.
