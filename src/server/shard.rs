@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{fence, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,7 +168,18 @@ pub(crate) fn run(
             if let Some(lsn) = wait_for {
                 // Ask to be woken; the check after it covers a flush
                 // published before the ask.
+                // IMPORTANT: this is one half of a Dekker hand-off. We store
+                // our wish, then load the flush LSN; the flusher stores the
+                // flush LSN, then loads the wishes. One of the two loads must
+                // see the other side's store, or the flusher skips our signal
+                // while we sleep through the flush we wait for (up to the
+                // 100 ms timeout). That holds only if each side's store and
+                // the load after it are SeqCst, or separated by a SeqCst
+                // fence: want() stores SeqCst, but flush_lsn() loads with
+                // Acquire, which may be satisfied before our store is
+                // visible (store-load reordering). The fence forbids that.
                 flush.want(lsn);
+                fence(SeqCst);
                 if flushed_enough() {
                     timeout = Duration::ZERO;
                 }
