@@ -243,6 +243,9 @@ pub struct Config {
     /// Requests a connection may have waiting for their acknowledgement;
     /// past it the server stops reading from that connection until acks drain.
     pub max_in_flight: u32,
+    /// Client connections open at once, over all shards; one more is
+    /// answered TOO_MANY_CONNECTIONS and closed.
+    pub max_connections: u32,
     /// Close a connection idle (nothing in flight, no follow) this long; 0: never.
     pub idle_timeout: Millis,
     /// Close a connection whose unsent backlog stays above max_send_backlog this long.
@@ -316,6 +319,7 @@ impl Default for Config {
             auth_token_file: String::new(),
             allow_unauthenticated: false,
             max_in_flight: 1024,
+            max_connections: 1024,
             idle_timeout: Millis(0),
             slow_client_timeout: Millis(60_000),
             max_send_backlog: Size(64 << 20),
@@ -508,6 +512,12 @@ impl Config {
                 format!("{}us is more than 100000us", self.commit_delay),
             );
         }
+        if self.max_connections == 0 {
+            return invalid(
+                "max_connections",
+                "0 would refuse every client: at least 1".to_string(),
+            );
+        }
         if self.idle_poll_time > 10_000 {
             return invalid(
                 "idle_poll_time",
@@ -638,6 +648,9 @@ mod tests {
         assert!(e.contains("idle_poll_time") && e.contains("20000us"), "{e}");
         cfg.set("idle_poll_time=0").unwrap();
         cfg.validate().unwrap();
+        cfg.set("max_connections=0").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("max_connections"), "{e}");
     }
 
     #[test]

@@ -141,11 +141,12 @@ pub const GROUP_SIZE_BOUNDS: &[u64] = &[
 pub const COMMIT_LEVELS: [&str; 5] = ["off", "local", "remote_write", "on", "remote_apply"];
 
 /// Error kinds the server counts; anything else is counted as `other`.
-pub const ERROR_KINDS: [&str; 7] = [
+pub const ERROR_KINDS: [&str; 8] = [
     "bad_frame",
     "auth",
     "too_large",
     "too_many_requests",
+    "too_many_connections",
     "timeout",
     "io",
     "other",

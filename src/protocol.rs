@@ -31,6 +31,10 @@ pub const VERSION: u16 = 1;
 pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 4 << 20;
+/// Largest frame a server accepts before Hello succeeded: a Hello with its
+/// token and client name (together at most 4074 bytes). A client that has
+/// not authenticated can make the server hold no more than this.
+pub const MAX_HELLO_FRAME: u32 = 4096;
 /// The most bytes a frame carrying one record adds to its payload (a Records
 /// frame: header, count, then LSN, kind and length).
 pub const ONE_RECORD_OVERHEAD: u32 = HEADER_LEN as u32 + 4 + 13;
@@ -161,6 +165,8 @@ impl ErrorCode {
     pub const TIMEOUT: ErrorCode = ErrorCode(12);
     /// The server is recovering and does not serve requests yet.
     pub const STARTING_UP: ErrorCode = ErrorCode(13);
+    /// The server already has `max_connections` connections open.
+    pub const TOO_MANY_CONNECTIONS: ErrorCode = ErrorCode(14);
     /// A page address or byte range that cannot exist (block too large,
     /// offset + length past the page). Page store codes start at 256.
     pub const BAD_PAGE: ErrorCode = ErrorCode(256);
@@ -169,7 +175,7 @@ impl ErrorCode {
     /// The data device failed (a read or write error, or it is full).
     pub const IO_ERROR: ErrorCode = ErrorCode(258);
 
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -183,6 +189,7 @@ impl ErrorCode {
         ErrorCode::INTERNAL,
         ErrorCode::TIMEOUT,
         ErrorCode::STARTING_UP,
+        ErrorCode::TOO_MANY_CONNECTIONS,
         ErrorCode::BAD_PAGE,
         ErrorCode::PAGE_CORRUPT,
         ErrorCode::IO_ERROR,
@@ -206,6 +213,7 @@ impl ErrorCode {
             ErrorCode::PAGE_CORRUPT => "PAGE_CORRUPT",
             ErrorCode::IO_ERROR => "IO_ERROR",
             ErrorCode::STARTING_UP => "STARTING_UP",
+            ErrorCode::TOO_MANY_CONNECTIONS => "TOO_MANY_CONNECTIONS",
             _ => "UNKNOWN",
         }
     }
@@ -1048,6 +1056,12 @@ pub enum Problem {
     FrameTooShort { len: u32 },
     #[error("frame of {len} bytes is larger than max_frame_size ({max} bytes)")]
     FrameTooLarge { len: u32, max: u32 },
+    #[error(
+        "frame of {len} bytes before Hello: at most {max} bytes are accepted until Hello succeeds"
+    )]
+    LargeBeforeHello { len: u32, max: u32 },
+    #[error("{ty:?} frame before Hello: the first frame on a connection must be Hello")]
+    BeforeHello { ty: FrameType },
     #[error("unknown frame type {ty:#04x} {direction}")]
     UnknownType { ty: u8, direction: Direction },
     #[error("flags {flags:#04x} and reserved {reserved:#06x} in the header must be 0")]
@@ -1094,9 +1108,9 @@ fn expected(min: usize, max: usize) -> String {
 impl Problem {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Problem::FrameTooLarge { .. } | Problem::TooManyRecords { .. } => {
-                ErrorCode::FRAME_TOO_LARGE
-            }
+            Problem::FrameTooLarge { .. }
+            | Problem::LargeBeforeHello { .. }
+            | Problem::TooManyRecords { .. } => ErrorCode::FRAME_TOO_LARGE,
             Problem::UnknownType { .. } => ErrorCode::UNKNOWN_TYPE,
             Problem::RecordTooLarge { .. } => ErrorCode::RECORD_TOO_LARGE,
             _ => ErrorCode::BAD_FRAME,
@@ -1163,6 +1177,38 @@ pub fn decode<'a>(
         Ok(frame) => Ok(Some((frame, len as usize))),
         Err(problem) => fail(problem),
     }
+}
+
+/// Before Hello, from the 16 header bytes alone: a frame larger than
+/// [`MAX_HELLO_FRAME`] (in place of check 3 of `decode`), or a frame of a
+/// known type other than Hello (right after check 4), is refused. What else
+/// is wrong with the header `decode` reports, in its order.
+fn check_before_hello(pending: &[u8], direction: Direction) -> Result<(), ProtocolError> {
+    let Some(header) = pending.first_chunk::<HEADER_LEN>() else {
+        return Ok(());
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let request_id = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+    if (len as usize) < HEADER_LEN {
+        return Ok(()); // check 2
+    }
+    let problem = if len > MAX_HELLO_FRAME {
+        Problem::LargeBeforeHello {
+            len,
+            max: MAX_HELLO_FRAME,
+        }
+    } else {
+        match FrameType::from_u8(header[4]) {
+            Some(ty) if ty.direction() == direction && ty != FrameType::Hello => {
+                Problem::BeforeHello { ty }
+            }
+            _ => return Ok(()),
+        }
+    };
+    Err(ProtocolError {
+        request_id,
+        problem,
+    })
 }
 
 fn decode_body<'a>(
@@ -1600,6 +1646,9 @@ pub struct Decoder {
     /// Set by an error that closes the connection: nothing after it is
     /// decoded, since the stream can no longer be trusted to be in step.
     failed: Option<ProtocolError>,
+    /// Until the server accepted a Hello: only Hello, at most
+    /// [`MAX_HELLO_FRAME`] bytes, judged from the header.
+    awaiting_hello: bool,
 }
 
 impl Decoder {
@@ -1610,6 +1659,33 @@ impl Decoder {
             buf: Vec::new(),
             start: 0,
             failed: None,
+            awaiting_hello: false,
+        }
+    }
+
+    /// A server's decoder for a new connection: until
+    /// [`Decoder::hello_accepted`] it buffers at most [`MAX_HELLO_FRAME`]
+    /// bytes and refuses, from the header alone, any frame but Hello and any
+    /// frame larger than that (both close the connection). So a client that
+    /// has not authenticated costs the server at most that much.
+    pub fn awaiting_hello(limits: Limits) -> Self {
+        Decoder {
+            awaiting_hello: true,
+            ..Decoder::new(Direction::ToServer, limits)
+        }
+    }
+
+    /// The server accepted the Hello: from now on `limits` apply.
+    pub fn hello_accepted(&mut self) {
+        self.awaiting_hello = false;
+    }
+
+    /// The most bytes this decoder holds.
+    fn max_buffered(&self) -> usize {
+        if self.awaiting_hello {
+            MAX_HELLO_FRAME as usize
+        } else {
+            self.limits.max_frame_size as usize
         }
     }
 
@@ -1636,9 +1712,9 @@ impl Decoder {
         }
         self.buf.drain(..self.start);
         self.start = 0;
-        let max = self.limits.max_frame_size as usize;
-        // IMPORTANT: never hold more than max_frame_size bytes, and never let
-        // Vec's doubling reserve more than that either.
+        let max = self.max_buffered();
+        // IMPORTANT: never hold more than max_frame_size bytes (before Hello,
+        // MAX_HELLO_FRAME), and never let Vec's doubling reserve more either.
         let n = data.len().min(max.saturating_sub(self.buf.len()));
         let need = self.buf.len() + n;
         if need > self.buf.capacity() {
@@ -1659,6 +1735,12 @@ impl Decoder {
             return Err(e.clone());
         }
         let pending = &self.buf[self.start..];
+        if self.awaiting_hello {
+            if let Err(e) = check_before_hello(pending, self.direction) {
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+        }
         match decode(pending, self.direction, &self.limits) {
             Ok(Some((frame, len))) => {
                 self.start += len;
@@ -1815,6 +1897,75 @@ mod tests {
     }
 
     #[test]
+    fn before_hello_only_a_small_hello_is_taken() {
+        let limits = Limits::default();
+        let hello = bytes(&Frame::Hello {
+            request_id: 1,
+            version: VERSION,
+            token: b"secret".to_vec(),
+            client_name: "test".into(),
+        });
+        // A 64 KiB frame is refused from its header, before any body byte.
+        let mut big = Vec::new();
+        big.extend_from_slice(&(64u32 << 10).to_le_bytes());
+        big.extend_from_slice(&[0x01, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
+        let mut d = Decoder::awaiting_hello(limits);
+        assert_eq!(d.extend(&big), big.len());
+        let e = d.next_frame().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::FRAME_TOO_LARGE);
+        assert_eq!(e.request_id, 7);
+        assert!(e.to_string().contains("before Hello"), "{e}");
+        // So is any other frame, however small, before its body arrives.
+        let mut append = Vec::new();
+        encode_append(
+            3,
+            Durability::Local,
+            &[(Kind::DATA, &[1u8; 100][..])],
+            &mut append,
+        );
+        let mut d = Decoder::awaiting_hello(limits);
+        d.extend(&append[..HEADER_LEN]);
+        let e = d.next_frame().unwrap_err();
+        assert_eq!((e.code(), e.request_id), (ErrorCode::BAD_FRAME, 3));
+        assert!(e.to_string().contains("Append frame before Hello"), "{e}");
+        // Nothing past MAX_HELLO_FRAME is buffered before Hello; requests
+        // pipelined behind it are taken once the Hello is accepted.
+        let mut stream = hello.clone();
+        for i in 0..100 {
+            encode_append(
+                i + 2,
+                Durability::Off,
+                &[(Kind::DATA, &[9u8; 100][..])],
+                &mut stream,
+            );
+        }
+        let mut d = Decoder::awaiting_hello(limits);
+        let mut rest = &stream[..];
+        let n = d.extend(rest);
+        assert_eq!(n, MAX_HELLO_FRAME as usize);
+        rest = &rest[n..];
+        assert!(matches!(d.next_frame(), Ok(Some(FrameRef::Hello { .. }))));
+        d.hello_accepted();
+        let mut seen = 0;
+        loop {
+            while let Some(f) = d.next_frame().unwrap() {
+                seen += 1;
+                assert_eq!(f.request_id(), seen + 1);
+            }
+            if rest.is_empty() {
+                break;
+            }
+            let n = d.extend(rest);
+            rest = &rest[n..];
+        }
+        assert_eq!(seen, 100);
+        // A client decoder (or one past Hello) knows no such limit.
+        let mut d = Decoder::new(Direction::ToServer, limits);
+        d.extend(&append[..HEADER_LEN]);
+        assert!(matches!(d.next_frame(), Ok(None)));
+    }
+
+    #[test]
     fn error_codes_are_named_and_say_whether_they_close() {
         let keep = [
             ErrorCode::RECORD_TOO_LARGE,
@@ -1827,7 +1978,7 @@ mod tests {
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             // Core codes from 1, the page store's from 256.
-            let want = if i < 13 { i + 1 } else { 256 + i - 13 };
+            let want = if i < 14 { i + 1 } else { 256 + i - 14 };
             assert_eq!(c.0 as usize, want);
             assert_ne!(c.name(), "UNKNOWN");
             assert_eq!(c.closes_connection(), !keep.contains(&c), "{c}");

@@ -20,8 +20,10 @@
 //! Buffer ownership: every connection's receive buffer and the bytes of its
 //! send in flight live in the ring's own connection table. A connection is
 //! freed, and its socket closed, only once no operation on it is in flight,
-//! and dropping the ring first cancels and waits for every operation. So the
-//! kernel never reads or writes memory that was freed.
+//! and dropping the ring first shuts every socket down and waits for every
+//! operation that holds its memory (through signals: EINTR is retried). If
+//! that wait itself fails, the memory is leaked, never freed. So the kernel
+//! never reads or writes memory that was freed.
 //!
 //! Receives are single-shot into a per-connection buffer, re-armed by the
 //! caller once it consumed the bytes (which is also how it applies
@@ -253,6 +255,8 @@ pub struct NetRing {
     events: VecDeque<Event>,
     in_flight: usize,
     recv_buf_size: usize,
+    /// Set by `Drop`: a connection accepted from now on is closed at once.
+    tearing_down: bool,
 }
 
 impl NetRing {
@@ -286,6 +290,7 @@ impl NetRing {
             events: VecDeque::new(),
             in_flight: 0,
             recv_buf_size,
+            tearing_down: false,
         })
     }
 
@@ -453,6 +458,11 @@ impl NetRing {
                     if res >= 0 {
                         // SAFETY: the kernel handed us a new descriptor.
                         let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                        if self.tearing_down {
+                            // Accepted while the ring goes away (stopping
+                            // the accept failed): closed at once, never read.
+                            continue;
+                        }
                         let peer = peer_addr(fd.as_raw_fd());
                         let id = self.insert(fd);
                         self.arm_recv(id)?;
@@ -625,12 +635,46 @@ impl NetRing {
             self.push(e)?;
             self.ring.submit()?;
             while self.accept_armed {
-                self.ring.submit_and_wait(1)?;
+                wait_one(&self.ring)?;
                 self.reap()?;
             }
         }
         self.listener = None;
         Ok(())
+    }
+
+    /// Whether an operation that holds memory of ours is in flight: a
+    /// receive, a send or the eventfd read (the accept and a cancel hold none).
+    fn buffers_in_flight(&self) -> bool {
+        self.wake_armed || self.conns.iter().flatten().any(Conn::in_flight)
+    }
+
+    /// Waits until no operation holding our memory is in flight. A signal
+    /// that interrupts the wait is no reason to stop waiting: the kernel
+    /// still owns the buffers.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.buffers_in_flight() {
+            wait_one(&self.ring)?;
+            self.reap()?;
+        }
+        Ok(())
+    }
+
+    /// Gives up the memory the kernel may still write or read: the receive
+    /// buffer of every receive in flight, the bytes of every send in flight
+    /// and the eventfd read's buffer are leaked, never freed.
+    fn leak_in_flight_buffers(&mut self) {
+        for c in self.conns.iter_mut().flatten() {
+            if c.recv_armed {
+                Box::leak(std::mem::take(&mut c.recv_buf));
+            }
+            if c.send_armed {
+                std::mem::forget(std::mem::take(&mut c.out));
+            }
+        }
+        if self.wake_armed {
+            Box::leak(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+        }
     }
 
     /// Every open connection.
@@ -645,6 +689,7 @@ impl Drop for NetRing {
     fn drop(&mut self) {
         // IMPORTANT: the kernel may still write receive buffers; shut every
         // socket down and wait for all operations before freeing them.
+        self.tearing_down = true;
         let _ = self.stop_accepting();
         for c in self.conns.iter_mut().flatten() {
             c.closing = true;
@@ -654,13 +699,31 @@ impl Drop for NetRing {
         if self.wake_armed {
             self.wake.signal();
         }
-        while self.in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            if self.reap().is_err() {
-                break;
-            }
+        if let Err(e) = self.drain() {
+            // IMPORTANT: we cannot know when the operations still in flight
+            // end, so their buffers must outlive us: leak them rather than
+            // let the kernel write into freed memory.
+            // (io/ logs nothing through tracing; stderr reaches the journal.)
+            eprintln!(
+                "walden: could not wait for {} socket operation(s) in flight at io_uring \
+                 teardown, their buffers are leaked: {e}",
+                self.in_flight
+            );
+            self.leak_in_flight_buffers();
+        }
+    }
+}
+
+/// Submits what is queued and waits for one completion, again after a signal
+/// interrupted the wait (EINTR) or while completions wait to be reaped
+/// (EBUSY): neither says anything about the operations in flight.
+fn wait_one(ring: &IoUring) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -668,7 +731,9 @@ impl Drop for NetRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpStream;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant;
 
     /// A second socket cannot bind the address of a listener, even one that
     /// asks for SO_REUSEPORT (as another walden did before this listener
@@ -777,5 +842,74 @@ mod tests {
             got.iter().all(|&n| (1..=CONNECTIONS * 2 / 3).contains(&n)),
             "connections per ring: {got:?}"
         );
+    }
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// Installs a handler that does nothing for `sig`, without SA_RESTART:
+    /// the signal then interrupts a blocking call with EINTR.
+    fn interrupt_with(sig: libc::c_int) {
+        // SAFETY: sigaction is plain old data, all-zero is valid (an empty
+        // mask, no flags); the handler is an extern "C" fn that does nothing,
+        // which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
+        }
+    }
+
+    /// Teardown's wait outlasts a signal: it returns only once the receive and
+    /// the eventfd read in flight completed, not at the first EINTR (the old
+    /// loop stopped there, and the buffers were then freed under the kernel).
+    #[test]
+    fn teardown_waits_through_signals() {
+        interrupt_with(libc::SIGUSR1);
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(&listener).unwrap();
+        let wake = Arc::new(EventFd::new().unwrap());
+        let mut ring = NetRing::new(64, listener, Arc::clone(&wake), 4096).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        let id = loop {
+            ring.wait(Duration::from_millis(50)).unwrap();
+            if let Some(Event::Accepted(id, _)) = ring.next_event() {
+                break id;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no accept");
+        };
+        ring.stop_accepting().unwrap();
+        assert!(ring.conns[id as usize].as_ref().unwrap().recv_armed);
+        assert!(ring.wake_armed);
+
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let until = Duration::from_millis(300);
+        let poker = std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut sent = 0;
+            while t.elapsed() < until {
+                std::thread::sleep(Duration::from_millis(10));
+                // SAFETY: `me` is the test thread, alive until this thread
+                // is joined; SIGUSR1 has a handler that does nothing.
+                assert_eq!(unsafe { libc::pthread_kill(me, libc::SIGUSR1) }, 0);
+                sent += 1;
+            }
+            // Now let both operations finish.
+            drop(client);
+            wake.signal();
+            sent
+        });
+        let t = Instant::now();
+        let drained = ring.drain();
+        let waited = t.elapsed();
+        let signals = poker.join().unwrap();
+        assert!(signals > 5, "only {signals} signals sent");
+        drained.unwrap();
+        assert!(
+            waited >= until,
+            "the wait ended after {waited:?}, before the operations could finish"
+        );
+        assert!(!ring.buffers_in_flight());
     }
 }

@@ -14,7 +14,7 @@ mod shard;
 mod startup;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -78,6 +78,9 @@ pub(crate) struct ServerShared {
     /// The settings at startup; the reloadable ones live in `runtime`.
     pub cfg: Config,
     pub runtime: std::sync::RwLock<Runtime>,
+    /// Connections admitted and not yet closed, over all shards: what
+    /// `max_connections` limits.
+    pub connections: AtomicU32,
     pub stopping: AtomicBool,
     pub started: std::time::Instant,
     pub name: String,
@@ -92,6 +95,7 @@ pub(crate) struct ServerShared {
 pub(crate) struct Runtime {
     pub token: Option<Arc<[u8]>>,
     pub max_in_flight: u32,
+    pub max_connections: u32,
     pub idle_timeout: std::time::Duration,
     pub slow_client_timeout: std::time::Duration,
     pub max_send_backlog: usize,
@@ -102,6 +106,7 @@ impl Runtime {
         Ok(Runtime {
             token: read_token(cfg)?.map(Arc::from),
             max_in_flight: cfg.max_in_flight,
+            max_connections: cfg.max_connections,
             idle_timeout: cfg.idle_timeout.duration(),
             slow_client_timeout: cfg.slow_client_timeout.duration(),
             max_send_backlog: cfg.max_send_backlog.0 as usize,
@@ -110,9 +115,10 @@ impl Runtime {
 }
 
 /// Settings a reload applies; every other change needs a restart.
-pub const RELOADABLE: [&str; 16] = [
+pub const RELOADABLE: [&str; 17] = [
     "auth_token_file",
     "max_in_flight",
+    "max_connections",
     "idle_timeout",
     "slow_client_timeout",
     "max_send_backlog",
@@ -232,6 +238,7 @@ impl Server {
             wal,
             cfg: cfg.clone(),
             runtime: std::sync::RwLock::new(runtime),
+            connections: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
             started: std::time::Instant::now(),
             name,
@@ -353,6 +360,7 @@ impl Server {
         let mut next = old.clone();
         next.auth_token_file = new.auth_token_file.clone();
         next.max_in_flight = new.max_in_flight;
+        next.max_connections = new.max_connections;
         next.idle_timeout = new.idle_timeout;
         next.slow_client_timeout = new.slow_client_timeout;
         next.max_send_backlog = new.max_send_backlog;

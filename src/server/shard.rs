@@ -5,7 +5,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{
+    fence,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +17,7 @@ use crate::durability::Durability;
 use crate::io::net::{ConnId, Event, NetRing};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
-use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limits, RecordRef};
+use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, Limits, RecordRef};
 use crate::record::Kind;
 use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
@@ -33,6 +36,8 @@ struct Follow {
 struct ConnState {
     serial: u64,
     peer: Option<SocketAddr>,
+    /// Counted in `ServerShared::connections` (refused ones are not).
+    admitted: bool,
     hello: bool,
     in_flight: u32,
     paused: bool,
@@ -78,6 +83,8 @@ struct Shard<'a> {
     out: Vec<u8>,
     lsns: Vec<Lsn>,
     page: Vec<u8>,
+    /// When this shard last logged that it refuses connections.
+    refusal_logged: Option<Instant>,
 }
 
 pub(crate) fn run(
@@ -108,6 +115,7 @@ pub(crate) fn run(
         out: Vec::with_capacity(64 << 10),
         lsns: Vec::new(),
         page: vec![0; crate::store::page::PAGE_DATA],
+        refusal_logged: None,
     };
     let mut conns: HashMap<ConnId, ConnState> = HashMap::new();
     // Apart from the state: a decoded frame borrows its decoder while the
@@ -168,7 +176,18 @@ pub(crate) fn run(
             if let Some(lsn) = wait_for {
                 // Ask to be woken; the check after it covers a flush
                 // published before the ask.
+                // IMPORTANT: this is one half of a Dekker hand-off. We store
+                // our wish, then load the flush LSN; the flusher stores the
+                // flush LSN, then loads the wishes. One of the two loads must
+                // see the other side's store, or the flusher skips our signal
+                // while we sleep through the flush we wait for (up to the
+                // 100 ms timeout). That holds only if each side's store and
+                // the load after it are SeqCst, or separated by a SeqCst
+                // fence: want() stores SeqCst, but flush_lsn() loads with
+                // Acquire, which may be satisfied before our store is
+                // visible (store-load reordering). The fence forbids that.
                 flush.want(lsn);
+                fence(SeqCst);
                 if flushed_enough() {
                     timeout = Duration::ZERO;
                 }
@@ -182,11 +201,19 @@ pub(crate) fn run(
             match ev {
                 Event::Accepted(id, peer) => {
                     serial += 1;
+                    let max = shard.shared.runtime.read().unwrap().max_connections;
+                    // One count for all shards, taken only below the limit.
+                    let admitted = shard
+                        .shared
+                        .connections
+                        .fetch_update(SeqCst, SeqCst, |n| (n < max).then_some(n + 1))
+                        .is_ok();
                     conns.insert(
                         id,
                         ConnState {
                             serial,
                             peer,
+                            admitted,
                             hello: false,
                             in_flight: 0,
                             paused: false,
@@ -196,7 +223,14 @@ pub(crate) fn run(
                             closing: false,
                         },
                     );
-                    decoders.insert(id, Decoder::new(Direction::ToServer, shard.limits));
+                    if !admitted {
+                        // Refused before anything of it is read (no decoder:
+                        // its bytes are never looked at): the Error, then close.
+                        shard.refuse(id, conns.get_mut(&id).unwrap(), max);
+                        continue;
+                    }
+                    // Until Hello succeeds the decoder holds a few KiB at most.
+                    decoders.insert(id, Decoder::awaiting_hello(shard.limits));
                     shard.shared.metrics.connection_opened();
                     shard.shared.shard_connections[index].fetch_add(1, Relaxed);
                     tracing::debug!(shard = index, ?peer, "connection accepted");
@@ -219,8 +253,11 @@ pub(crate) fn run(
                 Event::Closed(id, err) => {
                     decoders.remove(&id);
                     if let Some(st) = conns.remove(&id) {
-                        shard.shared.metrics.connection_closed();
-                        shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
+                        if st.admitted {
+                            shard.shared.connections.fetch_sub(1, SeqCst);
+                            shard.shared.metrics.connection_closed();
+                            shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
+                        }
                         tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
                     }
                 }
@@ -294,6 +331,22 @@ pub(crate) fn run(
 }
 
 impl Shard<'_> {
+    /// Answers a connection over `max_connections` with TOO_MANY_CONNECTIONS
+    /// and closes it. Logged at most once a second per shard: a flood of
+    /// refused connections must not flood the log (the metric counts each).
+    fn refuse(&mut self, id: ConnId, st: &mut ConnState, max: u32) {
+        if !matches!(self.refusal_logged, Some(t) if t.elapsed() < Duration::from_secs(1)) {
+            self.refusal_logged = Some(Instant::now());
+            tracing::warn!(
+                shard = self.index,
+                peer = ?st.peer,
+                "refusing connections: max_connections ({max}) are open"
+            );
+        }
+        let msg = format!("sorry, too many connections already (max_connections = {max})");
+        self.send_error(id, st, 0, ErrorCode::TOO_MANY_CONNECTIONS, msg);
+    }
+
     fn send_frame(&mut self, id: ConnId, frame: &Frame) {
         self.out.clear();
         protocol::encode(frame, &mut self.out);
@@ -315,6 +368,7 @@ impl Shard<'_> {
             }
             ErrorCode::AUTH_FAILED => "auth",
             ErrorCode::FRAME_TOO_LARGE | ErrorCode::RECORD_TOO_LARGE => "too_large",
+            ErrorCode::TOO_MANY_CONNECTIONS => "too_many_connections",
             ErrorCode::BAD_PAGE => "bad_frame",
             ErrorCode::IO_ERROR | ErrorCode::PAGE_CORRUPT => "io",
             _ => "other",
@@ -350,9 +404,16 @@ impl Shard<'_> {
                 match dec.next_frame() {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
+                        let had_hello = st.hello;
                         self.handle(id, st, frame, ins);
                         if st.closing {
                             return;
+                        }
+                        if st.hello && !had_hello {
+                            // Authenticated: the full limits apply from the
+                            // next frame on (requests may follow the Hello
+                            // in the same receive).
+                            dec.hello_accepted();
                         }
                     }
                     Err(e) => {
@@ -385,8 +446,13 @@ impl Shard<'_> {
         ins: &mut crate::wal::Inserter<'_>,
     ) {
         let wal = &self.shared.wal;
+        // (The decoder refuses anything but Hello before Hello already.)
         if !st.hello && !matches!(frame, FrameRef::Hello { .. }) {
             let msg = "the first frame on a connection must be Hello".to_string();
+            return self.send_error(id, st, frame.request_id(), ErrorCode::BAD_FRAME, msg);
+        }
+        if st.hello && matches!(frame, FrameRef::Hello { .. }) {
+            let msg = "a second Hello: this connection already said Hello".to_string();
             return self.send_error(id, st, frame.request_id(), ErrorCode::BAD_FRAME, msg);
         }
         match frame {

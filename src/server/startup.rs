@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::lsn::Lsn;
-use crate::protocol::{self, Decoder, Direction, ErrorCode, Frame, FrameRef, Limits};
+use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, Limits};
 use crate::store::RecoveryProgress;
 
 pub(crate) struct StartupResponder {
@@ -111,7 +111,8 @@ fn answer(mut s: TcpStream, cx: &Context) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_nodelay(true)?;
-    let mut dec = Decoder::new(Direction::ToServer, Limits::default());
+    // Before Hello, a few KiB at most, as on a shard.
+    let mut dec = Decoder::awaiting_hello(Limits::default());
     let mut buf = vec![0u8; 16 << 10];
     let mut out = Vec::new();
     let mut hello = false;
@@ -187,6 +188,9 @@ fn answer(mut s: TcpStream, cx: &Context) -> std::io::Result<()> {
                         true
                     }
                 };
+                if hello {
+                    dec.hello_accepted();
+                }
                 s.write_all(&out)?;
                 if close {
                     return Ok(());

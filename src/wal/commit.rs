@@ -61,7 +61,8 @@ impl FlushListener {
 
     /// Asks to be signalled once the flush LSN is at least `lsn`. The caller
     /// must check the flush LSN itself after this (the signal only covers
-    /// flushes published after the store).
+    /// flushes published after the store), with a SeqCst load or after a
+    /// SeqCst fence: an Acquire load may be ordered before this store.
     pub fn want(&self, lsn: Lsn) {
         self.wants.store(lsn.0, SeqCst);
     }
