@@ -1,6 +1,7 @@
 //! Single faults on the simulated disk (`walden::io::sim`), one at a time:
 //! the WAL device filling up (ENOSPC while preparing a segment) with either
-//! `wal_full_policy`, and what a power cut keeps afterwards.
+//! `wal_full_policy`, and what a power cut keeps afterwards; a failed
+//! directory fsync after a relation file is created.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use walden::io::sim::{self, Faults, SimDisk};
 use walden::testkit::payload;
 use walden::wal::reader::WalReader;
 use walden::wal::TIMELINE;
-use walden::{Config, Durability, Kind, Lsn, Wal, WalError};
+use walden::{Config, Durability, Kind, Lsn, Store, Wal, WalError};
 
 fn config(disk: &SimDisk, policy: &str) -> Config {
     let mut cfg = Config::with_data_directory(disk.root());
@@ -208,4 +209,92 @@ fn with_wal_full_policy_wait_an_append_waits_for_space() {
     sim::install(Arc::clone(&image));
     assert_present(&cfg, &acked);
     sim::uninstall(image.root());
+}
+
+/// `config` for a page store: small pool, no checkpoint but the test's.
+fn store_config(disk: &SimDisk, policy: &str) -> Config {
+    let mut cfg = config(disk, policy);
+    for s in [
+        "shared_buffers=128kB",
+        "checkpoint_timeout=1h",
+        "bgwriter_delay=10ms",
+        "log_checkpoints=off",
+        "full_page_writes=on",
+        "wal_compression=off",
+    ] {
+        cfg.set(s).unwrap();
+    }
+    cfg
+}
+
+/// Shuts the store down in the background; one whose disk died may not
+/// finish (its threads unwound), so it is left behind after a while.
+fn shut_down(store: Arc<Store>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = store.shut_down();
+        drop(store);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(10));
+}
+
+/// The directory fsync that makes a new relation file's name durable fails:
+/// the engine must die (as for a WAL segment), not carry on. Returned as an
+/// error, the next write found the file, opened it and never fsynced base/
+/// again, and the next checkpoint released the WAL that could redo the
+/// pages of a file a crash can lose.
+#[test]
+fn a_failed_directory_fsync_after_creating_a_relation_file_is_fatal() {
+    let disk = Arc::new(SimDisk::new());
+    sim::install(Arc::clone(&disk));
+    let cfg = store_config(&disk, "error");
+    let store = Arc::new(Store::open(cfg.clone()).unwrap());
+    // Once the preparer has made (and synced) segment 2, the WAL fsyncs no
+    // directory until a checkpoint or the next segment: the next directory
+    // fsync is that of base/ for relation 7's new file.
+    wait_for_second_segment(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.wal().segments_created() < 2 {
+        assert!(Instant::now() < deadline, "segment 2 was never synced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    disk.set_faults(Faults {
+        fail_dir_sync_at: Some(disk.dir_syncs() + 1),
+        ..Faults::default()
+    });
+    let w = store.write_page(7, 0, 0, b"lost name").unwrap();
+    store.wal().wait(w.end, Durability::Local).unwrap();
+    let first = store.request_checkpoint();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let msg = loop {
+        if let Some(m) = disk.dead() {
+            break m;
+        }
+        if let Some(outcome) = store.checkpoint_outcome(first) {
+            if let Some(m) = disk.dead() {
+                break m; // it died while the checkpoint failed
+            }
+            // Carried on: show what that leads to.
+            let second = store.checkpoint();
+            panic!(
+                "a failed directory fsync of base/ was not fatal: the checkpoint returned \
+                 {outcome:?}, and the next one {second:?} (released WAL up to {})",
+                store.wal().start_lsn()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither death nor a checkpoint outcome in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(disk.fired(), 1);
+    let base = cfg.data_dir.join("base");
+    assert!(
+        msg.contains(&format!("could not fsync directory \"{}\"", base.display())),
+        "the fatal error names the directory: {msg}"
+    );
+    shut_down(store);
+    sim::uninstall(disk.root());
 }
