@@ -16,6 +16,7 @@ pub mod aligned;
 pub mod file;
 pub mod net;
 pub mod page_queue;
+pub mod poll;
 pub mod probe;
 pub mod sim;
 pub mod uring;
