@@ -109,6 +109,9 @@ impl RelFiles {
                 // the WAL that could redo the pages of a file a crash can lose.
                 if self.fsync {
                     if let Err(e) = file::sync_dir(&self.dir) {
+                        // Unlocked first: on a simulated disk (tests) fatal
+                        // unwinds, and must not leave the map poisoned.
+                        drop(open);
                         crate::fatal::fatal(format_args!(
                             "{e} (after creating {})",
                             path.display()
