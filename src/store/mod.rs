@@ -653,6 +653,7 @@ impl Store {
         offset: usize,
         bytes: &[u8],
     ) -> Result<Appended> {
+        check_range(PageTag::new(rel, block), offset, bytes.len())?;
         // Before taking an insert slot: writers asleep for WAL room while
         // holding every slot would leave the checkpointer none.
         self.shared
