@@ -167,7 +167,7 @@ impl Client {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    wait_writable(self.as_raw_fd())?
+                    crate::io::poll::wait_writable(self.as_raw_fd())?
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -414,24 +414,4 @@ fn check_error(f: Frame) -> Result<Frame> {
         Frame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
         f => Ok(f),
     }
-}
-
-/// Waits until `fd` can take more bytes (a non-blocking socket's send buffer
-/// was full).
-fn wait_writable(fd: std::os::fd::RawFd) -> Result<()> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes the one pollfd it is given, which lives
-    // on this stack frame for the call.
-    let rc = unsafe { libc::poll(&mut p, 1, -1) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e.into());
-        }
-    }
-    Ok(())
 }

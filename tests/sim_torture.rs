@@ -464,6 +464,11 @@ fn seeded_power_cuts_torn_writes_and_eio_lose_nothing_acknowledged() {
                 .ok()
                 .map(|s| s.parse().expect("WALDEN_SEEDS is a number"))
                 .unwrap_or(2000);
+            assert!(
+                n > 0,
+                "WALDEN_SEEDS=0 runs no seed, so the test would pass having checked nothing; \
+                 unset it for the default 2000"
+            );
             (1..=n).collect()
         }
     };

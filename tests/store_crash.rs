@@ -226,6 +226,10 @@ fn check_records(dir: &Path, m: &Model, what: &str) -> usize {
 #[test]
 fn kill_9_under_records_and_page_writes_loses_nothing_acknowledged() {
     let cycles = env_u64("WALDEN_STORE_CRASH_CYCLES", 24);
+    assert!(
+        cycles > 0,
+        "WALDEN_STORE_CRASH_CYCLES=0 would check nothing"
+    );
     let seed = env_u64(
         "WALDEN_CRASH_SEED",
         std::time::SystemTime::now()

@@ -14,6 +14,7 @@ use anyhow::Context;
 use crossbeam::utils::CachePadded;
 use hdrhistogram::Histogram;
 use walden::client::Client;
+use walden::io::poll::ReadableSet;
 use walden::protocol::Frame;
 use walden::{Durability, Kind};
 
@@ -347,18 +348,11 @@ fn drive(
             }
             conn.client.flush()?;
         }
-        let mut fds: Vec<libc::pollfd> = conns
-            .iter()
-            .map(|c| libc::pollfd {
-                fd: c.client.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds = ReadableSet::new(conns.iter().map(|c| c.client.as_raw_fd()));
         while !stop.load(Relaxed) {
-            poll_all(&mut fds, 100)?;
+            fds.wait(Duration::from_millis(100))?;
             for (ci, conn) in conns.iter_mut().enumerate() {
-                if fds[ci].revents == 0 {
+                if !fds.ready(ci) {
                     continue;
                 }
                 // One read, then whatever whole frames it brought: a second
@@ -423,21 +417,4 @@ fn fill(p: &mut [u8], tag: u64) {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-}
-
-/// Waits up to `timeout_ms` for any of `fds` to be readable (or closed).
-fn poll_all(fds: &mut [libc::pollfd], timeout_ms: i32) -> anyhow::Result<()> {
-    for f in fds.iter_mut() {
-        f.revents = 0;
-    }
-    // SAFETY: poll reads and writes exactly fds.len() pollfds, all in the
-    // slice it is given, for the duration of the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e.into());
-        }
-    }
-    Ok(())
 }

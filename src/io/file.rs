@@ -31,6 +31,12 @@ impl FileError {
     pub fn is_no_space(&self) -> bool {
         self.source.raw_os_error() == Some(libc::ENOSPC)
     }
+
+    /// The failure's errno, EIO for an error that carries none: what an
+    /// io_uring completion would have reported (negated) for it.
+    pub fn errno(&self) -> i32 {
+        self.source.raw_os_error().unwrap_or(libc::EIO)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, FileError>;

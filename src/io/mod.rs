@@ -19,6 +19,7 @@ pub mod file;
 pub mod lockfile;
 pub mod net;
 pub mod page_queue;
+pub mod poll;
 pub mod probe;
 pub mod sim;
 pub mod sim_queue;

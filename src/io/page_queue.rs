@@ -7,11 +7,13 @@
 //!
 //! Ownership: the queue owns the bounce memory, registered as fixed buffer
 //! 0; a slot is marked busy from the moment an operation on it is queued
-//! until its completion is reaped, and `Drop` waits for every operation. So
-//! the kernel never touches memory that was freed or handed back for reuse.
+//! until its completion is reaped, and `Drop` waits for every operation (or,
+//! if it cannot, leaks the memory). So the kernel never touches memory that
+//! was freed or handed back for reuse.
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
@@ -214,14 +216,45 @@ impl PageQueue {
     }
 }
 
+/// Bytes of bounce pages leaked by queues whose teardown could not wait for
+/// the kernel (see `Drop for PageQueue`), since the process started.
+static LEAKED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of bounce pages leaked so far because a queue's teardown could not
+/// wait for its operations in flight (0 unless an io_uring failed).
+pub fn leaked_bytes() -> u64 {
+    LEAKED_BYTES.load(Relaxed)
+}
+
 impl Drop for PageQueue {
     fn drop(&mut self) {
         // IMPORTANT: the kernel may still use bounce pages of operations in
         // flight; wait for them before the memory goes.
         let mut sink = Vec::new();
         while self.in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A signal ended the wait, not the operations: wait again.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // IMPORTANT: whether the kernel is done with the pages
+                    // is unknown. Freed, they would go back to the allocator
+                    // while a read may still land in them (in memory handed
+                    // out again) or a write still send them to a data file.
+                    // Leaked, they stay the kernel's for as long as it wants.
+                    let len = self.bounce.len();
+                    LEAKED_BYTES.fetch_add(len as u64, Relaxed);
+                    tracing::error!(
+                        "could not wait for {} page I/O(s) in flight while closing an io_uring: {e}; \
+                         leaking their {len} bytes of bounce pages rather than freeing memory the kernel may still use",
+                        self.in_flight
+                    );
+                    std::mem::forget(std::mem::replace(
+                        &mut self.bounce,
+                        AlignedBuf::zeroed(PAGE_SIZE),
+                    ));
+                    return;
+                }
             }
             self.reap(&mut sink);
         }
@@ -232,6 +265,92 @@ impl Drop for PageQueue {
 mod tests {
     use super::*;
     use crate::io::file::{OpenMode, SegmentFile};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// A pipe: (read end, write end). A page read from the empty read end
+    /// stays in flight until the test writes a page into the other.
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both were just opened and are owned by nothing else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn write_page_into(fd: &OwnedFd) {
+        let page = vec![7u8; PAGE_SIZE];
+        // SAFETY: writes from a live buffer of the length given.
+        let n = unsafe { libc::write(fd.as_raw_fd(), page.as_ptr().cast(), page.len()) };
+        assert_eq!(n, PAGE_SIZE as isize);
+    }
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// A signal during teardown ends the kernel wait with EINTR; the queue
+    /// must wait again, not free bounce pages a read is still to fill.
+    #[test]
+    fn teardown_waits_through_a_signal_for_operations_in_flight() {
+        // SAFETY: a handler that does nothing, for a signal only this test
+        // sends (to its own thread); no SA_RESTART, so the wait is not
+        // restarted by the kernel but ends with EINTR.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut()),
+                0
+            );
+        }
+        let (r, w) = pipe();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            let mut q = PageQueue::new(4).unwrap();
+            q.read_page(r.as_raw_fd(), 0, u64::MAX, 1).unwrap();
+            q.submit_and_wait(0, None).unwrap();
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            drop(q);
+            drop(r);
+        });
+        let thread = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: the thread is alive (it has not finished its drop, as
+        // the read it waits for cannot complete before the write below).
+        assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !dropper.is_finished(),
+            "the queue was dropped while a read into its bounce page was in flight"
+        );
+        write_page_into(&w);
+        dropper.join().unwrap();
+    }
+
+    /// When the kernel wait fails for good, the bounce pages are leaked:
+    /// the operations in flight may still use them.
+    #[test]
+    fn teardown_that_cannot_wait_leaks_the_bounce_pages() {
+        let (r, _w) = pipe();
+        let mut q = PageQueue::new(4).unwrap();
+        q.read_page(r.as_raw_fd(), 0, u64::MAX, 1).unwrap();
+        q.submit_and_wait(0, None).unwrap();
+        // The ring's descriptor now names /dev/null: every wait fails
+        // (EOPNOTSUPP), as on a ring that broke, while the read is still in
+        // flight in the ring (kept alive by its mappings).
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: dup2 only replaces which file the ring's descriptor
+        // number names; the number stays open, and is closed once, by the
+        // ring's drop.
+        assert!(unsafe { libc::dup2(null.as_raw_fd(), q.ring.as_raw_fd()) } >= 0);
+        let len = q.bounce.len();
+        let before = leaked_bytes();
+        drop(q);
+        assert!(
+            leaked_bytes() >= before + len as u64,
+            "the bounce pages were freed with a read in flight"
+        );
+    }
 
     #[test]
     fn writes_reads_and_syncs_pages() {

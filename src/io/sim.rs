@@ -17,7 +17,8 @@
 //!   subset of the pending writes chosen by the seed, applied in issue order,
 //!   and may tear a kept write at a 512-byte sector boundary (only some of its
 //!   sectors land).
-//! - Faults: the n-th write or the n-th sync fails with EIO; a failed sync
+//! - Faults: the n-th write, the n-th sync or the n-th directory fsync
+//!   fails with EIO; a failed sync
 //!   forgets the file's pending writes for good (they stay readable but will
 //!   never be durable: Linux's behaviour that PostgreSQL's "fsyncgate" found);
 //!   a write that would take the disk past its capacity fails with ENOSPC.
@@ -55,6 +56,11 @@ pub struct Faults {
     pub fail_write_at: Option<u64>,
     /// The n-th sync fails with EIO (and its file's pending writes are lost).
     pub fail_sync_at: Option<u64>,
+    /// The n-th directory fsync fails with EIO (its name changes stay
+    /// pending). Counted apart from `fail_sync_at`'s syncs, which include
+    /// every file's: a test can aim at one directory fsync while the WAL's
+    /// flushes come and go.
+    pub fail_dir_sync_at: Option<u64>,
     /// Total bytes of file data the disk holds; beyond it writes and
     /// allocations fail with ENOSPC.
     pub capacity: Option<u64>,
@@ -106,6 +112,7 @@ struct State {
     faults: Faults,
     writes: u64,
     syncs: u64,
+    dir_syncs: u64,
     ops: u64,
     /// Injected EIOs that fired.
     fired: u64,
@@ -292,6 +299,11 @@ impl SimDisk {
         (st.writes, st.syncs)
     }
 
+    /// Directory fsyncs seen so far (also counted in [`SimDisk::counts`]'s syncs).
+    pub fn dir_syncs(&self) -> u64 {
+        self.lock().dir_syncs
+    }
+
     /// Bytes of file data held (the sum of file lengths).
     pub fn used(&self) -> u64 {
         let st = self.lock();
@@ -341,6 +353,7 @@ fn seen(st: &State, root: &Path) -> SimDisk {
         faults: Faults::default(),
         writes: 0,
         syncs: 0,
+        dir_syncs: 0,
         ops: 0,
         fired: 0,
         dead: None,
@@ -404,6 +417,7 @@ fn image(st: &State, root: &Path, seed: u64) -> (SimDisk, CutReport) {
         faults: Faults::default(),
         writes: 0,
         syncs: 0,
+        dir_syncs: 0,
         ops: 0,
         fired: 0,
         dead: None,
@@ -696,7 +710,9 @@ pub fn sync_dir(disk: &Arc<SimDisk>, dir: &Path) -> Result<(), Error> {
     }
     disk.op(&mut st);
     st.syncs += 1;
-    if st.faults.fail_sync_at == Some(st.syncs) {
+    st.dir_syncs += 1;
+    if st.faults.fail_sync_at == Some(st.syncs) || st.faults.fail_dir_sync_at == Some(st.dir_syncs)
+    {
         st.fired += 1;
         return Err(eio());
     }
@@ -842,6 +858,26 @@ mod tests {
             let img = d.power_cut(s).0.read_all(&d.root().join("a")).unwrap();
             assert!(img.is_empty(), "seed {s}: the lost write came back");
         }
+    }
+
+    #[test]
+    fn the_nth_directory_fsync_fails_and_its_names_stay_pending() {
+        let d = disk();
+        let f = file(&d, "a", true);
+        f.sync().unwrap(); // a file's sync: not counted as a directory fsync
+        d.set_faults(Faults {
+            fail_dir_sync_at: Some(d.dir_syncs() + 1),
+            ..Faults::default()
+        });
+        let e = sync_dir(&d, d.root()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert_eq!((d.fired(), d.dir_syncs()), (1, 1));
+        let lost = (0..64)
+            .filter(|&s| d.power_cut(s).0.read_all(&d.root().join("a")).is_none())
+            .count();
+        assert!(lost > 0, "the name was made durable by a failed fsync");
+        sync_dir(&d, d.root()).unwrap();
+        assert!((0..64).all(|s| d.power_cut(s).0.read_all(&d.root().join("a")).is_some()));
     }
 
     #[test]

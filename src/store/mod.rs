@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 
 use crossbeam::utils::CachePadded;
 
-use crate::config::{Config, WalCompression};
+use crate::config::{Config, WalCompression, WalFullPolicy};
 use crate::io::file::FileError;
 use crate::io::uring::EventFd;
 use crate::lock::{DirLocks, LockError};
@@ -274,6 +274,33 @@ impl StoreShared {
         bytes: &[u8],
     ) -> Result<Appended> {
         check_range(tag, offset, bytes.len())?;
+        // The room to wait for: a delta's, at first; after a refusal under
+        // the latch, that of the record refused (an image may be larger).
+        let mut need = records::PAGE_WRITE_HEADER + bytes.len();
+        loop {
+            // IMPORTANT: wait for WAL room before the page is latched, never
+            // while it is: the checkpointer, the one thing that frees WAL,
+            // latches every dirty page it writes out, so a writer asleep on
+            // the latch would wait for it forever (wal_full_policy = wait).
+            ins.check_room(need)?;
+            match self.log_change(ins, tag, offset, bytes)? {
+                Logged::Done(a) => return Ok(a),
+                Logged::NoRoom(len) => need = len,
+            }
+        }
+    }
+
+    /// Applies and logs one change under the page's latch. With
+    /// `wal_full_policy = wait`, a record refused for want of WAL room is
+    /// undone and `NoRoom` returned, the latch released, for the caller to
+    /// wait and try again.
+    fn log_change(
+        &self,
+        ins: &mut Inserter<'_>,
+        tag: PageTag,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<Logged> {
         let p = self.pool.pin(tag, Fill::Read)?;
         let mut g = p.write();
         let saved: Vec<u8> = page::data(&g)[offset..offset + bytes.len()].to_vec();
@@ -312,7 +339,7 @@ impl StoreShared {
                                 .page_image_bytes
                                 .fetch_add(scratch.len() as u64, Relaxed);
                         }
-                        return Ok(a);
+                        return Ok(Logged::Done(a));
                     }
                     Ok(None) => {
                         self.stats.redo_retries.fetch_add(1, Relaxed);
@@ -321,6 +348,11 @@ impl StoreShared {
                         // Nothing was logged: the change must not stay.
                         page::data_mut(&mut g)[offset..offset + bytes.len()]
                             .copy_from_slice(&saved);
+                        if matches!(e, WalError::WalFull { .. })
+                            && self.cfg.wal_full_policy == WalFullPolicy::Wait
+                        {
+                            return Ok(Logged::NoRoom(scratch.len()));
+                        }
                         return Err(e.into());
                     }
                 }
@@ -331,6 +363,14 @@ impl StoreShared {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(PAGE_DATA + 64));
+}
+
+/// What [`StoreShared::log_change`] did.
+enum Logged {
+    Done(Appended),
+    /// The WAL device is full; nothing changed. The payload length of the
+    /// record that was refused.
+    NoRoom(usize),
 }
 
 fn check_range(tag: PageTag, offset: usize, len: usize) -> Result<()> {
@@ -678,6 +718,12 @@ impl Store {
         offset: usize,
         bytes: &[u8],
     ) -> Result<Appended> {
+        check_range(PageTag::new(rel, block), offset, bytes.len())?;
+        // Before taking an insert slot: writers asleep for WAL room while
+        // holding every slot would leave the checkpointer none.
+        self.shared
+            .wal
+            .check_room(records::PAGE_WRITE_HEADER + bytes.len())?;
         let mut ins = self.shared.wal.inserter();
         self.write_page_with(&mut ins, rel, block, offset, bytes)
     }

@@ -40,10 +40,13 @@ impl RelFiles {
         let dir = data_dir.join(BASE_DIR);
         if !dir.is_dir() {
             file::create_dir_all(&dir)?;
-            if fsync {
-                file::sync_dir(&dir)?;
-                file::sync_dir(data_dir)?;
-            }
+        }
+        // At every open, not only right after the mkdir: an open that failed
+        // between the mkdir and these syncs leaves a base/ that exists but may
+        // not be durable, and the next open must not take it as settled.
+        if fsync {
+            file::sync_dir(&dir)?;
+            file::sync_dir(data_dir)?;
         }
         Ok(RelFiles {
             dir,
@@ -99,9 +102,21 @@ impl RelFiles {
                     },
                 )?;
                 // IMPORTANT: the new name must survive a crash before any
-                // checkpoint counts on the pages written to it.
+                // checkpoint counts on the pages written to it. A failed
+                // directory fsync is fatal, as for WAL segments: returned as
+                // an error, the next attempt would find the file, open it and
+                // never fsync base/ again, and a checkpoint would then release
+                // the WAL that could redo the pages of a file a crash can lose.
                 if self.fsync {
-                    file::sync_dir(&self.dir)?;
+                    if let Err(e) = file::sync_dir(&self.dir) {
+                        // Unlocked first: on a simulated disk (tests) fatal
+                        // unwinds, and must not leave the map poisoned.
+                        drop(open);
+                        crate::fatal::fatal(format_args!(
+                            "{e} (after creating {})",
+                            path.display()
+                        ));
+                    }
                 }
                 f
             }

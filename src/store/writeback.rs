@@ -120,7 +120,7 @@ impl Writeback {
                         user_data: i as u64,
                         result: match &res {
                             Ok(()) => PAGE_SIZE as i32,
-                            Err(e) => -e.source.raw_os_error().unwrap_or(libc::EIO),
+                            Err(e) => -e.errno(),
                         },
                     });
                     p.file = Some(f);

@@ -370,6 +370,16 @@ impl Wal {
         }
     }
 
+    /// While the WAL device is full, waits (`wal_full_policy = wait`) until
+    /// a record of `len` payload bytes has room, or refuses it (`error`);
+    /// returns at once otherwise. For a caller about to take what the
+    /// checkpointer needs (an insert slot, a page latch): the checkpoint is
+    /// what frees WAL, so nobody may wait for room while holding those.
+    pub fn check_room(&self, len: usize) -> Result<()> {
+        self.shared
+            .check_room(|| record::stream_len(len), RoomWait::Wait)
+    }
+
     /// Appends one record through any free insert slot.
     pub fn append(&self, kind: Kind, payload: &[u8]) -> Result<Appended> {
         self.inserter().append(kind, payload)
@@ -649,8 +659,9 @@ impl WalShared {
     /// below the limit for the checkpoint's own records, whose checkpoint
     /// is what frees WAL.
     /// `len` is only called while the device is full: the common case costs
-    /// one atomic load.
-    fn check_room(&self, len: impl Fn() -> u64) -> Result<()> {
+    /// one atomic load. With [`RoomWait::Refuse`] it never waits, whatever
+    /// the policy (see [`Inserter::append_checked`]).
+    fn check_room(&self, len: impl Fn() -> u64, wait: RoomWait) -> Result<()> {
         const MARGIN: u64 = 64 << 10;
         loop {
             let Some(limit) = self.segments.full_limit() else {
@@ -660,7 +671,9 @@ impl WalShared {
             if end <= limit.0 {
                 return Ok(());
             }
-            if self.cfg.wal_full_policy == crate::config::WalFullPolicy::Error {
+            if self.cfg.wal_full_policy == crate::config::WalFullPolicy::Error
+                || wait == RoomWait::Refuse
+            {
                 return Err(WalError::WalFull { limit });
             }
             if self.closed.load(Relaxed) {
@@ -679,6 +692,14 @@ impl WalShared {
     }
 }
 
+/// Whether [`WalShared::check_room`] may wait for room (as
+/// `wal_full_policy` says) or must refuse at once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RoomWait {
+    Wait,
+    Refuse,
+}
+
 /// An insert slot held by one thread; see [`Wal::inserter`].
 pub struct Inserter<'a> {
     wal: &'a WalShared,
@@ -693,7 +714,7 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
-        w.check_room(|| record::stream_len(payload.len()))?;
+        w.check_room(|| record::stream_len(payload.len()), RoomWait::Wait)?;
         self.scratch.clear();
         let (start, end) =
             w.insert
@@ -712,12 +733,15 @@ impl Inserter<'_> {
         if w.closed.load(Relaxed) {
             return Err(WalError::Closed);
         }
-        w.check_room(|| {
-            records
-                .iter()
-                .map(|(_, p)| record::stream_len(p.len()))
-                .sum()
-        })?;
+        w.check_room(
+            || {
+                records
+                    .iter()
+                    .map(|(_, p)| record::stream_len(p.len()))
+                    .sum()
+            },
+            RoomWait::Wait,
+        )?;
         let max = w.insert.max_reservation();
         let mut end = w.insert.insert_lsn();
         let mut i = 0;
@@ -745,12 +769,23 @@ impl Inserter<'_> {
         self.wal.wait(end, level)
     }
 
+    /// [`Wal::check_room`], for a thread that holds an insert slot.
+    pub fn check_room(&self, len: usize) -> Result<()> {
+        self.wal
+            .check_room(|| record::stream_len(len), RoomWait::Wait)
+    }
+
     /// Appends one of walden's own records (kinds 128..=255: page writes,
     /// checkpoints), which `max_record_size` does not limit (a full-page
     /// image must always fit), only the reservation limit of half the ring.
     /// `check(lsn)` runs once the LSN is reserved and before the copy; if it
     /// returns false the space becomes a NOOP record and `Ok(None)` is
     /// returned (see [`insert::InsertState::insert_checked`]).
+    ///
+    /// A page record (PAGE_WRITE, PAGE_IMAGE) is refused with
+    /// [`WalError::WalFull`] while the WAL device is full, whatever
+    /// `wal_full_policy` says: wait with [`Inserter::check_room`] before
+    /// taking the page's latch, never while holding it.
     pub fn append_checked(
         &mut self,
         kind: Kind,
@@ -770,9 +805,13 @@ impl Inserter<'_> {
             return Err(WalError::Closed);
         }
         // Page records are refused like client records; checkpoint records
-        // use the margin kept for them.
+        // use the margin kept for them. IMPORTANT: refused, never held, even
+        // with wal_full_policy = wait: the caller holds the page's latch,
+        // which the checkpointer (the one thing that frees WAL) must take to
+        // write the page out. The page store waits with `check_room` before
+        // it latches, and after a refusal here undoes, unlatches and waits.
         if kind == Kind::PAGE_WRITE || kind == Kind::PAGE_IMAGE {
-            w.check_room(|| record::stream_len(payload.len()))?;
+            w.check_room(|| record::stream_len(payload.len()), RoomWait::Refuse)?;
         }
         self.scratch.clear();
         let (start, end, kept) = w.insert.insert_checked(
