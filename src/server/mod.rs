@@ -78,6 +78,10 @@ pub(crate) struct ServerShared {
     /// The settings at startup; the reloadable ones live in `runtime`.
     pub cfg: Config,
     pub runtime: std::sync::RwLock<Runtime>,
+    /// Bumped after every change of `runtime`: a shard keeps its own copy
+    /// and takes the lock only when this moved (one atomic load per loop
+    /// turn), so no lock is taken on the append path.
+    pub runtime_version: std::sync::atomic::AtomicU64,
     /// Connections admitted and not yet closed, over all shards: what
     /// `max_connections` limits.
     pub connections: AtomicU32,
@@ -89,8 +93,8 @@ pub(crate) struct ServerShared {
     pub shard_connections: Vec<std::sync::atomic::AtomicUsize>,
 }
 
-/// Settings a reload (SIGHUP) may change while the server runs. Shards read
-/// them when they need them (never on the append path).
+/// Settings a reload (SIGHUP) may change while the server runs. Each shard
+/// works from its own copy, refreshed when `runtime_version` moves.
 #[derive(Clone)]
 pub(crate) struct Runtime {
     pub token: Option<Arc<[u8]>>,
@@ -238,6 +242,7 @@ impl Server {
             wal,
             cfg: cfg.clone(),
             runtime: std::sync::RwLock::new(runtime),
+            runtime_version: std::sync::atomic::AtomicU64::new(0),
             connections: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
             started: std::time::Instant::now(),
@@ -354,6 +359,7 @@ impl Server {
             return Err(ServerError::Unauthenticated(self.addr.to_string()));
         }
         *self.shared.runtime.write().unwrap() = runtime;
+        self.shared.runtime_version.fetch_add(1, SeqCst);
         self.shared.store.reload(new);
         // Remember the reloadable values as applied; the others stay as
         // they run, so a later reload reports them again.

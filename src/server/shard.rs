@@ -85,6 +85,10 @@ struct Shard<'a> {
     page: Vec<u8>,
     /// When this shard last logged that it refuses connections.
     refusal_logged: Option<Instant>,
+    /// This shard's copy of the reloadable settings, and the
+    /// `runtime_version` it was taken at (see [`Shard::refresh_runtime`]).
+    rt: super::Runtime,
+    rt_version: u64,
 }
 
 pub(crate) fn run(
@@ -116,6 +120,9 @@ pub(crate) fn run(
         lsns: Vec::new(),
         page: vec![0; crate::store::page::PAGE_DATA],
         refusal_logged: None,
+        // The version first: a reload in between is then seen next turn.
+        rt_version: shared.runtime_version.load(SeqCst),
+        rt: shared.runtime.read().unwrap().clone(),
     };
     let mut conns: HashMap<ConnId, ConnState> = HashMap::new();
     // Apart from the state: a decoded frame borrows its decoder while the
@@ -197,11 +204,12 @@ pub(crate) fn run(
             tracing::error!("shard {index}: io_uring wait failed: {e}");
             break;
         }
+        shard.refresh_runtime();
         while let Some(ev) = shard.ring.next_event() {
             match ev {
                 Event::Accepted(id, peer) => {
                     serial += 1;
-                    let max = shard.shared.runtime.read().unwrap().max_connections;
+                    let max = shard.rt.max_connections;
                     // One count for all shards, taken only below the limit.
                     let admitted = shard
                         .shared
@@ -244,7 +252,7 @@ pub(crate) fn run(
                     received.extend_from_slice(shard.ring.received(id));
                     st.last_activity = last_data;
                     shard.process(id, st, dec, &received, &mut ins);
-                    let max = shard.shared.runtime.read().unwrap().max_in_flight;
+                    let max = shard.rt.max_in_flight;
                     st.paused = st.in_flight >= max;
                     if !st.closing && !st.paused && !stopping {
                         let _ = shard.ring.resume_recv(id);
@@ -291,11 +299,7 @@ pub(crate) fn run(
                     .metrics
                     .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
                 st.in_flight -= 1;
-                if st.paused
-                    && st.in_flight < shard.shared.runtime.read().unwrap().max_in_flight
-                    && !st.closing
-                    && !stopping
-                {
+                if st.paused && st.in_flight < shard.rt.max_in_flight && !st.closing && !stopping {
                     st.paused = false;
                     let _ = shard.ring.resume_recv(p.conn);
                 }
@@ -476,7 +480,7 @@ impl Shard<'_> {
                         msg,
                     );
                 };
-                let expected = self.shared.runtime.read().unwrap().token.clone();
+                let expected = self.rt.token.clone();
                 if let Some(expected) = expected {
                     if !super::constant_time_eq(&expected, token) {
                         tracing::warn!(peer = ?st.peer, client = client_name, "authentication failed");
@@ -493,7 +497,7 @@ impl Shard<'_> {
                         system_id: 0,
                         segment_size: self.shared.cfg.wal_segment_size.0,
                         limits: self.limits,
-                        max_in_flight: self.shared.runtime.read().unwrap().max_in_flight,
+                        max_in_flight: self.rt.max_in_flight,
                         server_name: self.shared.name.clone(),
                     },
                 );
@@ -795,7 +799,7 @@ impl Shard<'_> {
 
     /// Sends a follower what became durable, while its backlog allows.
     fn feed_follower(&mut self, id: ConnId, st: &mut ConnState, flushed: Lsn) {
-        let max_backlog = self.shared.runtime.read().unwrap().max_send_backlog;
+        let max_backlog = self.rt.max_send_backlog;
         let Some(f) = st.follow.as_mut() else { return };
         f.reader.set_limit(Some(flushed));
         let request_id = f.request_id;
@@ -840,11 +844,23 @@ impl Shard<'_> {
         }
     }
 
+    /// Takes a new copy of the reloadable settings if a reload changed
+    /// them: one atomic load per loop turn, the lock only after a reload.
+    fn refresh_runtime(&mut self) {
+        let v = self.shared.runtime_version.load(SeqCst);
+        if v != self.rt_version {
+            self.rt = self.shared.runtime.read().unwrap().clone();
+            self.rt_version = v;
+        }
+    }
+
     /// Closes idle connections and slow clients.
     fn sweep_timeouts(&mut self, conns: &mut HashMap<ConnId, ConnState>) {
-        let rt = self.shared.runtime.read().unwrap().clone();
-        let (idle, slow, max_backlog) =
-            (rt.idle_timeout, rt.slow_client_timeout, rt.max_send_backlog);
+        let (idle, slow, max_backlog) = (
+            self.rt.idle_timeout,
+            self.rt.slow_client_timeout,
+            self.rt.max_send_backlog,
+        );
         let ids: Vec<ConnId> = conns.keys().copied().collect();
         for id in ids {
             let st = conns.get_mut(&id).unwrap();
