@@ -5,8 +5,9 @@
 //! survives that and a kill -9; the lock file of a killed server is taken
 //! over by the next start; the read-only tools work beside a running server.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,48 +106,6 @@ fn run_bounded(args: &[&str], dir: &Path) -> Output {
     }
 }
 
-/// Every file under `dir` with its bytes (and every directory, as empty).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    let mut all = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                all.insert(p.clone(), None);
-                todo.push(p);
-            } else {
-                all.insert(p.clone(), Some(std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    all
-}
-
-fn assert_unchanged(
-    before: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    after: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    what: &str,
-) {
-    let differ: Vec<String> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .map(|k| {
-            format!(
-                "{} ({})",
-                k.display(),
-                match (before.get(k), after.get(k)) {
-                    (None, _) => "appeared",
-                    (_, None) => "disappeared",
-                    _ => "changed",
-                }
-            )
-        })
-        .collect();
-    assert!(differ.is_empty(), "{what} changed: {differ:?}");
-}
-
 fn kill_9(child: &mut Child) {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -234,7 +193,7 @@ fn a_second_writer_on_a_running_servers_directory_is_refused_and_changes_nothing
     assert!(bench.success());
     // The preparer may still be making the next segments.
     std::thread::sleep(Duration::from_millis(500));
-    let before = snapshot(&dir);
+    let before = common::snapshot(&dir);
     let pid = server.id();
     let data_lock = dir.join("data/walden.pid");
     let wal_lock = dir.join("wal/walden.pid");
@@ -273,7 +232,11 @@ fn a_second_writer_on_a_running_servers_directory_is_refused_and_changes_nothing
     assert_refused_by(&store_child, &data_lock, pid, "data directory");
 
     // Not one byte changed, the lock files included.
-    assert_unchanged(&before, &snapshot(&dir), "the running server's directory");
+    common::assert_unchanged(
+        &before,
+        &common::snapshot(&dir),
+        "the running server's directory",
+    );
     assert!(
         server.try_wait().unwrap().is_none(),
         "the first server is still running"

@@ -4,7 +4,8 @@
 //! with real processes, a second server on the same port, and a data
 //! directory whose parent is read-only (walden.addr lives inside it).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,48 +30,6 @@ fn config(dir: &Path) -> Config {
         cfg.set(s).unwrap();
     }
     cfg
-}
-
-/// Every file under `dir` with its bytes (and every directory, as empty).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    let mut all = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                all.insert(p.clone(), None);
-                todo.push(p);
-            } else {
-                all.insert(p.clone(), Some(std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    all
-}
-
-fn assert_unchanged(
-    before: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    after: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    what: &str,
-) {
-    let differ: Vec<String> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .map(|k| {
-            format!(
-                "{} ({})",
-                k.display(),
-                match (before.get(k), after.get(k)) {
-                    (None, _) => "appeared",
-                    (_, None) => "disappeared",
-                    _ => "changed",
-                }
-            )
-        })
-        .collect();
-    assert!(differ.is_empty(), "{what} changed: {differ:?}");
 }
 
 /// A store with some pages, an online checkpoint in the middle, closed
@@ -115,7 +74,7 @@ fn a_checkpoint_past_the_end_of_wal_is_refused_before_anything_changes() {
     // WAL (segments preallocated there exist).
     let beyond = Lsn(((redo.0 >> 20) + 2) << 20);
     set_control(d.path(), beyond, redo);
-    let before = snapshot(d.path());
+    let before = common::snapshot(d.path());
     let e = Store::open(config(d.path())).err().unwrap().to_string();
     assert!(
         e.starts_with(&format!(
@@ -125,7 +84,7 @@ fn a_checkpoint_past_the_end_of_wal_is_refused_before_anything_changes() {
     );
     // Before the fix: the control file said "in crash recovery", the
     // segments after the end of WAL were removed.
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
 }
 
 #[test]
@@ -139,7 +98,7 @@ fn a_checkpoint_cut_off_by_a_damaged_record_is_refused_before_the_wal_changes() 
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[off as usize + 26] ^= 0xFF;
     std::fs::write(&seg, &bytes).unwrap();
-    let before = snapshot(d.path());
+    let before = common::snapshot(d.path());
     let e = Store::open(config(d.path())).err().unwrap().to_string();
     assert_eq!(
         e,
@@ -149,7 +108,7 @@ fn a_checkpoint_cut_off_by_a_damaged_record_is_refused_before_the_wal_changes() 
     );
     // Before the fix the WAL after the damaged record, the checkpoint
     // record included, was zeroed before the refusal.
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
 }
 
 #[test]
@@ -160,7 +119,7 @@ fn a_newer_wal_or_control_file_version_is_refused_before_anything_changes() {
     let data_dir = d.path().join("data");
 
     version::write(&wal_dir, 99).unwrap();
-    let before = snapshot(d.path());
+    let before = common::snapshot(d.path());
     let e = Store::open(config(d.path())).err().unwrap().to_string();
     assert_eq!(
         e,
@@ -170,14 +129,14 @@ fn a_newer_wal_or_control_file_version_is_refused_before_anything_changes() {
             wal_dir.join("wal_version").display()
         )
     );
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
     // The WAL engine alone refuses it too.
     let e = walden::Wal::open(config(d.path()))
         .err()
         .unwrap()
         .to_string();
     assert!(e.starts_with("WAL format version 99 in"), "{e}");
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
     version::write(&wal_dir, 1).unwrap();
 
     let ctl = data_dir.join("walden.control");
@@ -187,7 +146,7 @@ fn a_newer_wal_or_control_file_version_is_refused_before_anything_changes() {
     let crc = crc32c::crc32c(&newer[..508]);
     newer[508..].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&ctl, &newer).unwrap();
-    let before = snapshot(d.path());
+    let before = common::snapshot(d.path());
     let e = Store::open(config(d.path())).err().unwrap().to_string();
     assert_eq!(
         e,
@@ -197,7 +156,7 @@ fn a_newer_wal_or_control_file_version_is_refused_before_anything_changes() {
             ctl.display()
         )
     );
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
     std::fs::write(&ctl, &good).unwrap();
     Store::open(config(d.path())).unwrap().close().unwrap();
 }
@@ -450,7 +409,7 @@ fn waldump_and_controldata_report_a_newer_wal_format() {
     );
 
     version::write(&d.path().join("wal"), 99).unwrap();
-    let before = snapshot(d.path());
+    let before = common::snapshot(d.path());
     let want = format!(
         "WAL format version 99 in \"{}\" is not supported",
         d.path().join("wal/wal_version").display()
@@ -480,5 +439,5 @@ fn waldump_and_controldata_report_a_newer_wal_format() {
     let err = String::from_utf8_lossy(&serve.stderr);
     assert!(!serve.status.success(), "{err}");
     assert!(err.contains(&format!("walden: error: {want}")), "{err}");
-    assert_unchanged(&before, &snapshot(d.path()), "the data directory");
+    common::assert_unchanged(&before, &common::snapshot(d.path()), "the data directory");
 }

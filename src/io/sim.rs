@@ -344,12 +344,24 @@ fn seen(st: &State, root: &Path) -> SimDisk {
             pending: Vec::new(),
         })
         .collect();
-    let image = State {
+    settled_disk(root, inodes, st.names.clone(), st.dirs.clone(), 0)
+}
+
+/// A disk whose files are `inodes` under `names`, all durable, with no
+/// faults armed: what is left after a power cut.
+fn settled_disk(
+    root: &Path,
+    inodes: Vec<Inode>,
+    names: BTreeMap<PathBuf, usize>,
+    dirs: BTreeSet<PathBuf>,
+    io_seed: u64,
+) -> SimDisk {
+    let state = State {
         inodes,
-        names: st.names.clone(),
-        durable_names: st.names.clone(),
+        durable_names: names.clone(),
+        names,
         name_log: Vec::new(),
-        dirs: st.dirs.clone(),
+        dirs,
         faults: Faults::default(),
         writes: 0,
         syncs: 0,
@@ -361,9 +373,9 @@ fn seen(st: &State, root: &Path) -> SimDisk {
     };
     SimDisk {
         root: root.to_owned(),
-        state: Mutex::new(image),
+        state: Mutex::new(state),
         probe: RwLock::new(None),
-        io_seed: AtomicU64::new(0),
+        io_seed: AtomicU64::new(io_seed),
     }
 }
 
@@ -408,28 +420,8 @@ fn image(st: &State, root: &Path, seed: u64) -> (SimDisk, CutReport) {
     for op in &st.name_log[..rep.name_ops_kept] {
         apply_name(&mut names, op);
     }
-    let image = State {
-        inodes,
-        durable_names: names.clone(),
-        names,
-        name_log: Vec::new(),
-        dirs: st.dirs.clone(),
-        faults: Faults::default(),
-        writes: 0,
-        syncs: 0,
-        dir_syncs: 0,
-        ops: 0,
-        fired: 0,
-        dead: None,
-        cut: None,
-    };
     (
-        SimDisk {
-            root: root.to_owned(),
-            state: Mutex::new(image),
-            probe: RwLock::new(None),
-            io_seed: AtomicU64::new(seed),
-        },
+        settled_disk(root, inodes, names, st.dirs.clone(), seed),
         rep,
     )
 }

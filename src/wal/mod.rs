@@ -21,6 +21,7 @@ pub mod buffer;
 pub mod commit;
 pub mod flusher;
 pub mod insert;
+pub mod marker;
 pub mod reader;
 pub mod segments;
 pub mod startup;

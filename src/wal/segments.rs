@@ -404,49 +404,16 @@ pub fn newest_segment(dir: &Path, timeline: u32, segment_size: u64) -> Option<u6
 
 /// Reads the retained WAL's first record LSN from `dir/wal_start`.
 pub fn read_wal_start(dir: &Path) -> Result<Option<Lsn>, FileError> {
-    let path = dir.join(WAL_START_FILE);
-    let text = match file::read_file(&path) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FileError::new("read file", &path, e)),
+    let Some(text) = super::marker::read(dir, WAL_START_FILE, "LSN")? else {
+        return Ok(None);
     };
-    let bad = |why: &str| {
-        FileError::new(
-            "parse file",
-            &path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string()),
-        )
-    };
-    let (lsn_text, crc_text) = text
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| bad("expected \"LSN CRC\""))?;
-    let crc = u32::from_str_radix(crc_text, 16).map_err(|_| bad("bad crc field"))?;
-    if crc != crc32c::crc32c(lsn_text.as_bytes()) {
-        return Err(bad("crc mismatch: the file is damaged"));
-    }
-    lsn_text
-        .parse::<Lsn>()
+    text.parse::<Lsn>()
         .map(Some)
-        .map_err(|_| bad("bad LSN"))
+        .map_err(|_| super::marker::bad(dir, WAL_START_FILE, "bad LSN"))
 }
 
 /// Replaces `dir/wal_start` atomically: temporary file, fsync, rename, fsync
 /// of the directory.
 pub fn write_wal_start(dir: &Path, start: Lsn) -> Result<(), FileError> {
-    let path = dir.join(WAL_START_FILE);
-    let tmp = dir.join(format!("{WAL_START_FILE}.tmp"));
-    let text = start.to_string();
-    let body = format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()));
-    file::write_file(&tmp, body.as_bytes())?;
-    SegmentFile::open(
-        &tmp,
-        OpenMode {
-            write: true,
-            ..Default::default()
-        },
-    )?
-    .fsync()?;
-    file::rename(&tmp, &path)?;
-    file::sync_dir(dir)
+    super::marker::write(dir, WAL_START_FILE, &start.to_string())
 }

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::io::file::{self, FileError, OpenMode, SegmentFile};
+use crate::io::file::FileError;
 
 /// The file's name in the WAL directory.
 pub const WAL_VERSION_FILE: &str = "wal_version";
@@ -49,31 +49,12 @@ pub fn path(dir: &Path) -> PathBuf {
 
 /// The version `dir/wal_version` names; `None` if there is no such file.
 pub fn read(dir: &Path) -> Result<Option<u32>, FileError> {
-    let path = path(dir);
-    let text = match file::read_file(&path) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FileError::new("read file", &path, e)),
+    let Some(text) = super::marker::read(dir, WAL_VERSION_FILE, "VERSION")? else {
+        return Ok(None);
     };
-    let bad = |why: &str| {
-        FileError::new(
-            "parse file",
-            &path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string()),
-        )
-    };
-    let (version, crc) = text
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| bad("expected \"VERSION CRC\""))?;
-    let crc = u32::from_str_radix(crc, 16).map_err(|_| bad("bad crc field"))?;
-    if crc != crc32c::crc32c(version.as_bytes()) {
-        return Err(bad("crc mismatch: the file is damaged"));
-    }
-    version
-        .parse::<u32>()
+    text.parse::<u32>()
         .map(Some)
-        .map_err(|_| bad("bad version number"))
+        .map_err(|_| super::marker::bad(dir, WAL_VERSION_FILE, "bad version number"))
 }
 
 /// Checks the WAL in `dir` is one this build reads: `wal_version` says
@@ -95,22 +76,8 @@ pub fn check(dir: &Path) -> Result<bool, VersionError> {
 /// Writes `dir/wal_version` durably: a temporary file, fsync, rename, fsync
 /// of the directory, so it is whole or absent after a crash.
 pub fn write(dir: &Path, version: u32) -> Result<(), FileError> {
-    let path = path(dir);
-    let tmp = dir.join(format!("{WAL_VERSION_FILE}.tmp"));
-    let text = version.to_string();
-    let body = format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()));
-    file::write_file(&tmp, body.as_bytes())?;
-    SegmentFile::open(
-        &tmp,
-        OpenMode {
-            write: true,
-            ..Default::default()
-        },
-    )?
-    .fsync()?;
-    file::rename(&tmp, &path)?;
-    // IMPORTANT: the name durable before any WAL is written under it.
-    file::sync_dir(dir)
+    // IMPORTANT: durable (name included) before any WAL is written under it.
+    super::marker::write(dir, WAL_VERSION_FILE, &version.to_string())
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! A `walden serve` process for the server tests: a temporary directory, a
-//! free port on 127.0.0.1, its log in a file, killed when dropped.
+//! free port on 127.0.0.1, its log in a file, killed when dropped; and a
+//! byte-for-byte snapshot of a directory, for tests that a refusal changed
+//! nothing.
 
 #![allow(dead_code)] // each test file uses its own part of this
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,4 +111,46 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Every file under `dir` with its bytes (and every directory, as empty).
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut all = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                all.insert(p.clone(), None);
+                todo.push(p);
+            } else {
+                all.insert(p.clone(), Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    all
+}
+
+pub fn assert_unchanged(
+    before: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    after: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    what: &str,
+) {
+    let differ: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| {
+            format!(
+                "{} ({})",
+                k.display(),
+                match (before.get(k), after.get(k)) {
+                    (None, _) => "appeared",
+                    (_, None) => "disappeared",
+                    _ => "changed",
+                }
+            )
+        })
+        .collect();
+    assert!(differ.is_empty(), "{what} changed: {differ:?}");
 }
