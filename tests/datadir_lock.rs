@@ -67,43 +67,12 @@ fn wait_ready(dir: &Path, server: &mut Child, log: &Path) -> String {
     }
 }
 
-/// Runs `walden ARGS` to its end, at most 30 s (a writer the lock failed to
-/// stop would run on: it is killed and the test fails).
+/// Runs `walden ARGS -D DIR` to its end, at most 30 s (a writer the lock
+/// failed to stop would run on: it is killed and the test fails).
 fn run_bounded(args: &[&str], dir: &Path) -> Output {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let err = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .arg("-D")
-        .arg(dir)
-        .env("WALDEN_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.reopen().unwrap())
-        .stderr(err.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "walden {} -D {} was still running after 30 s: {}",
-                args.join(" "),
-                dir.display(),
-                std::fs::read_to_string(err.path()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: std::fs::read(out.path()).unwrap(),
-        stderr: std::fs::read(err.path()).unwrap(),
-    }
+    let dir = dir.to_str().unwrap();
+    let all: Vec<&str> = args.iter().copied().chain(["-D", dir]).collect();
+    common::run_bounded(&all)
 }
 
 fn kill_9(child: &mut Child) {

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use walden::store::control::{self, ClusterState};
@@ -180,40 +180,6 @@ fn a_wal_from_before_format_versions_is_version_1_and_gets_the_file() {
 
 // ---- real processes ----
 
-fn run_bounded(args: &[&str]) -> Output {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let err = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("WALDEN_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.reopen().unwrap())
-        .stderr(err.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "walden {} was still running after 30 s: {}",
-                args.join(" "),
-                std::fs::read_to_string(err.path()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: std::fs::read(out.path()).unwrap(),
-        stderr: std::fs::read(err.path()).unwrap(),
-    }
-}
-
 fn spawn(args: &[&str], log: &Path) -> Child {
     Command::new(BIN)
         .args(args)
@@ -287,8 +253,9 @@ fn a_second_server_on_the_same_port_is_refused() {
     let addr = wait_for_addr(&a.join("data/walden.addr"), &mut first, &log);
     // Another data directory, the same address.
     let listen = format!("listen_addr={addr}");
-    let second =
-        run_bounded(&[&["serve", "-D", b.to_str().unwrap(), "-c", &listen], QUIET].concat());
+    let second = common::run_bounded(
+        &[&["serve", "-D", b.to_str().unwrap(), "-c", &listen], QUIET].concat(),
+    );
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "{err}");
     assert!(
@@ -366,7 +333,7 @@ fn walden_addr_is_written_in_the_data_directory_whose_parent_is_read_only() {
     let text = std::fs::read_to_string(data.join("walden.addr")).unwrap();
     assert!(text.contains("\nmetrics_addr=127.0.0.1:"), "{text}");
     // `walden status -D` finds it there.
-    let status = run_bounded(&["status", "-D", data.to_str().unwrap()]);
+    let status = common::run_bounded(&["status", "-D", data.to_str().unwrap()]);
     assert!(
         status.status.success(),
         "{}",
@@ -398,7 +365,7 @@ fn waldump_and_controldata_report_a_newer_wal_format() {
     let d = tempfile::tempdir().unwrap();
     store_with_a_checkpoint(d.path());
     let dir = d.path().to_str().unwrap();
-    let control = run_bounded(&["controldata", "-D", dir]);
+    let control = common::run_bounded(&["controldata", "-D", dir]);
     let text = String::from_utf8_lossy(&control.stdout);
     assert!(control.status.success(), "{text}");
     assert!(text.contains("WAL format version:"), "{text}");
@@ -414,11 +381,11 @@ fn waldump_and_controldata_report_a_newer_wal_format() {
         "WAL format version 99 in \"{}\" is not supported",
         d.path().join("wal/wal_version").display()
     );
-    let dump = run_bounded(&["waldump", "-D", dir]);
+    let dump = common::run_bounded(&["waldump", "-D", dir]);
     let err = String::from_utf8_lossy(&dump.stderr);
     assert!(!dump.status.success());
     assert!(err.contains(&want), "{err}");
-    let control = run_bounded(&["controldata", "-D", dir]);
+    let control = common::run_bounded(&["controldata", "-D", dir]);
     let text = String::from_utf8_lossy(&control.stdout);
     assert!(!control.status.success(), "{text}");
     assert!(text.contains(&format!("WARNING: {want}")), "{text}");
@@ -429,7 +396,7 @@ fn waldump_and_controldata_report_a_newer_wal_format() {
     );
     // The control file's fields are still shown.
     assert!(text.contains("Database cluster state:"), "{text}");
-    let serve = run_bounded(
+    let serve = common::run_bounded(
         &[
             &["serve", "-D", dir, "-c", "listen_addr=127.0.0.1:0"],
             QUIET,
