@@ -554,3 +554,107 @@ impl EventFd {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// A pipe whose buffer is full: a write to it waits in the kernel until
+    /// the reader drains it.
+    fn full_pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both were just opened and are owned by nothing else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let chunk = [0u8; 4096];
+        // SAFETY: fcntl on our own descriptor with integer flags; write
+        // from a live buffer of the length given.
+        unsafe {
+            let fl = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+            while libc::write(w.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) > 0 {}
+            // Blocking again: io_uring answers EAGAIN at once on O_NONBLOCK.
+            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl);
+        }
+        (r, w)
+    }
+
+    fn drain(r: &OwnedFd) {
+        let mut buf = vec![0u8; 1 << 20];
+        // SAFETY: reads into a live buffer of the length given.
+        unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
+
+    /// A signal during teardown ends the kernel wait with EINTR; the queue
+    /// must wait again, not drop the ring memory a write still reads.
+    #[test]
+    fn teardown_waits_through_a_signal_for_a_write_in_flight() {
+        // SAFETY: a handler that does nothing, for a signal only this test
+        // sends (to its own thread); no SA_RESTART, so the wait ends with EINTR.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut()),
+                0
+            );
+        }
+        let (r, w) = full_pipe();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            let wake = Arc::new(EventFd::new().unwrap());
+            let ring = Arc::new(SharedBuf::zeroed(BLOCK));
+            let mut q = WalQueue::new(8, ring, 1, wake).unwrap();
+            q.write_ring(w.as_raw_fd(), 0, BLOCK, 0, 1, false).unwrap();
+            q.submit().unwrap();
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            drop(q);
+            drop(w);
+        });
+        let thread = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            // SAFETY: the thread is alive: its drop cannot end before the
+            // pipe is drained below.
+            assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        assert!(
+            !dropper.is_finished(),
+            "the queue was dropped while a write from its ring was in flight"
+        );
+        drain(&r);
+        dropper.join().unwrap();
+    }
+
+    /// When the kernel wait fails for good, the ring memory is leaked (its
+    /// Arc keeps a count for ever): a write in flight may still read it.
+    #[test]
+    fn teardown_that_cannot_wait_leaks_the_ring() {
+        let (r, w) = full_pipe();
+        let ring = Arc::new(SharedBuf::zeroed(BLOCK));
+        let mut q =
+            WalQueue::new(8, Arc::clone(&ring), 1, Arc::new(EventFd::new().unwrap())).unwrap();
+        q.write_ring(w.as_raw_fd(), 0, BLOCK, 0, 1, false).unwrap();
+        q.submit().unwrap();
+        // The ring's descriptor now names /dev/null: every wait fails, as
+        // on a ring that broke, while the write is still in flight.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: dup2 only replaces which file the ring's descriptor number
+        // names; the number stays open and is closed once, by the ring's drop.
+        assert!(unsafe { libc::dup2(null.as_raw_fd(), q.ring.as_raw_fd()) } >= 0);
+        drop(q);
+        assert_eq!(
+            Arc::strong_count(&ring),
+            2,
+            "the ring memory was released with a write in flight"
+        );
+        drain(&r);
+    }
+}
