@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compare walden against fio on the same directory, same run (see
-# /work/shared/BENCHMARKING.md): bandwidth ceiling and single-writer commit latency.
+# "How to read these" in docs/benchmarks.md): bandwidth ceiling and single-writer commit latency.
 #
 #   bench/compare-fio.sh [DIR]      env: SECS (10), REPEAT (3), WALDEN (binary), PREFILL (1)
 #
@@ -118,7 +118,7 @@ if awk -v p="${io_some:-0}" 'BEGIN { exit !(p > 2) }'; then
 fi
 
 declare -a A1 B1 A2_IOPS A2_P50 B2_IOPS B2_P50
-# Latency pairs first, bulk pairs after: BENCHMARKING.md shows sync latency
+# Latency pairs first, bulk pairs after: docs/benchmarks.md shows sync latency
 # inflates for a while after bulk writes. Within each phase, sides alternate A B A B.
 for r in $(seq "$REPEAT"); do
     f=$(run_fio "sync$r" "${FIO_SYNC[@]}")

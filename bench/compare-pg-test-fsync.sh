@@ -2,7 +2,7 @@
 # PostgreSQL's pg_test_fsync against `walden test-fsync`: the same directory,
 # the same -s, back to back (pg then walden, REPEAT times: A B A B ...), and
 # the sections they share side by side with the ratio (see
-# /work/shared/BENCHMARKING.md: ratios taken in one run hold, absolute
+# "How to read these" in docs/benchmarks.md: ratios taken in one run hold, absolute
 # numbers move).
 #
 #   bench/compare-pg-test-fsync.sh [-s SECS] [DIR]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # walden server against PostgreSQL on the same filesystem, same run (issue 3;
-# see /work/shared/BENCHMARKING.md): 100-byte durable appends.
+# see "How to read these" in docs/benchmarks.md): 100-byte durable appends.
 #
 #   bench/compare-postgres.sh [PARENT]
 #

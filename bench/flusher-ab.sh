@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The pipelined io_uring flusher against the plain pwrite+fdatasync flusher,
-# alternating A B A B on one directory (see /work/shared/BENCHMARKING.md), at
+# alternating A B A B on one directory (see "How to read these" in docs/benchmarks.md), at
 # several client counts; prints the medians and the ratio.
 #
 #   bench/flusher-ab.sh [DIR]     env: SECS (5), REPEAT (3), CLIENTS ("1 64"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Crash-recovery replay rate against fio's sequential read of the same WAL
-# files, same directory, same run (see /work/shared/BENCHMARKING.md).
+# files, same directory, same run (see "How to read these" in docs/benchmarks.md).
 #
 #   bench/recovery.sh [DIR]     env: SECS (8), REPEAT (3), PAGES (20000), SIZE (200),
 #                                    WALDEN (binary), COLD (1: drop the page cache first)
