@@ -1,6 +1,10 @@
 //! `walden waldump`: decode and print WAL records, like PostgreSQL's
 //! `pg_waldump`. One line per record, or `--stats` for pg_waldump's table.
 //!
+//! Filters: `-r` kinds, `-R`/`-B` a relation's (or block's) page records;
+//! a start (`-s`, or a segment file argument) inside a record goes on to the
+//! next valid one, as pg_waldump does.
+//!
 //! It reads segment files directly with [`WalReader`] and never writes to the
 //! WAL directory, so it can run beside a live server (with `--follow`, it
 //! polls for records as they are written). What it is not: a checker of
@@ -48,8 +52,21 @@ Where it stops (a last line on stderr, unless -n or -e stopped it first):
                                records of a recycled segment, or damage; nothing after
                                X is trusted, as by the engine's recovery (exit 0)
   could not find a valid record at START: ...
-                               -s START is not a record start, or the first retained
-                               record is damaged (exit 1)
+                               the oldest retained record is damaged (exit 1)
+  could not find a valid record at or after START: ...
+                               nothing valid from -s START (or STARTSEG) on (exit 1)
+
+Where it starts: by default at the first record of the oldest segment file (at
+or before wal_start: a checkpoint moves wal_start without releasing the segment
+it is in). -s START, or STARTSEG's first byte, need not be a record start: the
+dump begins at the first valid record after it (found by its own LSN field and
+crc) and, as pg_waldump, says on stderr
+  first record is after X, at Y, skipping over N bytes
+(not when START is a segment's first byte). STARTSEG [ENDSEG] stop after the
+last record that ends in ENDSEG (default STARTSEG), as -e does.
+
+-b adds pg_waldump's block line under each page record:
+  <tab>blkref #0: rel 7 blk 7 (FPW); hole: offset: 0, length: 0, compression saved: 8107, method: lz4
 
 --follow, at the end of WAL, re-reads from there every 500 ms until killed (at
 START too, if nothing is valid there yet). It shows what is written to the
