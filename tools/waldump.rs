@@ -316,7 +316,7 @@ impl Filter {
         let Some(rel) = self.relation else {
             return true;
         };
-        page_tag(rec).is_some_and(|t| t.rel == rel && self.block.is_none_or(|b| t.block == b))
+        page_tag(rec).is_some_and(|t| t.rel == rel && self.block.map_or(true, |b| t.block == b))
     }
 }
 
