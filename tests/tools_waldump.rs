@@ -243,16 +243,140 @@ fn limit_kind_filter_start_and_end() {
         let want: Vec<Lsn> = w[10..20].iter().map(|r| r.lsn).collect();
         assert_eq!(got, want);
     }
-    // START inside a record: a clear error, exit 1.
+}
+
+/// -s inside a record: as pg_waldump, the dump starts at the next record
+/// and says how far it skipped (records carry their LSN and crc, so the
+/// next valid one is found by scanning forward).
+#[test]
+fn start_inside_a_record_skips_to_the_next_one() {
+    let (d, w) = setup();
+    for inside in [
+        Lsn(w[10].lsn.0 + 8),
+        Lsn(w[10].lsn.0 + 3),
+        Lsn(w[11].lsn.0 - 8),
+    ] {
+        let o = waldump(d.path(), &["-s", &inside.to_string(), "-n", "3"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            stderr(&o),
+            format!(
+                "walden waldump: first record is after {}, at {}, skipping over {} bytes\n",
+                pg(inside),
+                pg(w[11].lsn),
+                w[11].lsn.0 - inside.0
+            )
+        );
+        let got: Vec<Lsn> = stdout_lines(&o).iter().map(|l| lsn_of_line(l)).collect();
+        assert_eq!(got, vec![w[11].lsn, w[12].lsn, w[13].lsn]);
+    }
+    // The record that crosses into segment 2, and the one after it: a START
+    // inside the first finds the second across the file boundary.
+    let i = w
+        .iter()
+        .position(|r| r.end().segno(SEG) == 2 && r.lsn.segno(SEG) == 1)
+        .unwrap();
+    let inside = Lsn(w[i].lsn.0 + 16);
+    let o = waldump(d.path(), &["-s", &inside.to_string(), "-n", "1"]);
+    assert!(
+        stderr(&o).contains(&format!("at {}, skipping", pg(w[i + 1].lsn))),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(lsn_of_line(&stdout_lines(&o)[0]), w[i + 1].lsn);
+    // --stats counts from the record found.
     let inside = Lsn(w[10].lsn.0 + 8);
-    let o = waldump(d.path(), &["-s", &inside.to_string()]);
+    let o = waldump(d.path(), &["-s", &inside.to_string(), "--stats"]);
+    assert!(
+        stdout_lines(&o)[0].starts_with(&format!("WAL statistics between {} and ", pg(w[11].lsn))),
+        "{}",
+        stdout_lines(&o)[0]
+    );
+    // Past the last record there is nothing to skip to: a clear error, exit 1.
+    let past = Lsn(w.last().unwrap().end().0 + 64);
+    let o = waldump(d.path(), &["-s", &past.to_string()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains(&format!("could not find a valid record at {}", pg(inside))),
+        stderr(&o).contains(&format!(
+            "could not find a valid record at or after {}: ",
+            pg(past)
+        )),
         "{}",
         stderr(&o)
     );
     assert!(o.stdout.is_empty());
+}
+
+/// STARTSEG [ENDSEG], as pg_waldump: a segment file's name (in -p's
+/// directory) or a path to it; the dump covers the records from the first
+/// one that starts in STARTSEG to the last that ends in ENDSEG.
+#[test]
+fn segment_file_arguments_dump_those_segments() {
+    let (d, w) = setup();
+    let wal = d.path().join("wal");
+    let seg2 = "000000010000000000000002";
+    let in_segments = |first: u64, last: u64| -> Vec<Lsn> {
+        w.iter()
+            .filter(|r| r.lsn.0 >= first * SEG && r.end().0 <= (last + 1) * SEG)
+            .map(|r| r.lsn)
+            .collect()
+    };
+    let want = in_segments(2, 2);
+    assert!(
+        want[0].0 > 2 * SEG,
+        "segment 2 should begin inside a record"
+    );
+    let o = waldump(d.path(), &[seg2]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Vec<Lsn> = stdout_lines(&o).iter().map(|l| lsn_of_line(l)).collect();
+    assert_eq!(got, want);
+    // At a segment start pg_waldump does not report the skipped tail; the
+    // end is where it was told to stop: no closing line either.
+    assert_eq!(stderr(&o), "");
+
+    // A path: its directory is the WAL directory.
+    let o = walden(&["waldump", wal.join(seg2).to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Vec<Lsn> = stdout_lines(&o).iter().map(|l| lsn_of_line(l)).collect();
+    assert_eq!(got, want);
+
+    // STARTSEG ENDSEG.
+    let o = waldump(d.path(), &["000000010000000000000001", seg2]);
+    let got: Vec<Lsn> = stdout_lines(&o).iter().map(|l| lsn_of_line(l)).collect();
+    assert_eq!(got, in_segments(1, 2));
+    assert_eq!(got[0], w[0].lsn);
+
+    // Mistakes, named.
+    let o = waldump(d.path(), &[seg2, "000000010000000000000001"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "ENDSEG 000000010000000000000001 is before STARTSEG 000000010000000000000002"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = waldump(d.path(), &[seg2, "-s", &w[0].lsn.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "start WAL location 0/00100000 is not inside file \"000000010000000000000002\""
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = waldump(d.path(), &["000000010000000000000007"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("could not locate WAL file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("000000010000000000000007"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The numbers of a --stats row: N, record size, FPI size, combined size.
@@ -665,4 +789,179 @@ fn controldata_and_waldump_read_a_page_store() {
     let o = walden(&["waldump", "-D", dir, "--stats=record"]);
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.contains("PAGE_IMAGE/lz4"), "{out}");
+}
+
+/// A page store's WAL: pages of relations 7 and 8, a checkpoint, then more
+/// writes (the first after the checkpoint logs a full-page image).
+fn page_store_wal(compression: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = walden::Config::with_data_directory(d.path());
+    cfg.set("wal_segment_size=1MB").unwrap();
+    cfg.set(&format!("wal_compression={compression}")).unwrap();
+    let store = walden::Store::open(cfg).unwrap();
+    store.write_page(7, 3, 10, b"hello").unwrap();
+    store.write_page(7, 4, 0, b"four").unwrap();
+    store.write_page(8, 3, 0, b"other relation").unwrap();
+    store.checkpoint().unwrap();
+    store.write_page(7, 3, 20, b"world").unwrap();
+    store.write_page(7, 3, 30, b"again").unwrap();
+    store.write_page(8, 3, 40, b"more").unwrap();
+    store.write_page(7, 4, 50, b"five").unwrap();
+    store.close().unwrap();
+    d
+}
+
+fn lsns(o: &Output) -> Vec<String> {
+    stdout_lines(o)
+        .iter()
+        .filter(|l| l.starts_with("kind: "))
+        .map(|l| pg(lsn_of_line(l)))
+        .collect()
+}
+
+/// -R/--relation and -B/--block: only the page records of that relation
+/// (and block), as pg_waldump's; walden's relation is one number.
+#[test]
+fn relation_and_block_filters() {
+    let d = page_store_wal("lz4");
+    let dir = d.path().to_str().unwrap();
+    let o = walden(&["waldump", "-D", dir, "-R", "7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = stdout_lines(&o);
+    assert!(
+        lines.iter().all(|l| l.contains("desc: rel 7 blk ")),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lsns(&o),
+        [
+            "0/00100058",
+            "0/001000B8",
+            "0/001001C8",
+            "0/00100230",
+            "0/001002D0"
+        ]
+    );
+    let o = walden(&["waldump", "-D", dir, "--relation=7", "--block=3"]);
+    assert_eq!(lsns(&o), ["0/00100058", "0/001001C8", "0/00100230"]);
+    assert!(
+        stdout_lines(&o)[2].ends_with("desc: rel 7 blk 3 off 30 len 5"),
+        "{:?}",
+        stdout_lines(&o)
+    );
+    let o = walden(&[
+        "waldump",
+        "-D",
+        dir,
+        "-R",
+        "8",
+        "-B",
+        "3",
+        "-r",
+        "PAGE_WRITE",
+    ]);
+    assert!(lsns(&o).is_empty(), "{:?}", lsns(&o));
+    // Counted in --stats as shown.
+    let o = walden(&["waldump", "-D", dir, "-R", "7", "--stats"]);
+    let total = stdout_lines(&o).last().unwrap().clone();
+    assert!(total.split_whitespace().nth(1) == Some("5"), "{total}");
+    // -B alone is refused, as by pg_waldump.
+    let o = walden(&["waldump", "-D", dir, "-B", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--relation"), "{}", stderr(&o));
+}
+
+/// -b/--bkp-details: a line under each page record naming its block, and
+/// for a full-page image how it is stored.
+#[test]
+fn bkp_details_show_full_page_images() {
+    let d = page_store_wal("lz4");
+    let dir = d.path().to_str().unwrap();
+    let o = walden(&["waldump", "-D", dir, "-b", "-n", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = stdout_lines(&o);
+    assert!(lines[0].starts_with("kind: CHECKPOINT_REDO "), "{lines:#?}");
+    assert!(
+        lines[1].starts_with("kind: CHECKPOINT_ONLINE "),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[2].ends_with("desc: rel 7 blk 3 FPW, compression method: lz4, 54 bytes"),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines[3],
+        format!(
+            "\tblkref #0: rel 7 blk 3 (FPW); hole: offset: 0, length: 0, compression saved: {}, method: lz4",
+            8168 - 54
+        )
+    );
+    assert!(lines[4].contains("desc: rel 7 blk 4 FPW"), "{lines:#?}");
+    assert!(
+        lines[5].starts_with("\tblkref #0: rel 7 blk 4 (FPW); "),
+        "{lines:#?}"
+    );
+    assert_eq!(lines.len(), 6);
+    // A page change names its block only.
+    let o = walden(&["waldump", "-D", dir, "--bkp-details", "-r", "PAGE_WRITE"]);
+    let lines = stdout_lines(&o);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[1], "\tblkref #0: rel 7 blk 3");
+
+    // An image stored whole.
+    let d = page_store_wal("off");
+    let o = walden(&["waldump", "-D", d.path().to_str().unwrap(), "-b", "-R", "8"]);
+    let lines = stdout_lines(&o);
+    assert!(
+        lines[0].ends_with("desc: rel 8 blk 3 FPW, 8168 bytes"),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines[1],
+        "\tblkref #0: rel 8 blk 3 (FPW); hole: offset: 0, length: 0"
+    );
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+}
+
+/// With no -s, the dump begins at the oldest record on disk: a checkpoint
+/// moves wal_start to its redo point, but releases no segment while that
+/// point is in the first one, and the records before it are still there.
+#[test]
+fn default_start_is_the_oldest_retained_record() {
+    let d = page_store_wal("lz4");
+    let dir = d.path().to_str().unwrap();
+    let o = walden(&["controldata", "-D", dir, "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        j["wal_start"], "0/00100330",
+        "the shutdown checkpoint's redo point"
+    );
+    assert_eq!(j["first_wal_segment_file"], "000000010000000000000001");
+
+    let o = walden(&["waldump", "-D", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = lsns(&o);
+    assert_eq!(got.len(), 12, "{got:#?}");
+    assert_eq!(got[0], "0/00100000");
+    assert!(stdout_lines(&o)[0].starts_with("kind: CHECKPOINT_REDO "));
+    assert_eq!(got[11], "0/00100330");
+    assert_eq!(
+        stderr(&o),
+        "walden waldump: end of WAL at 0/00100368: invalid record length at 0/100368: expected at least 24, got 0\n"
+    );
+    let o = walden(&["waldump", "-D", dir, "--stats"]);
+    assert_eq!(
+        stdout_lines(&o)[0],
+        "WAL statistics between 0/00100000 and 0/00100368:"
+    );
+
+    // Records before wal_start that do not lead to it (one damaged) are
+    // not trusted: the dump begins at wal_start.
+    let seg = d.path().join("wal/000000010000000000000001");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[0xB8 + 40] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let o = walden(&["waldump", "-D", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lsns(&o), ["0/00100330"]);
 }

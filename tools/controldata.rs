@@ -9,6 +9,9 @@
 //! or `wal_start` is reported and makes the exit status non-zero; it is
 //! never hidden. A directory without a control file (a WAL written before
 //! the page store existed) prints "none" for the control file's fields.
+//!
+//! The WAL is read from `DATADIR/wal`, or from `--wal-dir` when `wal_dir`
+//! lives elsewhere (its own device); the "WAL directory" line says which.
 
 use std::path::PathBuf;
 
@@ -22,9 +25,12 @@ use super::waldump::{fmt_lsn, WalDir};
 
 #[derive(Args, Debug)]
 pub struct ControldataArgs {
-    /// Data directory (the WAL is read from DATADIR/wal).
+    /// Data directory (the WAL is read from DATADIR/wal unless --wal-dir is given).
     #[arg(short = 'D', long = "data-dir", value_name = "DATADIR")]
     data_dir: Option<PathBuf>,
+    /// The WAL directory, when `wal_dir` is not DATADIR/wal (the WAL on its own device).
+    #[arg(long = "wal-dir", value_name = "WAL_DIR")]
+    wal_dir: Option<PathBuf>,
     /// The data directory, as pg_controldata's positional argument.
     #[arg(value_name = "DATADIR", conflicts_with = "data_dir")]
     positional: Option<PathBuf>,
@@ -80,7 +86,14 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    let wal_dir = data_dir.join("wal");
+    let wal_dir = args.wal_dir.unwrap_or_else(|| data_dir.join("wal"));
+    if !wal_dir.is_dir() {
+        // The usual cause: wal_dir was set elsewhere in walden.toml.
+        bail!(
+            "WAL directory \"{}\" does not exist (if wal_dir is elsewhere, give it with --wal-dir)",
+            wal_dir.display()
+        );
+    }
     let wal = WalDir::open(&wal_dir)?;
     let mut warnings = Vec::new();
     // A newer format's records are not ours to decode: report, don't scan.

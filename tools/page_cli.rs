@@ -15,7 +15,8 @@ use super::client_cli::Conn;
 pub enum PageCommand {
     /// Change bytes of a page: DATA (or --file, or standard input) at --offset.
     Write(PageWriteArgs),
-    /// Print a page: its LSN and a hex dump of its data (or --raw bytes).
+    /// Print a page: its LSN and a hex dump of its data (or --raw bytes);
+    /// a page never written says so instead (exit status 0).
     Read(PageReadArgs),
 }
 
@@ -103,9 +104,30 @@ fn write(a: PageWriteArgs) -> anyhow::Result<()> {
 fn read(a: PageReadArgs) -> anyhow::Result<()> {
     let mut c = a.conn.connect()?;
     let (lsn, data) = c.page_read(a.rel, a.block)?;
+    // Every write gives a page the end LSN of its record, and the stream
+    // starts at segment 1: LSN 0/0 is only ever a page nothing was written
+    // to (the server answers such a read with zeros, as PostgreSQL reads a
+    // hole in a relation file). Say so rather than dump zeros as data.
+    let never_written = !lsn.is_valid();
     let mut out = std::io::stdout().lock();
     if a.raw {
         out.write_all(&data)?;
+        if never_written {
+            eprintln!(
+                "walden page read: block {} of relation {} has never been written (all zeros)",
+                a.block, a.rel
+            );
+        }
+        return Ok(());
+    }
+    if never_written {
+        writeln!(
+            out,
+            "relation {} block {}: never written (page LSN 0/0, all {} bytes zero)",
+            a.rel,
+            a.block,
+            data.len()
+        )?;
         return Ok(());
     }
     writeln!(out, "relation {} block {}: page LSN {lsn}", a.rel, a.block)?;

@@ -1,6 +1,10 @@
 //! `walden waldump`: decode and print WAL records, like PostgreSQL's
 //! `pg_waldump`. One line per record, or `--stats` for pg_waldump's table.
 //!
+//! Filters: `-r` kinds, `-R`/`-B` a relation's (or block's) page records;
+//! a start (`-s`, or a segment file argument) inside a record goes on to the
+//! next valid one, as pg_waldump does.
+//!
 //! It reads segment files directly with [`WalReader`] and never writes to the
 //! WAL directory, so it can run beside a live server (with `--follow`, it
 //! polls for records as they are written). What it is not: a checker of
@@ -9,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +21,8 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use walden::lsn;
 use walden::record::{Kind, FLAG_LZ4};
+use walden::store::page::{PageTag, PAGE_DATA};
+use walden::store::records::{decode_page_image, decode_page_write};
 use walden::wal::reader::{EndOfWal, Record, WalReader};
 use walden::wal::segments;
 use walden::wal::version::WAL_FORMAT_VERSION;
@@ -45,8 +52,21 @@ Where it stops (a last line on stderr, unless -n or -e stopped it first):
                                records of a recycled segment, or damage; nothing after
                                X is trusted, as by the engine's recovery (exit 0)
   could not find a valid record at START: ...
-                               -s START is not a record start, or the first retained
-                               record is damaged (exit 1)
+                               the oldest retained record is damaged (exit 1)
+  could not find a valid record at or after START: ...
+                               nothing valid from -s START (or STARTSEG) on (exit 1)
+
+Where it starts: by default at the first record of the oldest segment file (at
+or before wal_start: a checkpoint moves wal_start without releasing the segment
+it is in). -s START, or STARTSEG's first byte, need not be a record start: the
+dump begins at the first valid record after it (found by its own LSN field and
+crc) and, as pg_waldump, says on stderr
+  first record is after X, at Y, skipping over N bytes
+(not when START is a segment's first byte). STARTSEG [ENDSEG] stop after the
+last record that ends in ENDSEG (default STARTSEG), as -e does.
+
+-b adds pg_waldump's block line under each page record:
+  <tab>blkref #0: rel 7 blk 7 (FPW); hole: offset: 0, length: 0, compression saved: 8107, method: lz4
 
 --follow, at the end of WAL, re-reads from there every 500 ms until killed (at
 START too, if nothing is valid there yet). It shows what is written to the
@@ -78,7 +98,8 @@ pub struct WaldumpArgs {
     /// Data directory; its wal/ is read when -p is not given.
     #[arg(short = 'D', long = "data-dir", value_name = "DATADIR")]
     data_dir: Option<PathBuf>,
-    /// Start at this LSN, which must be a record start [default: the LSN in wal_start].
+    /// Start at the first valid record at or after this LSN [default: the
+    /// first record of the oldest segment file, at or before wal_start].
     #[arg(short = 's', long = "start", value_name = "LSN")]
     start: Option<Lsn>,
     /// Stop before this LSN: a record that does not end at or before it is not shown.
@@ -99,6 +120,24 @@ pub struct WaldumpArgs {
     /// After the end of WAL, keep polling (every 500 ms) for new records until killed.
     #[arg(short = 'f', long)]
     follow: bool,
+    /// Only page records (PAGE_WRITE, PAGE_IMAGE) of this relation: walden's
+    /// relation id, the `rel` of their `desc:` (pg_waldump's T/D/R is one number here).
+    #[arg(short = 'R', long = "relation", value_name = "REL")]
+    relation: Option<u32>,
+    /// With --relation, only the records of block N.
+    #[arg(short = 'B', long = "block", value_name = "N", requires = "relation")]
+    block: Option<u32>,
+    /// Details of the page each page record touches, on a line below it
+    /// (for a full-page image: its compression).
+    #[arg(short = 'b', long = "bkp-details")]
+    bkp_details: bool,
+    /// Dump from the first record in this segment file (a name or a path; a
+    /// path's directory is the WAL directory unless -p or -D is given).
+    #[arg(value_name = "STARTSEG")]
+    start_segment: Option<PathBuf>,
+    /// Dump up to the end of this segment file [default: STARTSEG].
+    #[arg(value_name = "ENDSEG", requires = "start_segment")]
+    end_segment: Option<PathBuf>,
     /// Print statistics instead of records (`--stats=record`: per kind and flags).
     #[arg(
         short = 'z',
@@ -118,27 +157,68 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
         print_kind_list();
         return Ok(());
     }
-    let filter = args
-        .kinds
-        .iter()
-        .map(|k| parse_kind(k))
-        .collect::<anyhow::Result<Vec<Kind>>>()?;
+    let filter = Filter {
+        kinds: args
+            .kinds
+            .iter()
+            .map(|k| parse_kind(k))
+            .collect::<anyhow::Result<Vec<Kind>>>()?,
+        relation: args.relation,
+        block: args.block,
+    };
     if args.follow && args.stats.is_some() {
         bail!("--stats cannot be combined with --follow: statistics are printed at the end of WAL");
     }
-    let dir = match (&args.path, &args.data_dir) {
-        (Some(p), _) => p.clone(),
-        (None, Some(d)) => d.join("wal"),
-        (None, None) => PathBuf::from("walden-data/wal"),
+    let segment_dir = args
+        .start_segment
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty());
+    let dir = match (&args.path, &args.data_dir, segment_dir) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(d), _) => d.join("wal"),
+        (None, None, Some(s)) => s.to_owned(),
+        (None, None, None) => PathBuf::from("walden-data/wal"),
     };
     let wal = WalDir::open(&dir)?;
     wal.check_version()?;
     let Some(segment_size) = wal.segment_size else {
         bail!("no WAL segment files in {}", dir.display());
     };
-    let start = match args.start {
-        Some(s) => s,
-        None => wal.wal_start()?,
+    let segments = segment_range(&args, &wal, segment_size)?;
+    let end_limit = args
+        .end
+        .or(segments.map(|(_, last)| Lsn((last + 1) * segment_size)));
+    // A start the user gave (-s, or STARTSEG's first byte) need not be a
+    // record start: like pg_waldump, go on to the first valid record after
+    // it. The default start is one: the oldest retained record.
+    let (from, given) = match (args.start, segments) {
+        (Some(s), _) => (s, true),
+        (None, Some((first, _))) => (Lsn(first * segment_size), true),
+        (None, None) => (wal.oldest_record()?, false),
+    };
+    let start = if given {
+        match find_record(&wal, from, end_limit)? {
+            Ok(at) => {
+                if at != from && from.segment_offset(segment_size) != 0 {
+                    eprintln!(
+                        "walden waldump: first record is after {}, at {}, skipping over {} bytes",
+                        fmt_lsn(from),
+                        fmt_lsn(at),
+                        at.0 - from.0
+                    );
+                }
+                at
+            }
+            // Nothing yet: --follow waits at START for the first record.
+            Err(_) if args.follow => from,
+            Err(why) => bail!(
+                "could not find a valid record at or after {}: {why}",
+                fmt_lsn(from)
+            ),
+        }
+    } else {
+        from
     };
 
     let stdout = io::stdout();
@@ -148,16 +228,23 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
     let mut pos = start;
     let mut read_any = false;
     let end = loop {
-        let mut reader = WalReader::new(&dir, segment_size, TIMELINE, pos, args.end);
+        let mut reader = WalReader::new(&dir, segment_size, TIMELINE, pos, end_limit);
         while let Some(rec) = reader.next_record()? {
             read_any = true;
-            if !filter.is_empty() && !filter.contains(&rec.kind) {
+            if !filter.wants(&rec) {
                 continue;
             }
             match &mut stats {
                 Some(stats) => stats.add(&rec),
                 None => {
-                    if let Err(e) = writeln!(out, "{}", record_line(&rec)) {
+                    let mut text = record_line(&rec);
+                    if args.bkp_details {
+                        if let Some(details) = block_details(&rec) {
+                            text.push_str("\n\t");
+                            text.push_str(&details);
+                        }
+                    }
+                    if let Err(e) = writeln!(out, "{text}") {
                         return quiet_on_broken_pipe(e);
                     }
                 }
@@ -192,12 +279,11 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
     drop(out);
 
     match end {
-        // -n or -e stopped it where it was told to: nothing to say.
+        // -n, -e or ENDSEG stopped it where it was told to: nothing to say.
         None | Some(EndOfWal::Limit(_)) => Ok(()),
-        Some(end) if !read_any && (args.start.is_some() || !is_clean_end(&end, &wal)) => {
-            // Nothing valid at START. From wal_start, zeros or no segment just
-            // mean an empty WAL; anything else there, or at a START the user
-            // gave, means START is not where a record begins.
+        Some(end) if !read_any && !is_clean_end(&end, &wal) => {
+            // Nothing valid at the oldest retained record: zeros or no
+            // segment there just mean an empty WAL, anything else damage.
             bail!("could not find a valid record at {}: {end}", fmt_lsn(start))
         }
         Some(end) => {
@@ -213,6 +299,190 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Which records are shown: -r's kinds, -R's relation and -B's block.
+struct Filter {
+    kinds: Vec<Kind>,
+    relation: Option<u32>,
+    block: Option<u32>,
+}
+
+impl Filter {
+    fn wants(&self, rec: &Record<'_>) -> bool {
+        if !self.kinds.is_empty() && !self.kinds.contains(&rec.kind) {
+            return false;
+        }
+        let Some(rel) = self.relation else {
+            return true;
+        };
+        page_tag(rec).is_some_and(|t| t.rel == rel && self.block.map_or(true, |b| t.block == b))
+    }
+}
+
+/// The page a page record touches; `None` for other records (and for a page
+/// record that does not decode: its `desc:` says INVALID).
+fn page_tag(rec: &Record<'_>) -> Option<PageTag> {
+    match rec.kind {
+        Kind::PAGE_WRITE => decode_page_write(rec.payload, rec.lsn).ok().map(|w| w.tag),
+        Kind::PAGE_IMAGE => decode_page_image(rec.payload, rec.lsn).ok().map(|i| i.tag),
+        _ => None,
+    }
+}
+
+/// pg_waldump's `-b` line for the block a page record references:
+/// `blkref #0: rel 7 blk 3`, and for a full-page image `(FPW)` with its
+/// compression. walden's images have no hole (the page header is not in
+/// them), so the hole is always 0; an lz4 image that does not restore to a
+/// page says so.
+fn block_details(rec: &Record<'_>) -> Option<String> {
+    let tag = page_tag(rec)?;
+    let mut text = format!("blkref #0: rel {} blk {}", tag.rel, tag.block);
+    if rec.kind == Kind::PAGE_IMAGE {
+        let image = decode_page_image(rec.payload, rec.lsn).ok()?;
+        text.push_str(" (FPW); hole: offset: 0, length: 0");
+        if image.compressed {
+            text.push_str(&format!(
+                ", compression saved: {}, method: lz4",
+                PAGE_DATA - image.image.len()
+            ));
+            let mut page = vec![0u8; PAGE_DATA];
+            if let Err(e) = image.restore(&mut page, rec.lsn) {
+                text.push_str(&format!("; INVALID: {}", e.what));
+            }
+        }
+    }
+    Some(text)
+}
+
+/// STARTSEG and ENDSEG as segment numbers, checked against each other and
+/// against -s and -e as pg_waldump checks them.
+fn segment_range(
+    args: &WaldumpArgs,
+    wal: &WalDir,
+    segment_size: u64,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let Some(first_arg) = &args.start_segment else {
+        return Ok(None);
+    };
+    let first = wal.segment_of(first_arg, segment_size)?;
+    let last = match &args.end_segment {
+        Some(a) => {
+            let last = wal.segment_of(a, segment_size)?;
+            if last < first {
+                bail!(
+                    "ENDSEG {} is before STARTSEG {}",
+                    a.display(),
+                    first_arg.display()
+                );
+            }
+            last
+        }
+        None => first,
+    };
+    let name = |s: u64| lsn::segment_file_name(TIMELINE, s, segment_size);
+    if let Some(s) = args.start.filter(|s| s.segno(segment_size) != first) {
+        bail!(
+            "start WAL location {} is not inside file \"{}\"",
+            fmt_lsn(s),
+            name(first)
+        );
+    }
+    if let Some(e) = args
+        .end
+        .filter(|e| e.segno(segment_size) != last && e.0 != (last + 1) * segment_size)
+    {
+        bail!(
+            "end WAL location {} is not inside file \"{}\"",
+            fmt_lsn(e),
+            name(last)
+        );
+    }
+    Ok(Some((first, last)))
+}
+
+/// The first position at or after `from` (rounded up to 8: records are
+/// 8-aligned) and before `limit` where a valid record starts; `Err` with
+/// why `from` itself is not one when there is none.
+///
+/// There are no page headers to resynchronise on (docs/wal-format.md §2),
+/// but every record carries its own LSN and a crc (§3): a candidate is an
+/// aligned position whose 8-byte `lsn` field equals the position, and it is
+/// taken only if the whole record then validates. The search stops at the
+/// first segment file missing.
+fn find_record(
+    wal: &WalDir,
+    from: Lsn,
+    limit: Option<Lsn>,
+) -> anyhow::Result<Result<Lsn, EndOfWal>> {
+    let size = wal.segment_size.expect("a WAL with segments");
+    let valid_at = |at: Lsn| -> anyhow::Result<Result<(), EndOfWal>> {
+        let mut r = WalReader::new(&wal.dir, size, TIMELINE, at, limit);
+        Ok(match r.next_record()? {
+            Some(_) => Ok(()),
+            None => Err(r.end().cloned().expect("an end when no record")),
+        })
+    };
+    let why = match valid_at(from)? {
+        Ok(()) => return Ok(Ok(from)),
+        Err(why) => why,
+    };
+    let first = (from.0 + 1).next_multiple_of(8);
+    let limit = limit.map_or(u64::MAX, |l| l.0);
+    // `field` runs over the stream positions of candidates' lsn fields (8
+    // bytes after the candidate); being 8-aligned, a field never spans two
+    // segment files.
+    let mut field = first + 8;
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while field - 8 < limit {
+        let segno = field / size;
+        let path = wal.dir.join(lsn::segment_file_name(TIMELINE, segno, size));
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("could not open WAL segment \"{}\"", path.display())))
+            }
+        };
+        let len = file
+            .metadata()
+            .with_context(|| format!("could not stat \"{}\"", path.display()))?
+            .len()
+            .min(size);
+        let mut off = field % size;
+        while off < len && field - 8 < limit {
+            let n = (len - off).min(CHUNK) as usize & !7;
+            if n == 0 {
+                break;
+            }
+            file.read_exact_at(&mut buf[..n], off).with_context(|| {
+                format!(
+                    "could not read WAL segment \"{}\" at offset {off}",
+                    path.display()
+                )
+            })?;
+            for word in buf[..n].chunks_exact(8) {
+                let candidate = field - 8;
+                if candidate >= limit {
+                    break;
+                }
+                if u64::from_le_bytes(word.try_into().unwrap()) == candidate
+                    && valid_at(Lsn(candidate))?.is_ok()
+                {
+                    return Ok(Ok(Lsn(candidate)));
+                }
+                field += 8;
+            }
+            off += n as u64;
+        }
+        if len < size {
+            break; // a short segment file: nothing is after it
+        }
+        field = (segno + 1) * size;
+    }
+    Ok(Err(why))
 }
 
 /// An LSN as pg_waldump prints it (`%X/%08X`): `0/01000000`.
@@ -341,6 +611,57 @@ impl WalDir {
                 ),
             },
         }
+    }
+
+    /// Where a dump begins by default: the first record of the oldest
+    /// segment file present. That is `wal_start` unless a checkpoint moved
+    /// `wal_start` past records it did not release (its redo point was in
+    /// the same segment, or `wal_keep_size` kept the segment): those records
+    /// are still on disk, still valid, and pg_waldump would show them. The
+    /// records before `wal_start` are shown only if they lead, record by
+    /// record, to it; otherwise the dump begins at `wal_start`.
+    pub fn oldest_record(&self) -> anyhow::Result<Lsn> {
+        let wal_start = self.wal_start()?;
+        let (Some(size), Some(&first)) = (self.segment_size, self.segments.first()) else {
+            return Ok(wal_start);
+        };
+        let segment_start = Lsn(first * size);
+        if segment_start >= wal_start {
+            return Ok(wal_start);
+        }
+        // The segment may begin with the tail of a record of a released one.
+        let Ok(at) = find_record(self, segment_start, Some(wal_start))? else {
+            return Ok(wal_start);
+        };
+        let mut r = WalReader::new(&self.dir, size, TIMELINE, at, Some(wal_start));
+        while r.next_record()?.is_some() {}
+        Ok(match r.end() {
+            Some(EndOfWal::Limit(_)) if r.position() == wal_start => at,
+            _ => wal_start,
+        })
+    }
+
+    /// The segment number of a STARTSEG/ENDSEG argument: a segment file's
+    /// name, or a path to one, which must exist here.
+    fn segment_of(&self, arg: &Path, segment_size: u64) -> anyhow::Result<u64> {
+        let name = arg.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some((timeline, segno)) = lsn::parse_segment_file_name(name, segment_size) else {
+            bail!(
+                "could not parse WAL file name \"{}\": not a segment file name for {segment_size}-byte segments",
+                arg.display()
+            );
+        };
+        if timeline != TIMELINE {
+            bail!(
+                "WAL file \"{}\" is of timeline {timeline}: walden writes timeline {TIMELINE} only",
+                arg.display()
+            );
+        }
+        let path = self.dir.join(name);
+        if !path.is_file() {
+            bail!("could not locate WAL file \"{}\"", path.display());
+        }
+        Ok(segno)
     }
 
     pub fn segment_name(&self, segno: u64) -> Option<String> {
