@@ -96,4 +96,21 @@ fn controldata_reads_a_moved_wal_dir() {
     assert_eq!(j["wal_directory"], wal_dir.display().to_string());
     assert_eq!(j["retained_wal_records"], 1);
     assert!(j["warnings"].as_array().unwrap().is_empty());
+
+    // The page store's own directory (data_dir moved elsewhere in
+    // walden.toml) is read directly: its control file is at the top.
+    let o = walden(&[
+        "controldata",
+        "-D",
+        data.path().join("data").to_str().unwrap(),
+        "--wal-dir",
+        wal_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(field(&text, "Database cluster state"), "shut down");
+    assert_eq!(
+        field(&text, "Database system identifier"),
+        c.system_identifier.to_string()
+    );
 }

@@ -12,6 +12,9 @@
 //!
 //! The WAL is read from `DATADIR/wal`, or from `--wal-dir` when `wal_dir`
 //! lives elsewhere (its own device); the "WAL directory" line says which.
+//! The control file is read from `DATADIR/data` (the `serve -D DIR`
+//! layout), or from DATADIR itself when it is a page store's directory
+//! (`data_dir` moved elsewhere in walden.toml).
 
 use std::path::PathBuf;
 
@@ -25,7 +28,7 @@ use super::waldump::{fmt_lsn, WalDir};
 
 #[derive(Args, Debug)]
 pub struct ControldataArgs {
-    /// Data directory (the WAL is read from DATADIR/wal unless --wal-dir is given).
+    /// Data directory: DIR as `serve -D DIR` made it, or the page store's data_dir itself (the WAL is read from DATADIR/wal unless --wal-dir is given).
     #[arg(short = 'D', long = "data-dir", value_name = "DATADIR")]
     data_dir: Option<PathBuf>,
     /// The WAL directory, when `wal_dir` is not DATADIR/wal (the WAL on its own device).
@@ -134,7 +137,16 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
         }
     };
     let mut control_version = None;
-    let control = match walden::store::control::read(&data_dir.join("data")) {
+    // `-D DIR` as `walden serve -D DIR` lays it out (DIR/data), or the page
+    // store's directory itself (`data_dir` moved elsewhere in walden.toml).
+    let control_dir = if !data_dir.join("data").is_dir()
+        && data_dir.join(walden::store::control::CONTROL_FILE).exists()
+    {
+        data_dir.clone()
+    } else {
+        data_dir.join("data")
+    };
+    let control = match walden::store::control::read(&control_dir) {
         Ok(c) => {
             control_version = c.map(|_| walden::store::control::CONTROL_VERSION);
             c
