@@ -16,10 +16,7 @@ pub enum ClientError {
     // The OS error is part of the message and deliberately not a `source`:
     // `{:#}` and anyhow's chain would print it twice.
     #[error("could not connect to {addr}: {error}")]
-    Connect {
-        addr: String,
-        error: std::io::Error,
-    },
+    Connect { addr: String, error: std::io::Error },
     #[error("connection error: {0}")]
     Io(std::io::Error),
     #[error("server error {code}: {message}")]
@@ -438,7 +435,10 @@ mod tests {
             panic!("connected to a closed port")
         };
         let text = format!("{:#}", anyhow::Error::from(e));
-        assert!(text.starts_with(&format!("could not connect to {addr}: ")), "{text}");
+        assert!(
+            text.starts_with(&format!("could not connect to {addr}: ")),
+            "{text}"
+        );
         assert_eq!(text.matches("os error").count(), 1, "{text}");
         let io = ClientError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         let text = format!("{:#}", anyhow::Error::from(io));

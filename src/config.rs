@@ -362,15 +362,23 @@ pub enum ConfigError {
         expected: &'static str,
     },
     /// A `-c name` without `=value`.
-    #[error("parameter \"{name}\" needs a value: expected -c {name}=VALUE, where VALUE is {expected}")]
-    NoValue { name: String, expected: &'static str },
+    #[error(
+        "parameter \"{name}\" needs a value: expected -c {name}=VALUE, where VALUE is {expected}"
+    )]
+    NoValue {
+        name: String,
+        expected: &'static str,
+    },
 }
 
-/// Every setting's name, in the order of the file (as the TOML parser
-/// lists them for an unknown field).
+/// Every setting's name, alphabetically (as `walden serve -c` takes them).
 fn valid_names() -> String {
     let table = toml::Table::try_from(Config::default()).expect("config serializes");
-    table.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    table
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a setting's value looks like, for error messages.
@@ -379,10 +387,12 @@ fn expected_form(name: &str, default: &toml::Value) -> &'static str {
         "wal_segment_size" | "wal_buffers" | "max_record_size" | "max_wal_size"
         | "wal_max_write" | "max_send_backlog" | "shared_buffers" | "min_wal_size"
         | "wal_keep_size" => "a size such as 16MB (units B, kB, MB, GB, TB)",
-        "wal_writer_delay" | "idle_timeout" | "slow_client_timeout" | "bgwriter_delay"
-        | "checkpoint_timeout" | "checkpoint_warning" => {
-            "a duration such as 200ms (units ms, s, min, h, d)"
-        }
+        "wal_writer_delay"
+        | "idle_timeout"
+        | "slow_client_timeout"
+        | "bgwriter_delay"
+        | "checkpoint_timeout"
+        | "checkpoint_warning" => "a duration such as 200ms (units ms, s, min, h, d)",
         "wal_sync_method" => "one of open_datasync, fdatasync, open_sync, fsync",
         "wal_flusher" => "one of uring, pwrite",
         "wal_compression" => "one of off, lz4",
@@ -483,10 +493,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&normalize_file(&text)).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            toml::from_str(&normalize_file(&text)).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -772,12 +783,15 @@ mod tests {
              expected a size such as 16MB (units B, kB, MB, GB, TB)"
         );
         let e = cfg.set("fsync").unwrap_err().to_string();
-        assert!(e.starts_with("parameter \"fsync\" needs a value: expected -c fsync=VALUE"), "{e}");
+        assert!(
+            e.starts_with("parameter \"fsync\" needs a value: expected -c fsync=VALUE"),
+            "{e}"
+        );
         let e = cfg.set("fsync=maybe").unwrap_err().to_string();
         assert!(e.contains("expected a boolean: on, off"), "{e}");
         let e = cfg.set("nosuch=1").unwrap_err().to_string();
         assert!(
-            e.starts_with("unrecognized configuration parameter \"nosuch\"; valid parameters are: wal_dir, data_dir,"),
+            e.starts_with("unrecognized configuration parameter \"nosuch\"; valid parameters are: allow_unauthenticated,"),
             "{e}"
         );
     }

@@ -35,11 +35,8 @@ struct Conn {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let addr = super::common::server_addr(
-        args.host.as_deref(),
-        args.port,
-        args.data_dir.as_deref(),
-    )?;
+    let addr =
+        super::common::server_addr(args.host.as_deref(), args.port, args.data_dir.as_deref())?;
     let clients = args.clients.unwrap_or(1).max(1);
     let threads = args.threads.clamp(1, clients);
     let pipeline = args.pipeline.max(1);
@@ -126,10 +123,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     Err(failed_with) => {
                         let (h, e) = *failed_with;
                         if !stop.load(Relaxed) {
-                            eprintln!(
-                                "walden bench: thread {t}: {}",
-                                super::common::describe(&e)
-                            );
+                            eprintln!("walden bench: thread {t}: {}", super::common::describe(&e));
                             failed.store(true, Relaxed);
                         }
                         h

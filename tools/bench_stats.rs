@@ -181,10 +181,7 @@ mod tests {
             wakes(s(1), s(3)),
             [(s(1), true), (s(2), true), (s(3), true)]
         );
-        assert_eq!(
-            wakes(s(2), s(3)),
-            [(s(2), true), (s(3), false)]
-        );
+        assert_eq!(wakes(s(2), s(3)), [(s(2), true), (s(3), false)]);
         assert_eq!(
             wakes(Duration::from_millis(500), Duration::from_secs_f64(1.0)),
             [(Duration::from_millis(500), true), (s(1), true)]

@@ -34,11 +34,8 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(&self) -> anyhow::Result<Client> {
-        let addr = super::common::server_addr(
-            self.host.as_deref(),
-            self.port,
-            self.data_dir.as_deref(),
-        )?;
+        let addr =
+            super::common::server_addr(self.host.as_deref(), self.port, self.data_dir.as_deref())?;
         let token = super::common::read_token(self.token_file.as_deref())?;
         Ok(Client::connect(&addr, token.as_deref())?)
     }
@@ -155,7 +152,13 @@ impl AppendProgress {
     /// not committed: <error>`, with `pending` lines of the failed request
     /// (in doubt when no answer came) and `unsent_after` more never sent
     /// (`None`: unknown, standard input).
-    fn report(&self, pending: u64, in_doubt: bool, unsent_after: Option<u64>, error: &str) -> String {
+    fn report(
+        &self,
+        pending: u64,
+        in_doubt: bool,
+        unsent_after: Option<u64>,
+        error: &str,
+    ) -> String {
         let range = |from: u64, n: u64| {
             if n == 1 {
                 format!("line {from}")

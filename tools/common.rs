@@ -85,12 +85,13 @@ pub fn server_addr(
         return addr_in(dir, "-D");
     }
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let env_port = match env("WALDEN_PORT") {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| {
-            anyhow::anyhow!("invalid WALDEN_PORT {p:?}: expected a port number")
-        })?),
-        None => None,
-    };
+    let env_port =
+        match env("WALDEN_PORT") {
+            Some(p) => Some(p.parse::<u16>().map_err(|_| {
+                anyhow::anyhow!("invalid WALDEN_PORT {p:?}: expected a port number")
+            })?),
+            None => None,
+        };
     let env_host = env("WALDEN_HOST");
     if env_host.is_some() || env_port.is_some() {
         return Ok(host_port(env_host.as_deref(), env_port));
