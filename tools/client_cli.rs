@@ -175,10 +175,7 @@ impl AppendProgress {
             _ => parts.push("no line committed".to_string()),
         }
         let next = self.lines + 1;
-        let rest = match unsent_after {
-            Some(n) => Some(pending + n),
-            None => None,
-        };
+        let rest = unsent_after.map(|n| pending + n);
         if in_doubt && pending > 0 {
             parts.push(format!(
                 "{} sent without an answer: they may have been committed (check with walden read --from {})",
