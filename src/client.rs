@@ -13,13 +13,12 @@ use crate::record::Kind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("could not connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    // The OS error is part of the message and deliberately not a `source`:
+    // `{:#}` and anyhow's chain would print it twice.
+    #[error("could not connect to {addr}: {error}")]
+    Connect { addr: String, error: std::io::Error },
     #[error("connection error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("server error {code}: {message}")]
     Server { code: ErrorCode, message: String },
     #[error("protocol error from the server: {0}")]
@@ -28,6 +27,12 @@ pub enum ClientError {
     Closed,
     #[error("unexpected answer from the server: {0}")]
     Unexpected(String),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> ClientError {
+        ClientError::Io(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -58,9 +63,9 @@ pub struct Client {
 impl Client {
     /// Connects and says Hello (with `token` if the server wants one).
     pub fn connect(addr: &str, token: Option<&[u8]>) -> Result<Client> {
-        let stream = TcpStream::connect(addr).map_err(|source| ClientError::Connect {
+        let stream = TcpStream::connect(addr).map_err(|error| ClientError::Connect {
             addr: addr.to_string(),
-            source,
+            error,
         })?;
         stream.set_nodelay(true)?;
         let mut c = Client {
@@ -413,5 +418,30 @@ fn check_error(f: Frame) -> Result<Frame> {
     match f {
         Frame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
         f => Ok(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{:#}` (and anyhow's chain) print the OS error once.
+    #[test]
+    fn a_refused_connection_says_so_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let Err(e) = Client::connect(&addr, None) else {
+            panic!("connected to a closed port")
+        };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            text.starts_with(&format!("could not connect to {addr}: ")),
+            "{text}"
+        );
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+        let io = ClientError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let text = format!("{:#}", anyhow::Error::from(io));
+        assert_eq!(text, "connection error: connection reset");
     }
 }

@@ -352,8 +352,130 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for parameter \"{name}\": {message}")]
     Invalid { name: &'static str, message: String },
-    #[error("unrecognized configuration parameter \"{0}\"")]
+    #[error("unrecognized configuration parameter \"{0}\"; valid parameters are: {names}", names = valid_names())]
     Unknown(String),
+    /// A `-c name=value` whose value does not parse.
+    #[error("invalid value for parameter \"{name}\": {value:?}: expected {expected}")]
+    BadValue {
+        name: String,
+        value: String,
+        expected: &'static str,
+    },
+    /// A `-c name` without `=value`.
+    #[error(
+        "parameter \"{name}\" needs a value: expected -c {name}=VALUE, where VALUE is {expected}"
+    )]
+    NoValue {
+        name: String,
+        expected: &'static str,
+    },
+}
+
+/// Every setting's name, alphabetically (as `walden serve -c` takes them).
+fn valid_names() -> String {
+    let table = toml::Table::try_from(Config::default()).expect("config serializes");
+    table
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What a setting's value looks like, for error messages.
+fn expected_form(name: &str, default: &toml::Value) -> &'static str {
+    match name {
+        "wal_segment_size" | "wal_buffers" | "max_record_size" | "max_wal_size"
+        | "wal_max_write" | "max_send_backlog" | "shared_buffers" | "min_wal_size"
+        | "wal_keep_size" => "a size such as 16MB (units B, kB, MB, GB, TB)",
+        "wal_writer_delay"
+        | "idle_timeout"
+        | "slow_client_timeout"
+        | "bgwriter_delay"
+        | "checkpoint_timeout"
+        | "checkpoint_warning" => "a duration such as 200ms (units ms, s, min, h, d)",
+        "wal_sync_method" => "one of open_datasync, fdatasync, open_sync, fsync",
+        "wal_flusher" => "one of uring, pwrite",
+        "wal_compression" => "one of off, lz4",
+        "wal_full_policy" => "one of error, wait",
+        "cpu_affinity" => "a list of CPU numbers such as [0, 1, 2]",
+        _ => match default {
+            toml::Value::Boolean(_) => "a boolean: on, off, true, false, yes, no, 1 or 0",
+            toml::Value::Integer(_) => "a whole number",
+            toml::Value::Float(_) => "a number such as 0.9",
+            toml::Value::Array(_) => "a list such as [0, 1]",
+            _ => "a string",
+        },
+    }
+}
+
+/// `value` as TOML for a setting whose default is `default`: PostgreSQL's
+/// spellings of booleans (on/off, yes/no, 1/0, quoted or not) become
+/// `true`/`false` for boolean settings only (`wal_compression = off` is a
+/// word, not a boolean), and a bare word (`fdatasync`, `16MB`) is quoted.
+fn toml_value(default: Option<&toml::Value>, value: &str) -> String {
+    let unquoted = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if let Some(toml::Value::Boolean(_)) = default {
+        match unquoted.to_ascii_lowercase().as_str() {
+            "on" | "yes" | "1" | "true" => return "true".into(),
+            "off" | "no" | "0" | "false" => return "false".into(),
+            _ => {}
+        }
+    }
+    let decimal = value.contains('.')
+        && value.parse::<f64>().is_ok()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
+    if value.parse::<i64>().is_ok()
+        || decimal
+        || value == "true"
+        || value == "false"
+        || value.starts_with('[')
+        || value.starts_with('"')
+        || value.starts_with('\'')
+    {
+        value.to_string()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// The configuration file's text with each top-level `name = value` line
+/// of a known setting rewritten by [`toml_value`], so that the file takes
+/// what `-c` takes (`fsync = on`, `wal_sync_method = fdatasync`). Lines
+/// keep their numbers, so the parser's errors still point at the right one.
+fn normalize_file(text: &str) -> String {
+    let defaults = toml::Table::try_from(Config::default()).expect("config serializes");
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let rewritten = body.split_once('=').and_then(|(name, rest)| {
+            let default = defaults.get(name.trim())?;
+            // A comment after the value, unless the value is quoted (a
+            // `#` inside quotes is not a comment).
+            let (value, comment) = match rest.find('#') {
+                Some(i) if !rest[..i].contains(['"', '\'']) => rest.split_at(i),
+                _ => (rest, ""),
+            };
+            let value = value.trim();
+            if value.is_empty() || value.starts_with(['[', '{', '\'']) {
+                return None;
+            }
+            let new = toml_value(Some(default), value);
+            (new != value).then(|| format!("{} = {new} {comment}", name.trim_end()))
+        });
+        match rewritten {
+            Some(r) => {
+                out.push_str(r.trim_end());
+                out.push_str(&line[body.len()..]);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
 }
 
 impl Config {
@@ -371,63 +493,46 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            toml::from_str(&normalize_file(&text)).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Applies one `name=value` override (as `postgres -c name=value`).
     pub fn set(&mut self, assignment: &str) -> Result<(), ConfigError> {
-        let (name, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| ConfigError::Unknown(assignment.to_string()))?;
-        let (name, value) = (name.trim(), value.trim());
-        // Reuse the TOML parser so that -c accepts exactly what the file does.
         let mut table = toml::Table::try_from(&*self).expect("config serializes");
-        // PostgreSQL's spellings of booleans, for boolean settings only
-        // (wal_compression = off is a word, not a boolean).
-        let value = match (table.get(name), value.to_ascii_lowercase().as_str()) {
-            (Some(toml::Value::Boolean(_)), "on" | "yes" | "1") => "true",
-            (Some(toml::Value::Boolean(_)), "off" | "no" | "0") => "false",
-            _ => value,
+        let (name, value) = match assignment.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim())),
+            None => (assignment.trim(), None),
         };
-        let decimal = value.contains('.')
-            && value.parse::<f64>().is_ok()
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b"+-.".contains(&b));
-        let quoted = if value.parse::<i64>().is_ok()
-            || decimal
-            || value == "true"
-            || value == "false"
-            || value.starts_with('[')
-            || value.starts_with('"')
-        {
-            value.to_string()
-        } else {
-            format!("{value:?}")
+        let Some(default) = table.get(name) else {
+            return Err(ConfigError::Unknown(name.to_string()));
         };
-
+        let expected = expected_form(name, default);
+        // `name=` is a value: the empty string (`metrics_addr=` turns it off).
+        let Some(value) = value else {
+            return Err(ConfigError::NoValue {
+                name: name.to_string(),
+                expected,
+            });
+        };
+        let bad = || ConfigError::BadValue {
+            name: name.to_string(),
+            value: value.to_string(),
+            expected,
+        };
+        // Reuse the TOML parser so that -c accepts exactly what the file does.
+        let quoted = toml_value(Some(default), value);
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {quoted}"))
-            .map_err(|e| ConfigError::Invalid {
-                name: "-c",
-                message: format!("{name}={value}: {e}"),
-            })?
+            .map_err(|_| bad())?
             .remove("v")
             .unwrap();
-        if !table.contains_key(name) {
-            return Err(ConfigError::Unknown(name.to_string()));
-        }
         table.insert(name.to_string(), parsed);
-        *self = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                name: "-c",
-                message: format!("{name}={value}: {}", e.message()),
-            })?;
+        *self = table.try_into().map_err(|_: toml::de::Error| bad())?;
         Ok(())
     }
 
@@ -651,6 +756,44 @@ mod tests {
         cfg.set("max_connections=0").unwrap();
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_connections"), "{e}");
+    }
+
+    #[test]
+    fn file_takes_what_dash_c_takes() {
+        let text = "fsync = off # benchmarks only\nwal_sync_at_depth_1 = on\n\
+                    data_checksums = \"no\"\nwal_compression = lz4\nwal_buffers = 4MB\n";
+        let cfg: Config = toml::from_str(&normalize_file(text)).unwrap();
+        assert!(!cfg.fsync && cfg.wal_sync_at_depth_1 && !cfg.data_checksums);
+        assert_eq!(cfg.wal_compression, WalCompression::Lz4);
+        assert_eq!(cfg.wal_buffers, Size(4 << 20));
+        // A bad value still points at its line.
+        let e = toml::from_str::<Config>(&normalize_file("fsync = on\nwal_buffers = 4 parsecs\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("invalid unit"), "{e}");
+    }
+
+    #[test]
+    fn dash_c_errors_name_the_parameter_and_the_form() {
+        let mut cfg = Config::default();
+        let e = cfg.set("wal_buffers=bad").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid value for parameter \"wal_buffers\": \"bad\": \
+             expected a size such as 16MB (units B, kB, MB, GB, TB)"
+        );
+        let e = cfg.set("fsync").unwrap_err().to_string();
+        assert!(
+            e.starts_with("parameter \"fsync\" needs a value: expected -c fsync=VALUE"),
+            "{e}"
+        );
+        let e = cfg.set("fsync=maybe").unwrap_err().to_string();
+        assert!(e.contains("expected a boolean: on, off"), "{e}");
+        let e = cfg.set("nosuch=1").unwrap_err().to_string();
+        assert!(
+            e.starts_with("unrecognized configuration parameter \"nosuch\"; valid parameters are: allow_unauthenticated,"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -82,26 +82,7 @@ fn main() {
         Command::StoreChild(args) => tools::store_child::run(args),
     };
     if let Err(e) = result {
-        eprintln!("walden: error: {}", describe(&e));
+        eprintln!("walden: error: {}", tools::common::describe(&e));
         std::process::exit(1);
     }
-}
-
-/// The error and its causes, `: `-separated, as `{:#}` prints them, but
-/// without a cause whose text the message already carries: walden's file
-/// errors name their OS error (`could not open file "…": Permission
-/// denied (os error 13)`) and also return it as their source.
-fn describe(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
 }

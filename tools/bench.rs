@@ -24,10 +24,10 @@ pub struct BenchArgs {
     /// Run the WAL engine inside this process (no server).
     #[arg(long)]
     pub(crate) embedded: bool,
-    /// Server host (default: from DIR/data/walden.addr, else 127.0.0.1).
-    #[arg(short = 'h', long = "host")]
+    /// Server host, or HOST:PORT (default: WALDEN_HOST, else DIR/data/walden.addr).
+    #[arg(short = 'h', long = "host", short_alias = 'H')]
     pub(crate) host: Option<String>,
-    /// Server port (default: from DIR/data/walden.addr, else 7480).
+    /// Server port (default: WALDEN_PORT, else DIR/data/walden.addr, else 7480 with --host).
     #[arg(short = 'p', long = "port")]
     pub(crate) port: Option<u16>,
     /// Requests each client keeps in flight (server mode).
@@ -39,9 +39,11 @@ pub struct BenchArgs {
     /// File holding the auth token (server mode).
     #[arg(long)]
     pub(crate) token_file: Option<PathBuf>,
-    /// Data directory (WAL in DIR/wal). Existing WAL is continued.
-    #[arg(short = 'D', long, default_value = "walden-data")]
-    pub(crate) data_dir: PathBuf,
+    /// Data directory: embedded, the WAL goes in DIR/wal (existing WAL is
+    /// continued; default ./walden-data); against a server, its walden.addr
+    /// names the server (default: WALDEN_DATA, else ./walden-data).
+    #[arg(short = 'D', long)]
+    pub(crate) data_dir: Option<PathBuf>,
     /// Configuration file (TOML); -D and --set override it.
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
@@ -109,7 +111,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(f) = &args.flusher {
         overrides.push(format!("wal_flusher={f}"));
     }
-    let cfg = super::common::load_config(args.config.as_deref(), Some(&args.data_dir), &overrides)?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("walden-data"));
+    let cfg = super::common::load_config(args.config.as_deref(), Some(&data_dir), &overrides)?;
     let keep = Size::parse(&args.keep_wal).map_err(anyhow::Error::msg)?.0;
     let threads = args.clients.unwrap_or(args.threads).max(1);
     let batch = args.batch.max(1);
@@ -225,16 +231,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut last = Instant::now();
         let mut last_records = 0u64;
         let mut last_syncs = syncs0;
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            std::thread::sleep(tick.min(deadline - now));
+        let mut wakes = bench_stats::Ticks::new(started, tick, deadline - started);
+        while let Some((at, is_tick)) = wakes.next_wake() {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
             let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
             let syncs = stats.syncs.load(Relaxed);
             let dt = last.elapsed().as_secs_f64();
-            if args.progress > 0.0 {
+            if args.progress > 0.0 && is_tick {
                 let (avg, sd) = bench_stats::drain(clients.iter().map(|c| &c.interval));
                 let rate = (records - last_records) as f64 / dt;
                 println!(
@@ -415,9 +418,10 @@ fn run_pages(args: &BenchArgs, cfg: walden::Config, threads: usize) -> anyhow::R
         let mut last = Instant::now();
         let mut last_records = 0u64;
         let mut last_lsn = lsn0;
-        while Instant::now() < deadline {
-            std::thread::sleep(tick.min(deadline.saturating_duration_since(Instant::now())));
-            if args.progress > 0.0 {
+        let mut wakes = bench_stats::Ticks::new(started, tick, deadline - started);
+        while let Some((at, is_tick)) = wakes.next_wake() {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            if args.progress > 0.0 && is_tick {
                 let records: u64 = clients.iter().map(|c| c.records.load(Relaxed)).sum();
                 let (avg, sd) = bench_stats::drain(clients.iter().map(|c| &c.interval));
                 let dt = last.elapsed().as_secs_f64();

@@ -34,24 +34,9 @@ struct Conn {
     sent: VecDeque<InFlight>,
 }
 
-/// The server's address: -h/-p, else DIR/data/walden.addr, else 127.0.0.1:7480.
-fn server_addr(args: &BenchArgs) -> String {
-    let from_file = super::common::listen_addr_in(&args.data_dir);
-    let (fh, fp) = match from_file.as_deref().and_then(|a| a.rsplit_once(':')) {
-        Some((h, p)) => (Some(h.to_string()), p.parse().ok()),
-        None => (None, None),
-    };
-    let host = args
-        .host
-        .clone()
-        .or(fh)
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let port = args.port.or(fp).unwrap_or(7480);
-    format!("{host}:{port}")
-}
-
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let addr = server_addr(args);
+    let addr =
+        super::common::server_addr(args.host.as_deref(), args.port, args.data_dir.as_deref())?;
     let clients = args.clients.unwrap_or(1).max(1);
     let threads = args.threads.clamp(1, clients);
     let pipeline = args.pipeline.max(1);
@@ -138,7 +123,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     Err(failed_with) => {
                         let (h, e) = *failed_with;
                         if !stop.load(Relaxed) {
-                            eprintln!("walden bench: thread {t}: {e:#}");
+                            eprintln!("walden bench: thread {t}: {}", super::common::describe(&e));
                             failed.store(true, Relaxed);
                         }
                         h
@@ -153,20 +138,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let mut last = Instant::now();
         let mut last_records = 0u64;
-        let mut next_tick = Instant::now() + tick;
-        while Instant::now() < deadline && !failed.load(Relaxed) {
+        let mut wakes = bench_stats::Ticks::new(started, tick, deadline - started);
+        'run: while let Some((at, is_tick)) = wakes.next_wake() {
             // Poll the checkpoint state every 20 ms; print on the tick.
-            std::thread::sleep(
-                Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now())),
-            );
-            if let Ok((running, _)) = checkpoints(&mut status) {
-                in_checkpoint.store(running, Relaxed);
+            loop {
+                if failed.load(Relaxed) {
+                    break 'run;
+                }
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20).min(left));
+                if let Ok((running, _)) = checkpoints(&mut status) {
+                    in_checkpoint.store(running, Relaxed);
+                }
             }
-            if Instant::now() < next_tick {
-                continue;
-            }
-            next_tick += tick;
-            if args.progress > 0.0 {
+            if args.progress > 0.0 && is_tick {
                 let records: u64 = stats.iter().map(|s| s.records.load(Relaxed)).sum();
                 let (avg, sd) = bench_stats::drain(stats.iter().map(|s| &s.interval));
                 println!(

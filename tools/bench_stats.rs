@@ -2,6 +2,7 @@
 //! lines, the histogram, and the summary lines scripts parse by key.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -92,7 +93,8 @@ impl CheckpointSplit {
     }
 
     /// `latency outside checkpoints: …`, `latency inside checkpoints: …`
-    /// and the ratio of their p99s, when both saw requests.
+    /// (each only when it saw requests) and the ratio of their p99s, when
+    /// both did.
     pub fn print(&self, checkpoints: u64) {
         let line = |what: &str, h: &Histogram<u64>| {
             println!(
@@ -104,8 +106,13 @@ impl CheckpointSplit {
             )
         };
         println!("checkpoints during the run: {checkpoints}");
-        line("outside", &self.outside);
-        line("inside", &self.inside);
+        // A side that saw no request has no latencies to show.
+        if !self.outside.is_empty() {
+            line("outside", &self.outside);
+        }
+        if !self.inside.is_empty() {
+            line("inside", &self.inside);
+        }
         if !self.inside.is_empty() && !self.outside.is_empty() {
             println!(
                 "checkpoint p99 ratio (inside/outside): {:.2}",
@@ -113,5 +120,71 @@ impl CheckpointSplit {
                     / self.outside.value_at_quantile(0.99).max(1) as f64
             );
         }
+    }
+}
+
+/// When the monitor of a run wakes: every `tick` after `started` (a
+/// progress line at each, `-P`), and at the deadline (`-T`). Ticks are
+/// counted from the start, not from the last wake, so that a run of
+/// `-T 3 -P 1` prints three lines however late each wake is.
+pub struct Ticks {
+    started: Instant,
+    tick: Duration,
+    time: Duration,
+    next: u32,
+}
+
+impl Ticks {
+    pub fn new(started: Instant, tick: Duration, time: Duration) -> Ticks {
+        Ticks {
+            started,
+            tick: tick.max(Duration::from_millis(1)),
+            time,
+            next: 1,
+        }
+    }
+
+    /// The next wake: its instant, and whether it is a tick (else the
+    /// deadline). `None` once the deadline has passed.
+    pub fn next_wake(&mut self) -> Option<(Instant, bool)> {
+        let deadline = self.started + self.time;
+        let at = self.tick.checked_mul(self.next)?;
+        // A tick that falls on the deadline (up to rounding of `-T`/`-P`
+        // as floats) is still a tick.
+        if at <= self.time + Duration::from_millis(1) {
+            self.next += 1;
+            return Some((self.started + at.min(self.time), true));
+        }
+        if self.tick.checked_mul(self.next - 1)? >= self.time {
+            return None;
+        }
+        self.next = u32::MAX;
+        Some((deadline, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_full_interval_gets_its_tick() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let wakes = |tick, time| {
+            let mut t = Ticks::new(t0, tick, time);
+            std::iter::from_fn(|| t.next_wake())
+                .map(|(at, tick)| (at - t0, tick))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            wakes(s(1), s(3)),
+            [(s(1), true), (s(2), true), (s(3), true)]
+        );
+        assert_eq!(wakes(s(2), s(3)), [(s(2), true), (s(3), false)]);
+        assert_eq!(
+            wakes(Duration::from_millis(500), Duration::from_secs_f64(1.0)),
+            [(Duration::from_millis(500), true), (s(1), true)]
+        );
     }
 }

@@ -5,18 +5,28 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use walden::client::Client;
+use walden::client::{Client, ClientError};
 use walden::protocol::Frame;
 use walden::{Durability, Kind, Lsn};
 
+/// How a client tool finds the server (order: `common::server_addr`).
+/// `-h` is the host, as in psql, so these commands have `--help` only.
 #[derive(Args, Clone)]
+#[command(disable_help_flag = true)]
 pub struct Conn {
-    /// Server address (host:port); default: DIR/data/walden.addr, else 127.0.0.1:7480.
-    #[arg(short = 'H', long = "host")]
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+    /// Server host, or HOST:PORT (default: WALDEN_HOST, else DIR/data/walden.addr).
+    #[arg(short = 'h', long = "host", short_alias = 'H')]
     host: Option<String>,
-    /// Data directory whose walden.addr (in DIR/data, or DIR itself) names the server.
-    #[arg(short = 'D', long, default_value = "walden-data")]
-    data_dir: PathBuf,
+    /// Server port (default: WALDEN_PORT, else DIR/data/walden.addr, else 7480 with --host).
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
+    /// Data directory whose walden.addr (in DIR/data, or DIR itself) names the
+    /// server (default: WALDEN_DATA, else ./walden-data).
+    #[arg(short = 'D', long)]
+    data_dir: Option<PathBuf>,
     /// File holding the auth token.
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -24,11 +34,8 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(&self) -> anyhow::Result<Client> {
-        let addr = match &self.host {
-            Some(h) => h.clone(),
-            None => super::common::listen_addr_in(&self.data_dir)
-                .unwrap_or_else(|| "127.0.0.1:7480".into()),
-        };
+        let addr =
+            super::common::server_addr(self.host.as_deref(), self.port, self.data_dir.as_deref())?;
         let token = super::common::read_token(self.token_file.as_deref())?;
         Ok(Client::connect(&addr, token.as_deref())?)
     }
@@ -48,7 +55,10 @@ pub struct AppendArgs {
     file: Option<PathBuf>,
 }
 
-/// Appends one record per input line and prints each record's LSN.
+/// Appends one record per input line and prints each record's LSN. When
+/// a request fails, says which input lines were committed (with their
+/// LSNs), which may have been (sent, unanswered) and which were not, so
+/// that a rerun can start at the right line.
 pub fn append(args: AppendArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let input: Box<dyn BufRead> = match &args.file {
@@ -58,30 +68,134 @@ pub fn append(args: AppendArgs) -> anyhow::Result<()> {
         None => Box::new(std::io::stdin().lock()),
     };
     let mut out = std::io::stdout().lock();
+    let mut progress = AppendProgress::default();
     let mut lines: Vec<Vec<u8>> = Vec::new();
-    let mut send = |lines: &mut Vec<Vec<u8>>, c: &mut Client| -> anyhow::Result<()> {
-        if lines.is_empty() {
-            return Ok(());
+    let mut input = input.split(b'\n');
+    let failure = loop {
+        let line = match input.next() {
+            Some(Ok(mut line)) => {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                Some(line)
+            }
+            Some(Err(e)) => {
+                let e = anyhow::Error::new(e).context("reading the input");
+                break Some((e, false));
+            }
+            None => None,
+        };
+        let last = line.is_none();
+        lines.extend(line);
+        if lines.is_empty() || (!last && lines.len() < args.batch.max(1)) {
+            if last {
+                break None;
+            }
+            continue;
         }
         let recs: Vec<(Kind, &[u8])> = lines.iter().map(|l| (Kind::DATA, &l[..])).collect();
-        let ack = c.append(args.level, &recs)?;
-        for lsn in ack.lsns {
-            writeln!(out, "{lsn}")?;
+        match c.append(args.level, &recs) {
+            Ok(ack) => {
+                for lsn in &ack.lsns {
+                    writeln!(out, "{lsn}")?;
+                }
+                progress.committed(lines.len() as u64, &ack.lsns);
+                lines.clear();
+            }
+            // The server answered: nothing of this request was appended.
+            Err(e @ ClientError::Server { .. }) => break Some((e.into(), false)),
+            // No answer: the request may or may not have been appended.
+            Err(e) => break Some((e.into(), true)),
         }
-        lines.clear();
-        Ok(())
+        if last {
+            break None;
+        }
     };
-    for line in input.split(b'\n') {
-        let mut line = line?;
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        lines.push(line);
-        if lines.len() >= args.batch.max(1) {
-            send(&mut lines, &mut c)?;
-        }
+    let Some((error, in_doubt)) = failure else {
+        return Ok(());
+    };
+    out.flush()?;
+    // The lines never sent: the rest of a file is counted; standard input
+    // is not read on (its writer may never stop).
+    let unsent_after = if args.file.is_some() {
+        Some(input.take_while(|l| l.is_ok()).count() as u64)
+    } else {
+        None
+    };
+    anyhow::bail!(
+        "{}",
+        progress.report(
+            lines.len() as u64,
+            in_doubt,
+            unsent_after,
+            &super::common::describe(&error)
+        )
+    )
+}
+
+/// Which input lines an interrupted `append` got committed.
+#[derive(Default)]
+struct AppendProgress {
+    lines: u64,
+    first: Option<Lsn>,
+    last: Option<Lsn>,
+}
+
+impl AppendProgress {
+    fn committed(&mut self, lines: u64, lsns: &[Lsn]) {
+        self.lines += lines;
+        self.first = self.first.or(lsns.first().copied());
+        self.last = lsns.last().copied().or(self.last);
     }
-    send(&mut lines, &mut c)
+
+    /// `lines 1-1000 committed (0/1000000..0/10F3A28); lines 1001-2000
+    /// not committed: <error>`, with `pending` lines of the failed request
+    /// (in doubt when no answer came) and `unsent_after` more never sent
+    /// (`None`: unknown, standard input).
+    fn report(
+        &self,
+        pending: u64,
+        in_doubt: bool,
+        unsent_after: Option<u64>,
+        error: &str,
+    ) -> String {
+        let range = |from: u64, n: u64| {
+            if n == 1 {
+                format!("line {from}")
+            } else {
+                format!("lines {from}-{}", from + n - 1)
+            }
+        };
+        let mut parts = Vec::new();
+        match (self.first, self.last) {
+            (Some(first), Some(last)) if self.lines > 0 => parts.push(format!(
+                "{} committed ({first}..{last})",
+                range(1, self.lines)
+            )),
+            _ => parts.push("no line committed".to_string()),
+        }
+        let next = self.lines + 1;
+        let rest = unsent_after.map(|n| pending + n);
+        if in_doubt && pending > 0 {
+            parts.push(format!(
+                "{} sent without an answer: they may have been committed (check with walden read --from {})",
+                range(next, pending),
+                self.last.map_or("the start".to_string(), |l| l.to_string())
+            ));
+            match unsent_after {
+                Some(0) => {}
+                Some(n) => parts.push(format!("{} not committed", range(next + pending, n))),
+                None => parts.push(format!("line {} and after not committed", next + pending)),
+            }
+        } else {
+            match rest {
+                Some(0) => {}
+                Some(n) => parts.push(format!("{} not committed", range(next, n))),
+                None => parts.push(format!("line {next} and after not committed")),
+            }
+        }
+        format!("append stopped: {}: {error}", parts.join("; "))
+    }
 }
 
 #[derive(Args)]

@@ -24,7 +24,8 @@ pub fn load_config(
         cfg.data_dir = dir.join("data");
     }
     for o in overrides {
-        cfg.set(o).with_context(|| format!("in setting {o:?}"))?;
+        // The error names the parameter and the value.
+        cfg.set(o)?;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -57,6 +58,100 @@ pub fn listen_addr_in(dir: &Path) -> Option<String> {
         })
     });
     found
+}
+
+/// Where a client tool finds the server, in this order (as psql takes
+/// `-h`/`-p`, then PGHOST/PGPORT, then its defaults):
+///
+/// 1. `-h HOST[:PORT]` / `-p PORT` (a missing host is 127.0.0.1, a missing
+///    port 7480);
+/// 2. `-D DIR`: the `walden.addr` the server wrote in DIR/data (or DIR);
+/// 3. `WALDEN_HOST` / `WALDEN_PORT`, as the flags;
+/// 4. `WALDEN_DATA`: as `-D`;
+/// 5. `./walden-data`'s `walden.addr` (the directory `walden serve` uses
+///    when given neither `-D` nor `--config`).
+///
+/// A data directory without `walden.addr` is an error that says so rather
+/// than a guess at 127.0.0.1:7480.
+pub fn server_addr(
+    host: Option<&str>,
+    port: Option<u16>,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<String> {
+    if host.is_some() || port.is_some() {
+        return Ok(host_port(host, port));
+    }
+    if let Some(dir) = data_dir {
+        return addr_in(dir, "-D");
+    }
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let env_port =
+        match env("WALDEN_PORT") {
+            Some(p) => Some(p.parse::<u16>().map_err(|_| {
+                anyhow::anyhow!("invalid WALDEN_PORT {p:?}: expected a port number")
+            })?),
+            None => None,
+        };
+    let env_host = env("WALDEN_HOST");
+    if env_host.is_some() || env_port.is_some() {
+        return Ok(host_port(env_host.as_deref(), env_port));
+    }
+    if let Some(dir) = env("WALDEN_DATA") {
+        return addr_in(Path::new(&dir), "WALDEN_DATA");
+    }
+    let default = Path::new("walden-data");
+    listen_addr_in(default).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no server given and no walden.addr in ./walden-data: pass -h HOST[:PORT] \
+             or -D DIR, or set WALDEN_HOST or WALDEN_DATA"
+        )
+    })
+}
+
+/// `HOST:PORT` from a host (which may carry its own port) and a port.
+fn host_port(host: Option<&str>, port: Option<u16>) -> String {
+    let host = host.unwrap_or("127.0.0.1");
+    // `HOST:PORT`, `[::1]:PORT`; a bare IPv6 address has more than one colon.
+    let split = host
+        .rsplit_once(':')
+        .filter(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
+    match (split, port) {
+        (Some((h, _)), Some(p)) => format!("{h}:{p}"),
+        (Some(_), None) => host.to_string(),
+        (None, p) if host.contains(':') && !host.starts_with('[') => {
+            format!("[{host}]:{}", p.unwrap_or(7480))
+        }
+        (None, p) => format!("{host}:{}", p.unwrap_or(7480)),
+    }
+}
+
+fn addr_in(dir: &Path, given_by: &str) -> anyhow::Result<String> {
+    listen_addr_in(dir).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no walden.addr in {}: is the server running? (the directory is from {given_by}; \
+             or pass -h HOST[:PORT])",
+            dir.display()
+        )
+    })
+}
+
+/// The error and its causes, `: `-separated, as `{:#}` prints them, but
+/// without a cause whose text the message already carries: walden's file
+/// errors name their OS error (`could not open file "…": Permission
+/// denied (os error 13)`) and also return it as their source.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 /// The auth token in `path` (surrounding whitespace trimmed), if one is given.

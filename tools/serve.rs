@@ -17,7 +17,7 @@ pub struct ServeArgs {
     #[arg(short = 'D', long)]
     data_dir: Option<PathBuf>,
     /// Override a setting, as `postgres -c name=value` (repeatable).
-    #[arg(short = 'c', value_name = "NAME=VALUE")]
+    #[arg(short = 'c', long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
 }
 
@@ -76,7 +76,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Ok(lines) if lines.is_empty() => tracing::info!("configuration unchanged"),
                     Ok(lines) => lines.iter().for_each(|l| tracing::info!("{l}")),
                     Err(e) => tracing::error!(
-                        "configuration contains errors; no changes were applied: {e:#}"
+                        "configuration contains errors; no changes were applied: {}",
+                        super::common::describe(&e)
                     ),
                 }
             }

@@ -349,6 +349,8 @@ impl Server {
                     continue;
                 }
                 lines.push(format!("parameter \"{key}\" changed to \"{value}\""));
+            } else if let Some(line) = fixed_at_creation(key, &old, new) {
+                lines.push(line);
             } else {
                 lines.push(format!(
                     "parameter \"{key}\" cannot be changed without restarting the server"
@@ -414,6 +416,35 @@ impl Server {
         // The shards are gone; the store's own threads stop in shut_down.
         self.shared.store.shut_down()?;
         Ok(())
+    }
+}
+
+/// The reload message for a setting fixed when the directories were
+/// created: a restart would not apply it either (the WAL refuses a
+/// different `wal_segment_size`, the page store keeps its checksums), so
+/// "needs a restart" would send the operator into a restart that fails.
+fn fixed_at_creation(key: &str, old: &Config, new: &Config) -> Option<String> {
+    let size = |b: u64| match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}kB", b >> 10),
+        b => format!("{b} bytes"),
+    };
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    match key {
+        "wal_segment_size" => Some(format!(
+            "parameter \"wal_segment_size\" cannot be changed after the WAL was created \
+             (it is {}; the new value {} would be refused at the next start)",
+            size(old.wal_segment_size.0),
+            size(new.wal_segment_size.0)
+        )),
+        "data_checksums" => Some(format!(
+            "parameter \"data_checksums\" cannot be changed after the page store was created \
+             (it is {}; the new value {} would be ignored at the next start)",
+            on_off(old.data_checksums),
+            on_off(new.data_checksums)
+        )),
+        _ => None,
     }
 }
 
