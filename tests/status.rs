@@ -66,10 +66,11 @@ fn settings_lines(text: &str) -> Vec<(String, String)> {
         .skip_while(|l| *l != "settings:")
         .skip(1)
         .map(|l| {
+            // An empty value (auth_token_file) leaves `name =`.
             let (name, value) = l
-                .split_once(" = ")
+                .split_once(" =")
                 .unwrap_or_else(|| panic!("not a setting line: {l:?}"));
-            (name.trim().to_string(), value.to_string())
+            (name.trim().to_string(), value.trim_start().to_string())
         })
         .collect()
 }
@@ -160,6 +161,7 @@ fn status_shows_every_setting_in_force_with_its_unit() {
         ("shared_buffers", "16MB"),
         ("fsync", "true"),
         ("cpu_affinity", "[]"),
+        ("auth_token_file", ""),
     ] {
         assert_eq!(setting(&lines, name), want, "walden status: {name}\n{text}");
     }

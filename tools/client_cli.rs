@@ -223,7 +223,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("  {name:width$} = {value}");
+            println!("{}", format!("  {name:width$} = {value}").trim_end());
         }
     }
     Ok(())
