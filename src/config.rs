@@ -837,3 +837,95 @@ mod example_file {
         }
     }
 }
+
+// --- How settings are shown (`/status`, `walden status`) ---
+//
+// The canonical unit form: the largest unit that holds the value exactly,
+// as PostgreSQL's SHOW prints it (`16MB`, `8kB`, `30s`, `5min`, `4097B`,
+// `0`). Each form parses back to the same value.
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 5] = [
+            (1 << 40, "TB"),
+            (1 << 30, "GB"),
+            (1 << 20, "MB"),
+            (1 << 10, "kB"),
+            (1, "B"),
+        ];
+        show_in_units(f, self.0, &UNITS)
+    }
+}
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 5] = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "min"),
+            (1000, "s"),
+            (1, "ms"),
+        ];
+        show_in_units(f, self.0, &UNITS)
+    }
+}
+
+/// `units` from the largest, ending in the base unit (factor 1).
+fn show_in_units(
+    f: &mut std::fmt::Formatter<'_>,
+    value: u64,
+    units: &[(u64, &str)],
+) -> std::fmt::Result {
+    if value == 0 {
+        return f.write_str("0");
+    }
+    let (factor, unit) = units
+        .iter()
+        .find(|(factor, _)| value % factor == 0)
+        .expect("the base unit divides every value");
+    write!(f, "{}{unit}", value / factor)
+}
+
+#[cfg(test)]
+mod shown {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_show_in_the_largest_exact_unit() {
+        let sizes: [(u64, &str); 7] = [
+            (16 << 20, "16MB"),
+            (8192, "8kB"),
+            (1536, "1536B"),
+            (1 << 30, "1GB"),
+            (3 << 40, "3TB"),
+            (4097, "4097B"),
+            (0, "0"),
+        ];
+        for (n, text) in sizes {
+            assert_eq!(Size(n).to_string(), text);
+        }
+        let durations: [(u64, &str); 8] = [
+            (30_000, "30s"),
+            (200, "200ms"),
+            (300_000, "5min"),
+            (90_000, "90s"),
+            (7_200_000, "2h"),
+            (86_400_000, "1d"),
+            (1_500, "1500ms"),
+            (0, "0"),
+        ];
+        for (n, text) in durations {
+            assert_eq!(Millis(n).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn shown_forms_parse_back() {
+        for n in [0, 1, 4097, 8192, 1536, 16 << 20, 3 << 40] {
+            assert_eq!(Size::parse(&Size(n).to_string()), Ok(Size(n)));
+        }
+        for n in [0, 1, 999, 1000, 61_000, 300_000, 7_200_000, 86_400_000] {
+            assert_eq!(Millis::parse(&Millis(n).to_string()), Ok(Millis(n)));
+        }
+    }
+}

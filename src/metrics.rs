@@ -18,13 +18,14 @@
 //! fills one). A closure rather than a trait: there is one implementation, and
 //! a test can pass a fake.
 //!
-//! Formats: OpenMetrics 1.0 text by default and whenever the scraper accepts
-//! it (Prometheus asks for it first). A scraper whose `Accept` names
-//! `text/plain` and not OpenMetrics gets the Prometheus text format 0.0.4,
-//! converted from the same encoding: counters' HELP/TYPE lines take the
-//! `_total` name, `# UNIT` and `# EOF` go. `promtool check metrics` parses
-//! only that format (it reads an OpenMetrics counter as an untyped
-//! `_total` series without help).
+//! Formats: the Prometheus text format 0.0.4 by default (`curl | promtool
+//! check metrics`, which parses only that format: it reads an OpenMetrics
+//! counter as an untyped `_total` series without help), and OpenMetrics 1.0
+//! when the scraper's `Accept` prefers it (Prometheus asks for it first).
+//! The negotiation is Prometheus' own exporters' (`expfmt.Negotiate`). The
+//! 0.0.4 text is converted from prometheus-client's OpenMetrics encoding:
+//! counters' HELP/TYPE lines take the `_total` name, `unknown` is
+//! `untyped`, `# UNIT` and `# EOF` go.
 //!
 //! What it is not: a time-series store, a tracing layer, or a place to add a
 //! label whose values are unbounded (client addresses, LSNs).
@@ -461,19 +462,23 @@ fn answer(rq: tiny_http::Request, registry: &Registry, status: &dyn Fn() -> Stri
     let get = *rq.method() == tiny_http::Method::Get;
     let (code, content_type, body) = match (get, path.as_str()) {
         (true, "/metrics") => {
-            let accept = rq
+            // Several Accept headers are one list (RFC 9110, 5.3).
+            let accept: Vec<&str> = rq
                 .headers()
                 .iter()
-                .find(|h| h.field.equiv("Accept"))
-                .map(|h| h.value.as_str());
+                .filter(|h| h.field.equiv("Accept"))
+                .map(|h| h.value.as_str())
+                .collect();
             let mut body = String::with_capacity(32 << 10);
             match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) if wants_prometheus_text(accept) => (
-                    200,
-                    PROMETHEUS_TEXT_CONTENT_TYPE,
-                    openmetrics_to_prometheus_text(&body),
-                ),
-                Ok(()) => (200, OPENMETRICS_CONTENT_TYPE, body),
+                Ok(()) => match negotiate(&accept.join(",")) {
+                    Format::PrometheusText => (
+                        200,
+                        PROMETHEUS_TEXT_CONTENT_TYPE,
+                        openmetrics_to_prometheus_text(&body),
+                    ),
+                    Format::OpenMetrics => (200, OPENMETRICS_CONTENT_TYPE, body),
+                },
                 Err(e) => (
                     500,
                     "text/plain; charset=utf-8",
@@ -493,13 +498,49 @@ fn answer(rq: tiny_http::Request, registry: &Registry, status: &dyn Fn() -> Stri
     }
 }
 
-/// True if the scraper asked for the Prometheus text format and not for
-/// OpenMetrics (no `Accept`, or `*/*`, gets OpenMetrics).
-fn wants_prometheus_text(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| {
-        let a = a.to_ascii_lowercase();
-        a.contains("text/plain") && !a.contains("application/openmetrics-text")
-    })
+/// The exposition formats `/metrics` answers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// `text/plain; version=0.0.4`: what `promtool` and older scrapers read.
+    PrometheusText,
+    /// `application/openmetrics-text; version=1.0.0`.
+    OpenMetrics,
+}
+
+/// Picks the format for an `Accept` header ("" when there is none) as the
+/// Go client's `expfmt.NegotiateIncludingOpenMetrics` does: the media ranges
+/// by descending `q` (ties in the header's order, `q=0` refused), the first
+/// that names a format and version walden serves wins; when none does (no
+/// header, `*/*`, `text/html`, protobuf) the Prometheus text format.
+fn negotiate(accept: &str) -> Format {
+    let mut ranges: Vec<(f64, Format)> = Vec::new();
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let (mut q, mut version) = (1.0, None);
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "q" => q = v.parse().unwrap_or(0.0),
+                "version" => version = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        let format = match (media.as_str(), version.as_deref()) {
+            ("text/plain", None | Some("0.0.4")) => Format::PrometheusText,
+            ("application/openmetrics-text", None | Some("1.0.0" | "0.0.1")) => Format::OpenMetrics,
+            _ => continue,
+        };
+        if q > 0.0 {
+            ranges.push((q, format));
+        }
+    }
+    // Stable: equal q keep the header's order.
+    ranges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    ranges.first().map_or(Format::PrometheusText, |r| r.1)
 }
 
 /// Rewrites prometheus-client's OpenMetrics text into the Prometheus text
@@ -1006,11 +1047,39 @@ mod tests {
 
     #[test]
     fn accept_header_picks_the_format() {
-        assert!(!wants_prometheus_text(None));
-        assert!(!wants_prometheus_text(Some("*/*")));
-        assert!(!wants_prometheus_text(Some(
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-        )));
-        assert!(wants_prometheus_text(Some("text/plain;version=0.0.4")));
+        use Format::*;
+        for (accept, want) in [
+            // curl, wget, a browser, a proxy: the text format promtool reads.
+            ("", PrometheusText),
+            ("*/*", PrometheusText),
+            ("text/html,application/xhtml+xml,*/*;q=0.8", PrometheusText),
+            ("text/plain", PrometheusText),
+            ("text/plain;version=0.0.4", PrometheusText),
+            // Prometheus 2.x's scrape header.
+            (
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                OpenMetrics,
+            ),
+            ("application/openmetrics-text", OpenMetrics),
+            ("Application/OpenMetrics-Text; version=\"1.0.0\"; charset=utf-8", OpenMetrics),
+            // q decides, not the order.
+            (
+                "text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0",
+                OpenMetrics,
+            ),
+            (
+                "application/openmetrics-text;q=0.3, text/plain;q=0.9",
+                PrometheusText,
+            ),
+            // Refused, or a version walden does not speak: the default.
+            ("application/openmetrics-text;q=0", PrometheusText),
+            ("application/openmetrics-text;version=2.0.0", PrometheusText),
+            (
+                "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited",
+                PrometheusText,
+            ),
+        ] {
+            assert_eq!(negotiate(accept), want, "Accept: {accept}");
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! The HTTP endpoint over a real WAL: /metrics carries every series with the
 //! WAL's live figures, histograms are well formed, /status returns the
-//! server's JSON, anything else is 404, and `promtool check metrics` accepts
-//! a live scrape.
+//! server's JSON, anything else is 404; `promtool check metrics` accepts a
+//! scrape made as its docs teach (`curl -s HOST/metrics`, no Accept header),
+//! and a real Prometheus server (which asks for OpenMetrics) scrapes it and
+//! answers a `rate()` query over it.
 //!
-//! promtool comes from Debian's `prometheus` package. Without it on PATH the
-//! promtool test fails, unless WALDEN_SKIP_PROMTOOL=1.
+//! promtool and prometheus come from Debian's `prometheus` package. Without
+//! them on PATH those two tests fail, unless WALDEN_SKIP_PROMTOOL=1.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,6 +22,10 @@ use walden::metrics::{Metrics, WalSnapshot, COMMIT_LEVELS, ERROR_KINDS};
 use walden::{Config, Durability, Kind, Wal};
 
 const RECORDS: u64 = 300;
+
+/// The Accept header Prometheus 2.x sends with every scrape.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+    application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 
 /// Every series /metrics must carry (sample names; histograms by `_count`).
 const SERIES: &[&str] = &[
@@ -234,7 +240,7 @@ fn check_histograms(samples: &[(String, String, f64)]) -> usize {
 #[test]
 fn metrics_endpoint_exports_the_live_wal() {
     let f = Fixture::start();
-    let r = f.get("/metrics", None);
+    let r = f.get("/metrics", Some(PROMETHEUS_ACCEPT));
     assert_eq!(r.code, 200);
     assert_eq!(
         r.headers["content-type"],
@@ -404,40 +410,55 @@ fn commit_levels_are_the_durability_names() {
     assert_eq!(names, COMMIT_LEVELS);
 }
 
-/// The Prometheus text format (what promtool reads) carries the same samples
-/// as OpenMetrics, and `promtool check metrics` finds no problem in it.
+/// A scrape without an Accept header (curl, as Prometheus' docs pipe it into
+/// promtool) gets the Prometheus text format 0.0.4, with the same samples as
+/// the OpenMetrics one Prometheus asks for, and `promtool check metrics`
+/// finds no problem in it. (promtool 2.x reads only that format: fed the
+/// OpenMetrics text, it reports every counter as `no help text`.)
 #[test]
-fn promtool_accepts_a_live_scrape() {
+fn promtool_accepts_a_scrape_without_accept() {
     let f = Fixture::start();
-    let om = f.get(
-        "/metrics",
-        Some("application/openmetrics-text;version=1.0.0,*/*;q=0.1"),
-    );
-    assert!(om.headers["content-type"].starts_with("application/openmetrics-text"));
-    let text = f.get("/metrics", Some("text/plain;version=0.0.4"));
+    let text = f.get("/metrics", None);
     assert_eq!(text.code, 200);
     assert_eq!(
         text.headers["content-type"],
         "text/plain; version=0.0.4; charset=utf-8"
     );
     assert!(!text.body.contains("# EOF") && !text.body.contains("# UNIT"));
-    assert!(text
+    for line in [
+        "# HELP walden_records_appended_total Records appended since the WAL was opened.",
+        "# TYPE walden_records_appended_total counter",
+        "# TYPE walden_wal_write_bytes_total counter",
+        "# TYPE walden_flush_lsn_bytes gauge",
+        "# TYPE walden_flush_duration_seconds histogram",
+        "# TYPE walden_errors_total counter",
+    ] {
+        assert!(
+            text.body.lines().any(|l| l == line),
+            "no line {line:?} in\n{}",
+            text.body
+        );
+    }
+    // Asked for by name, the same.
+    let named = f.get("/metrics", Some("text/plain;version=0.0.4"));
+    assert_eq!(named.headers["content-type"], text.headers["content-type"]);
+
+    let om = f.get("/metrics", Some(PROMETHEUS_ACCEPT));
+    assert_eq!(
+        om.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    assert!(om
         .body
-        .contains("# TYPE walden_records_appended_total counter\n"));
+        .contains("# TYPE walden_records_appended counter\nwalden_records_appended_total "));
     let names = |body: &str| -> Vec<(String, String)> {
         samples(body).into_iter().map(|(n, l, _)| (n, l)).collect()
     };
     assert_eq!(names(&om.body), names(&text.body));
 
-    if !on_path("promtool") {
-        if std::env::var("WALDEN_SKIP_PROMTOOL").as_deref() == Ok("1") {
-            eprintln!("promtool not on PATH; skipped (WALDEN_SKIP_PROMTOOL=1)");
-            return;
-        }
-        panic!(
-            "promtool is not on PATH: install it (Debian: apt-get install -y prometheus), \
-             or set WALDEN_SKIP_PROMTOOL=1 to skip this check"
-        );
+    if !tools_on_path(&["promtool"]) {
+        return;
     }
     let out = promtool_check(&text.body);
     assert!(
@@ -447,6 +468,147 @@ fn promtool_accepts_a_live_scrape() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         text.body
+    );
+}
+
+/// A real Prometheus server scrapes the endpoint every second (asking for
+/// OpenMetrics, which it parses with its own parser) and answers
+/// `rate(walden_bytes_appended_total[10s])` with the rate of a WAL being
+/// appended to. Its metadata carries the help text, and the `# UNIT`, which
+/// only the OpenMetrics format has.
+#[test]
+fn a_prometheus_server_scrapes_and_queries_the_endpoint() {
+    if !tools_on_path(&["prometheus"]) {
+        return;
+    }
+    let f = Fixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+             scrape_configs:\n  - job_name: walden\n    static_configs:\n      - targets: [\"{}\"]\n",
+            f.addr
+        ),
+    )
+    .unwrap();
+    // A free port: taken, then let go for Prometheus to bind.
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("prometheus.log");
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run prometheus"),
+    );
+
+    // The WAL grows while Prometheus scrapes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = {
+        let (wal, stop) = (Arc::clone(&f.wal), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let a = wal.append(Kind::DATA, &[7u8; 1000]).unwrap();
+                wal.wait(a.end, Durability::Local).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let api = |path: &str| -> Option<serde_json::Value> {
+        let r = try_http(web, path)?;
+        serde_json::from_str(&r.body).ok()
+    };
+    let t = std::time::Instant::now();
+    let rate = loop {
+        let answer = api("/api/v1/query?query=rate%28walden_bytes_appended_total%5B10s%5D%29");
+        let value = answer.as_ref().and_then(|v| {
+            v["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()
+        });
+        if let Some(rate) = value.filter(|r| *r > 0.0) {
+            break rate;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no rate from Prometheus after 60 s; last answer {answer:?}; targets {:?}; log:\n{}",
+            api("/api/v1/targets"),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    appender.join().unwrap();
+    // About 1000 bytes per 20 ms; only sure to be well above zero.
+    assert!(rate > 1000.0, "rate(walden_bytes_appended_total) = {rate}");
+
+    let targets = api("/api/v1/targets").unwrap();
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{targets}");
+    assert_eq!(target["lastError"], "", "{targets}");
+    let meta = api("/api/v1/metadata?metric=walden_flush_lsn_bytes").unwrap();
+    assert_eq!(
+        meta["data"]["walden_flush_lsn_bytes"][0],
+        serde_json::json!({"type": "gauge", "help": "WAL below this LSN is durable.", "unit": "bytes"}),
+        "{meta}"
+    );
+    drop(prometheus);
+}
+
+/// Kills and reaps the child when dropped (a failing test included).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A GET that gives up (None) on a refused connection or a cut answer:
+/// Prometheus may not be listening yet.
+fn try_http(addr: SocketAddr, path: &str) -> Option<Response> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.lines().next()?.split(' ').nth(1)?.parse().ok()?;
+    Some(Response {
+        code,
+        headers: BTreeMap::new(),
+        body: body.to_string(),
+    })
+}
+
+/// True when every program is on PATH; false (the test skips) when one is
+/// missing and WALDEN_SKIP_PROMTOOL=1; otherwise panics.
+fn tools_on_path(programs: &[&str]) -> bool {
+    let Some(missing) = programs.iter().find(|p| !on_path(p)) else {
+        return true;
+    };
+    if std::env::var("WALDEN_SKIP_PROMTOOL").as_deref() == Ok("1") {
+        eprintln!("{missing} not on PATH; skipped (WALDEN_SKIP_PROMTOOL=1)");
+        return false;
+    }
+    panic!(
+        "{missing} is not on PATH: install it (Debian: apt-get install -y prometheus), \
+         or set WALDEN_SKIP_PROMTOOL=1 to skip this check"
     );
 }
 

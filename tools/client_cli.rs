@@ -327,5 +327,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     );
     println!("uptime:          {} s", field(&["uptime_seconds"]));
+    // Every setting in force, as the configuration file writes it (a
+    // reloaded one at its new value).
+    if let Some(settings) = v["settings"].as_object() {
+        println!("settings:");
+        let width = settings.keys().map(|k| k.len()).max().unwrap_or(0);
+        for (name, value) in settings {
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("{}", format!("  {name:width$} = {value}").trim_end());
+        }
+    }
     Ok(())
 }

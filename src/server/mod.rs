@@ -103,11 +103,16 @@ pub(crate) struct Runtime {
     pub idle_timeout: std::time::Duration,
     pub slow_client_timeout: std::time::Duration,
     pub max_send_backlog: usize,
+    /// The configuration these were read from (the startup one, or the one
+    /// of the last reload that applied): the [`RELOADABLE`] settings in
+    /// force, as /status shows them. Its other settings may not be in force.
+    pub config: Arc<Config>,
 }
 
 impl Runtime {
     fn from_config(cfg: &Config) -> Result<Runtime, ServerError> {
         Ok(Runtime {
+            config: Arc::new(cfg.clone()),
             token: read_token(cfg)?.map(Arc::from),
             max_in_flight: cfg.max_in_flight,
             max_connections: cfg.max_connections,
@@ -493,24 +498,176 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
             "page_images": snap.page_images,
             "data_checksums": c.data_checksum_version == 1,
         },
-        "settings": {
-            "wal_sync_method": cfg.wal_sync_method.name(),
-            "fsync": cfg.fsync,
-            "wal_segment_size": cfg.wal_segment_size.0,
-            "wal_buffers": cfg.wal_buffers.0,
-            "max_record_size": cfg.max_record_size.0,
-            "listen_addr": cfg.listen_addr,
-            "idle_poll_time_us": cfg.idle_poll_time,
-            "wal_dir": cfg.wal_dir.display().to_string(),
-            "data_dir": cfg.data_dir.display().to_string(),
-            "full_page_writes": cfg.full_page_writes,
-            "wal_compression": cfg.wal_compression.name(),
-            "shared_buffers": cfg.shared_buffers.0,
-            "checkpoint_timeout_ms": cfg.checkpoint_timeout.0,
-            "checkpoint_completion_target": cfg.checkpoint_completion_target,
-            "max_wal_size": cfg.max_wal_size.0,
-            "min_wal_size": cfg.min_wal_size.0,
-        },
+        "settings": settings_json(s),
     })
     .to_string()
+}
+
+/// Every setting in force, named as in the configuration file: the
+/// [`RELOADABLE`] ones as the last applied reload set them, the others as
+/// the server started. Sizes and durations in their unit form (`16MB`,
+/// `30s`); microsecond settings (`commit_delay`, `idle_poll_time`) as plain
+/// numbers, the only form the file takes for them (as PostgreSQL shows
+/// `commit_delay`).
+fn settings_json(s: &ServerShared) -> serde_json::Map<String, serde_json::Value> {
+    let reloaded = Arc::clone(&s.runtime.read().unwrap().config);
+    let (started, reloaded) = (settings_shown(&s.cfg), settings_shown(&reloaded));
+    started
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match reloaded.get(&name) {
+                Some(v) if RELOADABLE.contains(&name.as_str()) => v.clone(),
+                _ => value,
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// `cfg`'s settings for /status. The destructuring names every field, so a
+/// new setting does not compile until it is given its form here.
+fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let Config {
+        wal_dir,
+        data_dir,
+        wal_segment_size,
+        wal_buffers,
+        wal_sync_method,
+        fsync,
+        wal_writer_delay,
+        commit_delay,
+        commit_siblings,
+        idle_poll_time,
+        insert_shards,
+        cpu_affinity,
+        max_record_size,
+        wal_prealloc,
+        max_wal_size,
+        wal_init_zero,
+        wal_recycle,
+        wal_full_policy,
+        wal_flusher,
+        wal_max_inflight,
+        wal_max_write,
+        wal_sync_at_depth_1,
+        listen_addr,
+        metrics_addr,
+        auth_token_file,
+        allow_unauthenticated,
+        max_in_flight,
+        max_connections,
+        idle_timeout,
+        slow_client_timeout,
+        max_send_backlog,
+        shared_buffers,
+        full_page_writes,
+        wal_compression,
+        data_checksums,
+        bgwriter_delay,
+        bgwriter_lru_maxpages,
+        bgwriter_lru_multiplier,
+        checkpoint_timeout,
+        checkpoint_completion_target,
+        checkpoint_warning,
+        min_wal_size,
+        wal_keep_size,
+        log_checkpoints,
+        recovery_workers,
+    } = cfg;
+    let unit = |v: &dyn std::fmt::Display| Value::from(v.to_string());
+    [
+        ("wal_dir", Value::from(wal_dir.display().to_string())),
+        ("data_dir", Value::from(data_dir.display().to_string())),
+        ("wal_segment_size", unit(wal_segment_size)),
+        ("wal_buffers", unit(wal_buffers)),
+        ("wal_sync_method", Value::from(wal_sync_method.name())),
+        ("fsync", Value::from(*fsync)),
+        ("wal_writer_delay", unit(wal_writer_delay)),
+        ("commit_delay", Value::from(*commit_delay)),
+        ("commit_siblings", Value::from(*commit_siblings)),
+        ("idle_poll_time", Value::from(*idle_poll_time)),
+        ("insert_shards", Value::from(*insert_shards)),
+        ("cpu_affinity", Value::from(cpu_affinity.clone())),
+        ("max_record_size", unit(max_record_size)),
+        ("wal_prealloc", Value::from(*wal_prealloc)),
+        ("max_wal_size", unit(max_wal_size)),
+        ("wal_init_zero", Value::from(*wal_init_zero)),
+        ("wal_recycle", Value::from(*wal_recycle)),
+        // As the file spells them (serde's snake_case names).
+        ("wal_full_policy", serde_json::json!(wal_full_policy)),
+        ("wal_flusher", serde_json::json!(wal_flusher)),
+        ("wal_max_inflight", Value::from(*wal_max_inflight)),
+        ("wal_max_write", unit(wal_max_write)),
+        ("wal_sync_at_depth_1", Value::from(*wal_sync_at_depth_1)),
+        ("listen_addr", Value::from(listen_addr.as_str())),
+        ("metrics_addr", Value::from(metrics_addr.as_str())),
+        ("auth_token_file", Value::from(auth_token_file.as_str())),
+        ("allow_unauthenticated", Value::from(*allow_unauthenticated)),
+        ("max_in_flight", Value::from(*max_in_flight)),
+        ("max_connections", Value::from(*max_connections)),
+        ("idle_timeout", unit(idle_timeout)),
+        ("slow_client_timeout", unit(slow_client_timeout)),
+        ("max_send_backlog", unit(max_send_backlog)),
+        ("shared_buffers", unit(shared_buffers)),
+        ("full_page_writes", Value::from(*full_page_writes)),
+        ("wal_compression", Value::from(wal_compression.name())),
+        ("data_checksums", Value::from(*data_checksums)),
+        ("bgwriter_delay", unit(bgwriter_delay)),
+        ("bgwriter_lru_maxpages", Value::from(*bgwriter_lru_maxpages)),
+        (
+            "bgwriter_lru_multiplier",
+            Value::from(*bgwriter_lru_multiplier),
+        ),
+        ("checkpoint_timeout", unit(checkpoint_timeout)),
+        (
+            "checkpoint_completion_target",
+            Value::from(*checkpoint_completion_target),
+        ),
+        ("checkpoint_warning", unit(checkpoint_warning)),
+        ("min_wal_size", unit(min_wal_size)),
+        ("wal_keep_size", unit(wal_keep_size)),
+        ("log_checkpoints", Value::from(*log_checkpoints)),
+        ("recovery_workers", Value::from(*recovery_workers)),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect()
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use crate::config::{Millis, Size};
+
+    /// /status names every setting as the configuration file does, in the
+    /// form the file takes.
+    #[test]
+    fn settings_shown_are_the_files_settings() {
+        let cfg = Config {
+            idle_timeout: Millis(30_000),
+            wal_buffers: Size(32 << 20),
+            commit_delay: 250,
+            ..Config::default()
+        };
+        let shown = settings_shown(&cfg);
+        let file = toml::Table::try_from(&cfg).unwrap();
+        assert_eq!(
+            shown.keys().collect::<std::collections::BTreeSet<_>>(),
+            file.keys().collect::<std::collections::BTreeSet<_>>()
+        );
+        assert_eq!(shown["idle_timeout"], "30s");
+        assert_eq!(shown["wal_buffers"], "32MB");
+        assert_eq!(shown["checkpoint_timeout"], "5min");
+        assert_eq!(shown["commit_delay"], 250);
+        assert_eq!(shown["wal_full_policy"], "error");
+        assert_eq!(shown["wal_flusher"], "uring");
+        assert_eq!(shown["wal_sync_method"], "open_datasync");
+        // What is shown is what the file takes back.
+        let back: Config = serde_json::from_value(serde_json::Value::Object(shown)).unwrap();
+        assert_eq!(
+            toml::to_string(&back).unwrap(),
+            toml::to_string(&cfg).unwrap()
+        );
+    }
 }
