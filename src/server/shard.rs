@@ -661,8 +661,9 @@ impl Shard<'_> {
                         }
                         Ok(None) => {
                             if first && from < wal.flush_lsn() {
-                                if let Some(end @ (EndOfWal::Invalid(_)
-                                | EndOfWal::MissingSegment { .. })) = reader.end()
+                                if let Some(
+                                    end @ (EndOfWal::Invalid(_) | EndOfWal::MissingSegment { .. }),
+                                ) = reader.end()
                                 {
                                     let msg = self.no_record_at(from, end);
                                     return self.send_error(
@@ -832,7 +833,9 @@ impl Shard<'_> {
                 )
             }
         };
-        format!("{from} is not retained (wal_keep_size = {keep}; {by}): the WAL now starts at {start}")
+        format!(
+            "{from} is not retained (wal_keep_size = {keep}; {by}): the WAL now starts at {start}"
+        )
     }
 
     /// Why no record could be read at `from`, below the flush LSN, where
@@ -1014,9 +1017,17 @@ fn store_error_code(e: &StoreError) -> ErrorCode {
 
 /// A size as the settings are written: the largest unit that divides it.
 fn size_text(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TB"), (1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TB"),
+        (1 << 30, "GB"),
+        (1 << 20, "MB"),
+        (1 << 10, "kB"),
+    ];
     UNITS
         .iter()
         .find(|(unit, _)| bytes > 0 && bytes % unit == 0)
-        .map_or_else(|| bytes.to_string(), |(unit, name)| format!("{}{name}", bytes / unit))
+        .map_or_else(
+            || bytes.to_string(),
+            |(unit, name)| format!("{}{name}", bytes / unit),
+        )
 }

@@ -503,7 +503,8 @@ fn run_checkpoint(
         (distance, st.distance_estimate, release)
     };
     let upto = recycle_upto(sh, redo, estimate);
-    let (recycled, removed) = sh.wal
+    let (recycled, removed) = sh
+        .wal
         .remove_before_recycling(release, Some(upto), Some(a.lsn))?;
     let added = sh.wal.segments_created() - segs_before;
 
