@@ -847,6 +847,9 @@ impl Shard<'_> {
         if from < start {
             return self.not_retained(from, start);
         }
+        if let EndOfWal::MissingSegment { .. } = end {
+            return format!("cannot read {from}: {end}");
+        }
         let hint = "records start on 8-byte boundaries; `walden waldump` lists them";
         let found = locate(
             &self.shared.cfg.wal_dir,
