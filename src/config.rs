@@ -279,8 +279,11 @@ pub struct Config {
     pub checkpoint_warning: Millis,
     /// Released segments are recycled (rather than removed) while the WAL is below this.
     pub min_wal_size: Size,
-    /// WAL kept behind the insert position even when no checkpoint needs it
-    /// (for readers, standbys, tests); 0: only what recovery needs.
+    /// WAL kept behind the insert position even when no checkpoint needs it,
+    /// so that clients can read back and follow their own records after
+    /// checkpoints and restarts (and, later, standbys catch up); 0: only what
+    /// recovery needs. Default 1GB (docs/operations.md says why). WAL is
+    /// cut only at a checkpoint's redo point, so a little more is kept.
     pub wal_keep_size: Size,
     /// Log each checkpoint's start and completion with its statistics.
     pub log_checkpoints: bool,
@@ -334,7 +337,7 @@ impl Default for Config {
             checkpoint_completion_target: 0.9,
             checkpoint_warning: Millis(30_000),
             min_wal_size: Size(80 << 20),
-            wal_keep_size: Size(0),
+            wal_keep_size: Size(1 << 30),
             log_checkpoints: true,
             recovery_workers: 0,
         }

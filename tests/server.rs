@@ -60,7 +60,11 @@ fn round_trips_at_every_level_and_read_returns_the_bytes() {
     match c.read(Lsn(written[0].0 .0 + 8), 1000, 0) {
         Err(ClientError::Server { code, message }) => {
             assert_eq!(code, ErrorCode::UNKNOWN_LSN);
-            assert!(message.contains("no record starts at"), "{message}");
+            let at = written[0].0;
+            assert!(
+                message.contains(&format!("is inside the record at {at}")),
+                "{message}"
+            );
         }
         other => panic!("expected UNKNOWN_LSN, got {other:?}"),
     }

@@ -23,6 +23,8 @@ fn config(disk: &SimDisk, policy: &str, flusher: &str) -> Config {
         "max_record_size=16kB",
         "wal_prealloc=1",
         "max_wal_size=1GB",
+        // Checkpoints free WAL here (the default keeps 1GB).
+        "wal_keep_size=0",
         "wal_sync_method=fdatasync",
         &format!("wal_full_policy={policy}"),
     ] {

@@ -108,6 +108,8 @@ fn config(disk: &SimDisk, rng: &mut Rng) -> Config {
         "max_record_size=16kB",
         "min_wal_size=2MB",
         "max_wal_size=3MB",
+        // Checkpoints release and recycle (the default keeps 1GB).
+        "wal_keep_size=0",
         "wal_prealloc=1",
         "shared_buffers=128kB",
         "checkpoint_timeout=1h",

@@ -18,6 +18,8 @@ fn config(dir: &std::path::Path) -> Config {
         "max_record_size=64kB",
         "min_wal_size=2MB",
         "max_wal_size=8MB",
+        // Checkpoints release all recovery no longer needs (the default keeps 1GB).
+        "wal_keep_size=0",
         "shared_buffers=256kB",
         "checkpoint_timeout=1h",
     ] {

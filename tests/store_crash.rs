@@ -87,7 +87,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-const SETTINGS: [&str; 12] = [
+const SETTINGS: [&str; 13] = [
+    // Checkpoints release and recycle WAL (the default keeps 1GB).
+    "wal_keep_size=0",
     "wal_segment_size=1MB",
     "wal_buffers=1MB",
     "max_record_size=64kB",

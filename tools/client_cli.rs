@@ -198,6 +198,19 @@ impl AppendProgress {
     }
 }
 
+/// How `walden read` prints a record.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ReadFormat {
+    /// `LSN<TAB>payload` (with `--all-kinds`, `LSN<TAB>KIND<TAB>payload`),
+    /// the payload as text with anything else escaped.
+    Text,
+    /// `LSN KIND, N bytes` and the payload as `hexdump -C` shows it.
+    Hex,
+    /// One JSON object per line: lsn, kind, length, encoding and payload
+    /// (the UTF-8 text when valid, else lowercase hex).
+    Json,
+}
+
 #[derive(Args)]
 pub struct ReadArgs {
     #[command(flatten)]
@@ -211,13 +224,55 @@ pub struct ReadArgs {
     /// Stop after this many records (0: all there are).
     #[arg(short = 'n', long, default_value_t = 0)]
     limit: u64,
-    /// Also print walden's own records (page writes, checkpoints), as
-    /// `LSN<TAB>KIND<TAB>payload`.
+    /// Also print walden's own records (page writes, checkpoints).
     #[arg(long)]
     all_kinds: bool,
+    /// Output: text, hex or json.
+    #[arg(long, value_enum, default_value_t = ReadFormat::Text)]
+    format: ReadFormat,
 }
 
-/// Prints `LSN<TAB>payload` per record (payload escaped if not UTF-8).
+/// Prints one record in `format`.
+fn print_record(
+    format: ReadFormat,
+    all_kinds: bool,
+    lsn: Lsn,
+    kind: Kind,
+    payload: &[u8],
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    match format {
+        ReadFormat::Text => {
+            let text = String::from_utf8_lossy(payload);
+            if all_kinds {
+                writeln!(out, "{lsn}\t{kind}\t{}", text.escape_debug())
+            } else {
+                writeln!(out, "{lsn}\t{}", text.escape_debug())
+            }
+        }
+        ReadFormat::Hex => {
+            writeln!(out, "{lsn} {kind}, {} bytes", payload.len())?;
+            super::page_cli::hexdump(payload, out)
+        }
+        ReadFormat::Json => {
+            let (encoding, text) = match std::str::from_utf8(payload) {
+                Ok(t) => ("utf8", t.to_string()),
+                Err(_) => ("hex", payload.iter().map(|b| format!("{b:02x}")).collect()),
+            };
+            let obj = serde_json::json!({
+                "lsn": lsn.to_string(),
+                "kind": kind.to_string(),
+                "length": payload.len(),
+                "encoding": encoding,
+                "payload": text,
+            });
+            writeln!(out, "{obj}")
+        }
+    }
+}
+
+/// Prints each record from `--from` in the chosen format: the clients'
+/// records, or every record with `--all-kinds`.
 pub fn read(args: ReadArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let mut out = std::io::stdout().lock();
@@ -228,14 +283,10 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
                      payload: &[u8],
                      out: &mut std::io::StdoutLock|
      -> std::io::Result<bool> {
-        let text = String::from_utf8_lossy(payload);
-        if all {
-            writeln!(out, "{lsn}\t{kind}\t{}", text.escape_debug())?;
-        } else if !kind.is_walden() {
-            writeln!(out, "{lsn}\t{}", text.escape_debug())?;
-        } else {
+        if !all && kind.is_walden() {
             return Ok(false);
         }
+        print_record(args.format, all, lsn, kind, payload, out)?;
         printed += 1;
         Ok(args.limit > 0 && printed >= args.limit)
     };

@@ -136,7 +136,7 @@ fn read(a: PageReadArgs) -> anyhow::Result<()> {
 }
 
 /// `hexdump -C`'s layout; runs of identical lines print as one `*`.
-fn hexdump(data: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+pub(super) fn hexdump(data: &[u8], out: &mut impl Write) -> std::io::Result<()> {
     let mut prev: Option<&[u8]> = None;
     let mut starred = false;
     for (i, line) in data.chunks(16).enumerate() {

@@ -21,7 +21,7 @@ use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, Limits, RecordR
 use crate::record::Kind;
 use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
-use crate::wal::reader::{EndOfWal, WalReader};
+use crate::wal::reader::{locate, EndOfWal, Located, WalReader};
 use crate::wal::{WalError, TIMELINE};
 
 const RECV_BUF: usize = 256 << 10;
@@ -31,6 +31,9 @@ const FOLLOW_CHUNK: usize = 256 << 10;
 struct Follow {
     request_id: u64,
     reader: WalReader,
+    /// Where it was asked to start: an invalid record there is reported
+    /// as a wrong `from`, not as WAL that stopped.
+    from: Lsn,
 }
 
 struct ConnState {
@@ -658,8 +661,11 @@ impl Shard<'_> {
                         }
                         Ok(None) => {
                             if first && from < wal.flush_lsn() {
-                                if let Some(EndOfWal::Invalid(e)) = reader.end() {
-                                    let msg = format!("no record starts at {from}: {e}");
+                                if let Some(
+                                    end @ (EndOfWal::Invalid(_) | EndOfWal::MissingSegment { .. }),
+                                ) = reader.end()
+                                {
+                                    let msg = self.no_record_at(from, end);
                                     return self.send_error(
                                         id,
                                         st,
@@ -693,7 +699,13 @@ impl Shard<'_> {
             }
             FrameRef::Follow { request_id, from } => {
                 match self.open_reader(from) {
-                    Ok(reader) => st.follow = Some(Follow { request_id, reader }),
+                    Ok(reader) => {
+                        st.follow = Some(Follow {
+                            request_id,
+                            reader,
+                            from,
+                        })
+                    }
                     Err(msg) => {
                         return self.send_error(id, st, request_id, ErrorCode::UNKNOWN_LSN, msg)
                     }
@@ -778,14 +790,12 @@ impl Shard<'_> {
         let wal = &self.shared.wal;
         let start = wal.start_lsn();
         if from < start {
-            return Err(format!(
-                "WAL before {start} has been removed; {from} is no longer available"
-            ));
+            return Err(self.not_retained(from, start));
         }
-        if from > wal.insert_lsn() {
+        let insert = wal.insert_lsn();
+        if from > insert {
             return Err(format!(
-                "{from} is beyond the end of WAL ({})",
-                wal.insert_lsn()
+                "{from} is beyond the end of WAL: the next record will start at {insert}"
             ));
         }
         Ok(WalReader::new(
@@ -795,6 +805,78 @@ impl Shard<'_> {
             from,
             Some(wal.flush_lsn()),
         ))
+    }
+
+    /// Why `from`, below the WAL's start `start`, cannot be read: it never
+    /// existed (below the stream's first byte, wal-format.md §1), or it was
+    /// released, and by which checkpoint as far as this process knows.
+    /// Released WAL is never served, even while its segment file is still
+    /// on disk (docs/protocol.md §4.3): what a client can read must not
+    /// depend on when a segment happens to be recycled.
+    fn not_retained(&self, from: Lsn, start: Lsn) -> String {
+        let first = Lsn(self.shared.cfg.wal_segment_size.0);
+        if from < first {
+            return format!(
+                "{from} never existed: the WAL stream starts at {first} \
+                 (wal_segment_size), and the retained WAL at {start}"
+            );
+        }
+        let keep = size_text(self.shared.cfg.wal_keep_size.0);
+        let by = match self.shared.wal.start_released_by() {
+            Some(checkpoint) => format!("released by the checkpoint at {checkpoint}"),
+            None => {
+                let c = self.shared.store.control();
+                format!(
+                    "released before this server started; the latest checkpoint \
+                     is at {} (redo {})",
+                    c.checkpoint, c.redo
+                )
+            }
+        };
+        format!(
+            "{from} is not retained (wal_keep_size = {keep}; {by}): the WAL now starts at {start}"
+        )
+    }
+
+    /// Why no record could be read at `from`, below the flush LSN, where
+    /// the reader found `end`: inside a record (found by a bounded search,
+    /// [`locate`]), released meanwhile, or not a record start at all.
+    fn no_record_at(&self, from: Lsn, end: &EndOfWal) -> String {
+        let wal = &self.shared.wal;
+        let start = wal.start_lsn();
+        if from < start {
+            return self.not_retained(from, start);
+        }
+        if let EndOfWal::MissingSegment { .. } = end {
+            return format!("cannot read {from}: {end}");
+        }
+        let hint = "records start on 8-byte boundaries; `walden waldump` lists them";
+        let found = locate(
+            &self.shared.cfg.wal_dir,
+            self.shared.cfg.wal_segment_size.0,
+            TIMELINE,
+            from,
+            start,
+            wal.flush_lsn(),
+            self.shared.cfg.max_record_size.0,
+        );
+        match found {
+            Ok(Located::Inside {
+                record,
+                kind,
+                payload_len,
+                next,
+            }) => format!(
+                "{from} is inside the record at {record} ({kind}, {payload_len} bytes of \
+                 payload); the next record starts at {next}"
+            ),
+            Ok(Located::AfterRecord { record }) => format!(
+                "the record after the one at {record} should start at {from}, and the \
+                 bytes there are not a valid record: {end}"
+            ),
+            Ok(Located::Unknown) => format!("no record starts at {from} ({hint})"),
+            Err(e) => format!("no record starts at {from} ({hint}); looking for one: {e}"),
+        }
     }
 
     /// Sends a follower what became durable, while its backlog allows.
@@ -811,6 +893,7 @@ impl Shard<'_> {
             batch.clear();
             let mut bytes = 0;
             let mut bad = None;
+            let mut bad_from = None;
             while bytes < FOLLOW_CHUNK {
                 match f.reader.next_record() {
                     Ok(Some(r)) => {
@@ -818,8 +901,16 @@ impl Shard<'_> {
                         batch.push((r.lsn, r.kind, r.payload.to_vec()));
                     }
                     Ok(None) => {
-                        if let Some(EndOfWal::Invalid(e)) = f.reader.end() {
-                            bad = Some(format!("following stopped at {}: {e}", e.lsn()));
+                        match f.reader.end() {
+                            Some(
+                                end @ (EndOfWal::Invalid(_) | EndOfWal::MissingSegment { .. }),
+                            ) if f.reader.position() == f.from => {
+                                bad_from = Some((f.from, end.clone()));
+                            }
+                            Some(EndOfWal::Invalid(e)) => {
+                                bad = Some(format!("following stopped at {}: {e}", e.lsn()));
+                            }
+                            _ => {}
                         }
                         break;
                     }
@@ -833,6 +924,9 @@ impl Shard<'_> {
                 self.out.clear();
                 encode_batch(request_id, &batch, &mut self.out);
                 let _ = self.ring.send(id, &self.out);
+            }
+            if let Some((from, end)) = bad_from {
+                bad = Some(self.no_record_at(from, &end));
             }
             if let Some(msg) = bad {
                 st.follow = None;
@@ -922,4 +1016,21 @@ fn store_error_code(e: &StoreError) -> ErrorCode {
         StoreError::Wal(WalError::WalFull { .. }) => ErrorCode::WAL_FULL,
         _ => ErrorCode::INTERNAL,
     }
+}
+
+/// A size as the settings are written: the largest unit that divides it.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TB"),
+        (1 << 30, "GB"),
+        (1 << 20, "MB"),
+        (1 << 10, "kB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| bytes > 0 && bytes % unit == 0)
+        .map_or_else(
+            || bytes.to_string(),
+            |(unit, name)| format!("{}{name}", bytes / unit),
+        )
 }

@@ -503,7 +503,9 @@ fn run_checkpoint(
         (distance, st.distance_estimate, release)
     };
     let upto = recycle_upto(sh, redo, estimate);
-    let (recycled, removed) = sh.wal.remove_before_recycling(release, Some(upto))?;
+    let (recycled, removed) = sh
+        .wal
+        .remove_before_recycling(release, Some(upto), Some(a.lsn))?;
     let added = sh.wal.segments_created() - segs_before;
 
     let counter = match reason {

@@ -125,6 +125,11 @@ pub(crate) struct WalShared {
     cfg: Config,
     /// First record of the retained WAL (persisted in `wal_start`).
     start_lsn: AtomicU64,
+    /// The start this process moved it to and the checkpoint whose release
+    /// did (`None` until a checkpoint moved it: set before this process
+    /// opened the WAL, or by [`Wal::remove_before`]). Compared with
+    /// `start_lsn` by readers, so a pair from another start is never shown.
+    released_by: Mutex<Option<(Lsn, Lsn)>>,
     /// Where this process started appending (the end found at startup).
     opened_at: Lsn,
     closed: AtomicBool,
@@ -300,6 +305,7 @@ impl Wal {
             segments: Arc::clone(&segments),
             stats,
             start_lsn: AtomicU64::new(start.0),
+            released_by: Mutex::new(None),
             opened_at: end,
             closed: AtomicBool::new(false),
             release_lock: Mutex::new(()),
@@ -454,6 +460,14 @@ impl Wal {
         Lsn(self.shared.start_lsn.load(Acquire))
     }
 
+    /// The checkpoint whose release moved the start to where it is now, if
+    /// this process knows it (a checkpoint since open moved it there).
+    pub fn start_released_by(&self) -> Option<Lsn> {
+        let by = *self.shared.released_by.lock().unwrap();
+        let start = self.start_lsn();
+        by.filter(|(s, _)| *s == start).map(|(_, c)| c)
+    }
+
     /// Where this process began appending (the end of WAL found at open).
     pub fn opened_at(&self) -> Lsn {
         self.shared.opened_at
@@ -530,17 +544,20 @@ impl Wal {
     /// first, so a crash in between never leaves a WAL whose start is gone.
     /// Returns (recycled, removed). The checkpointer calls this with its redo LSN.
     pub fn remove_before(&self, lsn: Lsn) -> Result<(u64, u64)> {
-        self.remove_before_recycling(lsn, None)
+        self.remove_before_recycling(lsn, None, None)
     }
 
     /// [`Wal::remove_before`], recycling released segments only to numbers
     /// up to `recycle_upto` (the checkpointer's estimate of what the next
     /// cycle needs, between `min_wal_size` and `max_wal_size`) and removing
-    /// the rest. `None`: up to `max_wal_size` ahead.
+    /// the rest. `None`: up to `max_wal_size` ahead. `checkpoint`: the
+    /// checkpoint record whose release this is, named to readers refused
+    /// below the new start ([`Wal::start_released_by`]).
     pub fn remove_before_recycling(
         &self,
         lsn: Lsn,
         recycle_upto: Option<u64>,
+        checkpoint: Option<Lsn>,
     ) -> Result<(u64, u64)> {
         let _g = self.shared.release_lock.lock().unwrap();
         let flushed = self.flush_lsn();
@@ -568,6 +585,7 @@ impl Wal {
             });
         }
         segments::write_wal_start(&self.shared.cfg.wal_dir, lsn)?;
+        *self.shared.released_by.lock().unwrap() = checkpoint.map(|c| (lsn, c));
         self.shared.start_lsn.store(lsn.0, Release);
         let seg_size = self.shared.segments.segment_size();
         let current = self.shared.commit.flush_lsn().segno(seg_size);

@@ -342,3 +342,115 @@ impl Iterator for WalReader {
         }
     }
 }
+
+/// What is at an LSN where no valid record starts, as far as the bytes
+/// around it tell ([`locate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// The LSN lies inside the record at `record` (header, payload or
+    /// padding); the next record starts at `next`.
+    Inside {
+        record: Lsn,
+        kind: Kind,
+        payload_len: usize,
+        next: Lsn,
+    },
+    /// A valid record ends exactly there: the LSN is where a record should
+    /// start, and the bytes there are not a valid one.
+    AfterRecord { record: Lsn },
+    /// No valid record within the scanned window covers the LSN.
+    Unknown,
+}
+
+/// Finds the record that covers `at`, for a reader that was handed an LSN
+/// where no record starts. Records carry their own LSN and a crc, so a
+/// candidate start is believed only if its header names that very LSN and
+/// its crc matches: the search goes backwards from `at` in 8-byte steps, no
+/// further than `floor` (a known record start, e.g. the WAL's start) and no
+/// further than `max_record_len` plus a header below `at`, since a longer
+/// record cannot be in the WAL. Bytes are read below `limit` only (the
+/// flush LSN: nothing unflushed is looked at). Bounded: at most about twice
+/// `max_record_len` is read.
+pub fn locate(
+    dir: &Path,
+    segment_size: u64,
+    timeline: u32,
+    at: Lsn,
+    floor: Lsn,
+    limit: Lsn,
+    max_record_len: u64,
+) -> Result<Located, FileError> {
+    let reach = max_record_len + record::ALIGN + HEADER_LEN as u64;
+    let lo = Lsn(at.0.saturating_sub(reach).max(floor.0)).align_down(record::ALIGN);
+    let hi = Lsn(at.0.saturating_add(reach).min(limit.0));
+    if lo >= at || hi <= lo {
+        return Ok(Located::Unknown);
+    }
+    let (lo, bytes) = read_range(dir, segment_size, timeline, lo, hi)?;
+    let mut c = Lsn(at.0 - 1).align_down(record::ALIGN);
+    while c >= lo {
+        let off = (c.0 - lo.0) as usize;
+        let decoded = bytes.get(off..).map(|b| record::decode(b, c));
+        if let Some(Ok((hdr, payload))) = decoded {
+            let next = Lsn(c.0 + hdr.stream_len());
+            return Ok(if next > at {
+                Located::Inside {
+                    record: c,
+                    kind: hdr.kind,
+                    payload_len: payload.len(),
+                    next,
+                }
+            } else if next == at {
+                Located::AfterRecord { record: c }
+            } else {
+                Located::Unknown
+            });
+        }
+        if c.0 < record::ALIGN {
+            break;
+        }
+        c = Lsn(c.0 - record::ALIGN);
+    }
+    Ok(Located::Unknown)
+}
+
+/// The stream's bytes in `[lo, hi)` as far as segment files hold them:
+/// a missing segment below the last one read restarts the range after it,
+/// one above ends it. Returns where the bytes start.
+fn read_range(
+    dir: &Path,
+    segment_size: u64,
+    timeline: u32,
+    mut lo: Lsn,
+    hi: Lsn,
+) -> Result<(Lsn, Vec<u8>), FileError> {
+    let mut bytes = Vec::with_capacity((hi.0 - lo.0) as usize);
+    let mut next = lo;
+    while next < hi {
+        let segno = next.segno(segment_size);
+        let seg_off = next.segment_offset(segment_size);
+        let want = (segment_size - seg_off).min(hi.0 - next.0) as usize;
+        let path = dir.join(lsn::segment_file_name(timeline, segno, segment_size));
+        let file = match SegmentFile::open(&path, OpenMode::default()) {
+            Ok(f) => f,
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                if bytes.is_empty() {
+                    lo = Lsn(next.0 + want as u64);
+                    next = lo;
+                    continue;
+                }
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let old = bytes.len();
+        bytes.resize(old + want, 0);
+        let got = file.read_at(&mut bytes[old..], seg_off)?;
+        bytes.truncate(old + got);
+        if got < want {
+            break;
+        }
+        next = Lsn(next.0 + want as u64);
+    }
+    Ok((lo, bytes))
+}
