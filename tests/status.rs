@@ -109,7 +109,7 @@ fn status_shows_every_setting_in_force_with_its_unit() {
         ("wal_buffers", "16MB".into()),
         ("wal_writer_delay", "200ms".into()),
         ("slow_client_timeout", "1min".into()),
-        ("wal_keep_size", "0".into()),
+        ("wal_keep_size", "1GB".into()),
         ("commit_delay", 0.into()),
         ("checkpoint_completion_target", 0.9.into()),
         ("fsync", true.into()),
