@@ -64,6 +64,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    quiet_when_stdout_closes();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => tools::serve::run(args),
@@ -82,7 +83,35 @@ fn main() {
         Command::StoreChild(args) => tools::store_child::run(args),
     };
     if let Err(e) = result {
+        // A write to standard output whose reader has gone (`| head`): the
+        // tools return stdout's io::Error as is; socket and file errors
+        // come wrapped in walden's own errors or with context.
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            std::process::exit(0);
+        }
         eprintln!("walden: error: {}", tools::common::describe(&e));
         std::process::exit(1);
     }
+}
+
+/// `walden status | head`: once the reader of standard output has gone, a
+/// tool stops quietly, as a C tool killed by SIGPIPE does, instead of
+/// panicking in `println!`. (SIGPIPE itself stays ignored: a client whose
+/// server closed the socket must get an error, not die.)
+fn quiet_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }

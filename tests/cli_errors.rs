@@ -401,3 +401,62 @@ fn bench_prints_every_progress_tick_and_no_empty_checkpoint_line() {
     assert!(out.contains("latency outside checkpoints: "), "{out}");
     assert!(!out.contains("latency inside checkpoints"), "{out}");
 }
+
+/// Standard output whose reader is gone before the tool writes (`walden
+/// status | head -0`): the tool stops quietly with status 0, as a C tool
+/// killed by SIGPIPE would, instead of a panic or `Broken pipe` error.
+#[test]
+fn a_closed_standard_output_ends_the_tool_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let server = ServerProcess::start(&["fsync=off"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["append", "-h", &server.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: String = (0..5000).map(|i| format!("record {i}\n")).collect();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), lines.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = stdout(&o).lines().next().unwrap().to_string();
+    let data = server.dir.path().join("data").to_str().unwrap().to_string();
+    for args in [
+        vec!["status", "-h", &server.addr],
+        vec!["read", "-h", &server.addr, "--from", &first],
+        vec![
+            "read",
+            "-h",
+            &server.addr,
+            "--from",
+            &first,
+            "--format",
+            "hex",
+        ],
+        vec!["waldump", "-D", &data],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills both descriptors, which are then owned here.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fds came from pipe(2) above and are owned by nobody else.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args(&args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+}
