@@ -656,7 +656,10 @@ mod tests {
                     .iter()
                     .enumerate()
                     .map(|(i, r)| (naive_priority(&policy, r), i))
-                    .filter(|&(p, i)| p > 0 && matches!(rs[i].state, SenderState::Streaming | SenderState::Stopping))
+                    .filter(|&(p, i)| {
+                        p > 0
+                            && matches!(rs[i].state, SenderState::Streaming | SenderState::Stopping)
+                    })
                     .collect();
                 for (i, r) in rs.iter().enumerate() {
                     prop_assert_eq!(q.standbys()[i].sync_priority, naive_priority(&policy, r));
@@ -666,22 +669,28 @@ mod tests {
                     );
                 }
                 if cands.len() < k {
-                    prop_assert_eq!(got, Synced::Short { candidates: cands.len(), num_sync: k as u32 });
+                    let short = Synced::Short { candidates: cands.len(), num_sync: k as u32 };
+                    prop_assert_eq!(got, short);
                     return Ok(());
                 }
                 let got = as_array(got.lsns().expect("met"));
                 match policy.method() {
                     Method::Quorum => {
                         // The k-th largest of the candidates, per mode.
-                        for m in 0..3 {
-                            let mut v: Vec<Lsn> = cands.iter().map(|&(_, i)| modes(&rs[i])[m]).collect();
+                        for (m, &synced) in got.iter().enumerate() {
+                            let mut v: Vec<Lsn> =
+                                cands.iter().map(|&(_, i)| modes(&rs[i])[m]).collect();
                             v.sort();
                             v.reverse();
-                            prop_assert_eq!(got[m], v[k - 1]);
+                            prop_assert_eq!(synced, v[k - 1]);
                             // At least k quorum standbys hold it.
-                            let holding = rs.iter().enumerate().filter(|&(i, r)| {
-                                q.standbys()[i].sync_state == SyncState::Quorum && modes(r)[m] >= got[m]
-                            }).count();
+                            let holding = rs
+                                .iter()
+                                .zip(q.standbys())
+                                .filter(|(r, s)| {
+                                    s.sync_state == SyncState::Quorum && modes(r)[m] >= synced
+                                })
+                                .count();
                             prop_assert!(holding >= k);
                         }
                     }
@@ -690,17 +699,17 @@ mod tests {
                         // earlier report first; a stable sort keeps it).
                         cands.sort_by_key(|&(p, _)| p);
                         let sync: Vec<usize> = cands[..k].iter().map(|&(_, i)| i).collect();
-                        for m in 0..3 {
+                        for (m, &synced) in got.iter().enumerate() {
                             let min = sync.iter().map(|&i| modes(&rs[i])[m]).min().unwrap();
-                            prop_assert_eq!(got[m], min);
+                            prop_assert_eq!(synced, min);
                         }
                         for (i, r) in rs.iter().enumerate() {
                             let is_sync = q.standbys()[i].sync_state == SyncState::Sync;
                             prop_assert_eq!(is_sync, sync.contains(&i));
                             if is_sync {
                                 // Never past any sync standby.
-                                for m in 0..3 {
-                                    prop_assert!(got[m] <= modes(r)[m]);
+                                for (synced, own) in got.iter().zip(modes(r)) {
+                                    prop_assert!(*synced <= own);
                                 }
                             }
                         }
