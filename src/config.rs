@@ -290,6 +290,13 @@ pub struct Config {
     /// Threads that apply page records during crash recovery, each owning a
     /// share of the pages (0: one per CPU this process may run on, at most 8).
     pub recovery_workers: u32,
+
+    // --- replication ---
+    /// Which standbys `remote_write`/`on`/`remote_apply` commits wait for,
+    /// in PostgreSQL's grammar (`FIRST 1 (s1, s2)`, `ANY 1 (*)`, `s1, s2`);
+    /// empty: none. Validated and reloadable; no effect until replication
+    /// lands (issue #14).
+    pub synchronous_standby_names: String,
 }
 
 impl Default for Config {
@@ -340,6 +347,7 @@ impl Default for Config {
             wal_keep_size: Size(1 << 30),
             log_checkpoints: true,
             recovery_workers: 0,
+            synchronous_standby_names: String::new(),
         }
     }
 }
@@ -401,6 +409,7 @@ fn expected_form(name: &str, default: &toml::Value) -> &'static str {
         "wal_compression" => "one of off, lz4",
         "wal_full_policy" => "one of error, wait",
         "cpu_affinity" => "a list of CPU numbers such as [0, 1, 2]",
+        "synchronous_standby_names" => "a list of standbys such as 'ANY 1 (s1, s2)'",
         _ => match default {
             toml::Value::Boolean(_) => "a boolean: on, off, true, false, yes, no, 1 or 0",
             toml::Value::Integer(_) => "a whole number",
@@ -446,6 +455,20 @@ fn toml_value(default: Option<&toml::Value>, value: &str) -> String {
     }
 }
 
+const STANDBY_NAMES: &str = "synchronous_standby_names";
+
+/// A `synchronous_standby_names` value as TOML: a TOML string stays one
+/// (`'"s1", s2'`), anything else is the setting's own text, quoted. Its
+/// grammar has double quotes of its own (`"s1", s2`, `"any"`), which
+/// [`toml_value`] would take for a TOML string and refuse.
+fn standby_names_value(value: &str) -> String {
+    let as_toml = toml::from_str::<toml::Table>(&format!("v = {value}"));
+    match as_toml.ok().and_then(|mut t| t.remove("v")) {
+        Some(toml::Value::String(_)) => value.to_string(),
+        _ => toml::Value::String(value.to_string()).to_string(),
+    }
+}
+
 /// The configuration file's text with each top-level `name = value` line
 /// of a known setting rewritten by [`toml_value`], so that the file takes
 /// what `-c` takes (`fsync = on`, `wal_sync_method = fdatasync`). Lines
@@ -467,7 +490,10 @@ fn normalize_file(text: &str) -> String {
             if value.is_empty() || value.starts_with(['[', '{', '\'']) {
                 return None;
             }
-            let new = toml_value(Some(default), value);
+            let new = match name.trim() {
+                STANDBY_NAMES => standby_names_value(value),
+                _ => toml_value(Some(default), value),
+            };
             (new != value).then(|| format!("{} = {new} {comment}", name.trim_end()))
         });
         match rewritten {
@@ -529,7 +555,10 @@ impl Config {
             expected,
         };
         // Reuse the TOML parser so that -c accepts exactly what the file does.
-        let quoted = toml_value(Some(default), value);
+        let quoted = match name {
+            STANDBY_NAMES => standby_names_value(value),
+            _ => toml_value(Some(default), value),
+        };
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {quoted}"))
             .map_err(|_| bad())?
             .remove("v")
@@ -670,6 +699,12 @@ impl Config {
                 format!("{}ms is not between 1s and 1d", self.checkpoint_timeout.0),
             );
         }
+        if let Err(e) = crate::repl::StandbyNames::parse(&self.synchronous_standby_names) {
+            return invalid(
+                STANDBY_NAMES,
+                format!("{:?}: {e}", self.synchronous_standby_names),
+            );
+        }
         if !(0.0..=1.0).contains(&self.checkpoint_completion_target) {
             return invalid(
                 "checkpoint_completion_target",
@@ -795,6 +830,62 @@ mod tests {
         let e = cfg.set("nosuch=1").unwrap_err().to_string();
         assert!(
             e.starts_with("unrecognized configuration parameter \"nosuch\"; valid parameters are: allow_unauthenticated,"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn synchronous_standby_names_is_checked_with_postgres_grammar() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.synchronous_standby_names, "");
+        cfg.validate().unwrap();
+        // -c takes the setting's text as is, double quotes included.
+        for (value, want) in [
+            ("ANY 1 (s1, s2)", "ANY 1 (s1, s2)"),
+            ("s1,s2", "s1,s2"),
+            ("'FIRST 2 (a, b, c)'", "FIRST 2 (a, b, c)"),
+            ("\"s1\", s2", "\"s1\", s2"),
+            ("'\"any\"'", "\"any\""),
+            ("*", "*"),
+            ("", ""),
+        ] {
+            cfg.set(&format!("synchronous_standby_names={value}"))
+                .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(cfg.synchronous_standby_names, want, "{value:?}");
+            cfg.validate().unwrap_or_else(|e| panic!("{value:?}: {e}"));
+        }
+        cfg.set("synchronous_standby_names=FIRST 0 (a)").unwrap();
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid value for parameter \"synchronous_standby_names\": \"FIRST 0 (a)\": \
+             number of synchronous standbys (0) must be greater than zero"
+        );
+        cfg.set("synchronous_standby_names=ANY 1 (a, b").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.ends_with("\"ANY 1 (a, b\": syntax error at end of input"),
+            "{e}"
+        );
+        // The file: bare, TOML-quoted, or with the grammar's own quotes.
+        for (line, want) in [
+            ("synchronous_standby_names = ANY 1 (*)\n", "ANY 1 (*)"),
+            (
+                "synchronous_standby_names = 'FIRST 1 (\"s 1\", s2)'\n",
+                "FIRST 1 (\"s 1\", s2)",
+            ),
+            ("synchronous_standby_names = \"s1, s2\"\n", "s1, s2"),
+            ("synchronous_standby_names = \"s1\", s2\n", "\"s1\", s2"),
+        ] {
+            let cfg: Config =
+                toml::from_str(&normalize_file(line)).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(cfg.synchronous_standby_names, want, "{line:?}");
+            cfg.validate().unwrap();
+        }
+        let cfg: Config =
+            toml::from_str(&normalize_file("synchronous_standby_names = 's1 s2'\n")).unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("syntax error at or near \"s2\" at character 4"),
             "{e}"
         );
     }

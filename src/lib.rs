@@ -8,8 +8,8 @@
 //! [`store`]) are opaque 8 KiB blocks materialised from page records.
 //!
 //! Floors, from the bottom: [`io`] (every syscall and `unsafe`), [`lsn`],
-//! [`record`], [`config`], [`lock`], [`wal`], [`store`], then the protocol,
-//! client and server. Nothing imports upward.
+//! [`record`], [`repl`] (the synchronous-standby policy, pure), [`config`],
+//! [`lock`], [`wal`], [`store`], then the protocol, client and server. Nothing imports upward.
 
 pub mod client;
 pub mod clock;
@@ -22,6 +22,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod protocol;
 pub mod record;
+pub mod repl;
 pub mod server;
 pub mod store;
 #[doc(hidden)]

@@ -124,11 +124,18 @@ fn status_shows_every_setting_in_force_with_its_unit() {
         &file,
         "idle_timeout = \"2min\"\nshared_buffers = \"16MB\"\ncheckpoint_timeout = 300000\n\
          commit_delay = 250\ncheckpoint_completion_target = 0.5\nmax_send_backlog = \"8MB\"\n\
-         wal_buffers = \"32MB\"\n",
+         wal_buffers = \"32MB\"\nsynchronous_standby_names = 'ANY 1 (\"s 1\", s2)'\n",
     )
     .unwrap();
     s.reload_until_logged(
         "parameter \"wal_buffers\" cannot be changed without restarting the server",
+    );
+    // A string is logged as its text, as PostgreSQL does.
+    assert!(
+        s.log()
+            .contains("parameter \"synchronous_standby_names\" changed to \"ANY 1 (\"s 1\", s2)\""),
+        "{}",
+        s.log()
     );
     let v = http_status(&http);
     let settings = &v["settings"];
@@ -137,6 +144,8 @@ fn status_shows_every_setting_in_force_with_its_unit() {
         ("commit_delay", 250.into()),
         ("checkpoint_completion_target", 0.5.into()),
         ("max_send_backlog", "8MB".into()),
+        // As written in the file.
+        ("synchronous_standby_names", "ANY 1 (\"s 1\", s2)".into()),
         // Still the value it started with: the file's 32MB is not in force.
         ("wal_buffers", "16MB".into()),
     ] {
@@ -162,9 +171,19 @@ fn status_shows_every_setting_in_force_with_its_unit() {
         ("fsync", "true"),
         ("cpu_affinity", "[]"),
         ("auth_token_file", ""),
+        ("synchronous_standby_names", "ANY 1 (\"s 1\", s2)"),
     ] {
         assert_eq!(setting(&lines, name), want, "walden status: {name}\n{text}");
     }
     let json: serde_json::Value = serde_json::from_str(&walden_status(&s.addr, true)).unwrap();
     assert_eq!(json["settings"], v["settings"]);
+
+    // A value PostgreSQL would refuse is refused by a reload, with its
+    // words, and the one in force stays.
+    std::fs::write(&file, "synchronous_standby_names = 'FIRST 0 (s1)'\n").unwrap();
+    s.reload_until_logged("number of synchronous standbys (0) must be greater than zero");
+    assert_eq!(
+        http_status(&http)["settings"]["synchronous_standby_names"],
+        "ANY 1 (\"s 1\", s2)"
+    );
 }

@@ -124,7 +124,7 @@ impl Runtime {
 }
 
 /// Settings a reload applies; every other change needs a restart.
-pub const RELOADABLE: [&str; 17] = [
+pub const RELOADABLE: [&str; 18] = [
     "auth_token_file",
     "max_in_flight",
     "max_connections",
@@ -142,6 +142,7 @@ pub const RELOADABLE: [&str; 17] = [
     "bgwriter_lru_multiplier",
     "log_checkpoints",
     "wal_compression",
+    "synchronous_standby_names",
 ];
 
 fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
@@ -353,6 +354,11 @@ impl Server {
                     }
                     continue;
                 }
+                // A string as PostgreSQL shows it: its text, not TOML's quoting.
+                let value = match value {
+                    toml::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
                 lines.push(format!("parameter \"{key}\" changed to \"{value}\""));
             } else if let Some(line) = fixed_at_creation(key, &old, new) {
                 lines.push(line);
@@ -388,6 +394,7 @@ impl Server {
         next.bgwriter_lru_multiplier = new.bgwriter_lru_multiplier;
         next.log_checkpoints = new.log_checkpoints;
         next.wal_compression = new.wal_compression;
+        next.synchronous_standby_names = new.synchronous_standby_names.clone();
         *applied = next;
         Ok(lines)
     }
@@ -574,6 +581,7 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
         wal_keep_size,
         log_checkpoints,
         recovery_workers,
+        synchronous_standby_names,
     } = cfg;
     let unit = |v: &dyn std::fmt::Display| Value::from(v.to_string());
     [
@@ -629,6 +637,11 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
         ("wal_keep_size", unit(wal_keep_size)),
         ("log_checkpoints", Value::from(*log_checkpoints)),
         ("recovery_workers", Value::from(*recovery_workers)),
+        // As written (not the canonical form): what the file says.
+        (
+            "synchronous_standby_names",
+            Value::from(synchronous_standby_names.as_str()),
+        ),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))
