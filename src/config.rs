@@ -699,7 +699,7 @@ impl Config {
                 format!("{}ms is not between 1s and 1d", self.checkpoint_timeout.0),
             );
         }
-        if let Err(e) = crate::repl::StandbyNames::parse(&self.synchronous_standby_names) {
+        if let Err(e) = crate::replication::StandbyNames::parse(&self.synchronous_standby_names) {
             return invalid(
                 STANDBY_NAMES,
                 format!("{:?}: {e}", self.synchronous_standby_names),

@@ -22,7 +22,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod protocol;
 pub mod record;
-pub mod repl;
+pub mod replication;
 pub mod server;
 pub mod store;
 #[doc(hidden)]
