@@ -63,7 +63,8 @@ impl fmt::Display for Direction {
 }
 
 /// Byte 4 of the header. 0x10..=0x1F and 0x90..=0x9F are the page store's
-/// frames; 0x20..=0x2F and 0xA0..=0xAF are reserved for replication
+/// frames; 0x20..=0x2F and 0xA0..=0xAF replication's, whose layouts are
+/// defined and checked here although no server serves them yet
 /// (docs/protocol.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -127,12 +128,6 @@ impl FrameType {
         FrameType::StreamStart,
         FrameType::Error,
     ];
-
-    /// The replication frames a client (a standby) sends. A version 1
-    /// server decodes them but does not serve them (docs/protocol.md §3).
-    pub fn is_replication(self) -> bool {
-        matches!(self as u8, 0x20..=0x2F | 0xA0..=0xAF)
-    }
 
     pub fn from_u8(b: u8) -> Option<FrameType> {
         FrameType::ALL.into_iter().find(|t| *t as u8 == b)
