@@ -1990,11 +1990,8 @@ fn decode_body<'a>(
             let send_time = b.u64("send time")?;
             let wal = b.rest();
             // IMPORTANT: a primary sends only WAL it has flushed (wal_end).
-            if start
-                .0
-                .checked_add(wal.len() as u64)
-                .is_none_or(|e| e > wal_end.0)
-            {
+            let end = start.0.checked_add(wal.len() as u64);
+            if end.map_or(true, |e| e > wal_end.0) {
                 return Err(Problem::WalPastEnd {
                     start,
                     len: wal.len(),
