@@ -63,7 +63,8 @@ impl fmt::Display for Direction {
 }
 
 /// Byte 4 of the header. 0x10..=0x1F and 0x90..=0x9F are the page store's
-/// frames; 0x20..=0x2F and 0xA0..=0xAF are reserved for replication
+/// frames; 0x20..=0x2F and 0xA0..=0xAF replication's, whose layouts are
+/// defined and checked here although no server serves them yet
 /// (docs/protocol.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -77,19 +78,28 @@ pub enum FrameType {
     PageWrite = 0x10,
     PageRead = 0x11,
     Checkpoint = 0x12,
+    StartReplication = 0x20,
+    StandbyStatus = 0x21,
+    TimelineHistory = 0x22,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
     ReadEnd = 0x84,
+    Indeterminate = 0x85,
     StatusReply = 0x86,
     PageWritten = 0x90,
     PageData = 0x91,
     CheckpointDone = 0x92,
+    WalData = 0xA0,
+    Keepalive = 0xA1,
+    TimelineEnd = 0xA2,
+    HistoryData = 0xA3,
+    StreamStart = 0xA4,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 27] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
@@ -99,14 +109,23 @@ impl FrameType {
         FrameType::PageWrite,
         FrameType::PageRead,
         FrameType::Checkpoint,
+        FrameType::StartReplication,
+        FrameType::StandbyStatus,
+        FrameType::TimelineHistory,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
         FrameType::ReadEnd,
+        FrameType::Indeterminate,
         FrameType::StatusReply,
         FrameType::PageWritten,
         FrameType::PageData,
         FrameType::CheckpointDone,
+        FrameType::WalData,
+        FrameType::Keepalive,
+        FrameType::TimelineEnd,
+        FrameType::HistoryData,
+        FrameType::StreamStart,
         FrameType::Error,
     ];
 
@@ -142,7 +161,60 @@ impl FrameType {
             Records => (4 + 13, any),
             StatusReply => (24, any),
             Error => (2, any),
+            StartReplication => (
+                START_REPLICATION_FIXED,
+                START_REPLICATION_FIXED + 2 * MAX_NAME_LEN,
+            ),
+            StandbyStatus => (33, 33),
+            TimelineHistory => (4, 4),
+            StreamStart => (32, 32),
+            WalData => (32 + 1, any),
+            Keepalive => (25, 25),
+            TimelineEnd => (16, 16),
+            HistoryData => (4, any),
+            Indeterminate => (2 + 8 + 4 + 8, any),
         }
+    }
+}
+
+/// The longest slot or application name in StartReplication, in bytes:
+/// PostgreSQL's `NAMEDATALEN - 1`.
+pub const MAX_NAME_LEN: usize = 63;
+/// StartReplication's body up to its two names: system id, timeline, flags,
+/// start, term and the two name lengths.
+const START_REPLICATION_FIXED: usize = 8 + 4 + 4 + 8 + 8 + 2 + 2;
+
+/// Why an Append (or PageWrite) ended Indeterminate: its records are
+/// written locally, but the level it asked for was not confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum IndeterminateReason {
+    /// The client's wait timeout expired.
+    Timeout = 1,
+    /// The client cancelled the wait.
+    Cancelled = 2,
+    /// The server is shutting down.
+    ShuttingDown = 3,
+    /// `synchronous_commit_timeout` expired with the `indeterminate` action.
+    QuorumTimeout = 4,
+    /// A reload emptied `synchronous_standby_names` while it waited.
+    ConfigurationChanged = 5,
+    /// The server learnt of a higher term: it no longer acknowledges.
+    Deposed = 6,
+}
+
+impl IndeterminateReason {
+    pub const ALL: [IndeterminateReason; 6] = [
+        IndeterminateReason::Timeout,
+        IndeterminateReason::Cancelled,
+        IndeterminateReason::ShuttingDown,
+        IndeterminateReason::QuorumTimeout,
+        IndeterminateReason::ConfigurationChanged,
+        IndeterminateReason::Deposed,
+    ];
+
+    pub fn from_wire(b: u8) -> Option<IndeterminateReason> {
+        IndeterminateReason::ALL.into_iter().find(|r| *r as u8 == b)
     }
 }
 
@@ -167,6 +239,9 @@ impl ErrorCode {
     pub const STARTING_UP: ErrorCode = ErrorCode(13);
     /// The server already has `max_connections` connections open.
     pub const TOO_MANY_CONNECTIONS: ErrorCode = ErrorCode(14);
+    /// A write (Append, PageWrite, Checkpoint) sent to a standby. A core
+    /// code: any client can meet it, not only a standby.
+    pub const READ_ONLY: ErrorCode = ErrorCode(15);
     /// A page address or byte range that cannot exist (block too large,
     /// offset + length past the page). Page store codes start at 256.
     pub const BAD_PAGE: ErrorCode = ErrorCode(256);
@@ -174,8 +249,22 @@ impl ErrorCode {
     pub const PAGE_CORRUPT: ErrorCode = ErrorCode(257);
     /// The data device failed (a read or write error, or it is full).
     pub const IO_ERROR: ErrorCode = ErrorCode(258);
+    /// StartReplication from another system (system id or segment size).
+    /// Replication codes start at 512.
+    pub const SYSTEM_MISMATCH: ErrorCode = ErrorCode(512);
+    /// The standby's timeline is not in the server's history at its start.
+    pub const TIMELINE_NOT_IN_HISTORY: ErrorCode = ErrorCode(513);
+    /// The server's term is below the standby's: it has been deposed.
+    pub const STALE_TERM: ErrorCode = ErrorCode(514);
+    pub const UNKNOWN_SLOT: ErrorCode = ErrorCode(515);
+    /// The slot is in use by another standby's stream.
+    pub const SLOT_ACTIVE: ErrorCode = ErrorCode(516);
+    /// The slot fell behind `max_slot_wal_keep_size`; its WAL is gone.
+    pub const SLOT_LOST: ErrorCode = ErrorCode(517);
+    /// The standby's WAL diverged from the server's; the message names where.
+    pub const DIVERGED: ErrorCode = ErrorCode(518);
 
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -190,9 +279,17 @@ impl ErrorCode {
         ErrorCode::TIMEOUT,
         ErrorCode::STARTING_UP,
         ErrorCode::TOO_MANY_CONNECTIONS,
+        ErrorCode::READ_ONLY,
         ErrorCode::BAD_PAGE,
         ErrorCode::PAGE_CORRUPT,
         ErrorCode::IO_ERROR,
+        ErrorCode::SYSTEM_MISMATCH,
+        ErrorCode::TIMELINE_NOT_IN_HISTORY,
+        ErrorCode::STALE_TERM,
+        ErrorCode::UNKNOWN_SLOT,
+        ErrorCode::SLOT_ACTIVE,
+        ErrorCode::SLOT_LOST,
+        ErrorCode::DIVERGED,
     ];
 
     pub fn name(self) -> &'static str {
@@ -214,6 +311,14 @@ impl ErrorCode {
             ErrorCode::IO_ERROR => "IO_ERROR",
             ErrorCode::STARTING_UP => "STARTING_UP",
             ErrorCode::TOO_MANY_CONNECTIONS => "TOO_MANY_CONNECTIONS",
+            ErrorCode::READ_ONLY => "READ_ONLY",
+            ErrorCode::SYSTEM_MISMATCH => "SYSTEM_MISMATCH",
+            ErrorCode::TIMELINE_NOT_IN_HISTORY => "TIMELINE_NOT_IN_HISTORY",
+            ErrorCode::STALE_TERM => "STALE_TERM",
+            ErrorCode::UNKNOWN_SLOT => "UNKNOWN_SLOT",
+            ErrorCode::SLOT_ACTIVE => "SLOT_ACTIVE",
+            ErrorCode::SLOT_LOST => "SLOT_LOST",
+            ErrorCode::DIVERGED => "DIVERGED",
             _ => "UNKNOWN",
         }
     }
@@ -231,6 +336,12 @@ impl ErrorCode {
                 | ErrorCode::BAD_PAGE
                 | ErrorCode::PAGE_CORRUPT
                 | ErrorCode::IO_ERROR
+                | ErrorCode::READ_ONLY
+                | ErrorCode::TIMELINE_NOT_IN_HISTORY
+                | ErrorCode::UNKNOWN_SLOT
+                | ErrorCode::SLOT_ACTIVE
+                | ErrorCode::SLOT_LOST
+                | ErrorCode::DIVERGED
         )
     }
 }
@@ -352,6 +463,31 @@ pub enum Frame {
     Checkpoint {
         request_id: u64,
     },
+    /// A standby asks for the WAL from `start` (docs/protocol.md §4.10).
+    StartReplication {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        start: Lsn,
+        term: u64,
+        /// Empty: no slot. Otherwise `[a-z0-9_]`, at most MAX_NAME_LEN.
+        slot: String,
+        application_name: String,
+    },
+    /// A standby's write, flush and apply LSNs; `write ≥ flush ≥ apply`.
+    StandbyStatus {
+        request_id: u64,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        /// Microseconds since the Unix epoch.
+        send_time: u64,
+        reply_requested: bool,
+    },
+    TimelineHistory {
+        request_id: u64,
+        timeline: u32,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -398,6 +534,50 @@ pub enum Frame {
         request_id: u64,
         checkpoint: Lsn,
         redo: Lsn,
+    },
+    /// Final reply of an Append that waited for a level it did not reach:
+    /// the Ack's LSNs, the level reached, and why the wait ended.
+    Indeterminate {
+        request_id: u64,
+        reached: Durability,
+        reason: IndeterminateReason,
+        lsns: Vec<Lsn>,
+        end: Lsn,
+    },
+    /// The first frame of a replication stream.
+    StreamStart {
+        request_id: u64,
+        term: u64,
+        timeline: u32,
+        flush: Lsn,
+        commit: Lsn,
+    },
+    /// WAL bytes `[start, start + wal.len())` exactly as on disk; they end
+    /// at or before `wal_end`.
+    WalData {
+        request_id: u64,
+        start: Lsn,
+        wal_end: Lsn,
+        commit: Lsn,
+        send_time: u64,
+        wal: Vec<u8>,
+    },
+    Keepalive {
+        request_id: u64,
+        wal_end: Lsn,
+        commit: Lsn,
+        send_time: u64,
+        reply_requested: bool,
+    },
+    TimelineEnd {
+        request_id: u64,
+        next_timeline: u32,
+        switch: Lsn,
+    },
+    HistoryData {
+        request_id: u64,
+        timeline: u32,
+        history: Vec<u8>,
     },
     Error {
         request_id: u64,
@@ -452,6 +632,31 @@ pub enum FrameRef<'a> {
     Checkpoint {
         request_id: u64,
     },
+    /// A standby asks for the WAL from `start` (docs/protocol.md §4.10).
+    StartReplication {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        start: Lsn,
+        term: u64,
+        /// Empty: no slot. Otherwise `[a-z0-9_]`, at most MAX_NAME_LEN.
+        slot: &'a str,
+        application_name: &'a str,
+    },
+    /// A standby's write, flush and apply LSNs; `write ≥ flush ≥ apply`.
+    StandbyStatus {
+        request_id: u64,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        /// Microseconds since the Unix epoch.
+        send_time: u64,
+        reply_requested: bool,
+    },
+    TimelineHistory {
+        request_id: u64,
+        timeline: u32,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -496,6 +701,50 @@ pub enum FrameRef<'a> {
         checkpoint: Lsn,
         redo: Lsn,
     },
+    /// Final reply of an Append that waited for a level it did not reach:
+    /// the Ack's LSNs, the level reached, and why the wait ended.
+    Indeterminate {
+        request_id: u64,
+        reached: Durability,
+        reason: IndeterminateReason,
+        lsns: AckLsns<'a>,
+        end: Lsn,
+    },
+    /// The first frame of a replication stream.
+    StreamStart {
+        request_id: u64,
+        term: u64,
+        timeline: u32,
+        flush: Lsn,
+        commit: Lsn,
+    },
+    /// WAL bytes `[start, start + wal.len())` exactly as on disk; they end
+    /// at or before `wal_end`.
+    WalData {
+        request_id: u64,
+        start: Lsn,
+        wal_end: Lsn,
+        commit: Lsn,
+        send_time: u64,
+        wal: &'a [u8],
+    },
+    Keepalive {
+        request_id: u64,
+        wal_end: Lsn,
+        commit: Lsn,
+        send_time: u64,
+        reply_requested: bool,
+    },
+    TimelineEnd {
+        request_id: u64,
+        next_timeline: u32,
+        switch: Lsn,
+    },
+    HistoryData {
+        request_id: u64,
+        timeline: u32,
+        history: &'a [u8],
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -523,6 +772,15 @@ impl Frame {
             | Frame::Records { request_id, .. }
             | Frame::ReadEnd { request_id, .. }
             | Frame::StatusReply { request_id, .. }
+            | Frame::StartReplication { request_id, .. }
+            | Frame::StandbyStatus { request_id, .. }
+            | Frame::TimelineHistory { request_id, .. }
+            | Frame::Indeterminate { request_id, .. }
+            | Frame::StreamStart { request_id, .. }
+            | Frame::WalData { request_id, .. }
+            | Frame::Keepalive { request_id, .. }
+            | Frame::TimelineEnd { request_id, .. }
+            | Frame::HistoryData { request_id, .. }
             | Frame::Error { request_id, .. } => request_id,
         }
     }
@@ -548,6 +806,15 @@ impl FrameRef<'_> {
             | FrameRef::Records { request_id, .. }
             | FrameRef::ReadEnd { request_id, .. }
             | FrameRef::StatusReply { request_id, .. }
+            | FrameRef::StartReplication { request_id, .. }
+            | FrameRef::StandbyStatus { request_id, .. }
+            | FrameRef::TimelineHistory { request_id, .. }
+            | FrameRef::Indeterminate { request_id, .. }
+            | FrameRef::StreamStart { request_id, .. }
+            | FrameRef::WalData { request_id, .. }
+            | FrameRef::Keepalive { request_id, .. }
+            | FrameRef::TimelineEnd { request_id, .. }
+            | FrameRef::HistoryData { request_id, .. }
             | FrameRef::Error { request_id, .. } => request_id,
         }
     }
@@ -693,6 +960,117 @@ impl FrameRef<'_> {
                 write_lsn,
                 flush_lsn,
                 json: json.to_string(),
+            },
+            FrameRef::StartReplication {
+                request_id,
+                system_id,
+                timeline,
+                start,
+                term,
+                slot,
+                application_name,
+            } => Frame::StartReplication {
+                request_id,
+                system_id,
+                timeline,
+                start,
+                term,
+                slot: slot.to_string(),
+                application_name: application_name.to_string(),
+            },
+            FrameRef::StandbyStatus {
+                request_id,
+                write,
+                flush,
+                apply,
+                send_time,
+                reply_requested,
+            } => Frame::StandbyStatus {
+                request_id,
+                write,
+                flush,
+                apply,
+                send_time,
+                reply_requested,
+            },
+            FrameRef::TimelineHistory {
+                request_id,
+                timeline,
+            } => Frame::TimelineHistory {
+                request_id,
+                timeline,
+            },
+            FrameRef::Indeterminate {
+                request_id,
+                reached,
+                reason,
+                lsns,
+                end,
+            } => Frame::Indeterminate {
+                request_id,
+                reached,
+                reason,
+                lsns: lsns.iter().collect(),
+                end,
+            },
+            FrameRef::StreamStart {
+                request_id,
+                term,
+                timeline,
+                flush,
+                commit,
+            } => Frame::StreamStart {
+                request_id,
+                term,
+                timeline,
+                flush,
+                commit,
+            },
+            FrameRef::WalData {
+                request_id,
+                start,
+                wal_end,
+                commit,
+                send_time,
+                wal,
+            } => Frame::WalData {
+                request_id,
+                start,
+                wal_end,
+                commit,
+                send_time,
+                wal: wal.to_vec(),
+            },
+            FrameRef::Keepalive {
+                request_id,
+                wal_end,
+                commit,
+                send_time,
+                reply_requested,
+            } => Frame::Keepalive {
+                request_id,
+                wal_end,
+                commit,
+                send_time,
+                reply_requested,
+            },
+            FrameRef::TimelineEnd {
+                request_id,
+                next_timeline,
+                switch,
+            } => Frame::TimelineEnd {
+                request_id,
+                next_timeline,
+                switch,
+            },
+            FrameRef::HistoryData {
+                request_id,
+                timeline,
+                history,
+            } => Frame::HistoryData {
+                request_id,
+                timeline,
+                history: history.to_vec(),
             },
             FrameRef::Error {
                 request_id,
@@ -844,6 +1222,115 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(json.as_bytes());
             finish(out, at);
         }
+        Frame::StartReplication {
+            request_id,
+            system_id,
+            timeline,
+            start,
+            term,
+            slot,
+            application_name,
+        } => {
+            let at = begin(out, FrameType::StartReplication, *request_id);
+            out.extend_from_slice(&system_id.to_le_bytes());
+            out.extend_from_slice(&timeline.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined
+            out.extend_from_slice(&start.0.to_le_bytes());
+            out.extend_from_slice(&term.to_le_bytes());
+            out.extend_from_slice(&len16(slot.len(), "slot name").to_le_bytes());
+            out.extend_from_slice(&len16(application_name.len(), "application name").to_le_bytes());
+            out.extend_from_slice(slot.as_bytes());
+            out.extend_from_slice(application_name.as_bytes());
+            finish(out, at);
+        }
+        Frame::StandbyStatus {
+            request_id,
+            write,
+            flush,
+            apply,
+            send_time,
+            reply_requested,
+        } => {
+            let at = begin(out, FrameType::StandbyStatus, *request_id);
+            for v in [write.0, flush.0, apply.0, *send_time] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.push(u8::from(*reply_requested));
+            finish(out, at);
+        }
+        Frame::TimelineHistory {
+            request_id,
+            timeline,
+        } => {
+            let at = begin(out, FrameType::TimelineHistory, *request_id);
+            out.extend_from_slice(&timeline.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::Indeterminate {
+            request_id,
+            reached,
+            reason,
+            lsns,
+            end,
+        } => encode_indeterminate(*request_id, *reached, *reason, lsns, *end, out),
+        Frame::StreamStart {
+            request_id,
+            term,
+            timeline,
+            flush,
+            commit,
+        } => {
+            let at = begin(out, FrameType::StreamStart, *request_id);
+            out.extend_from_slice(&term.to_le_bytes());
+            out.extend_from_slice(&timeline.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes()); // reserved
+            out.extend_from_slice(&flush.0.to_le_bytes());
+            out.extend_from_slice(&commit.0.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::WalData {
+            request_id,
+            start,
+            wal_end,
+            commit,
+            send_time,
+            wal,
+        } => encode_wal_data(*request_id, *start, *wal_end, *commit, *send_time, wal, out),
+        Frame::Keepalive {
+            request_id,
+            wal_end,
+            commit,
+            send_time,
+            reply_requested,
+        } => {
+            let at = begin(out, FrameType::Keepalive, *request_id);
+            for v in [wal_end.0, commit.0, *send_time] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.push(u8::from(*reply_requested));
+            finish(out, at);
+        }
+        Frame::TimelineEnd {
+            request_id,
+            next_timeline,
+            switch,
+        } => {
+            let at = begin(out, FrameType::TimelineEnd, *request_id);
+            out.extend_from_slice(&next_timeline.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes()); // reserved
+            out.extend_from_slice(&switch.0.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::HistoryData {
+            request_id,
+            timeline,
+            history,
+        } => {
+            let at = begin(out, FrameType::HistoryData, *request_id);
+            out.extend_from_slice(&timeline.to_le_bytes());
+            out.extend_from_slice(history);
+            finish(out, at);
+        }
         Frame::Error {
             request_id,
             code,
@@ -871,6 +1358,47 @@ pub fn encode_append(
 /// 8-byte aligned), `end` being the end of the last one.
 pub fn encode_ack(request_id: u64, lsns: &[Lsn], end: Lsn, out: &mut Vec<u8>) {
     let at = begin(out, FrameType::Ack, request_id);
+    put_ack_body(out, lsns, end);
+    finish(out, at);
+}
+
+/// An Indeterminate: the level reached and why the wait ended, then the
+/// body of the Ack the Append would have had.
+pub fn encode_indeterminate(
+    request_id: u64,
+    reached: Durability,
+    reason: IndeterminateReason,
+    lsns: &[Lsn],
+    end: Lsn,
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::Indeterminate, request_id);
+    out.push(durability_to_wire(reached));
+    out.push(reason as u8);
+    put_ack_body(out, lsns, end);
+    finish(out, at);
+}
+
+/// WalData from borrowed WAL bytes (straight from the ring or a segment).
+pub fn encode_wal_data(
+    request_id: u64,
+    start: Lsn,
+    wal_end: Lsn,
+    commit: Lsn,
+    send_time: u64,
+    wal: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::WalData, request_id);
+    for v in [start.0, wal_end.0, commit.0, send_time] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(wal);
+    finish(out, at);
+}
+
+/// `end`, count, first LSN, then the steps: an Ack's body.
+fn put_ack_body(out: &mut Vec<u8>, lsns: &[Lsn], end: Lsn) {
     out.extend_from_slice(&end.0.to_le_bytes());
     out.extend_from_slice(&len32(lsns.len(), "LSNs").to_le_bytes());
     let first = lsns.first().map_or(0, |l| l.0);
@@ -885,7 +1413,6 @@ pub fn encode_ack(request_id: u64, lsns: &[Lsn], end: Lsn, out: &mut Vec<u8>) {
         );
         put_varint(out, delta / ALIGN);
     }
-    finish(out, at);
 }
 
 /// A Records frame from borrowed records (straight from a WAL reader).
@@ -1095,6 +1622,42 @@ pub enum Problem {
     InvalidUtf8 { field: &'static str },
     #[error("{ty:?} frame: {what}")]
     BadLsn { ty: FrameType, what: &'static str },
+    #[error("{ty:?} frame: timeline 0 does not exist (timelines start at 1)")]
+    ZeroTimeline { ty: FrameType },
+    #[error("{ty:?} frame: {field} is {value:#010x}, must be 0")]
+    NonZero {
+        ty: FrameType,
+        field: &'static str,
+        value: u32,
+    },
+    #[error(
+        "{field} of {len} bytes is longer than {MAX_NAME_LEN} bytes (PostgreSQL's NAMEDATALEN - 1)"
+    )]
+    NameTooLong { field: &'static str, len: u16 },
+    #[error(
+        "slot name has byte {byte:#04x} at offset {at}: only lower case letters, digits and the underscore are allowed"
+    )]
+    InvalidSlotName { at: usize, byte: u8 },
+    #[error("{field} is {value}: expected 0 or 1")]
+    InvalidFlag { field: &'static str, value: u8 },
+    #[error("{ty:?} frame: {later} LSN {later_lsn} is past {earlier} LSN {earlier_lsn}")]
+    LsnOrder {
+        ty: FrameType,
+        earlier: &'static str,
+        earlier_lsn: Lsn,
+        later: &'static str,
+        later_lsn: Lsn,
+    },
+    #[error("WalData frame: {len} bytes from {start} end past wal_end {wal_end}")]
+    WalPastEnd {
+        start: Lsn,
+        len: usize,
+        wal_end: Lsn,
+    },
+    #[error("Indeterminate frame: reached level {0} is not below any level an Append can ask for: expected 0 to 3")]
+    InvalidReached(u8),
+    #[error("Indeterminate frame: invalid reason {0}: expected 1 to 6")]
+    InvalidReason(u8),
 }
 
 fn expected(min: usize, max: usize) -> String {
@@ -1329,6 +1892,142 @@ fn decode_body<'a>(
             flush_lsn: b.lsn("flush LSN")?,
             json: utf8(b.rest(), "status JSON")?,
         },
+        FrameType::StartReplication => {
+            let system_id = b.u64("system identifier")?;
+            let timeline = b.timeline()?;
+            let flags = b.u32("flags")?;
+            if flags != 0 {
+                return Err(Problem::NonZero {
+                    ty,
+                    field: "flags",
+                    value: flags,
+                });
+            }
+            let start = b.lsn("start LSN")?;
+            if start.0 == 0 || start.0 % ALIGN != 0 {
+                return Err(Problem::BadLsn {
+                    ty,
+                    what: "start LSN must be a record start: non-zero and a multiple of 8",
+                });
+            }
+            let term = b.u64("term")?;
+            let slot_len = b.name_len("slot name")?;
+            let name_len = b.name_len("application name")?;
+            let slot = b.take(slot_len, "slot name")?;
+            // As PostgreSQL's ReplicationSlotValidateName; all ASCII, so
+            // valid UTF-8 too. Empty means no slot.
+            if let Some(at) = slot
+                .iter()
+                .position(|c| !matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+            {
+                return Err(Problem::InvalidSlotName { at, byte: slot[at] });
+            }
+            let slot = utf8(slot, "slot name")?;
+            let application_name = utf8(b.take(name_len, "application name")?, "application name")?;
+            FrameRef::StartReplication {
+                request_id,
+                system_id,
+                timeline,
+                start,
+                term,
+                slot,
+                application_name,
+            }
+        }
+        FrameType::StandbyStatus => {
+            let write = b.lsn("write LSN")?;
+            let flush = b.lsn("flush LSN")?;
+            b.lsn_order(("write", write), ("flush", flush))?;
+            let apply = b.lsn("apply LSN")?;
+            b.lsn_order(("flush", flush), ("apply", apply))?;
+            FrameRef::StandbyStatus {
+                request_id,
+                write,
+                flush,
+                apply,
+                send_time: b.u64("send time")?,
+                reply_requested: b.flag("reply_requested")?,
+            }
+        }
+        FrameType::TimelineHistory => FrameRef::TimelineHistory {
+            request_id,
+            timeline: b.timeline()?,
+        },
+        FrameType::Indeterminate => {
+            let reached = b.u8("reached level")?;
+            let reached = durability_from_wire(reached)
+                .filter(|d| *d != Durability::RemoteApply)
+                .ok_or(Problem::InvalidReached(reached))?;
+            let reason = b.u8("reason")?;
+            let reason =
+                IndeterminateReason::from_wire(reason).ok_or(Problem::InvalidReason(reason))?;
+            let end = b.lsn("end LSN")?;
+            let lsns = AckLsns::check(&mut b, end, limits)?;
+            FrameRef::Indeterminate {
+                request_id,
+                reached,
+                reason,
+                lsns,
+                end,
+            }
+        }
+        FrameType::StreamStart => {
+            let term = b.u64("term")?;
+            let timeline = b.timeline()?;
+            b.reserved_u32()?;
+            FrameRef::StreamStart {
+                request_id,
+                term,
+                timeline,
+                flush: b.lsn("flush LSN")?,
+                commit: b.lsn("commit LSN")?,
+            }
+        }
+        FrameType::WalData => {
+            let start = b.lsn("start LSN")?;
+            let wal_end = b.lsn("wal_end")?;
+            let commit = b.lsn("commit LSN")?;
+            let send_time = b.u64("send time")?;
+            let wal = b.rest();
+            // IMPORTANT: a primary sends only WAL it has flushed (wal_end).
+            let end = start.0.checked_add(wal.len() as u64);
+            if end.map_or(true, |e| e > wal_end.0) {
+                return Err(Problem::WalPastEnd {
+                    start,
+                    len: wal.len(),
+                    wal_end,
+                });
+            }
+            FrameRef::WalData {
+                request_id,
+                start,
+                wal_end,
+                commit,
+                send_time,
+                wal,
+            }
+        }
+        FrameType::Keepalive => FrameRef::Keepalive {
+            request_id,
+            wal_end: b.lsn("wal_end")?,
+            commit: b.lsn("commit LSN")?,
+            send_time: b.u64("send time")?,
+            reply_requested: b.flag("reply_requested")?,
+        },
+        FrameType::TimelineEnd => {
+            let next_timeline = b.timeline()?;
+            b.reserved_u32()?;
+            FrameRef::TimelineEnd {
+                request_id,
+                next_timeline,
+                switch: b.lsn("switch LSN")?,
+            }
+        }
+        FrameType::HistoryData => FrameRef::HistoryData {
+            request_id,
+            timeline: b.timeline()?,
+            history: b.rest(),
+        },
         FrameType::Error => FrameRef::Error {
             request_id,
             code: ErrorCode(b.u16("code")?),
@@ -1396,6 +2095,62 @@ impl<'a> Body<'a> {
 
     fn lsn(&mut self, field: &'static str) -> Result<Lsn, Problem> {
         self.u64(field).map(Lsn)
+    }
+
+    /// A timeline id: 1 or more, as PostgreSQL's.
+    fn timeline(&mut self) -> Result<u32, Problem> {
+        match self.u32("timeline")? {
+            0 => Err(Problem::ZeroTimeline { ty: self.ty }),
+            t => Ok(t),
+        }
+    }
+
+    /// A reserved u32 field, which must be 0.
+    fn reserved_u32(&mut self) -> Result<(), Problem> {
+        match self.u32("reserved")? {
+            0 => Ok(()),
+            value => Err(Problem::NonZero {
+                ty: self.ty,
+                field: "reserved",
+                value,
+            }),
+        }
+    }
+
+    /// A boolean byte: 0 or 1 only, so that it re-encodes the same.
+    fn flag(&mut self, field: &'static str) -> Result<bool, Problem> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(Problem::InvalidFlag { field, value }),
+        }
+    }
+
+    /// The u16 length of a name, at most [`MAX_NAME_LEN`].
+    fn name_len(&mut self, field: &'static str) -> Result<usize, Problem> {
+        let len = self.u16(field)?;
+        if usize::from(len) > MAX_NAME_LEN {
+            return Err(Problem::NameTooLong { field, len });
+        }
+        Ok(len.into())
+    }
+
+    /// `later` must not be past `earlier` (a standby's write ≥ flush ≥ apply).
+    fn lsn_order(
+        &self,
+        (earlier, earlier_lsn): (&'static str, Lsn),
+        (later, later_lsn): (&'static str, Lsn),
+    ) -> Result<(), Problem> {
+        if later_lsn > earlier_lsn {
+            return Err(Problem::LsnOrder {
+                ty: self.ty,
+                earlier,
+                earlier_lsn,
+                later,
+                later_lsn,
+            });
+        }
+        Ok(())
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -1801,6 +2556,37 @@ mod tests {
                 request_id: 1,
                 end: Lsn(8),
             },
+            Frame::StandbyStatus {
+                request_id: 1,
+                write: Lsn(8),
+                flush: Lsn(8),
+                apply: Lsn(8),
+                send_time: 1,
+                reply_requested: true,
+            },
+            Frame::TimelineHistory {
+                request_id: 1,
+                timeline: 1,
+            },
+            Frame::StreamStart {
+                request_id: 1,
+                term: 1,
+                timeline: 1,
+                flush: Lsn(8),
+                commit: Lsn(8),
+            },
+            Frame::Keepalive {
+                request_id: 1,
+                wal_end: Lsn(8),
+                commit: Lsn(8),
+                send_time: 1,
+                reply_requested: false,
+            },
+            Frame::TimelineEnd {
+                request_id: 1,
+                next_timeline: 2,
+                switch: Lsn(8),
+            },
         ];
         for f in &frames {
             let b = bytes(f);
@@ -1829,6 +2615,48 @@ mod tests {
             }],
         };
         assert_eq!(bytes(&one).len() as u32, ONE_RECORD_OVERHEAD);
+        // The smallest and largest StartReplication, Indeterminate, WalData
+        // and HistoryData.
+        let start = |name: &str| Frame::StartReplication {
+            request_id: 1,
+            system_id: 1,
+            timeline: 1,
+            start: Lsn(8),
+            term: 1,
+            slot: name.replace('x', "_"),
+            application_name: name.into(),
+        };
+        let (min, max) = FrameType::StartReplication.body_len();
+        assert_eq!(bytes(&start("")).len() - HEADER_LEN, min);
+        let longest = "x".repeat(MAX_NAME_LEN);
+        assert_eq!(bytes(&start(&longest)).len() - HEADER_LEN, max);
+        let smallest = [
+            Frame::Indeterminate {
+                request_id: 1,
+                reached: Durability::Local,
+                reason: IndeterminateReason::Timeout,
+                lsns: vec![Lsn(8)],
+                end: Lsn(16),
+            },
+            Frame::WalData {
+                request_id: 1,
+                start: Lsn(8),
+                wal_end: Lsn(9),
+                commit: Lsn(0),
+                send_time: 0,
+                wal: vec![0],
+            },
+            Frame::HistoryData {
+                request_id: 1,
+                timeline: 2,
+                history: vec![],
+            },
+        ];
+        for f in &smallest {
+            let b = bytes(f);
+            let ty = FrameType::from_u8(b[4]).unwrap();
+            assert_eq!(ty.body_len().0, b.len() - HEADER_LEN, "{ty:?}");
+        }
     }
 
     #[test]
@@ -1972,14 +2800,25 @@ mod tests {
             ErrorCode::TOO_MANY_IN_FLIGHT,
             ErrorCode::UNKNOWN_LSN,
             ErrorCode::WAL_FULL,
+            ErrorCode::READ_ONLY,
             ErrorCode::BAD_PAGE,
             ErrorCode::PAGE_CORRUPT,
             ErrorCode::IO_ERROR,
+            ErrorCode::TIMELINE_NOT_IN_HISTORY,
+            ErrorCode::UNKNOWN_SLOT,
+            ErrorCode::SLOT_ACTIVE,
+            ErrorCode::SLOT_LOST,
+            ErrorCode::DIVERGED,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
-            // Core codes from 1, the page store's from 256.
-            let want = if i < 14 { i + 1 } else { 256 + i - 14 };
-            assert_eq!(c.0 as usize, want);
+            // Core codes from 1 (to 255), the page store's from 256 (to
+            // 511), replication's from 512 (to 767), each without gaps.
+            let want = match i {
+                0..15 => i + 1,
+                15..18 => 256 + i - 15,
+                _ => 512 + i - 18,
+            };
+            assert_eq!(c.0 as usize, want, "{c}");
             assert_ne!(c.name(), "UNKNOWN");
             assert_eq!(c.closes_connection(), !keep.contains(&c), "{c}");
         }

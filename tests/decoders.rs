@@ -27,8 +27,8 @@ use std::path::Path;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use walden::protocol::{
-    decode, encode, Decoder, Direction, ErrorCode, Frame, FrameType, Limits, Problem,
-    ProtocolError, Record, HEADER_LEN as FRAME_HEADER_LEN,
+    decode, durability_from_wire, encode, Decoder, Direction, ErrorCode, Frame, FrameType,
+    IndeterminateReason, Limits, Problem, ProtocolError, Record, HEADER_LEN as FRAME_HEADER_LEN,
 };
 use walden::record::{self, Header, RecordError, HEADER_LEN, MAX_TOTAL_LEN};
 use walden::store::control::{ClusterState, ControlFile, CONTROL_SIZE, CONTROL_VERSION};
@@ -626,6 +626,47 @@ fn client_frame() -> BoxedStrategy<Frame> {
         }),
         request_id().prop_map(|request_id| Frame::Cancel { request_id }),
         request_id().prop_map(|request_id| Frame::Status { request_id }),
+        (
+            request_id(),
+            any::<u64>(),
+            1u32..=u32::MAX,
+            lsn(),
+            any::<u64>(),
+            "[a-z0-9_]{0,63}",
+            text()
+        )
+            .prop_map(
+                |(request_id, system_id, timeline, start, term, slot, application_name)| {
+                    Frame::StartReplication {
+                        request_id,
+                        system_id,
+                        timeline,
+                        start,
+                        term,
+                        slot,
+                        application_name,
+                    }
+                }
+            ),
+        (request_id(), any::<[u64; 4]>(), any::<bool>()).prop_map(
+            |(request_id, mut l, reply_requested)| {
+                l[..3].sort_unstable_by(|a, b| b.cmp(a));
+                Frame::StandbyStatus {
+                    request_id,
+                    write: Lsn(l[0]),
+                    flush: Lsn(l[1]),
+                    apply: Lsn(l[2]),
+                    send_time: l[3],
+                    reply_requested,
+                }
+            }
+        ),
+        (request_id(), 1u32..=u32::MAX).prop_map(|(request_id, timeline)| {
+            Frame::TimelineHistory {
+                request_id,
+                timeline,
+            }
+        }),
     ]
     .boxed()
 }
@@ -697,6 +738,69 @@ fn server_frame() -> BoxedStrategy<Frame> {
             code: ErrorCode(code),
             message,
         }),
+        (request_id(), lsns(0..8), 1u64..1000, 0u8..4, 1u8..=6).prop_map(
+            |(request_id, lsns, tail, reached, reason)| {
+                let end = Lsn(lsns.last().unwrap().0 + tail * 8);
+                Frame::Indeterminate {
+                    request_id,
+                    reached: durability_from_wire(reached).unwrap(),
+                    reason: IndeterminateReason::from_wire(reason).unwrap(),
+                    lsns,
+                    end,
+                }
+            }
+        ),
+        (
+            request_id(),
+            any::<u64>(),
+            1u32..=u32::MAX,
+            any::<[u64; 2]>()
+        )
+            .prop_map(|(request_id, term, timeline, l)| Frame::StreamStart {
+                request_id,
+                term,
+                timeline,
+                flush: Lsn(l[0]),
+                commit: Lsn(l[1]),
+            }),
+        (
+            request_id(),
+            0u64..1 << 40,
+            0u64..100,
+            any::<[u64; 2]>(),
+            payload(200).prop_filter("n >= 1", |w| !w.is_empty())
+        )
+            .prop_map(|(request_id, start, slack, l, wal)| Frame::WalData {
+                request_id,
+                start: Lsn(start),
+                wal_end: Lsn(start + wal.len() as u64 + slack),
+                commit: Lsn(l[0]),
+                send_time: l[1],
+                wal,
+            }),
+        (request_id(), any::<[u64; 3]>(), any::<bool>()).prop_map(
+            |(request_id, l, reply_requested)| Frame::Keepalive {
+                request_id,
+                wal_end: Lsn(l[0]),
+                commit: Lsn(l[1]),
+                send_time: l[2],
+                reply_requested,
+            }
+        ),
+        (request_id(), 1u32..=u32::MAX, any::<u64>()).prop_map(
+            |(request_id, next_timeline, switch)| Frame::TimelineEnd {
+                request_id,
+                next_timeline,
+                switch: Lsn(switch),
+            }
+        ),
+        (request_id(), 1u32..=u32::MAX, payload(200)).prop_map(
+            |(request_id, timeline, history)| Frame::HistoryData {
+                request_id,
+                timeline,
+                history,
+            }
+        ),
     ]
     .boxed()
 }
@@ -797,9 +901,9 @@ fn header_faults() -> impl Strategy<Value = HeaderFaults> {
         )
 }
 
-/// The body sizes protocol.md §3 allows the version 1 types (`usize::MAX`:
-/// no limit of its own); `None` for a type added since, which these tests
-/// do not know the layout of.
+/// The body sizes protocol.md §3 allows (`usize::MAX`: no limit of its
+/// own); `None` for a type these tests do not know the layout of (the page
+/// store's, which `tests/protocol.rs` covers).
 fn body_range(ty: FrameType) -> Option<(usize, usize)> {
     use FrameType::*;
     let any = usize::MAX;
@@ -816,6 +920,16 @@ fn body_range(ty: FrameType) -> Option<(usize, usize)> {
         (ReadEnd, 8, 8),
         (StatusReply, 24, any),
         (Error, 2, any),
+        // The replication frames (protocol.md §4.10-4.12, §5.10-5.15).
+        (StartReplication, 36, 162),
+        (StandbyStatus, 33, 33),
+        (TimelineHistory, 4, 4),
+        (Indeterminate, 22, any),
+        (StreamStart, 32, 32),
+        (WalData, 33, any),
+        (Keepalive, 25, 25),
+        (TimelineEnd, 16, 16),
+        (HistoryData, 4, any),
     ];
     table
         .into_iter()

@@ -5,8 +5,9 @@
 
 use proptest::prelude::*;
 use walden::protocol::{
-    decode, encode, encode_ack, encode_append, encode_records, Decoder, Direction, ErrorCode,
-    Frame, FrameType, Limits, Record, RecordRef, HEADER_LEN,
+    decode, encode, encode_ack, encode_append, encode_indeterminate, encode_records,
+    encode_wal_data, Decoder, Direction, ErrorCode, Frame, FrameType, IndeterminateReason, Limits,
+    Record, RecordRef, HEADER_LEN, MAX_NAME_LEN,
 };
 use walden::{Durability, Kind, Lsn};
 
@@ -163,6 +164,75 @@ fn examples() -> Vec<Frame> {
             checkpoint: Lsn(0x100_0090),
             redo: Lsn(0x100_0070),
         },
+        Frame::StartReplication {
+            request_id: 10,
+            system_id: 0x7312_3456_789A_BCDE,
+            timeline: 1,
+            start: Lsn(0x100_0000),
+            term: 1,
+            slot: "s1".into(),
+            application_name: "standby ✓".into(),
+        },
+        Frame::StartReplication {
+            request_id: 10,
+            system_id: 0,
+            timeline: u32::MAX,
+            start: Lsn(u64::MAX - 7),
+            term: u64::MAX,
+            slot: String::new(),
+            application_name: String::new(),
+        },
+        Frame::StandbyStatus {
+            request_id: 10,
+            write: Lsn(0x100_0040),
+            flush: Lsn(0x100_0040),
+            apply: Lsn(0x100_0020),
+            send_time: 1_765_000_000_000_000,
+            reply_requested: false,
+        },
+        Frame::TimelineHistory {
+            request_id: 11,
+            timeline: 2,
+        },
+        Frame::StreamStart {
+            request_id: 10,
+            term: 1,
+            timeline: 1,
+            flush: Lsn(0x100_0040),
+            commit: Lsn(0x100_0020),
+        },
+        Frame::WalData {
+            request_id: 10,
+            start: Lsn(0x100_0000),
+            wal_end: Lsn(0x100_0040),
+            commit: Lsn(0x100_0020),
+            send_time: 1_765_000_000_000_000,
+            wal: vec![0xAB; 64],
+        },
+        Frame::Keepalive {
+            request_id: 10,
+            wal_end: Lsn(0x100_0040),
+            commit: Lsn(0x100_0040),
+            send_time: 1_765_000_000_000_000,
+            reply_requested: true,
+        },
+        Frame::TimelineEnd {
+            request_id: 10,
+            next_timeline: 2,
+            switch: Lsn(0x100_0040),
+        },
+        Frame::HistoryData {
+            request_id: 11,
+            timeline: 2,
+            history: b"1\t0/1000040\tno recovery target specified\n".to_vec(),
+        },
+        Frame::Indeterminate {
+            request_id: 3,
+            reached: Durability::Local,
+            reason: IndeterminateReason::QuorumTimeout,
+            lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020)],
+            end: Lsn(0x100_0040),
+        },
         Frame::Error {
             request_id: 0,
             code: ErrorCode::SHUTTING_DOWN,
@@ -252,6 +322,49 @@ fn worked_example_matches_the_doc() {
     ]);
 }
 
+/// The WalData and Indeterminate examples in docs/protocol.md §9, byte for
+/// byte.
+#[test]
+fn replication_examples_match_the_doc() {
+    let mut wal_data = Vec::new();
+    encode_wal_data(
+        12,
+        Lsn(0x100_0000),
+        Lsn(0x100_0040),
+        Lsn(0x100_0020),
+        1_765_000_000_000_000,
+        &[0xDE, 0xAD, 0xBE, 0xEF],
+        &mut wal_data,
+    );
+    #[rustfmt::skip]
+    assert_eq!(wal_data, [
+        0x34, 0x00, 0x00, 0x00, 0xa0, 0x00, 0x00, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x40, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x20, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x50, 0x07, 0x16, 0x42, 0x45, 0x06, 0x00,
+        0xde, 0xad, 0xbe, 0xef,
+    ]);
+    let mut indeterminate = Vec::new();
+    encode_indeterminate(
+        7,
+        Durability::Local,
+        IndeterminateReason::QuorumTimeout,
+        &[Lsn(0x100_0000), Lsn(0x100_0020)],
+        Lsn(0x100_0040),
+        &mut indeterminate,
+    );
+    #[rustfmt::skip]
+    assert_eq!(indeterminate, [
+        0x27, 0x00, 0x00, 0x00, 0x85, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x01, 0x04,
+        0x40, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x02, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+        0x04,
+    ]);
+}
+
 // ------------------------------------------------------------ strategies
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -333,6 +446,140 @@ fn text() -> impl Strategy<Value = String> {
     prop_oneof![Just(String::new()), "[a-z0-9 ._-]{1,30}", ".{0,20}"]
 }
 
+/// A name of at most MAX_NAME_LEN bytes (`.` may be 4 bytes a char).
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        "[a-z0-9 ._-]{1,63}",
+        ".{0,15}",
+        "é{31}"
+    ]
+}
+
+fn timeline() -> impl Strategy<Value = u32> {
+    prop_oneof![1u32..4, 1..=u32::MAX]
+}
+
+fn aligned_lsn() -> impl Strategy<Value = Lsn> {
+    prop_oneof![1u64..1 << 30, 1..u64::MAX / 8].prop_map(|n| Lsn(n * 8))
+}
+
+fn replication_client_frame() -> impl Strategy<Value = Frame> {
+    let id = 1..u64::MAX;
+    prop_oneof![
+        (
+            id.clone(),
+            any::<u64>(),
+            timeline(),
+            aligned_lsn(),
+            any::<u64>(),
+            "[a-z0-9_]{0,63}",
+            name()
+        )
+            .prop_map(
+                |(request_id, system_id, timeline, start, term, slot, application_name)| {
+                    Frame::StartReplication {
+                        request_id,
+                        system_id,
+                        timeline,
+                        start,
+                        term,
+                        slot,
+                        application_name,
+                    }
+                }
+            ),
+        (id.clone(), any::<[u64; 3]>(), any::<u64>(), any::<bool>()).prop_map(
+            |(request_id, mut l, send_time, reply_requested)| {
+                // write ≥ flush ≥ apply
+                l.sort_unstable_by(|a, b| b.cmp(a));
+                Frame::StandbyStatus {
+                    request_id,
+                    write: Lsn(l[0]),
+                    flush: Lsn(l[1]),
+                    apply: Lsn(l[2]),
+                    send_time,
+                    reply_requested,
+                }
+            }
+        ),
+        (id, timeline()).prop_map(|(request_id, timeline)| Frame::TimelineHistory {
+            request_id,
+            timeline
+        }),
+    ]
+}
+
+fn replication_server_frame() -> impl Strategy<Value = Frame> {
+    let id = 1..u64::MAX;
+    prop_oneof![
+        (id.clone(), any::<u64>(), timeline(), any::<[u64; 2]>()).prop_map(
+            |(request_id, term, timeline, l)| Frame::StreamStart {
+                request_id,
+                term,
+                timeline,
+                flush: Lsn(l[0]),
+                commit: Lsn(l[1]),
+            }
+        ),
+        (
+            id.clone(),
+            prop_oneof![0u64..1 << 40, 0..u64::MAX - 4000],
+            0u64..1000,
+            any::<[u64; 2]>(),
+            prop::collection::vec(any::<u8>(), 1..3000)
+        )
+            .prop_map(|(request_id, start, slack, l, wal)| Frame::WalData {
+                request_id,
+                start: Lsn(start),
+                wal_end: Lsn(start + wal.len() as u64 + slack),
+                commit: Lsn(l[0]),
+                send_time: l[1],
+                wal,
+            }),
+        (id.clone(), any::<[u64; 3]>(), any::<bool>()).prop_map(
+            |(request_id, l, reply_requested)| Frame::Keepalive {
+                request_id,
+                wal_end: Lsn(l[0]),
+                commit: Lsn(l[1]),
+                send_time: l[2],
+                reply_requested,
+            }
+        ),
+        (id.clone(), timeline(), any::<u64>()).prop_map(|(request_id, next_timeline, switch)| {
+            Frame::TimelineEnd {
+                request_id,
+                next_timeline,
+                switch: Lsn(switch),
+            }
+        }),
+        (id.clone(), timeline(), payload()).prop_map(|(request_id, timeline, history)| {
+            Frame::HistoryData {
+                request_id,
+                timeline,
+                history,
+            }
+        }),
+        (
+            id,
+            0u8..4,
+            prop::sample::select(IndeterminateReason::ALL.to_vec()),
+            lsns(0..20),
+            1u64..1 << 20
+        )
+            .prop_map(|(request_id, reached, reason, lsns, tail)| {
+                let end = Lsn(lsns.last().unwrap().0 + tail * 8);
+                Frame::Indeterminate {
+                    request_id,
+                    reached: walden::protocol::durability_from_wire(reached).unwrap(),
+                    reason,
+                    lsns,
+                    end,
+                }
+            }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = Frame> {
     let id = 1..u64::MAX;
     prop_oneof![
@@ -358,6 +605,7 @@ fn client_frame() -> impl Strategy<Value = Frame> {
         ),
         1 => (id.clone(), any::<u32>(), any::<u32>()).prop_map(|(request_id, rel, block)| Frame::PageRead { request_id, rel, block }),
         1 => id.prop_map(|request_id| Frame::Checkpoint { request_id }),
+        3 => replication_client_frame(),
     ]
 }
 
@@ -397,6 +645,7 @@ fn server_frame() -> impl Strategy<Value = Frame> {
             code: ErrorCode(code),
             message,
         }),
+        6 => replication_server_frame(),
     ]
 }
 
@@ -532,6 +781,26 @@ proptest! {
         prop_assert_eq!(fast, bytes_of(&[frame]));
     }
 
+    /// Every replication frame, both ways, decodes to itself; the borrowed
+    /// encoders give the same bytes as `encode`.
+    #[test]
+    fn replication_frames_round_trip(
+        frame in prop_oneof![replication_client_frame(), replication_server_frame()],
+    ) {
+        prop_assert_eq!(round_trip(&frame), frame.clone());
+        let mut fast = Vec::new();
+        match &frame {
+            Frame::WalData { request_id, start, wal_end, commit, send_time, wal } => {
+                encode_wal_data(*request_id, *start, *wal_end, *commit, *send_time, wal, &mut fast);
+            }
+            Frame::Indeterminate { request_id, reached, reason, lsns, end } => {
+                encode_indeterminate(*request_id, *reached, *reason, lsns, *end, &mut fast);
+            }
+            _ => return Ok(()),
+        }
+        prop_assert_eq!(fast, bytes_of(&[frame]));
+    }
+
     #[test]
     fn any_cut_of_the_stream_gives_the_same_frames(
         to_server in prop::collection::vec(client_frame(), 1..12),
@@ -655,7 +924,8 @@ fn each_error_maps_to_its_documented_code() {
         ("unassigned type", patch(append(1), 4, &[0x07]), ToServer, C::UNKNOWN_TYPE),
         ("unassigned page type", patch(append(1), 4, &[0x13]), ToServer, C::UNKNOWN_TYPE),
         ("a PageWrite too short", patch(append(1), 4, &[0x10]), ToServer, C::BAD_FRAME),
-        ("reserved replication type", patch(ack.clone(), 4, &[0xA0]), ToClient, C::UNKNOWN_TYPE),
+        ("reserved replication type", patch(ack.clone(), 4, &[0xA5]), ToClient, C::UNKNOWN_TYPE),
+        ("reserved replication type to the server", patch(append(1), 4, &[0x23]), ToServer, C::UNKNOWN_TYPE),
         ("a server's frame sent to the server", ack.clone(), ToServer, C::UNKNOWN_TYPE),
         ("a client's frame sent to the client", append(1), ToClient, C::UNKNOWN_TYPE),
         ("flags", patch(append(1), 5, &[0x01]), ToServer, C::BAD_FRAME),
@@ -806,5 +1076,174 @@ fn messages_match_the_doc() {
     ];
     for (bytes, want) in cases {
         assert_eq!(message(bytes, to_server), want);
+    }
+}
+
+/// Every check the decoder makes on a replication frame, with the message
+/// and code docs/protocol.md §7 gives it. Each case is a valid frame with
+/// one field broken.
+#[test]
+fn replication_checks_match_the_doc() {
+    use Direction::{ToClient, ToServer};
+    let limits = Limits::default();
+    let start = frame_bytes(&Frame::StartReplication {
+        request_id: 1,
+        system_id: 42,
+        timeline: 1,
+        start: Lsn(0x100_0000),
+        term: 1,
+        slot: "s1".into(),
+        application_name: "ab".into(),
+    });
+    let status = frame_bytes(&Frame::StandbyStatus {
+        request_id: 1,
+        write: Lsn(0x100_0040),
+        flush: Lsn(0x100_0020),
+        apply: Lsn(0x100_0000),
+        send_time: 0,
+        reply_requested: false,
+    });
+    let history = frame_bytes(&Frame::TimelineHistory {
+        request_id: 1,
+        timeline: 2,
+    });
+    let stream_start = frame_bytes(&Frame::StreamStart {
+        request_id: 1,
+        term: 1,
+        timeline: 1,
+        flush: Lsn(0x100_0040),
+        commit: Lsn(0x100_0040),
+    });
+    let wal_data = frame_bytes(&Frame::WalData {
+        request_id: 1,
+        start: Lsn(0x100_0000),
+        wal_end: Lsn(0x100_0004),
+        commit: Lsn(0),
+        send_time: 0,
+        wal: vec![1, 2, 3, 4],
+    });
+    let keepalive = frame_bytes(&Frame::Keepalive {
+        request_id: 1,
+        wal_end: Lsn(0x100_0040),
+        commit: Lsn(0x100_0040),
+        send_time: 0,
+        reply_requested: true,
+    });
+    let timeline_end = frame_bytes(&Frame::TimelineEnd {
+        request_id: 1,
+        next_timeline: 2,
+        switch: Lsn(0x100_0040),
+    });
+    let history_data = frame_bytes(&Frame::HistoryData {
+        request_id: 1,
+        timeline: 2,
+        history: b"1\t0/1000040\n".to_vec(),
+    });
+    let indeterminate = frame_bytes(&Frame::Indeterminate {
+        request_id: 1,
+        reached: Durability::Local,
+        reason: IndeterminateReason::Timeout,
+        lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020)],
+        end: Lsn(0x100_0040),
+    });
+    let long = |n: usize| vec![b'a'; n];
+    // Offsets: StartReplication system id 16, timeline 24, flags 28, start
+    // 32, term 40, slot length 48, name length 50, slot 52, name 54.
+    // StandbyStatus write 16, flush 24, apply 32, send time 40, reply 48.
+    // StreamStart term 16, timeline 24, reserved 28. WalData start 16,
+    // wal_end 24, commit 32, send time 40, WAL 48. Keepalive reply 40.
+    // TimelineEnd next timeline 16, reserved 20. Indeterminate reached 16,
+    // reason 17, end 18, count 26, first 30, steps 38.
+    #[rustfmt::skip]
+    let cases: Vec<(Vec<u8>, Direction, &str)> = vec![
+        // StartReplication
+        (patch(start.clone(), 24, &[0; 4]), ToServer,
+         "StartReplication frame: timeline 0 does not exist (timelines start at 1)"),
+        (patch(start.clone(), 28, &[1]), ToServer,
+         "StartReplication frame: flags is 0x00000001, must be 0"),
+        (patch(start.clone(), 32, &[0; 8]), ToServer,
+         "StartReplication frame: start LSN must be a record start: non-zero and a multiple of 8"),
+        (patch(start.clone(), 32, &[4]), ToServer,
+         "StartReplication frame: start LSN must be a record start: non-zero and a multiple of 8"),
+        (patch(start.clone(), 48, &[64]), ToServer,
+         "slot name of 64 bytes is longer than 63 bytes (PostgreSQL's NAMEDATALEN - 1)"),
+        (patch(start.clone(), 50, &[64]), ToServer,
+         "application name of 64 bytes is longer than 63 bytes (PostgreSQL's NAMEDATALEN - 1)"),
+        (patch(start.clone(), 48, &[5]), ToServer,
+         "StartReplication frame ends inside its slot name"),
+        (patch(start.clone(), 50, &[3]), ToServer,
+         "StartReplication frame ends inside its application name"),
+        (patch(start.clone(), 53, b"A"), ToServer,
+         "slot name has byte 0x41 at offset 1: only lower case letters, digits and the underscore are allowed"),
+        (patch(start.clone(), 52, b"-"), ToServer,
+         "slot name has byte 0x2d at offset 0: only lower case letters, digits and the underscore are allowed"),
+        (patch(start.clone(), 54, &[0xC3]), ToServer, "application name is not valid UTF-8"),
+        (with_len([start.clone(), vec![0, 0]].concat()), ToServer,
+         "StartReplication frame has 2 bytes after its last field"),
+        (with_len([start[..52].to_vec(), long(2 * MAX_NAME_LEN + 1)].concat()), ToServer,
+         "StartReplication frame with a body of 163 bytes: expected 36 to 162"),
+        // StandbyStatus
+        (patch(status.clone(), 24, &[0x48]), ToServer,
+         "StandbyStatus frame: flush LSN 0/1000048 is past write LSN 0/1000040"),
+        (patch(status.clone(), 32, &[0x28]), ToServer,
+         "StandbyStatus frame: apply LSN 0/1000028 is past flush LSN 0/1000020"),
+        (patch(status.clone(), 48, &[2]), ToServer, "reply_requested is 2: expected 0 or 1"),
+        (with_len(status[..status.len() - 1].to_vec()), ToServer,
+         "StandbyStatus frame with a body of 32 bytes: expected 33"),
+        // TimelineHistory
+        (patch(history, 16, &[0]), ToServer,
+         "TimelineHistory frame: timeline 0 does not exist (timelines start at 1)"),
+        // StreamStart
+        (patch(stream_start.clone(), 24, &[0]), ToClient,
+         "StreamStart frame: timeline 0 does not exist (timelines start at 1)"),
+        (patch(stream_start, 31, &[0x80]), ToClient,
+         "StreamStart frame: reserved is 0x80000000, must be 0"),
+        // WalData
+        (patch(wal_data.clone(), 24, &[3]), ToClient,
+         "WalData frame: 4 bytes from 0/1000000 end past wal_end 0/1000003"),
+        (patch(wal_data.clone(), 16, &[0xFF; 8]), ToClient,
+         "WalData frame: 4 bytes from FFFFFFFF/FFFFFFFF end past wal_end 0/1000004"),
+        (with_len(wal_data[..48].to_vec()), ToClient,
+         "WalData frame with a body of 32 bytes: expected at least 33"),
+        // Keepalive
+        (patch(keepalive, 40, &[7]), ToClient, "reply_requested is 7: expected 0 or 1"),
+        // TimelineEnd
+        (patch(timeline_end.clone(), 16, &[0]), ToClient,
+         "TimelineEnd frame: timeline 0 does not exist (timelines start at 1)"),
+        (patch(timeline_end, 20, &[1]), ToClient,
+         "TimelineEnd frame: reserved is 0x00000001, must be 0"),
+        // HistoryData
+        (patch(history_data, 16, &[0]), ToClient,
+         "HistoryData frame: timeline 0 does not exist (timelines start at 1)"),
+        // Indeterminate
+        (patch(indeterminate.clone(), 16, &[4]), ToClient,
+         "Indeterminate frame: reached level 4 is not below any level an Append can ask for: expected 0 to 3"),
+        (patch(indeterminate.clone(), 16, &[9]), ToClient,
+         "Indeterminate frame: reached level 9 is not below any level an Append can ask for: expected 0 to 3"),
+        (patch(indeterminate.clone(), 17, &[0]), ToClient,
+         "Indeterminate frame: invalid reason 0: expected 1 to 6"),
+        (patch(indeterminate.clone(), 17, &[7]), ToClient,
+         "Indeterminate frame: invalid reason 7: expected 1 to 6"),
+        (patch(indeterminate.clone(), 26, &[0]), ToClient, "Indeterminate frame has no records"),
+        (patch(indeterminate.clone(), 18, &[0x20]), ToClient,
+         "Indeterminate frame: end LSN is not after the last record"),
+        (patch(indeterminate.clone(), 38, &[0]), ToClient,
+         "Indeterminate frame: record LSNs must be non-zero, multiples of 8 and increasing"),
+        (with_len(indeterminate[..37].to_vec()), ToClient,
+         "Indeterminate frame with a body of 21 bytes: expected at least 22"),
+        (with_len(indeterminate[..38].to_vec()), ToClient,
+         "Indeterminate frame ends inside its LSN steps"),
+        (with_len([indeterminate, vec![0]].concat()), ToClient,
+         "Indeterminate frame has 1 bytes after its last field"),
+    ];
+    for (bytes, direction, want) in cases {
+        let e = decode(&bytes, direction, &limits).unwrap_err();
+        assert_eq!(e.problem.to_string(), want);
+        assert_eq!(
+            (e.code(), e.request_id),
+            (ErrorCode::BAD_FRAME, 1),
+            "{want}"
+        );
+        assert!(e.closes_connection(), "{want}");
     }
 }

@@ -7,6 +7,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use walden::client::{Client, ClientError};
 use walden::config::Size;
 use walden::protocol::{self, ErrorCode, Frame};
@@ -636,4 +638,105 @@ fn connections_spread_over_the_shards_sharing_one_listener() {
     );
     drop(clients);
     s.shutdown().unwrap();
+}
+
+/// What a server answers a standby today: each replication frame a client
+/// may send gets UNKNOWN_TYPE with its request id and a message that says
+/// replication is not served yet, and nothing after it (a pipelined Status
+/// is not answered, the connection closes); before Hello it is BAD_FRAME
+/// like any other frame. A `walden serve` process; a client connected
+/// throughout notices nothing.
+#[test]
+fn replication_frames_are_refused_clearly_and_harm_nobody_else() {
+    let server = common::ServerProcess::start(&[]);
+    let mut good = Client::connect(&server.addr, None).unwrap();
+    good.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let first = good
+        .append(Durability::Local, &[(Kind::DATA, b"before")])
+        .unwrap();
+    let frames = [
+        Frame::StartReplication {
+            request_id: 10,
+            system_id: 0,
+            timeline: 1,
+            start: Lsn(1 << 20),
+            term: 1,
+            slot: "s1".into(),
+            application_name: "s1".into(),
+        },
+        Frame::StandbyStatus {
+            request_id: 10,
+            write: Lsn(1 << 20),
+            flush: Lsn(1 << 20),
+            apply: Lsn(1 << 20),
+            send_time: 0,
+            reply_requested: true,
+        },
+        Frame::TimelineHistory {
+            request_id: 10,
+            timeline: 1,
+        },
+    ];
+    let limits = protocol::Limits::for_max_record_size(1 << 20);
+    for frame in &frames {
+        let mut bytes = hello_bytes();
+        protocol::encode(frame, &mut bytes);
+        protocol::encode(&Frame::Status { request_id: 11 }, &mut bytes);
+        let answer = poke(&server.addr, &bytes);
+        let mut got = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((f, len))) =
+            protocol::decode(&answer[pos..], protocol::Direction::ToClient, &limits)
+        {
+            got.push(f.to_frame());
+            pos += len;
+        }
+        assert_eq!(pos, answer.len(), "{frame:?}: undecodable answer");
+        let [Frame::HelloOk { .. }, Frame::Error {
+            request_id,
+            code,
+            message,
+        }] = &got[..]
+        else {
+            panic!("{frame:?}: expected HelloOk and one Error, got {got:?}");
+        };
+        assert_eq!(
+            (*request_id, *code),
+            (10, ErrorCode::UNKNOWN_TYPE),
+            "{message}"
+        );
+        let name = format!(
+            "{:?}",
+            protocol::FrameType::from_u8(bytes[hello_bytes().len() + 4]).unwrap()
+        );
+        assert_eq!(
+            message,
+            &format!(
+                "replication is not supported by this server yet: {name} frames ({:#04x}) are not served",
+                bytes[hello_bytes().len() + 4]
+            )
+        );
+    }
+    // Before Hello, as any frame but Hello.
+    let mut early = Vec::new();
+    protocol::encode(&frames[0], &mut early);
+    let (code, message) = first_error(&poke(&server.addr, &early)).expect("an Error frame");
+    assert_eq!(code, ErrorCode::BAD_FRAME);
+    assert!(
+        message.starts_with("StartReplication frame before Hello"),
+        "{message}"
+    );
+    // The client connected all along still appends and reads.
+    let second = good
+        .append(Durability::Local, &[(Kind::DATA, b"after")])
+        .unwrap();
+    let (recs, _) = good.read(first.lsns[0], 1 << 20, 0).unwrap();
+    assert_eq!(second.lsns.len(), 1);
+    assert_eq!(
+        recs.iter()
+            .map(|r| r.payload.as_slice())
+            .collect::<Vec<_>>(),
+        vec![&b"before"[..], b"after"]
+    );
 }

@@ -17,7 +17,7 @@ use crate::durability::Durability;
 use crate::io::net::{ConnId, Event, NetRing};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
-use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, Limits, RecordRef};
+use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, FrameType, Limits, RecordRef};
 use crate::record::Kind;
 use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
@@ -394,6 +394,22 @@ impl Shard<'_> {
         }
     }
 
+    /// A replication frame: UNKNOWN_TYPE, as for any type protocol version 1
+    /// does not serve, and the connection closes (docs/protocol.md §3).
+    fn refuse_replication(
+        &mut self,
+        id: ConnId,
+        st: &mut ConnState,
+        request_id: u64,
+        ty: FrameType,
+    ) {
+        let msg = format!(
+            "replication is not supported by this server yet: {ty:?} frames ({:#04x}) are not served",
+            ty as u8
+        );
+        self.send_error(id, st, request_id, ErrorCode::UNKNOWN_TYPE, msg);
+    }
+
     /// Feeds `data` to the connection's decoder and handles every complete
     /// frame. The decoder holds at most `max_frame_size` bytes.
     fn process(
@@ -736,6 +752,17 @@ impl Shard<'_> {
                         json,
                     },
                 );
+            }
+            // The layouts are defined (docs/protocol.md §4.10-4.12), the
+            // behaviour is not yet.
+            FrameRef::StartReplication { request_id, .. } => {
+                self.refuse_replication(id, st, request_id, FrameType::StartReplication)
+            }
+            FrameRef::StandbyStatus { request_id, .. } => {
+                self.refuse_replication(id, st, request_id, FrameType::StandbyStatus)
+            }
+            FrameRef::TimelineHistory { request_id, .. } => {
+                self.refuse_replication(id, st, request_id, FrameType::TimelineHistory)
             }
             other => {
                 // The decoder only yields frames a client may send.
