@@ -145,7 +145,10 @@ fn assert_identical(
         let n = (end.0 - segno * SEG).min(SEG) as usize;
         assert_eq!(s.len(), p.len(), "{name}: sizes differ");
         if let Some(i) = (0..n).find(|&i| p[i] != s[i]) {
-            panic!("{name}: first difference at offset {i} (LSN {})", Lsn(segno * SEG + i as u64));
+            panic!(
+                "{name}: first difference at offset {i} (LSN {})",
+                Lsn(segno * SEG + i as u64)
+            );
         }
     }
     let want = records(primary);
@@ -214,7 +217,11 @@ fn a_standby_fed_random_byte_ranges_is_byte_identical_to_its_primary() {
         let (ends, end) = appender.join().unwrap();
         assert_eq!(at, end);
         for &(to, complete) in &puts {
-            assert_eq!(complete, record_end_at_or_below(start, &ends, to), "after a put to {to}");
+            assert_eq!(
+                complete,
+                record_end_at_or_below(start, &ends, to),
+                "after a put to {to}"
+            );
         }
         standby.wait(end, Durability::Local).unwrap();
         let f = raw.flushed_record_end();
@@ -260,7 +267,10 @@ fn misplaced_or_invalid_puts_write_nothing() {
             "{e}"
         );
         let msg = e.to_string();
-        assert!(msg.contains(&wrong.to_string()) && msg.contains(&at.to_string()), "{msg}");
+        assert!(
+            msg.contains(&wrong.to_string()) && msg.contains(&at.to_string()),
+            "{msg}"
+        );
         assert_eq!(standby.insert_lsn(), at, "nothing reserved");
     }
 
@@ -284,10 +294,14 @@ fn misplaced_or_invalid_puts_write_nothing() {
 
     // Zeros where a record should start (a primary sending past its end).
     let e = raw.put(ends[3], &[0u8; 64]).unwrap_err();
-    assert!(matches!(&e, WalError::InvalidRawWal { error, .. } if error.is_zeroed()), "{e}");
+    assert!(
+        matches!(&e, WalError::InvalidRawWal { error, .. } if error.is_zeroed()),
+        "{e}"
+    );
 
     // A corrupted record whose start was put earlier: the inserter stops.
-    raw.put(ends[3], &bytes[off(ends[3])..off(ends[3]) + 10]).unwrap();
+    raw.put(ends[3], &bytes[off(ends[3])..off(ends[3]) + 10])
+        .unwrap();
     let mut bad = bytes[off(ends[3]) + 10..off(ends[5])].to_vec();
     let last_of_record = off(ends[4]) - off(ends[3]) - 10 - 1;
     bad[last_of_record.saturating_sub(8)] ^= 0x80;
@@ -295,7 +309,10 @@ fn misplaced_or_invalid_puts_write_nothing() {
     let e = raw.put(here, &bad).unwrap_err();
     assert!(matches!(e, WalError::InvalidRawWal { .. }), "{e}");
     let e = raw.put(here, &bytes[off(here)..off(ends[5])]).unwrap_err();
-    assert!(matches!(e, WalError::RawStreamBroken { at } if at == ends[3]), "{e}");
+    assert!(
+        matches!(e, WalError::RawStreamBroken { at } if at == ends[3]),
+        "{e}"
+    );
     drop(raw);
     standby.close().unwrap();
 
@@ -330,11 +347,17 @@ fn a_standby_refuses_appends_and_a_primary_refuses_raw_input() {
         .unwrap_err();
     assert!(matches!(e, WalError::ReadOnly), "{e}");
     let raw = standby.raw_inserter().unwrap();
-    assert!(matches!(standby.raw_inserter(), Err(WalError::RawInserterTaken)));
+    assert!(matches!(
+        standby.raw_inserter(),
+        Err(WalError::RawInserterTaken)
+    ));
     drop(raw);
     let raw = standby.raw_inserter().unwrap();
     // Still refused while a RawInserter exists.
-    assert!(matches!(standby.append(Kind::DATA, b"x"), Err(WalError::ReadOnly)));
+    assert!(matches!(
+        standby.append(Kind::DATA, b"x"),
+        Err(WalError::ReadOnly)
+    ));
     drop(raw);
     assert_eq!(standby.insert_lsn(), Lsn(SEG), "nothing was reserved");
 
@@ -362,7 +385,10 @@ fn a_put_is_flushed_without_waiting_for_wal_writer_delay() {
         raw.put(at, &read_stream(&pcfg.wal_dir, at, to)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
         while standby.flush_lsn() < to {
-            assert!(Instant::now() < deadline, "put to {to} not flushed within 2 s");
+            assert!(
+                Instant::now() < deadline,
+                "put to {to} not flushed within 2 s"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         at = to;
@@ -380,7 +406,7 @@ fn a_standby_cut_off_mid_record_resumes_at_a_record_end_to_identical_wal() {
     let mut rng = Rng(seed());
     let pdir = tempfile::tempdir().unwrap();
     let pcfg = primary_config(pdir.path());
-    let (ends, end) = make_primary(&pcfg, &mut rng, 120);
+    let (ends, end) = make_primary(&pcfg, &mut rng, 250);
     let start = Lsn(SEG);
     let bytes = read_stream(&pcfg.wal_dir, start, end);
     let off = |l: Lsn| (l.0 - start.0) as usize;
@@ -398,11 +424,11 @@ fn a_standby_cut_off_mid_record_resumes_at_a_record_end_to_identical_wal() {
         let mut raw = standby.raw_inserter().unwrap();
         let mut at = resumed;
         // Stream up to a random point (or the end, on the last cycle).
-        let last = cuts == 6;
+        let last = cuts == 10;
         let target = if last {
             end
         } else {
-            Lsn((at.0 + 1 + rng.below(3 << 20)).min(end.0))
+            Lsn((at.0 + 1 + rng.below(1 << 20)).min(end.0))
         };
         while at < target {
             let n = (chunk_len(&mut rng) as u64).min(target.0 - at.0);

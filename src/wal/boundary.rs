@@ -186,7 +186,11 @@ mod tests {
 
     /// The last end at or below `at` (or `start`).
     fn expected_end(start: Lsn, ends: &[Lsn], at: Lsn) -> Lsn {
-        ends.iter().copied().filter(|&e| e <= at).max().unwrap_or(start)
+        ends.iter()
+            .copied()
+            .filter(|&e| e <= at)
+            .max()
+            .unwrap_or(start)
     }
 
     const START: Lsn = Lsn(1 << 20);
@@ -242,7 +246,8 @@ mod tests {
         bytes[(ends[0].0 - START.0) as usize + 500] ^= 0x40;
         let mut t = BoundaryTracker::new(START);
         t.feed(&bytes[..100]).unwrap();
-        t.feed(&bytes[100..(ends[1].0 - START.0) as usize - 10]).unwrap();
+        t.feed(&bytes[100..(ends[1].0 - START.0) as usize - 10])
+            .unwrap();
         let e = t.advanced(&bytes[(ends[1].0 - START.0) as usize - 10..]);
         assert!(
             matches!(e, Err(RecordError::BadChecksum { at, .. }) if at == ends[0]),

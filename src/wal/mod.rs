@@ -214,7 +214,10 @@ impl Wal {
     pub fn open_standby(cfg: Config) -> Result<Wal> {
         let wal = Wal::open(cfg)?;
         wal.shared.standby.store(true, SeqCst);
-        tracing::info!("standby WAL: appends refused, streaming resumes at {}", wal.insert_lsn());
+        tracing::info!(
+            "standby WAL: appends refused, streaming resumes at {}",
+            wal.insert_lsn()
+        );
         Ok(wal)
     }
 

@@ -138,7 +138,13 @@ impl<'a> RawInserter<'a> {
                 .insert_raw(&self.slot, piece, |s, n| w.wait_for_space(s, n));
             debug_assert_eq!(start, end);
             end = e;
-            if self.unflushed_ends.back().copied().unwrap_or(self.flushed_end) < record_end {
+            if self
+                .unflushed_ends
+                .back()
+                .copied()
+                .unwrap_or(self.flushed_end)
+                < record_end
+            {
                 self.unflushed_ends.push_back(record_end);
             }
         }
