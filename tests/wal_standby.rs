@@ -230,6 +230,10 @@ fn a_standby_fed_random_byte_ranges_is_byte_identical_to_its_primary() {
         (ends, end)
     });
     assert!(end.segno(SEG) >= 10);
+    assert!(
+        standby.ring_full_waits() > 0,
+        "no put waited for ring space: puts larger than wal_buffers untested"
+    );
     assert_eq!(*ends.last().unwrap(), end);
     primary.close().unwrap();
     standby.close().unwrap();
