@@ -212,22 +212,8 @@ impl InsertState {
             "reservation larger than half the ring"
         );
         let slot = slot.slot;
-        let size = self.buffer.size();
-
-        slot.inserting_at
-            .store(self.insert_pos.load(Relaxed), SeqCst);
-        let start = self.insert_pos.fetch_add(total, SeqCst);
+        let start = self.reserve(slot, total, &mut wait_space);
         let end = start + total;
-
-        if end > self.reclaim.load(Acquire) + size {
-            // Announce the exact start, so the flusher can write (and free)
-            // everything before us; then wait.
-            slot.inserting_at.store(start, SeqCst);
-            self.ring_full_waits.fetch_add(1, Relaxed);
-            while end > self.reclaim.load(Acquire) + size {
-                wait_space(Lsn(start), Lsn(end - size));
-            }
-        }
 
         let keep = check(Lsn(start));
         let mut at = start;
@@ -262,6 +248,61 @@ impl InsertState {
         slot.records
             .store(slot.records.load(Relaxed) + records.len() as u64, Relaxed);
         (Lsn(start), Lsn(end), keep)
+    }
+}
+
+impl InsertState {
+    /// Steps 1–3 of the protocol: announce, reserve `total` bytes, wait for
+    /// their ring space. Returns the start; the slot stays announced (the
+    /// caller copies, then stores DONE).
+    fn reserve(&self, slot: &InsertSlot, total: u64, wait_space: &mut impl FnMut(Lsn, Lsn)) -> u64 {
+        let size = self.buffer.size();
+        slot.inserting_at
+            .store(self.insert_pos.load(Relaxed), SeqCst);
+        let start = self.insert_pos.fetch_add(total, SeqCst);
+        let end = start + total;
+
+        if end > self.reclaim.load(Acquire) + size {
+            // Announce the exact start, so the flusher can write (and free)
+            // everything before us; then wait.
+            slot.inserting_at.store(start, SeqCst);
+            self.ring_full_waits.fetch_add(1, Relaxed);
+            while end > self.reclaim.load(Acquire) + size {
+                wait_space(Lsn(start), Lsn(end - size));
+            }
+        }
+        start
+    }
+
+    /// Copies raw WAL bytes (a standby's stream from its primary, already
+    /// checked by the caller) into the ring at the next LSN, with the same
+    /// announce/reserve/DONE protocol as [`InsertState::insert`], so the
+    /// flusher cannot tell them from appended records. Returns (start,
+    /// end). `bytes` must not exceed [`InsertState::max_reservation`] (the
+    /// caller splits), and need not end on a record boundary: the safe
+    /// point, and so a flush, may then stop inside a record.
+    ///
+    /// The caller is the only one reserving (a standby has one writer), so
+    /// `start` is the insert position it saw before the call.
+    pub fn insert_raw(
+        &self,
+        slot: &SlotGuard<'_>,
+        bytes: &[u8],
+        mut wait_space: impl FnMut(Lsn, Lsn),
+    ) -> (Lsn, Lsn) {
+        let total = bytes.len() as u64;
+        assert!(
+            total <= self.max_reservation,
+            "reservation larger than half the ring"
+        );
+        let slot = slot.slot;
+        let start = self.reserve(slot, total, &mut wait_space);
+        // SAFETY: as in `insert_checked`: [start, start + total) is ours
+        // alone and its ring memory is reclaimed; the flusher does not read
+        // it before DONE.
+        unsafe { self.buffer.put(Lsn(start), bytes) };
+        slot.inserting_at.store(DONE, SeqCst);
+        (Lsn(start), Lsn(start + total))
     }
 }
 

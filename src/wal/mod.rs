@@ -17,6 +17,7 @@
 //! What it is not: a page store (see `store`), a server (see `server`) or a
 //! replication sender; those sit on top of it.
 
+pub mod boundary;
 pub mod buffer;
 pub mod commit;
 pub mod flusher;
@@ -24,6 +25,7 @@ pub mod insert;
 pub mod marker;
 pub mod reader;
 pub mod segments;
+pub mod standby;
 pub mod startup;
 pub mod version;
 
@@ -44,6 +46,7 @@ use commit::{GroupCommit, WalStats};
 use insert::{InsertState, SlotGuard};
 use reader::WalReader;
 use segments::Segments;
+use standby::RawInserter;
 
 /// The timeline every WAL starts on (timelines arrive with point-in-time restore).
 pub const TIMELINE: u32 = 1;
@@ -87,6 +90,25 @@ pub enum WalError {
     /// caller refused the end the scan found.
     #[error("{0}")]
     Replay(String),
+    /// An append to a standby's WAL, which only its primary's stream writes.
+    #[error("the WAL is a standby's (read-only): it is written only from its primary's stream, so appends are refused")]
+    ReadOnly,
+    #[error("raw WAL input needs a standby's WAL: open it with Wal::open_standby")]
+    NotStandby,
+    #[error("a RawInserter already exists for this WAL: a standby's stream has one writer")]
+    RawInserterTaken,
+    /// A raw put that does not continue the stream exactly.
+    #[error("raw WAL put at {put}, but this WAL continues at {insert}: a gap or an overlap in the stream is a protocol error; nothing was written")]
+    RawPutMisplaced { put: Lsn, insert: Lsn },
+    /// Raw bytes that are not valid WAL.
+    #[error("raw WAL put at {put} refused, nothing of it written: {error}")]
+    InvalidRawWal {
+        put: Lsn,
+        error: record::RecordError,
+    },
+    /// Invalid raw bytes arrived after part of their record was written.
+    #[error("raw WAL input stopped: the record at {at} was invalid and its first bytes are already in the WAL; restart the WAL (startup cuts it at {at}) and resume streaming from there")]
+    RawStreamBroken { at: Lsn },
 }
 
 impl From<version::VersionError> for WalError {
@@ -136,6 +158,12 @@ pub(crate) struct WalShared {
     release_lock: Mutex<()>,
     /// The running flusher's reloadable settings.
     tuning: Mutex<Option<Arc<flusher::FlushTuning>>>,
+    /// A standby's WAL: appends refused, written by one [`RawInserter`].
+    /// Set by [`Wal::open_standby`] before the `Wal` is handed out, and
+    /// never changed after: no append can race with the mode.
+    standby: AtomicBool,
+    /// A [`RawInserter`] exists.
+    raw_taken: AtomicBool,
 }
 
 /// The embedded WAL engine. Share it between threads by reference (or Arc).
@@ -170,6 +198,48 @@ impl Wal {
         cfg.validate()?;
         let locks = DirLocks::for_wal(&cfg)?;
         Wal::open_locked(cfg, observer, &mut |_| Ok(()), locks)
+    }
+
+    /// Opens the WAL of a standby: as [`Wal::open`] (the same end-of-WAL
+    /// scan: after a crash the WAL ends at the last complete record, which
+    /// is where streaming resumes, [`Wal::insert_lsn`]), but read-only to
+    /// appends, for life; its one writer is [`Wal::raw_inserter`].
+    ///
+    /// A mode chosen at open rather than a switch on a running `Wal`: no
+    /// append can be in flight when raw input starts (no ordering to prove
+    /// between a flag and the insert slots' announcements), and what
+    /// builds on the WAL (the page store: no checkpoint records of its own
+    /// on a standby, trap T1) knows which it is from the start. Promotion
+    /// will be a close and an [`Wal::open`].
+    pub fn open_standby(cfg: Config) -> Result<Wal> {
+        let wal = Wal::open(cfg)?;
+        wal.shared.standby.store(true, SeqCst);
+        tracing::info!(
+            "standby WAL: appends refused, streaming resumes at {}",
+            wal.insert_lsn()
+        );
+        Ok(wal)
+    }
+
+    /// Whether this is a standby's WAL ([`Wal::open_standby`]).
+    pub fn is_standby(&self) -> bool {
+        self.shared.standby.load(Relaxed)
+    }
+
+    /// The single writer of a standby's WAL: puts the primary's bytes at
+    /// the primary's LSNs (see [`standby`]). Refused on a WAL opened for
+    /// appends, and while another `RawInserter` exists.
+    pub fn raw_inserter(&self) -> Result<RawInserter<'_>> {
+        if !self.is_standby() {
+            return Err(WalError::NotStandby);
+        }
+        if self.shared.raw_taken.swap(true, AcqRel) {
+            return Err(WalError::RawInserterTaken);
+        }
+        Ok(RawInserter::new(
+            &self.shared,
+            self.shared.insert.acquire_slot(),
+        ))
     }
 
     /// The open itself, under locks the caller took (a store holds them and
@@ -310,6 +380,8 @@ impl Wal {
             closed: AtomicBool::new(false),
             release_lock: Mutex::new(()),
             tuning: Mutex::new(None),
+            standby: AtomicBool::new(false),
+            raw_taken: AtomicBool::new(false),
             cfg,
         });
         if !shared.cfg.fsync {
@@ -661,7 +733,15 @@ impl WalShared {
         }
     }
 
+    fn check_writable(&self) -> Result<()> {
+        if self.standby.load(Relaxed) {
+            return Err(WalError::ReadOnly);
+        }
+        Ok(())
+    }
+
     fn check_record(&self, kind: Kind, len: usize) -> Result<()> {
+        self.check_writable()?;
         if kind.0 == 0 {
             return Err(WalError::InvalidKind);
         }
@@ -813,6 +893,7 @@ impl Inserter<'_> {
     ) -> Result<Option<Appended>> {
         let w = self.wal;
         assert!(kind.is_walden(), "append_checked is for walden's own kinds");
+        w.check_writable()?;
         let max = w.insert.max_reservation() as usize - record::HEADER_LEN - 8;
         if payload.len() > max {
             return Err(WalError::RecordTooLarge {
