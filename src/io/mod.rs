@@ -23,6 +23,8 @@ pub mod poll;
 pub mod probe;
 pub mod sim;
 pub mod sim_queue;
+#[cfg(test)]
+pub(crate) mod test_signal;
 pub mod uring;
 
 /// The unit of page-store I/O: one 8 KiB page (two blocks), as PostgreSQL's BLCKSZ.

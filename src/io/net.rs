@@ -844,27 +844,12 @@ mod tests {
         );
     }
 
-    extern "C" fn ignore_signal(_: libc::c_int) {}
-
-    /// Installs a handler that does nothing for `sig`, without SA_RESTART:
-    /// the signal then interrupts a blocking call with EINTR.
-    fn interrupt_with(sig: libc::c_int) {
-        // SAFETY: sigaction is plain old data, all-zero is valid (an empty
-        // mask, no flags); the handler is an extern "C" fn that does nothing,
-        // which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
-        }
-    }
-
     /// Teardown's wait outlasts a signal: it returns only once the receive and
     /// the eventfd read in flight completed, not at the first EINTR (the old
     /// loop stopped there, and the buffers were then freed under the kernel).
     #[test]
     fn teardown_waits_through_signals() {
-        interrupt_with(libc::SIGUSR1);
+        crate::io::test_signal::interrupt_with(libc::SIGUSR1);
         let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = local_addr(&listener).unwrap();
         let wake = Arc::new(EventFd::new().unwrap());
@@ -882,8 +867,7 @@ mod tests {
         assert!(ring.conns[id as usize].as_ref().unwrap().recv_armed);
         assert!(ring.wake_armed);
 
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
+        let me = crate::io::test_signal::this_thread();
         let until = Duration::from_millis(300);
         let poker = std::thread::spawn(move || {
             let t = Instant::now();

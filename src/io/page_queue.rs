@@ -284,32 +284,18 @@ mod tests {
         assert_eq!(n, PAGE_SIZE as isize);
     }
 
-    extern "C" fn ignore_signal(_: libc::c_int) {}
-
     /// A signal during teardown ends the kernel wait with EINTR; the queue
     /// must wait again, not free bounce pages a read is still to fill.
     #[test]
     fn teardown_waits_through_a_signal_for_operations_in_flight() {
-        // SAFETY: a handler that does nothing, for a signal only this test
-        // sends (to its own thread); no SA_RESTART, so the wait is not
-        // restarted by the kernel but ends with EINTR.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            assert_eq!(
-                libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut()),
-                0
-            );
-        }
+        crate::io::test_signal::interrupt_with(libc::SIGUSR1);
         let (r, w) = pipe();
         let (tx, rx) = std::sync::mpsc::channel();
         let dropper = std::thread::spawn(move || {
             let mut q = PageQueue::new(4).unwrap();
             q.read_page(r.as_raw_fd(), 0, u64::MAX, 1).unwrap();
             q.submit_and_wait(0, None).unwrap();
-            // SAFETY: pthread_self has no preconditions.
-            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            tx.send(crate::io::test_signal::this_thread()).unwrap();
             drop(q);
             drop(r);
         });

@@ -560,8 +560,6 @@ mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-    extern "C" fn ignore_signal(_: libc::c_int) {}
-
     /// A pipe whose buffer is full: a write to it waits in the kernel until
     /// the reader drains it.
     fn full_pipe() -> (OwnedFd, OwnedFd) {
@@ -593,17 +591,7 @@ mod tests {
     /// must wait again, not drop the ring memory a write still reads.
     #[test]
     fn teardown_waits_through_a_signal_for_a_write_in_flight() {
-        // SAFETY: a handler that does nothing, for a signal only this test
-        // sends (to its own thread); no SA_RESTART, so the wait ends with EINTR.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            assert_eq!(
-                libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut()),
-                0
-            );
-        }
+        crate::io::test_signal::interrupt_with(libc::SIGUSR1);
         let (r, w) = full_pipe();
         let (tx, rx) = std::sync::mpsc::channel();
         let dropper = std::thread::spawn(move || {
@@ -612,8 +600,7 @@ mod tests {
             let mut q = WalQueue::new(8, ring, 1, wake).unwrap();
             q.write_ring(w.as_raw_fd(), 0, BLOCK, 0, 1, false).unwrap();
             q.submit().unwrap();
-            // SAFETY: pthread_self has no preconditions.
-            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            tx.send(crate::io::test_signal::this_thread()).unwrap();
             drop(q);
             drop(w);
         });
