@@ -27,6 +27,21 @@ pub enum ClientError {
     Closed,
     #[error("unexpected answer from the server: {0}")]
     Unexpected(String),
+    /// The wait for the level asked ended without it: the records are in
+    /// the server's WAL (at `reached`), not confirmed at the level asked.
+    /// Never a success, never a failure: the commit may survive a
+    /// failover or not.
+    #[error(
+        "INDETERMINATE: records up to {end} were written (reached {reached}) but not confirmed \
+         at the level asked: {}", reason.describe()
+    )]
+    Indeterminate {
+        request_id: u64,
+        reached: Durability,
+        reason: protocol::IndeterminateReason,
+        lsns: Vec<Lsn>,
+        end: Lsn,
+    },
 }
 
 impl From<std::io::Error> for ClientError {
@@ -58,6 +73,9 @@ pub struct Client {
     pub server_name: String,
     pub segment_size: u64,
     pub max_in_flight: u32,
+    /// The server's page store's system identifier (0 from servers that
+    /// do not say).
+    pub system_id: u64,
 }
 
 impl Client {
@@ -80,6 +98,7 @@ impl Client {
             server_name: String::new(),
             segment_size: 0,
             max_in_flight: 0,
+            system_id: 0,
         };
         let id = c.next_request_id();
         c.queue(&Frame::Hello {
@@ -95,8 +114,10 @@ impl Client {
                 segment_size,
                 limits,
                 max_in_flight,
+                system_id,
                 ..
             } => {
+                c.system_id = system_id;
                 c.server_name = server_name;
                 c.segment_size = segment_size;
                 c.max_in_flight = max_in_flight;
@@ -158,7 +179,8 @@ impl Client {
         id
     }
 
-    fn queue(&mut self, frame: &Frame) {
+    /// Queues `frame` to be sent by the next [`Client::flush`].
+    pub fn queue(&mut self, frame: &Frame) {
         protocol::encode(frame, &mut self.wbuf);
     }
 
@@ -189,17 +211,63 @@ impl Client {
         id
     }
 
-    /// Appends and waits for the acknowledgement.
+    /// Appends and waits for the acknowledgement. A wait that ended
+    /// without the level is [`ClientError::Indeterminate`].
     pub fn append(&mut self, level: Durability, records: &[(Kind, &[u8])]) -> Result<Ack> {
+        self.append_within(level, records, None)
+    }
+
+    /// [`Client::append`], giving up the wait after `timeout`: the request
+    /// is cancelled and the server answers (Ack if the level was reached
+    /// meanwhile, else INDETERMINATE: written, not confirmed).
+    pub fn append_within(
+        &mut self,
+        level: Durability,
+        records: &[(Kind, &[u8])],
+        timeout: Option<Duration>,
+    ) -> Result<Ack> {
         let id = self.queue_append(level, records);
         self.flush()?;
-        match self.recv()? {
+        let frame = match timeout {
+            None => self.recv()?,
+            Some(t) => {
+                self.stream.set_read_timeout(Some(t))?;
+                let first = self.recv();
+                self.stream.set_read_timeout(None)?;
+                match first {
+                    Err(ClientError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        self.cancel(id)?;
+                        self.recv()?
+                    }
+                    other => other?,
+                }
+            }
+        };
+        match frame {
             Frame::Ack {
                 request_id,
                 lsns,
                 end,
             } if request_id == id => Ok(Ack {
                 request_id,
+                lsns,
+                end,
+            }),
+            Frame::Indeterminate {
+                request_id,
+                reached,
+                reason,
+                lsns,
+                end,
+            } if request_id == id => Err(ClientError::Indeterminate {
+                request_id,
+                reached,
+                reason,
                 lsns,
                 end,
             }),

@@ -297,6 +297,42 @@ pub struct Config {
     /// empty: none. Validated and reloadable; no effect until replication
     /// lands (issue #14).
     pub synchronous_standby_names: String,
+    /// How long a commit waits for the standbys of
+    /// `synchronous_standby_names` before `synchronous_commit_timeout_action`
+    /// applies; 0: wait for ever (PostgreSQL's behaviour).
+    pub synchronous_commit_timeout: Millis,
+    /// What a commit whose wait passed `synchronous_commit_timeout` gets:
+    /// `indeterminate` (an INDETERMINATE answer: written locally, not
+    /// confirmed at its level) or `degrade` (acknowledged as `local`,
+    /// logged and counted).
+    pub synchronous_commit_timeout_action: TimeoutAction,
+    /// Standbys (walsenders) served at once; more are refused.
+    pub max_wal_senders: u32,
+    /// A walsender whose standby said nothing for this long closes the
+    /// connection (0: never).
+    pub wal_sender_timeout: Millis,
+    /// Makes this server a standby: how to reach its primary, as
+    /// libpq's conninfo (`host=… port=… application_name=s1`). Empty: a
+    /// primary.
+    pub primary_conninfo: String,
+    /// The replication slot the standby streams from (empty: none).
+    pub primary_slot_name: String,
+    /// How often an idle standby reports its positions (it reports after
+    /// every flush and replay anyway).
+    pub wal_receiver_status_interval: Millis,
+    /// A standby whose primary said nothing for this long reconnects
+    /// (0: never).
+    pub wal_receiver_timeout: Millis,
+}
+
+/// `synchronous_commit_timeout_action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutAction {
+    /// Answer INDETERMINATE.
+    Indeterminate,
+    /// Acknowledge at `local`, loudly.
+    Degrade,
 }
 
 impl Default for Config {
@@ -348,6 +384,14 @@ impl Default for Config {
             log_checkpoints: true,
             recovery_workers: 0,
             synchronous_standby_names: String::new(),
+            synchronous_commit_timeout: Millis(0),
+            synchronous_commit_timeout_action: TimeoutAction::Indeterminate,
+            max_wal_senders: 10,
+            wal_sender_timeout: Millis(60_000),
+            primary_conninfo: String::new(),
+            primary_slot_name: String::new(),
+            wal_receiver_status_interval: Millis(10_000),
+            wal_receiver_timeout: Millis(60_000),
         }
     }
 }
@@ -403,11 +447,17 @@ fn expected_form(name: &str, default: &toml::Value) -> &'static str {
         | "slow_client_timeout"
         | "bgwriter_delay"
         | "checkpoint_timeout"
-        | "checkpoint_warning" => "a duration such as 200ms (units ms, s, min, h, d)",
+        | "checkpoint_warning"
+        | "synchronous_commit_timeout"
+        | "wal_sender_timeout"
+        | "wal_receiver_status_interval"
+        | "wal_receiver_timeout" => "a duration such as 200ms (units ms, s, min, h, d)",
         "wal_sync_method" => "one of open_datasync, fdatasync, open_sync, fsync",
         "wal_flusher" => "one of uring, pwrite",
         "wal_compression" => "one of off, lz4",
         "wal_full_policy" => "one of error, wait",
+        "synchronous_commit_timeout_action" => "one of indeterminate, degrade",
+        "primary_conninfo" => "a connection string such as 'host=10.0.0.1 port=7480 application_name=s1'",
         "cpu_affinity" => "a list of CPU numbers such as [0, 1, 2]",
         "synchronous_standby_names" => "a list of standbys such as 'ANY 1 (s1, s2)'",
         _ => match default {
@@ -703,6 +753,26 @@ impl Config {
             return invalid(
                 STANDBY_NAMES,
                 format!("{:?}: {e}", self.synchronous_standby_names),
+            );
+        }
+        if !self.primary_conninfo.trim().is_empty() {
+            if let Err(e) = crate::replication::ConnInfo::parse(&self.primary_conninfo) {
+                return invalid("primary_conninfo", format!("{:?}: {e}", self.primary_conninfo));
+            }
+        }
+        if !self.primary_slot_name.is_empty()
+            && (self.primary_slot_name.len() > 63
+                || !self
+                    .primary_slot_name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        {
+            return invalid(
+                "primary_slot_name",
+                format!(
+                    "{:?}: replication slot names contain only lower case letters, numbers and underscores, at most 63",
+                    self.primary_slot_name
+                ),
             );
         }
         if !(0.0..=1.0).contains(&self.checkpoint_completion_target) {

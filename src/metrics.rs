@@ -290,6 +290,39 @@ pub struct StoreSnapshot {
 pub type WalSnapshotFn = Arc<dyn Fn() -> WalSnapshot + Send + Sync>;
 /// Returns the figures of the page store at the moment of a scrape.
 pub type StoreSnapshotFn = Arc<dyn Fn() -> StoreSnapshot + Send + Sync>;
+/// One standby as its primary sees it (the `standby` label).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StandbyMetrics {
+    pub name: String,
+    pub sent_lsn: u64,
+    pub write_lsn: u64,
+    pub flush_lsn: u64,
+    pub replay_lsn: u64,
+    /// Seconds; None before the first report.
+    pub write_lag: Option<f64>,
+    pub flush_lag: Option<f64>,
+    pub replay_lag: Option<f64>,
+    /// Counts for the synchronous_standby_names policy now.
+    pub sync: bool,
+}
+
+/// Replication's figures at the moment of a scrape.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicationSnapshot {
+    pub standbys: Vec<StandbyMetrics>,
+    pub quorum_flush_lsn: u64,
+    /// Fewer standbys than the policy needs are streaming.
+    pub quorum_lost: bool,
+    pub commits_waiting: i64,
+    pub commits_degraded: u64,
+    pub commits_indeterminate: u64,
+    /// On a standby: (received, flushed, replayed) LSNs.
+    pub receiver: Option<(u64, u64, u64)>,
+}
+
+/// Returns the replication figures at the moment of a scrape.
+pub type ReplicationSnapshotFn = Arc<dyn Fn() -> ReplicationSnapshot + Send + Sync>;
+
 /// Returns the `/status` document (JSON).
 pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -304,6 +337,8 @@ pub struct Metrics {
     http: Mutex<Option<(Arc<tiny_http::Server>, Arc<AtomicBool>)>>,
     /// The page store's figures, when there is a page store.
     store: std::sync::OnceLock<StoreSnapshotFn>,
+    /// Replication's figures, when served by a server.
+    replication: std::sync::OnceLock<ReplicationSnapshotFn>,
 }
 
 impl Default for Metrics {
@@ -328,7 +363,13 @@ impl Metrics {
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             http: Mutex::new(None),
             store: std::sync::OnceLock::new(),
+            replication: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports replication's series (per standby, quorum) too.
+    pub fn set_replication_snapshot(&self, f: ReplicationSnapshotFn) {
+        let _ = self.replication.set(f);
     }
 
     /// Exports the page store's series (checkpoints, bgwriter, pages) too.
@@ -715,8 +756,80 @@ impl Collector for Exporter {
         if let Some(store) = m.store.get() {
             encode_store(&mut enc, &store())?;
         }
+        if let Some(rep) = m.replication.get() {
+            encode_replication(&mut enc, &rep())?;
+        }
         Ok(())
     }
+}
+
+fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> fmt::Result {
+    use Value::*;
+    let bytes = Some(&Unit::Bytes);
+    let secs = Some(&Unit::Seconds);
+    type Lsns = fn(&StandbyMetrics) -> u64;
+    let lsns: [(&str, &str, Lsns); 4] = [
+        ("standby_sent_lsn", "WAL sent to each standby (pg_stat_replication.sent_lsn).", |s| s.sent_lsn),
+        ("standby_write_lsn", "WAL each standby reported written.", |s| s.write_lsn),
+        ("standby_flush_lsn", "WAL each standby reported durable.", |s| s.flush_lsn),
+        ("standby_replay_lsn", "WAL each standby reported replayed into its page store.", |s| s.replay_lsn),
+    ];
+    for (name, help, get) in lsns {
+        let mut family = enc.encode_descriptor(name, help, bytes, MetricType::Gauge)?;
+        for s in &r.standbys {
+            let labels = [("standby", s.name.as_str())];
+            family.encode_family(&labels)?.encode_gauge(&get(s))?;
+        }
+    }
+    type Lags = fn(&StandbyMetrics) -> Option<f64>;
+    let lags: [(&str, &str, Lags); 3] = [
+        ("standby_write_lag", "Time from sending WAL to the standby's report that it wrote it (grows while it reports nothing newer).", |s| s.write_lag),
+        ("standby_flush_lag", "Time from sending WAL to the standby's report that it flushed it.", |s| s.flush_lag),
+        ("standby_replay_lag", "Time from sending WAL to the standby's report that it replayed it.", |s| s.replay_lag),
+    ];
+    for (name, help, get) in lags {
+        let mut family = enc.encode_descriptor(name, help, secs, MetricType::Gauge)?;
+        for s in &r.standbys {
+            if let Some(v) = get(s) {
+                let labels = [("standby", s.name.as_str())];
+                family.encode_family(&labels)?.encode_gauge(&v)?;
+            }
+        }
+    }
+    {
+        let mut family = enc.encode_descriptor(
+            "standby_sync",
+            "1 if the standby counts for synchronous_standby_names now (sync_state sync or quorum).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &r.standbys {
+            let labels = [("standby", s.name.as_str())];
+            family.encode_family(&labels)?.encode_gauge(&(s.sync as u64))?;
+        }
+    }
+    let scalars: [(&str, Option<&Unit>, &str, Value); 6] = [
+        ("standbys", None, "Standbys connected.", Gauge(r.standbys.len() as u64)),
+        ("quorum_flush_lsn", bytes, "WAL durable on the quorum of synchronous_standby_names (what `on` commits wait for).", Gauge(r.quorum_flush_lsn)),
+        ("quorum_lost", None, "1 while fewer standbys stream than synchronous_standby_names needs: commits at remote levels wait.", Gauge(r.quorum_lost as u64)),
+        ("sync_commits_waiting", None, "Commits waiting for standbys now.", SignedGauge(r.commits_waiting)),
+        ("sync_commits_degraded", None, "Commits acknowledged at local after synchronous_commit_timeout (action degrade).", Counter(r.commits_degraded)),
+        ("sync_commits_indeterminate", None, "Commits answered INDETERMINATE (written, not confirmed at their level).", Counter(r.commits_indeterminate)),
+    ];
+    for (name, unit, help, value) in scalars {
+        encode_series(enc, name, help, unit, value)?;
+    }
+    if let Some((received, flushed, replayed)) = r.receiver {
+        let receiver: [(&str, &str, u64); 3] = [
+            ("receiver_received_lsn", "On a standby: WAL received from the primary.", received),
+            ("receiver_flushed_lsn", "On a standby: WAL received and durable.", flushed),
+            ("receiver_replayed_lsn", "On a standby: WAL replayed into the page store.", replayed),
+        ];
+        for (name, help, v) in receiver {
+            encode_series(enc, name, help, bytes, Gauge(v))?;
+        }
+    }
+    Ok(())
 }
 
 fn encode_store(enc: &mut DescriptorEncoder, s: &StoreSnapshot) -> fmt::Result {

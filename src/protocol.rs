@@ -216,6 +216,22 @@ impl IndeterminateReason {
     pub fn from_wire(b: u8) -> Option<IndeterminateReason> {
         IndeterminateReason::ALL.into_iter().find(|r| *r as u8 == b)
     }
+
+    /// Why, in words, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            IndeterminateReason::Timeout => "the wait timed out",
+            IndeterminateReason::Cancelled => "the wait was cancelled (the client's --wait-timeout, or a Cancel)",
+            IndeterminateReason::ShuttingDown => "the server shut down while it waited for its standbys",
+            IndeterminateReason::QuorumTimeout => {
+                "synchronous_commit_timeout passed without the standbys of synchronous_standby_names"
+            }
+            IndeterminateReason::ConfigurationChanged => {
+                "synchronous_standby_names was emptied while it waited"
+            }
+            IndeterminateReason::Deposed => "the server learnt it is no longer the primary",
+        }
+    }
 }
 
 /// The code in an Error frame. Receivers must accept codes they do not know.

@@ -51,8 +51,17 @@ pub struct AppendArgs {
     /// Records to send per request.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Give up waiting for the level after this long (e.g. 2s, 500ms): the
+    /// request is cancelled and answered INDETERMINATE (written, not
+    /// confirmed at the level), never success. Default: wait for ever.
+    #[arg(long, value_parser = parse_duration)]
+    wait_timeout: Option<std::time::Duration>,
     /// File of records, one per line (default: standard input).
     file: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    walden::config::Millis::parse(s).map(|m| m.duration())
 }
 
 /// Appends one record per input line and prints each record's LSN. When
@@ -94,7 +103,7 @@ pub fn append(args: AppendArgs) -> anyhow::Result<()> {
             continue;
         }
         let recs: Vec<(Kind, &[u8])> = lines.iter().map(|l| (Kind::DATA, &l[..])).collect();
-        match c.append(args.level, &recs) {
+        match c.append_within(args.level, &recs, args.wait_timeout) {
             Ok(ack) => {
                 for lsn in &ack.lsns {
                     writeln!(out, "{lsn}")?;
@@ -102,6 +111,8 @@ pub fn append(args: AppendArgs) -> anyhow::Result<()> {
                 progress.committed(lines.len() as u64, &ack.lsns);
                 lines.clear();
             }
+            // Written but not confirmed at the level: in doubt.
+            Err(e @ ClientError::Indeterminate { .. }) => break Some((e.into(), true)),
             // The server answered: nothing of this request was appended.
             Err(e @ ClientError::Server { .. }) => break Some((e.into(), false)),
             // No answer: the request may or may not have been appended.
@@ -326,19 +337,126 @@ pub fn read(args: ReadArgs) -> anyhow::Result<()> {
 pub struct StatusArgs {
     #[command(flatten)]
     conn: Conn,
-    /// Print the server's JSON status.
+    /// Print the server's JSON status (with --replication: that part only).
     #[arg(long)]
     json: bool,
+    /// Show replication: on a primary each standby as pg_stat_replication
+    /// does (positions, lags, sync state) and the quorum; on a standby its
+    /// walreceiver (pg_stat_wal_receiver).
+    #[arg(long)]
+    replication: bool,
+}
+
+/// `walden status --replication`: PostgreSQL's column names.
+fn print_replication(r: &serde_json::Value) {
+    let text = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "".into(),
+        other => other.to_string(),
+    };
+    if r["role"] == "standby" {
+        let w = &r["wal_receiver"];
+        println!("role:             standby of {}", text(&w["sender"]));
+        for key in [
+            "status",
+            "receive_start_lsn",
+            "written_lsn",
+            "flushed_lsn",
+            "replayed_lsn",
+            "latest_end_lsn",
+            "slot_name",
+            "last_error",
+        ] {
+            println!("{:17} {}", format!("{key}:"), text(&w[key]));
+        }
+        return;
+    }
+    println!("role:                      primary");
+    println!(
+        "synchronous_standby_names: {}",
+        text(&r["synchronous_standby_names"])
+    );
+    println!(
+        "quorum positions:          write {}, flush {}, apply {}",
+        text(&r["quorum_write_lsn"]),
+        text(&r["quorum_flush_lsn"]),
+        text(&r["quorum_apply_lsn"])
+    );
+    if !r["quorum_lost_since"].is_null() {
+        println!(
+            "quorum lost since {}, {} commits waiting",
+            text(&r["quorum_lost_since"]),
+            text(&r["commits_waiting"])
+        );
+    }
+    println!(
+        "commits degraded to local: {}, answered INDETERMINATE: {}",
+        text(&r["commits_degraded"]),
+        text(&r["commits_indeterminate"])
+    );
+    let cols = [
+        "application_name",
+        "client_addr",
+        "state",
+        "sent_lsn",
+        "write_lsn",
+        "flush_lsn",
+        "replay_lsn",
+        "write_lag_ms",
+        "flush_lag_ms",
+        "replay_lag_ms",
+        "lag_bytes",
+        "sync_priority",
+        "sync_state",
+    ];
+    let empty = vec![];
+    let rows: Vec<Vec<String>> = r["standbys"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|s| cols.iter().map(|c| text(&s[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| rows.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap())
+        .collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        println!("{}", parts.join(" | ").trim_end());
+    };
+    line(cols.iter().map(|c| c.to_string()).collect());
+    println!(
+        "{}",
+        widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-")
+    );
+    for r in &rows {
+        line(r.clone());
+    }
+    println!("({} rows)", rows.len());
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut c = args.conn.connect()?;
     let (insert, write, flush, json) = c.status()?;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    if args.replication {
+        let r = &v["replication"];
+        if args.json {
+            println!("{r}");
+        } else {
+            print_replication(r);
+        }
+        return Ok(());
+    }
     if args.json {
         println!("{json}");
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
     let field = |path: &[&str]| {
         let mut x = &v;
         for p in path {

@@ -214,6 +214,10 @@ pub enum Event {
     Data(ConnId),
     /// The connection is gone (peer closed, error, or [`NetRing::close`]).
     Closed(ConnId, Option<io::Error>),
+    /// [`NetRing::detach_after_send`] finished: everything queued was sent,
+    /// nothing of ours is in flight on the socket, and it is the caller's
+    /// now (the ring forgot the connection; no `Closed` follows).
+    Detached(ConnId, OwnedFd),
     /// The eventfd was signalled.
     Woken,
 }
@@ -232,6 +236,8 @@ struct Conn {
     queued: Vec<u8>,
     closing: bool,
     close_after_send: bool,
+    /// Hand the socket over once the send queue is empty.
+    detach: bool,
     error: Option<io::Error>,
 }
 
@@ -510,6 +516,7 @@ impl NetRing {
                         }
                     }
                     self.finish_if_closing(id)?;
+                    self.finish_if_detaching(id);
                 }
                 _ => {}
             }
@@ -532,6 +539,7 @@ impl NetRing {
             queued: Vec::new(),
             closing: false,
             close_after_send: false,
+            detach: false,
             error: None,
         };
         match self.free.pop() {
@@ -566,6 +574,34 @@ impl NetRing {
         self.events.push_back(Event::Closed(id, c.error));
         drop(c.fd);
         Ok(())
+    }
+
+    /// Hands a connection over once what is queued was sent: its fd, with
+    /// nothing of ours in flight on it, comes back as [`Event::Detached`].
+    /// The caller must not have resumed receiving since the last `Data`
+    /// (the bytes of that receive were consumed; a receive in flight would
+    /// take bytes that belong to the new owner): then the new owner reads
+    /// every byte the peer sends from now on, and the peer sees the bytes
+    /// queued here before any the new owner sends.
+    pub fn detach_after_send(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id as usize).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        debug_assert!(!c.recv_armed, "detach with a receive in flight");
+        c.detach = true;
+        self.finish_if_detaching(id);
+    }
+
+    fn finish_if_detaching(&mut self, id: ConnId) {
+        let Some(c) = self.conns[id as usize].as_mut() else {
+            return;
+        };
+        if !c.detach || c.closing || c.in_flight() || !c.queued.is_empty() {
+            return;
+        }
+        let c = self.conns[id as usize].take().unwrap();
+        self.free.push(id);
+        self.events.push_back(Event::Detached(id, c.fd));
     }
 
     pub fn next_event(&mut self) -> Option<Event> {

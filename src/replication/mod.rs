@@ -11,8 +11,11 @@
 //! It sits on floor 2 (it uses only [`crate::lsn`]), so that `config` can
 //! validate the setting with this parser.
 
+pub mod conninfo;
 pub mod quorum;
 pub mod standby_names;
+pub mod syncrep;
 
+pub use conninfo::ConnInfo;
 pub use quorum::{Quorum, SenderState, StandbyReport, StandbySync, SyncState, Synced, SyncedLsns};
 pub use standby_names::{Method, StandbyNames, StandbyNamesError};

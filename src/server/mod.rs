@@ -12,6 +12,11 @@
 
 mod shard;
 mod startup;
+mod walreceiver;
+mod walsender;
+mod store_shim;
+#[allow(unused_imports)]
+pub(crate) use store_shim::StandbyShim;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
@@ -59,6 +64,10 @@ pub enum ServerError {
     /// A file the caller writes once the port is bound (`walden.starting`).
     #[error(transparent)]
     File(#[from] crate::io::file::FileError),
+    /// A standby that cannot start (its primary unreachable while it is
+    /// created, a bad `primary_conninfo`).
+    #[error("{0}")]
+    Standby(String),
     /// `could not start a shard thread: …`.
     #[error("could not {0}: {1}")]
     Thread(&'static str, std::io::Error),
@@ -91,6 +100,17 @@ pub(crate) struct ServerShared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Open connections per shard (for /status: how the listener spreads them).
     pub shard_connections: Vec<std::sync::atomic::AtomicUsize>,
+    /// The primary's view of its standbys and the quorum positions.
+    pub syncrep: Arc<crate::replication::syncrep::SyncRep>,
+    /// On a standby: its primary's address (appends are refused).
+    pub standby_of: Option<String>,
+    /// Walsenders running (max_wal_senders limits them).
+    pub wal_senders: AtomicU32,
+    pub senders: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Set once every shard stopped: walsenders may end their streams.
+    pub shards_done: AtomicBool,
+    /// On a standby: the walreceiver's state, for /status.
+    pub receiver: Option<Arc<walreceiver::ReceiverStatus>>,
 }
 
 /// Settings a reload (SIGHUP) may change while the server runs. Each shard
@@ -124,7 +144,7 @@ impl Runtime {
 }
 
 /// Settings a reload applies; every other change needs a restart.
-pub const RELOADABLE: [&str; 18] = [
+pub const RELOADABLE: [&str; 21] = [
     "auth_token_file",
     "max_in_flight",
     "max_connections",
@@ -143,6 +163,9 @@ pub const RELOADABLE: [&str; 18] = [
     "log_checkpoints",
     "wal_compression",
     "synchronous_standby_names",
+    "synchronous_commit_timeout",
+    "synchronous_commit_timeout_action",
+    "wal_sender_timeout",
 ];
 
 fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
@@ -164,11 +187,31 @@ fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
 /// A running server. [`Server::shutdown`] stops it gracefully.
 pub struct Server {
     shared: Arc<ServerShared>,
+    receiver: std::sync::Mutex<Option<walreceiver::WalReceiver>>,
     shards: Vec<(JoinHandle<()>, Arc<EventFd>)>,
     addr: SocketAddr,
     http: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The configuration last applied (startup, then each reload).
     applied: std::sync::Mutex<Config>,
+}
+
+/// The primary's system identifier, for a standby created empty.
+fn primary_system_id(
+    info: &crate::replication::ConnInfo,
+    token: Option<&[u8]>,
+) -> Result<u64, ServerError> {
+    let addr = info.address();
+    let c = crate::client::Client::connect(&addr, token).map_err(|e| {
+        ServerError::Standby(format!(
+            "could not create the standby: its primary must be reachable to learn its system identifier: {e}"
+        ))
+    })?;
+    if c.system_id == 0 {
+        return Err(ServerError::Standby(format!(
+            "the server at {addr} did not say its system identifier: is it a walden primary?"
+        )));
+    }
+    Ok(c.system_id)
 }
 
 pub(crate) fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
@@ -225,7 +268,27 @@ impl Server {
         )
         .map_err(|e| ServerError::Thread("start the startup responder", e))?;
         bound(local)?;
-        let store = Arc::new(Store::open_locked(cfg.clone(), progress, locks)?);
+        let standby = if cfg.primary_conninfo.trim().is_empty() {
+            None
+        } else {
+            // Checked by validate().
+            Some(
+                crate::replication::ConnInfo::parse(&cfg.primary_conninfo)
+                    .map_err(|e| ServerError::Standby(format!("primary_conninfo: {e}")))?,
+            )
+        };
+        let store = match &standby {
+            None => Store::open_locked(cfg.clone(), progress, locks)?,
+            Some(info) => {
+                // A new standby takes its primary's system identifier.
+                let system_id = match crate::store::control::read(&cfg.data_dir).map_err(StoreError::from)? {
+                    Some(_) => None,
+                    None => Some(primary_system_id(info, runtime.token.as_deref())?),
+                };
+                Store::open_standby_locked(cfg.clone(), progress, locks, system_id)?
+            }
+        };
+        let store = Arc::new(store);
         responder.stop();
         let bound = local;
         let wal = Arc::clone(store.wal());
@@ -243,7 +306,23 @@ impl Server {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let st = Arc::clone(&store);
         metrics.set_store_snapshot(Arc::new(move || st.metrics_snapshot()));
+        let names = crate::replication::StandbyNames::parse(&cfg.synchronous_standby_names)
+            .ok()
+            .flatten();
+        let receiver_status = standby.as_ref().map(|info| {
+            Arc::new(walreceiver::ReceiverStatus {
+                primary: info.address(),
+                slot_name: cfg.primary_slot_name.clone(),
+                ..Default::default()
+            })
+        });
         let shared = Arc::new(ServerShared {
+            syncrep: Arc::new(crate::replication::syncrep::SyncRep::new(names)),
+            standby_of: standby.as_ref().map(|i| i.address()),
+            wal_senders: AtomicU32::new(0),
+            senders: std::sync::Mutex::new(Vec::new()),
+            shards_done: AtomicBool::new(false),
+            receiver: receiver_status.clone(),
             store,
             wal,
             cfg: cfg.clone(),
@@ -258,6 +337,13 @@ impl Server {
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
         });
+        let weak = Arc::downgrade(&shared);
+        shared
+            .metrics
+            .set_replication_snapshot(Arc::new(move || match weak.upgrade() {
+                Some(s) => replication_snapshot(&s),
+                None => Default::default(),
+            }));
         let mut shards = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let wake = Arc::new(
@@ -281,6 +367,26 @@ impl Server {
                 .map_err(|e| ServerError::Thread("start a shard thread", e))?;
             shards.push((handle, wake));
         }
+        let receiver = match (&standby, receiver_status) {
+            (Some(info), Some(status)) => {
+                let token = shared.runtime.read().unwrap().token.clone();
+                let r = walreceiver::WalReceiver::start(
+                    Arc::clone(&shared.store),
+                    &cfg,
+                    info.clone(),
+                    token,
+                    status,
+                )
+                .map_err(|e| ServerError::Thread("start the walreceiver", e))?;
+                tracing::info!(
+                    "entering standby mode: streaming from the primary at {} as \"{}\"",
+                    info.address(),
+                    info.application_name
+                );
+                Some(r)
+            }
+            _ => None,
+        };
         tracing::info!(
             "listening on {bound} with {} shard(s); WAL from {} to {}",
             shards.len(),
@@ -289,6 +395,7 @@ impl Server {
         );
         Ok(Server {
             shared,
+            receiver: std::sync::Mutex::new(receiver),
             shards,
             addr: bound,
             http: std::sync::Mutex::new(None),
@@ -395,6 +502,14 @@ impl Server {
         next.log_checkpoints = new.log_checkpoints;
         next.wal_compression = new.wal_compression;
         next.synchronous_standby_names = new.synchronous_standby_names.clone();
+        next.synchronous_commit_timeout = new.synchronous_commit_timeout;
+        next.synchronous_commit_timeout_action = new.synchronous_commit_timeout_action;
+        next.wal_sender_timeout = new.wal_sender_timeout;
+        // Checked by validate() before a reload applies.
+        let names = crate::replication::StandbyNames::parse(&new.synchronous_standby_names)
+            .ok()
+            .flatten();
+        self.shared.syncrep.set_names(names);
         *applied = next;
         Ok(lines)
     }
@@ -414,11 +529,21 @@ impl Server {
         tracing::info!(
             "shutting down: no new connections, flushing and answering what is in flight"
         );
+        // A standby stops receiving first: nothing is put into its WAL
+        // once the shutdown starts.
+        if let Some(r) = self.receiver.lock().unwrap().take() {
+            r.stop();
+        }
         self.shared.stopping.store(true, SeqCst);
         for (_, wake) in &self.shards {
             wake.signal();
         }
         for (h, _) in self.shards {
+            let _ = h.join();
+        }
+        // The shards answered what they could; the walsenders end their streams.
+        self.shared.shards_done.store(true, SeqCst);
+        for h in std::mem::take(&mut *self.shared.senders.lock().unwrap()) {
             let _ = h.join();
         }
         self.shared.metrics.shutdown();
@@ -505,9 +630,98 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
             "page_images": snap.page_images,
             "data_checksums": c.data_checksum_version == 1,
         },
+        "replication": replication_json(s),
         "settings": settings_json(s),
     })
     .to_string()
+}
+
+fn replication_snapshot(s: &ServerShared) -> crate::metrics::ReplicationSnapshot {
+    use crate::replication::syncrep::FLUSH;
+    use crate::replication::SyncState;
+    use std::sync::atomic::Ordering::Relaxed;
+    let rep = &s.syncrep;
+    crate::metrics::ReplicationSnapshot {
+        standbys: rep
+            .rows()
+            .into_iter()
+            .map(|r| crate::metrics::StandbyMetrics {
+                name: r.application_name,
+                sent_lsn: r.sent.0,
+                write_lsn: r.write.0,
+                flush_lsn: r.flush.0,
+                replay_lsn: r.apply.0,
+                write_lag: r.write_lag.map(|d| d.as_secs_f64()),
+                flush_lag: r.flush_lag.map(|d| d.as_secs_f64()),
+                replay_lag: r.replay_lag.map(|d| d.as_secs_f64()),
+                sync: matches!(r.sync_state, SyncState::Sync | SyncState::Quorum),
+            })
+            .collect(),
+        quorum_flush_lsn: rep.synced(FLUSH).0,
+        quorum_lost: rep.quorum_lost_since().is_some(),
+        commits_waiting: rep.waiting.load(Relaxed),
+        commits_degraded: rep.degraded.load(Relaxed),
+        commits_indeterminate: rep.indeterminate.load(Relaxed),
+        receiver: s.receiver.as_ref().map(|r| {
+            (
+                r.received_lsn.load(Relaxed),
+                r.flushed_lsn.load(Relaxed),
+                s.store.apply_lsn().0,
+            )
+        }),
+    }
+}
+
+/// pg_stat_replication (on a primary) or pg_stat_wal_receiver (on a
+/// standby), PostgreSQL's column names; LSNs as text, lags in ms.
+fn replication_json(s: &ServerShared) -> serde_json::Value {
+    use crate::replication::syncrep::{APPLY, FLUSH, WRITE};
+    let rep = &s.syncrep;
+    let ms = |d: Option<std::time::Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| crate::clock::format_time(d.as_secs()))
+            .unwrap_or_default()
+    };
+    let flush = s.wal.flush_lsn();
+    let standbys: Vec<serde_json::Value> = rep
+        .rows()
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "pid": r.pid,
+                "application_name": r.application_name,
+                "client_addr": r.client_addr,
+                "backend_start": secs(r.backend_start),
+                "state": r.state.name(),
+                "sent_lsn": r.sent.to_string(),
+                "write_lsn": r.write.to_string(),
+                "flush_lsn": r.flush.to_string(),
+                "replay_lsn": r.apply.to_string(),
+                "write_lag_ms": ms(r.write_lag),
+                "flush_lag_ms": ms(r.flush_lag),
+                "replay_lag_ms": ms(r.replay_lag),
+                "lag_bytes": flush.0.saturating_sub(r.flush.0),
+                "sync_priority": r.sync_priority,
+                "sync_state": r.sync_state.name(),
+                "reply_time": r.reply_time.map(secs),
+            })
+        })
+        .collect();
+    let lost = rep.quorum_lost_since();
+    serde_json::json!({
+        "role": if s.standby_of.is_some() { "standby" } else { "primary" },
+        "synchronous_standby_names": s.runtime.read().unwrap().config.synchronous_standby_names,
+        "quorum_write_lsn": rep.synced(WRITE).to_string(),
+        "quorum_flush_lsn": rep.synced(FLUSH).to_string(),
+        "quorum_apply_lsn": rep.synced(APPLY).to_string(),
+        "quorum_lost_since": lost.map(secs),
+        "commits_waiting": rep.waiting.load(std::sync::atomic::Ordering::Relaxed),
+        "commits_degraded": rep.degraded.load(std::sync::atomic::Ordering::Relaxed),
+        "commits_indeterminate": rep.indeterminate.load(std::sync::atomic::Ordering::Relaxed),
+        "standbys": standbys,
+        "wal_receiver": s.receiver.as_ref().map(|r| r.json(&s.store)),
+    })
 }
 
 /// Every setting in force, named as in the configuration file: the
@@ -582,6 +796,14 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
         log_checkpoints,
         recovery_workers,
         synchronous_standby_names,
+        synchronous_commit_timeout,
+        synchronous_commit_timeout_action,
+        max_wal_senders,
+        wal_sender_timeout,
+        primary_conninfo,
+        primary_slot_name,
+        wal_receiver_status_interval,
+        wal_receiver_timeout,
     } = cfg;
     let unit = |v: &dyn std::fmt::Display| Value::from(v.to_string());
     [
@@ -642,6 +864,20 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
             "synchronous_standby_names",
             Value::from(synchronous_standby_names.as_str()),
         ),
+        ("synchronous_commit_timeout", unit(synchronous_commit_timeout)),
+        (
+            "synchronous_commit_timeout_action",
+            serde_json::json!(synchronous_commit_timeout_action),
+        ),
+        ("max_wal_senders", Value::from(*max_wal_senders)),
+        ("wal_sender_timeout", unit(wal_sender_timeout)),
+        ("primary_conninfo", Value::from(primary_conninfo.as_str())),
+        ("primary_slot_name", Value::from(primary_slot_name.as_str())),
+        (
+            "wal_receiver_status_interval",
+            unit(wal_receiver_status_interval),
+        ),
+        ("wal_receiver_timeout", unit(wal_receiver_timeout)),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))

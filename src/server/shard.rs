@@ -17,7 +17,10 @@ use crate::durability::Durability;
 use crate::io::net::{ConnId, Event, NetRing};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
-use crate::protocol::{self, Decoder, ErrorCode, Frame, FrameRef, FrameType, Limits, RecordRef};
+use crate::config::TimeoutAction;
+use crate::protocol::{
+    self, Decoder, ErrorCode, Frame, FrameRef, FrameType, IndeterminateReason, Limits, RecordRef,
+};
 use crate::record::Kind;
 use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
@@ -25,6 +28,8 @@ use crate::wal::reader::{locate, EndOfWal, Located, WalReader};
 use crate::wal::{WalError, TIMELINE};
 
 const RECV_BUF: usize = 256 << 10;
+/// How long waits for standbys may go on once the server stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Records frames sent to a follower are cut at about this size.
 const FOLLOW_CHUNK: usize = 256 << 10;
 
@@ -48,6 +53,9 @@ struct ConnState {
     slow_since: Option<Instant>,
     follow: Option<Follow>,
     closing: bool,
+    /// A StartReplication was accepted: the socket goes to a walsender
+    /// once what was queued is sent (no more receives here).
+    replication: Option<super::walsender::StartRequest>,
 }
 
 struct PendingAck {
@@ -58,6 +66,23 @@ struct PendingAck {
     reply: Reply,
     started: Instant,
     level: Durability,
+    /// Waits for standbys: admitted under this `synchronous_standby_names`
+    /// generation.
+    quorum: Option<u64>,
+}
+
+/// The pending queues: `local` (and remote levels with no standbys
+/// configured), then one per wait mode (write, flush, apply). Each is
+/// sorted by end: a shard appends in LSN order.
+const QUEUES: usize = 4;
+
+fn queue_of(level: Durability, quorum: bool) -> usize {
+    match level {
+        Durability::RemoteWrite if quorum => 1,
+        Durability::On if quorum => 2,
+        Durability::RemoteApply if quorum => 3,
+        _ => 0,
+    }
 }
 
 /// What to send once a pending request's WAL reaches its level.
@@ -79,9 +104,15 @@ struct PendingCheckpoint {
 struct Shard<'a> {
     index: usize,
     shared: &'a ServerShared,
+    /// The same, owned: for the walsender threads this shard starts.
+    owner: Arc<ServerShared>,
     ring: NetRing,
     limits: Limits,
-    pending: VecDeque<PendingAck>,
+    pending: [VecDeque<PendingAck>; QUEUES],
+    sync: Arc<crate::replication::syncrep::SyncListener>,
+    /// When this shard saw the server stopping: waits for standbys get a
+    /// grace period, then INDETERMINATE.
+    stopping_since: Option<Instant>,
     checkpoints: Vec<PendingCheckpoint>,
     out: Vec<u8>,
     lsns: Vec<Lsn>,
@@ -101,7 +132,7 @@ pub(crate) fn run(
     wake: Arc<EventFd>,
     flush: Arc<FlushListener>,
 ) {
-    let ring = match NetRing::new(1024, listener, wake, RECV_BUF) {
+    let ring = match NetRing::new(1024, listener, Arc::clone(&wake), RECV_BUF) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("shard {index}: could not set up io_uring: {e}");
@@ -110,14 +141,21 @@ pub(crate) fn run(
     };
     let wal = Arc::clone(&shared.wal);
     let mut ins = wal.inserter();
+    let sync = Arc::new(crate::replication::syncrep::SyncListener::new(Arc::clone(
+        &wake,
+    )));
+    shared.syncrep.add_listener(Arc::clone(&sync));
     let mut shard = Shard {
         index,
         shared: &shared,
+        owner: Arc::clone(&shared),
+        sync,
+        stopping_since: None,
         ring,
         limits: Limits::for_max_record_size(
             shared.cfg.max_record_size.0.min(u32::MAX as u64) as u32
         ),
-        pending: VecDeque::new(),
+        pending: Default::default(),
         checkpoints: Vec::new(),
         out: Vec::with_capacity(64 << 10),
         lsns: Vec::new(),
@@ -143,13 +181,16 @@ pub(crate) fn run(
 
     loop {
         let stopping = shared.stopping.load(SeqCst);
+        if stopping && shard.stopping_since.is_none() {
+            shard.stopping_since = Some(Instant::now());
+        }
         if stopping && !stopped_accepting {
             stopped_accepting = true;
             if let Err(e) = shard.ring.stop_accepting() {
                 tracing::warn!("shard {index}: {e}");
             }
         }
-        if stopping && shard.pending.is_empty() {
+        if stopping && shard.pending.iter().all(VecDeque::is_empty) {
             // Everything acknowledged that will be: close what is left.
             for id in shard.ring.connections() {
                 let _ = shard.ring.close_after_send(id);
@@ -159,7 +200,8 @@ pub(crate) fn run(
             }
         }
 
-        let flushed_enough = || wait_for.is_some_and(|l| wal.flush_lsn() >= l);
+        let sync_due = shard.sync_due();
+        let flushed_enough = || sync_due || wait_for.is_some_and(|l| wal.flush_lsn() >= l);
         let mut timeout = if flushed_enough() {
             Duration::ZERO
         } else {
@@ -197,8 +239,9 @@ pub(crate) fn run(
                 // Acquire, which may be satisfied before our store is
                 // visible (store-load reordering). The fence forbids that.
                 flush.want(lsn);
+                shard.want_sync();
                 fence(SeqCst);
-                if flushed_enough() {
+                if flushed_enough() || shard.sync_due() {
                     timeout = Duration::ZERO;
                 }
             }
@@ -232,6 +275,7 @@ pub(crate) fn run(
                             slow_since: None,
                             follow: None,
                             closing: false,
+                            replication: None,
                         },
                     );
                     if !admitted {
@@ -257,7 +301,7 @@ pub(crate) fn run(
                     shard.process(id, st, dec, &received, &mut ins);
                     let max = shard.rt.max_in_flight;
                     st.paused = st.in_flight >= max;
-                    if !st.closing && !st.paused && !stopping {
+                    if !st.closing && !st.paused && !stopping && st.replication.is_none() {
                         let _ = shard.ring.resume_recv(id);
                     }
                 }
@@ -272,42 +316,27 @@ pub(crate) fn run(
                         tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
                     }
                 }
+                Event::Detached(id, fd) => {
+                    decoders.remove(&id);
+                    let Some(st) = conns.remove(&id) else {
+                        continue;
+                    };
+                    if st.admitted {
+                        shard.shared.connections.fetch_sub(1, SeqCst);
+                        shard.shared.metrics.connection_closed();
+                        shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
+                    }
+                    if let Some(req) = st.replication {
+                        shard.start_walsender(fd, req, st.peer);
+                    }
+                }
                 Event::Woken => {}
             }
         }
 
-        // Acknowledge what is durable, oldest first (one shard appends in
-        // LSN order, so the queue is sorted by end).
+        // Acknowledge what reached its level, oldest first per queue.
         let flushed = wal.flush_lsn();
-        while shard.pending.front().is_some_and(|p| p.end <= flushed) {
-            let p = shard.pending.pop_front().unwrap();
-            if let Some(st) = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial) {
-                shard.out.clear();
-                match &p.reply {
-                    Reply::Ack(lsns) => {
-                        protocol::encode_ack(p.request_id, lsns, p.end, &mut shard.out)
-                    }
-                    Reply::PageWritten(lsn) => protocol::encode(
-                        &Frame::PageWritten {
-                            request_id: p.request_id,
-                            lsn: *lsn,
-                            end: p.end,
-                        },
-                        &mut shard.out,
-                    ),
-                }
-                let _ = shard.ring.send(p.conn, &shard.out);
-                shard
-                    .shared
-                    .metrics
-                    .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
-                st.in_flight -= 1;
-                if st.paused && st.in_flight < shard.rt.max_in_flight && !st.closing && !stopping {
-                    st.paused = false;
-                    let _ = shard.ring.resume_recv(p.conn);
-                }
-            }
-        }
+        shard.release(&mut conns, flushed, stopping);
         // Checkpoint requests whose checkpoint completed (or that shutdown ends).
         if !shard.checkpoints.is_empty() {
             shard.answer_checkpoints(&mut conns, stopping);
@@ -320,9 +349,16 @@ pub(crate) fn run(
         }
         // What we wait for next from the flusher (asked for before blocking).
         let follows = conns.values().any(|s| s.follow.is_some());
-        wait_for = if let Some(p) = shard.pending.front() {
-            wal.request_flush(p.end);
-            Some(p.end)
+        // Every level needs the local flush first.
+        let oldest = shard
+            .pending
+            .iter()
+            .filter_map(|q| q.front().map(|p| p.end))
+            .filter(|e| *e > flushed)
+            .min();
+        wait_for = if let Some(end) = oldest {
+            wal.request_flush(end);
+            Some(end)
         } else if follows {
             Some(Lsn(flushed.0 + 1))
         } else {
@@ -337,7 +373,251 @@ pub(crate) fn run(
     tracing::debug!(shard = index, "shard stopped");
 }
 
+/// How a wait for a level ends.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// The level was reached.
+    Reached,
+    /// `synchronous_commit_timeout_action = degrade`: acknowledged as `local`.
+    Degraded,
+    /// Written locally, not confirmed at the level asked.
+    Indeterminate(IndeterminateReason),
+}
+
 impl Shard<'_> {
+    fn push_pending(&mut self, mut p: PendingAck) {
+        let rep = &self.shared.syncrep;
+        let quorum = p.level > Durability::Local && rep.configured();
+        if quorum {
+            p.quorum = Some(rep.generation());
+            rep.waiting.fetch_add(1, Relaxed);
+        }
+        self.pending[queue_of(p.level, quorum)].push_back(p);
+    }
+
+    /// Whether a wait for standbys can end now (reached, or the setting
+    /// was emptied): three atomic loads, for the poll loop.
+    fn sync_due(&self) -> bool {
+        let rep = &self.shared.syncrep;
+        let flushed = self.shared.wal.flush_lsn();
+        (1..QUEUES).any(|q| {
+            self.pending[q].front().is_some_and(|p| {
+                p.end <= flushed && (p.end <= rep.synced(q - 1) || !rep.configured())
+            })
+        })
+    }
+
+    /// Tells the replication side which quorum positions to signal us at.
+    fn want_sync(&self) {
+        for q in 1..QUEUES {
+            let want = self.pending[q].front().map_or(Lsn(0), |p| p.end);
+            self.sync.want(q - 1, want);
+        }
+    }
+
+    /// The highest level the WAL up to `end` reached.
+    fn reached(&self, end: Lsn, flushed: Lsn) -> Durability {
+        use crate::replication::syncrep::{APPLY, FLUSH, WRITE};
+        let rep = &self.shared.syncrep;
+        if end > flushed {
+            Durability::Off
+        } else if rep.synced(APPLY) >= end {
+            Durability::RemoteApply
+        } else if rep.synced(FLUSH) >= end {
+            Durability::On
+        } else if rep.synced(WRITE) >= end {
+            Durability::RemoteWrite
+        } else {
+            Durability::Local
+        }
+    }
+
+    /// Answers every pending request whose wait is over: `local` ones once
+    /// flushed; the others once flushed and confirmed by the quorum, or
+    /// ended by `synchronous_commit_timeout`, an emptied setting, or
+    /// shutdown (never a success they did not reach).
+    fn release(&mut self, conns: &mut HashMap<ConnId, ConnState>, flushed: Lsn, stopping: bool) {
+        while self.pending[0].front().is_some_and(|p| p.end <= flushed) {
+            let p = self.pending[0].pop_front().unwrap();
+            let st = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial);
+            self.answer(st, p, Outcome::Reached, flushed, stopping);
+        }
+        if self.pending[1..].iter().all(VecDeque::is_empty) {
+            return;
+        }
+        let rep = Arc::clone(&self.shared.syncrep);
+        let configured = rep.configured();
+        let timeout = self.rt.config.synchronous_commit_timeout.duration();
+        let action = self.rt.config.synchronous_commit_timeout_action;
+        let grace_over = self
+            .stopping_since
+            .is_some_and(|t| t.elapsed() >= SHUTDOWN_GRACE);
+        for q in 1..QUEUES {
+            while let Some(p) = self.pending[q].front() {
+                // Every level includes the local flush.
+                if p.end > flushed {
+                    break;
+                }
+                let outcome = if p.end <= rep.synced(q - 1) {
+                    Outcome::Reached
+                } else if !configured {
+                    Outcome::Indeterminate(IndeterminateReason::ConfigurationChanged)
+                } else if !timeout.is_zero() && p.started.elapsed() >= timeout {
+                    match action {
+                        TimeoutAction::Indeterminate => {
+                            Outcome::Indeterminate(IndeterminateReason::QuorumTimeout)
+                        }
+                        TimeoutAction::Degrade => Outcome::Degraded,
+                    }
+                } else if grace_over {
+                    Outcome::Indeterminate(IndeterminateReason::ShuttingDown)
+                } else {
+                    break;
+                };
+                let p = self.pending[q].pop_front().unwrap();
+                rep.waiting.fetch_sub(1, Relaxed);
+                let st = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial);
+                self.answer(st, p, outcome, flushed, stopping);
+            }
+        }
+    }
+
+    /// A Cancel for an Append waiting for standbys: INDETERMINATE now.
+    fn cancel_wait(&mut self, id: ConnId, st: &mut ConnState, request_id: u64) {
+        for q in 1..QUEUES {
+            let found = self.pending[q].iter().position(|p| {
+                p.conn == id && p.serial == st.serial && p.request_id == request_id
+            });
+            if let Some(i) = found {
+                let p = self.pending[q].remove(i).unwrap();
+                self.shared.syncrep.waiting.fetch_sub(1, Relaxed);
+                let flushed = self.shared.wal.flush_lsn();
+                let stopping = self.shared.stopping.load(SeqCst);
+                self.answer(
+                    Some(st),
+                    p,
+                    Outcome::Indeterminate(IndeterminateReason::Cancelled),
+                    flushed,
+                    stopping,
+                );
+                return;
+            }
+        }
+    }
+
+    fn answer(
+        &mut self,
+        st: Option<&mut ConnState>,
+        p: PendingAck,
+        outcome: Outcome,
+        flushed: Lsn,
+        stopping: bool,
+    ) {
+        let Some(st) = st else {
+            return;
+        };
+        let rep = &self.shared.syncrep;
+        self.out.clear();
+        let one;
+        let lsns: &[Lsn] = match &p.reply {
+            Reply::Ack(lsns) => lsns,
+            Reply::PageWritten(lsn) => {
+                one = [*lsn];
+                &one
+            }
+        };
+        match outcome {
+            Outcome::Reached | Outcome::Degraded => match &p.reply {
+                Reply::Ack(lsns) => protocol::encode_ack(p.request_id, lsns, p.end, &mut self.out),
+                Reply::PageWritten(lsn) => protocol::encode(
+                    &Frame::PageWritten {
+                        request_id: p.request_id,
+                        lsn: *lsn,
+                        end: p.end,
+                    },
+                    &mut self.out,
+                ),
+            },
+            Outcome::Indeterminate(reason) => {
+                // Below the level asked, by definition (the quorum's
+                // positions per mode are computed apart).
+                let i = Durability::ALL.iter().position(|d| *d == p.level).unwrap_or(1);
+                let reached = self.reached(p.end, flushed).min(Durability::ALL[i.max(1) - 1]);
+                protocol::encode_indeterminate(
+                    p.request_id,
+                    reached,
+                    reason,
+                    lsns,
+                    p.end,
+                    &mut self.out,
+                );
+            }
+        }
+        match outcome {
+            Outcome::Degraded => {
+                let n = rep.degraded.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        "synchronous_commit_timeout ({}) passed: a commit ending at {} was acknowledged at \"local\" \
+                         without its standbys ({n} so far); synchronous_commit_timeout_action = degrade",
+                        self.rt.config.synchronous_commit_timeout,
+                        p.end
+                    );
+                }
+            }
+            Outcome::Indeterminate(reason) => {
+                rep.indeterminate.fetch_add(1, Relaxed);
+                tracing::debug!(?reason, end = %p.end, "commit answered INDETERMINATE");
+            }
+            Outcome::Reached => {}
+        }
+        let _ = self.ring.send(p.conn, &self.out);
+        self.shared
+            .metrics
+            .observe_commit_wait(p.level.name(), p.started.elapsed().as_secs_f64());
+        st.in_flight -= 1;
+        if st.paused && st.in_flight < self.rt.max_in_flight && !st.closing && !stopping {
+            st.paused = false;
+            let _ = self.ring.resume_recv(p.conn);
+        }
+    }
+
+    /// On a standby: why appends are refused.
+    fn read_only(&self) -> Option<String> {
+        self.shared.standby_of.as_ref().map(|primary| {
+            format!("this server is a standby of {primary} (read-only): send writes to the primary")
+        })
+    }
+
+    /// Starts the walsender thread for a detached replication connection.
+    fn start_walsender(
+        &mut self,
+        fd: OwnedFd,
+        req: super::walsender::StartRequest,
+        peer: Option<SocketAddr>,
+    ) {
+        let stream = std::net::TcpStream::from(fd);
+        let owner = Arc::clone(&self.owner);
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        let spawned = std::thread::Builder::new()
+            .name("walden-walsnd".into())
+            .spawn(move || {
+                super::walsender::run(Arc::clone(&owner), stream, req, peer);
+                owner.wal_senders.fetch_sub(1, SeqCst);
+            });
+        match spawned {
+            Ok(h) => {
+                let mut senders = self.shared.senders.lock().unwrap();
+                senders.retain(|h| !h.is_finished());
+                senders.push(h);
+            }
+            Err(e) => {
+                self.shared.wal_senders.fetch_sub(1, SeqCst);
+                tracing::error!("could not start a walsender thread: {e}");
+            }
+        }
+    }
+
     /// Answers a connection over `max_connections` with TOO_MANY_CONNECTIONS
     /// and closes it. Logged at most once a second per shard: a flood of
     /// refused connections must not flood the log (the metric counts each).
@@ -421,7 +701,7 @@ impl Shard<'_> {
         ins: &mut crate::wal::Inserter<'_>,
     ) {
         let mut taken = 0;
-        while !st.closing {
+        while !st.closing && st.replication.is_none() {
             taken += dec.extend(&data[taken..]);
             loop {
                 match dec.next_frame() {
@@ -430,6 +710,12 @@ impl Shard<'_> {
                         let had_hello = st.hello;
                         self.handle(id, st, frame, ins);
                         if st.closing {
+                            return;
+                        }
+                        if st.replication.is_some() {
+                            // A standby waits for StreamStart before it
+                            // sends more: anything after is a protocol error
+                            // the walsender reports.
                             return;
                         }
                         if st.hello && !had_hello {
@@ -513,7 +799,7 @@ impl Shard<'_> {
                     &Frame::HelloOk {
                         request_id,
                         version: v,
-                        system_id: 0,
+                        system_id: self.shared.store.control().system_identifier,
                         segment_size: self.shared.cfg.wal_segment_size.0,
                         limits: self.limits,
                         max_in_flight: self.rt.max_in_flight,
@@ -526,6 +812,9 @@ impl Shard<'_> {
                 durability,
                 records,
             } => {
+                if let Some(msg) = self.read_only() {
+                    return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
+                }
                 if self.shared.stopping.load(SeqCst) {
                     let msg = "the server is shutting down".to_string();
                     return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
@@ -541,7 +830,7 @@ impl Shard<'_> {
                             let _ = self.ring.send(id, &self.out);
                         } else {
                             st.in_flight += 1;
-                            self.pending.push_back(PendingAck {
+                            self.push_pending(PendingAck {
                                 end,
                                 conn: id,
                                 serial: st.serial,
@@ -549,6 +838,7 @@ impl Shard<'_> {
                                 reply: Reply::Ack(self.lsns.clone()),
                                 started: Instant::now(),
                                 level: durability,
+                                quorum: None,
                             });
                         }
                     }
@@ -572,6 +862,9 @@ impl Shard<'_> {
                 offset,
                 data,
             } => {
+                if let Some(msg) = self.read_only() {
+                    return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
+                }
                 if self.shared.stopping.load(SeqCst) {
                     let msg = "the server is shutting down".to_string();
                     return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
@@ -591,7 +884,7 @@ impl Shard<'_> {
                     }
                     Ok(a) => {
                         st.in_flight += 1;
-                        self.pending.push_back(PendingAck {
+                        self.push_pending(PendingAck {
                             end: a.end,
                             conn: id,
                             serial: st.serial,
@@ -599,6 +892,7 @@ impl Shard<'_> {
                             reply: Reply::PageWritten(a.lsn),
                             started: Instant::now(),
                             level: durability,
+                            quorum: None,
                         });
                     }
                     Err(e) => {
@@ -627,6 +921,9 @@ impl Shard<'_> {
                 self.page = page;
             }
             FrameRef::Checkpoint { request_id } => {
+                if let Some(msg) = self.read_only() {
+                    return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
+                }
                 if self.shared.stopping.load(SeqCst) {
                     let msg = "the server is shutting down".to_string();
                     return self.send_error(id, st, request_id, ErrorCode::SHUTTING_DOWN, msg);
@@ -730,6 +1027,7 @@ impl Shard<'_> {
                 self.feed_follower(id, st, flushed);
             }
             FrameRef::Cancel { request_id } => {
+                self.cancel_wait(id, st, request_id);
                 if st
                     .follow
                     .as_ref()
@@ -755,8 +1053,45 @@ impl Shard<'_> {
             }
             // The layouts are defined (docs/protocol.md §4.10-4.12), the
             // behaviour is not yet.
-            FrameRef::StartReplication { request_id, .. } => {
-                self.refuse_replication(id, st, request_id, FrameType::StartReplication)
+            FrameRef::StartReplication {
+                request_id,
+                system_id,
+                timeline,
+                start,
+                term: _,
+                slot,
+                application_name,
+            } => {
+                if let Some(primary) = &self.shared.standby_of {
+                    let msg = format!(
+                        "this server is a standby of {primary}: cascading replication is not supported"
+                    );
+                    return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
+                }
+                let max = self.shared.cfg.max_wal_senders;
+                let active = self.shared.wal_senders.fetch_add(1, SeqCst);
+                if active >= max {
+                    self.shared.wal_senders.fetch_sub(1, SeqCst);
+                    let msg = format!(
+                        "number of requested standby connections exceeds max_wal_senders (currently {max})"
+                    );
+                    return self.send_error(id, st, request_id, ErrorCode::TOO_MANY_CONNECTIONS, msg);
+                }
+                let name = if application_name.is_empty() {
+                    "walreceiver"
+                } else {
+                    application_name
+                };
+                st.replication = Some(super::walsender::StartRequest {
+                    request_id,
+                    system_id,
+                    timeline,
+                    start,
+                    slot: slot.to_string(),
+                    application_name: name.to_string(),
+                });
+                // Nothing more is read here; the walsender reads the rest.
+                self.ring.detach_after_send(id);
             }
             FrameRef::StandbyStatus { request_id, .. } => {
                 self.refuse_replication(id, st, request_id, FrameType::StandbyStatus)

@@ -238,6 +238,14 @@ impl GroupCommit {
         self.listeners.write().unwrap().push(l);
     }
 
+    /// Forgets `l` (a walsender or walreceiver that ends).
+    pub fn remove_listener(&self, l: &Arc<FlushListener>) {
+        self.listeners
+            .write()
+            .unwrap()
+            .retain(|x| !Arc::ptr_eq(x, l));
+    }
+
     pub fn shut_down(&self) {
         self.shutdown.store(true, SeqCst);
         self.wake_flush_waiters(u64::MAX);

@@ -500,6 +500,11 @@ impl Wal {
         self.shared.commit.add_listener(l);
     }
 
+    /// Forgets a listener added by [`Wal::add_flush_listener`].
+    pub fn remove_flush_listener(&self, l: &Arc<commit::FlushListener>) {
+        self.shared.commit.remove_listener(l);
+    }
+
     /// Calls `l(segno)` (on the flusher's thread: keep it short) whenever
     /// the flusher moves on to a new segment.
     pub fn add_segment_listener(&self, l: segments::SegmentListener) {

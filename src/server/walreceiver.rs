@@ -1,0 +1,447 @@
+//! A standby's walreceiver: connects to the primary (`primary_conninfo`),
+//! asks for WAL from its own end of WAL, puts the bytes at the same LSNs
+//! through its [`RawInserter`] (the standby's own flusher makes them
+//! durable, byte-identical to the primary's), and reports write, flush and
+//! apply positions back.
+//!
+//! Two threads while streaming: the receiver (socket reads, puts) and the
+//! reporter, which sleeps on one eventfd signalled by the flusher (a
+//! [`FlushListener`]) and by replay (the store's apply listeners), and
+//! sends a StandbyStatus as soon as a position moved: one per flush batch
+//! and per replay step, no timer on the commit path.
+//! `wal_receiver_status_interval` only paces reports while nothing moves.
+//!
+//! Reported LSNs are record ends (trap T3 in replication-design.md): the
+//! flush LSN may lie inside a record the primary has not finished sending.
+//! After a disconnect it reconnects and resumes at its end of WAL: no gap,
+//! no duplicate (the RawInserter refuses both).
+
+#[allow(unused_imports)]
+use super::StandbyShim;
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, ClientError};
+use crate::io::uring::EventFd;
+use crate::lsn::Lsn;
+use crate::protocol::{self, Frame};
+use crate::replication::ConnInfo;
+use crate::store::Store;
+use crate::wal::commit::FlushListener;
+use crate::wal::standby::RawInserter;
+use crate::wal::TIMELINE;
+
+/// How long to wait before connecting again after a failure.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// What /status shows of the walreceiver (pg_stat_wal_receiver).
+#[derive(Default)]
+pub(crate) struct ReceiverStatus {
+    pub status: Mutex<&'static str>,
+    pub primary: String,
+    pub slot_name: String,
+    pub receive_start_lsn: AtomicU64,
+    pub received_lsn: AtomicU64,
+    pub flushed_lsn: AtomicU64,
+    pub latest_end_lsn: AtomicU64,
+    /// Microseconds since the epoch.
+    pub last_msg_send_time: AtomicU64,
+    pub last_msg_receipt_time: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub connections: AtomicU64,
+}
+
+impl ReceiverStatus {
+    pub fn json(&self, store: &Store) -> serde_json::Value {
+        let lsn = |a: &AtomicU64| Lsn(a.load(Relaxed)).to_string();
+        serde_json::json!({
+            "status": *self.status.lock().unwrap(),
+            "sender": self.primary,
+            "slot_name": self.slot_name,
+            "receive_start_lsn": lsn(&self.receive_start_lsn),
+            "written_lsn": lsn(&self.received_lsn),
+            "flushed_lsn": lsn(&self.flushed_lsn),
+            "replayed_lsn": store.apply_lsn().to_string(),
+            "latest_end_lsn": lsn(&self.latest_end_lsn),
+            "last_msg_send_time_us": self.last_msg_send_time.load(Relaxed),
+            "last_msg_receipt_time_us": self.last_msg_receipt_time.load(Relaxed),
+            "connections": self.connections.load(Relaxed),
+            "last_error": *self.last_error.lock().unwrap(),
+        })
+    }
+}
+
+/// The running walreceiver; [`WalReceiver::stop`] ends it.
+pub(crate) struct WalReceiver {
+    stop: Arc<AtomicBool>,
+    socket: Arc<Mutex<Option<TcpStream>>>,
+    wake: Arc<EventFd>,
+    handle: Option<JoinHandle<()>>,
+}
+
+struct Settings {
+    info: ConnInfo,
+    slot: String,
+    token: Option<Arc<[u8]>>,
+    status_interval: Duration,
+    receiver_timeout: Duration,
+    segment_size: u64,
+}
+
+impl WalReceiver {
+    pub fn start(
+        store: Arc<Store>,
+        cfg: &crate::config::Config,
+        info: ConnInfo,
+        token: Option<Arc<[u8]>>,
+        status: Arc<ReceiverStatus>,
+    ) -> std::io::Result<WalReceiver> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = Arc::new(Mutex::new(None));
+        let wake = Arc::new(EventFd::new()?);
+        let settings = Settings {
+            info,
+            slot: cfg.primary_slot_name.clone(),
+            token,
+            status_interval: cfg.wal_receiver_status_interval.duration(),
+            receiver_timeout: cfg.wal_receiver_timeout.duration(),
+            segment_size: cfg.wal_segment_size.0,
+        };
+        let (st, so, wk) = (Arc::clone(&stop), Arc::clone(&socket), Arc::clone(&wake));
+        let handle = std::thread::Builder::new()
+            .name("walden-walrcv".into())
+            .spawn(move || run(&store, &settings, &st, &so, &wk, &status))?;
+        Ok(WalReceiver {
+            stop,
+            socket,
+            wake,
+            handle: Some(handle),
+        })
+    }
+
+    /// Ends streaming (the socket is shut down under the receiver) and
+    /// waits for the threads.
+    pub fn stop(mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(s) = self.socket.lock().unwrap().as_ref() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.wake.signal();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(
+    store: &Arc<Store>,
+    s: &Settings,
+    stop: &AtomicBool,
+    socket: &Mutex<Option<TcpStream>>,
+    wake: &Arc<EventFd>,
+    status: &Arc<ReceiverStatus>,
+) {
+    let wal = Arc::clone(store.wal());
+    let mut raw = match wal.raw_inserter() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("could not start the walreceiver: {e}");
+            return;
+        }
+    };
+    // One eventfd for the whole life: the flusher and replay signal it.
+    let flushed = Arc::new(FlushListener::new(Arc::clone(wake)));
+    wal.add_flush_listener(Arc::clone(&flushed));
+    store.add_apply_listener(Arc::clone(wake));
+    let mut logged_error: Option<String> = None;
+    while !stop.load(SeqCst) {
+        *status.status.lock().unwrap() = "connecting";
+        match session(store, &mut raw, s, stop, socket, wake, &flushed, status) {
+            Ok(()) => {
+                logged_error = None;
+                tracing::info!("replication terminated by the primary server");
+            }
+            Err(e) => {
+                if stop.load(SeqCst) {
+                    break;
+                }
+                // The same failure once, not every half second.
+                if logged_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!("{e}");
+                    logged_error = Some(e.clone());
+                }
+                *status.last_error.lock().unwrap() = Some(e);
+            }
+        }
+        *socket.lock().unwrap() = None;
+        *status.status.lock().unwrap() = "waiting";
+        let until = Instant::now() + RETRY;
+        while !stop.load(SeqCst) && Instant::now() < until {
+            wake.wait(Duration::from_millis(50));
+        }
+    }
+    *status.status.lock().unwrap() = "stopped";
+    wal.remove_flush_listener(&flushed);
+}
+
+/// What the reporter needs from the receiver.
+struct Shared {
+    /// Ends of complete records put, not yet known flushed (ascending).
+    ends: Mutex<VecDeque<Lsn>>,
+    /// The greatest record end known flushed.
+    flushed_end: AtomicU64,
+    reply_now: AtomicBool,
+    done: AtomicBool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn session(
+    store: &Arc<Store>,
+    raw: &mut RawInserter<'_>,
+    s: &Settings,
+    stop: &AtomicBool,
+    socket: &Mutex<Option<TcpStream>>,
+    wake: &Arc<EventFd>,
+    flushed: &Arc<FlushListener>,
+    status: &Arc<ReceiverStatus>,
+) -> Result<(), String> {
+    let addr = s.info.address();
+    let mut client = Client::connect(&addr, s.token.as_deref())
+        .map_err(|e| format!("could not connect to the primary server: {e}"))?;
+    if client.segment_size != s.segment_size {
+        return Err(format!(
+            "the primary at {addr} has wal_segment_size {} but this standby has {}: \
+             a standby must be created from its primary",
+            client.segment_size, s.segment_size
+        ));
+    }
+    let ours = store.system_identifier();
+    if client.system_id != 0 && client.system_id != ours {
+        return Err(format!(
+            "database system identifier differs between the primary and standby: \
+             the primary's is {}, the standby's is {ours}",
+            client.system_id
+        ));
+    }
+    let stream = client
+        .stream()
+        .try_clone()
+        .map_err(|e| format!("could not set up the replication connection: {e}"))?;
+    *socket.lock().unwrap() = stream.try_clone().ok();
+    if stop.load(SeqCst) {
+        return Ok(());
+    }
+    let start = raw.insert_lsn();
+    let request_id = 1u64 << 32;
+    client.queue(&Frame::StartReplication {
+        request_id,
+        system_id: ours,
+        timeline: TIMELINE,
+        start,
+        term: 0,
+        slot: s.slot.clone(),
+        application_name: s.info.application_name.clone(),
+    });
+    let first = client.recv_frame();
+    match first {
+        Ok(Frame::StreamStart { flush, .. }) => {
+            status.latest_end_lsn.store(flush.0, Relaxed);
+        }
+        Ok(Frame::Error { code, message, .. }) => {
+            return Err(format!("could not start WAL streaming: {code}: {message}"))
+        }
+        Ok(other) => return Err(format!("the primary answered StartReplication with {other:?}")),
+        Err(e) => return Err(format!("could not start WAL streaming: {e}")),
+    }
+    status.connections.fetch_add(1, Relaxed);
+    status.receive_start_lsn.store(start.0, Relaxed);
+    // What is on disk at the start is durable (the open's scan made it so).
+    status.received_lsn.fetch_max(start.0, Relaxed);
+    status.flushed_lsn.fetch_max(start.0, Relaxed);
+    *status.status.lock().unwrap() = "streaming";
+    *status.last_error.lock().unwrap() = None;
+    tracing::info!("started streaming WAL from primary at {start} on timeline {TIMELINE}");
+    if !s.receiver_timeout.is_zero() {
+        let _ = client.set_read_timeout(Some(s.receiver_timeout));
+    }
+    let shared = Arc::new(Shared {
+        ends: Mutex::new(VecDeque::new()),
+        flushed_end: AtomicU64::new(start.0),
+        reply_now: AtomicBool::new(true),
+        done: AtomicBool::new(false),
+    });
+    let reporter = {
+        let (store, shared, wake, flushed, status) = (
+            Arc::clone(store),
+            Arc::clone(&shared),
+            Arc::clone(wake),
+            Arc::clone(flushed),
+            Arc::clone(status),
+        );
+        let interval = s.status_interval;
+        std::thread::Builder::new()
+            .name("walden-walrcv-s".into())
+            .spawn(move || {
+                report(stream, request_id, &store, &shared, &wake, &flushed, interval, &status)
+            })
+            .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
+    };
+    wake.signal();
+    let outcome = receive(&mut client, raw, &shared, wake, status, stop);
+    shared.done.store(true, SeqCst);
+    wake.signal();
+    let _ = client.stream().shutdown(Shutdown::Both);
+    let _ = reporter.join();
+    outcome
+}
+
+fn receive(
+    client: &mut Client,
+    raw: &mut RawInserter<'_>,
+    shared: &Shared,
+    wake: &EventFd,
+    status: &ReceiverStatus,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut last_end = raw.last_complete_record_end();
+    loop {
+        if stop.load(SeqCst) || shared.done.load(SeqCst) {
+            return Ok(());
+        }
+        let frame = match client.recv_frame() {
+            Ok(f) => f,
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("terminating walreceiver due to timeout: the primary said nothing for wal_receiver_timeout".into())
+            }
+            Err(e) => return Err(format!("lost the connection to the primary: {e}")),
+        };
+        status
+            .last_msg_receipt_time
+            .store(super::walsender::now_micros(), Relaxed);
+        match frame {
+            Frame::WalData {
+                start,
+                wal_end,
+                send_time,
+                wal,
+                ..
+            } => {
+                status.last_msg_send_time.store(send_time, Relaxed);
+                status.latest_end_lsn.store(wal_end.0, Relaxed);
+                let end = raw
+                    .put(start, &wal)
+                    .map_err(|e| format!("could not write the primary's WAL at {start}: {e}"))?;
+                status.received_lsn.store(end.0, Relaxed);
+                let complete = raw.last_complete_record_end();
+                if complete > last_end {
+                    last_end = complete;
+                    shared.ends.lock().unwrap().push_back(complete);
+                    wake.signal();
+                }
+            }
+            Frame::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+                ..
+            } => {
+                status.last_msg_send_time.store(send_time, Relaxed);
+                status.latest_end_lsn.store(wal_end.0, Relaxed);
+                if reply_requested {
+                    shared.reply_now.store(true, SeqCst);
+                    wake.signal();
+                }
+            }
+            Frame::ReadEnd { .. } => return Ok(()),
+            Frame::Error { code, message, .. } => {
+                return Err(format!("the primary ended replication: {code}: {message}"))
+            }
+            other => return Err(format!("unexpected frame from the primary: {other:?}")),
+        }
+    }
+}
+
+/// Sends a StandbyStatus whenever write, flush or apply moved (or the
+/// primary asked, or the status interval passed).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    mut stream: TcpStream,
+    request_id: u64,
+    store: &Store,
+    shared: &Shared,
+    wake: &EventFd,
+    flushed: &FlushListener,
+    interval: Duration,
+    status: &ReceiverStatus,
+) {
+    use std::io::Write;
+    let wal = store.wal();
+    let mut last = (Lsn::INVALID, Lsn::INVALID);
+    let mut last_send = Instant::now();
+    let mut out = Vec::new();
+    while !shared.done.load(SeqCst) {
+        // The record-aligned flush position.
+        let flush_lsn = wal.flush_lsn();
+        let next_wanted = {
+            let mut ends = shared.ends.lock().unwrap();
+            while let Some(&e) = ends.front() {
+                if e > flush_lsn {
+                    break;
+                }
+                shared.flushed_end.store(e.0, SeqCst);
+                ends.pop_front();
+            }
+            ends.front().copied()
+        };
+        let flush = Lsn(shared.flushed_end.load(SeqCst));
+        status.flushed_lsn.fetch_max(flush.0, Relaxed);
+        let apply = store.apply_lsn().min(flush);
+        let now = (flush, apply);
+        let asked = shared.reply_now.swap(false, SeqCst);
+        if now != last || asked || last_send.elapsed() >= interval {
+            out.clear();
+            protocol::encode(
+                &Frame::StandbyStatus {
+                    request_id,
+                    // Written == flushed: this standby reports what its
+                    // flusher made durable (its writes are O_DSYNC or
+                    // followed by fdatasync before they are published).
+                    write: flush,
+                    flush,
+                    apply,
+                    send_time: super::walsender::now_micros(),
+                    reply_requested: false,
+                },
+                &mut out,
+            );
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+            last = now;
+            last_send = Instant::now();
+        }
+        // Sleep until the flush passes the next record end, replay moves,
+        // or the receiver has news.
+        if let Some(e) = next_wanted {
+            flushed.want(e);
+        }
+        fence(SeqCst);
+        if next_wanted.is_some_and(|e| wal.flush_lsn() >= e) {
+            continue;
+        }
+        if store.apply_lsn().min(flush) != apply {
+            continue;
+        }
+        let left = interval.saturating_sub(last_send.elapsed());
+        wake.wait(left.clamp(Duration::from_millis(1), Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,401 @@
+//! A walsender: one thread per standby that streams the primary's WAL
+//! bytes, exactly as on disk, up to the flush LSN (never beyond: trap T6
+//! in replication-design.md), and a second one that reads the standby's
+//! StandbyStatus replies and hands them to [`SyncRep`].
+//!
+//! A shard takes the standby's Hello and StartReplication, then hands the
+//! socket over ([`crate::io::net::NetRing::detach_after_send`]): reading
+//! old WAL from segment files never blocks a shard.
+//!
+//! What it is not (yet): reads from the WAL ring (every send reads the
+//! segment file, which O_DIRECT writes left out of the page cache),
+//! slots, timelines other than 1.
+
+#[allow(unused_imports)]
+use super::StandbyShim;
+use std::fs::File;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::ServerShared;
+use crate::io::uring::EventFd;
+use crate::lsn::{segment_file_name, Lsn};
+use crate::protocol::{self, Direction, ErrorCode, Frame, FrameRef, Limits};
+use crate::replication::syncrep::FLUSH;
+use crate::replication::SenderState;
+use crate::wal::commit::FlushListener;
+use crate::wal::TIMELINE;
+
+/// WAL bytes per WalData frame at most.
+const CHUNK: usize = 1 << 20;
+
+/// What the standby asked for in its StartReplication.
+#[derive(Clone, Debug)]
+pub(crate) struct StartRequest {
+    pub request_id: u64,
+    pub system_id: u64,
+    pub timeline: u32,
+    pub start: Lsn,
+    pub slot: String,
+    pub application_name: String,
+}
+
+/// Microseconds since the Unix epoch (the frames' send times).
+pub(crate) fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn send(stream: &mut TcpStream, frame: &Frame) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    protocol::encode(frame, &mut out);
+    stream.write_all(&out)
+}
+
+fn refuse(mut stream: TcpStream, request_id: u64, code: ErrorCode, message: String) {
+    tracing::warn!("replication connection refused: {message}");
+    let _ = send(
+        &mut stream,
+        &Frame::Error {
+            request_id,
+            code,
+            message,
+        },
+    );
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Reads WAL bytes from the segment files.
+struct SegmentBytes {
+    dir: PathBuf,
+    segment_size: u64,
+    open: Option<(u64, File)>,
+}
+
+impl SegmentBytes {
+    /// Fills `buf` with the WAL at `[at, at + buf.len())`, which lies in one segment.
+    fn read(&mut self, at: Lsn, buf: &mut [u8]) -> std::io::Result<()> {
+        let segno = at.segno(self.segment_size);
+        if !self.open.as_ref().is_some_and(|(s, _)| *s == segno) {
+            let path = self
+                .dir
+                .join(segment_file_name(TIMELINE, segno, self.segment_size));
+            self.open = Some((segno, File::open(path)?));
+        }
+        let file = &self.open.as_ref().unwrap().1;
+        file.read_exact_at(buf, at.segment_offset(self.segment_size))
+    }
+}
+
+/// Streams to one standby until it goes, the server stops, or an error.
+pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRequest, peer: String) {
+    let wal = Arc::clone(&shared.wal);
+    let syncrep = Arc::clone(&shared.syncrep);
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let ours = shared.store.system_identifier();
+    if req.system_id != 0 && req.system_id != ours {
+        let msg = format!(
+            "database system identifier differs between the primary and standby: \
+             the primary's is {ours}, the standby's is {}",
+            req.system_id
+        );
+        return refuse(stream, req.request_id, ErrorCode::SYSTEM_MISMATCH, msg);
+    }
+    if req.timeline != TIMELINE {
+        let msg = format!(
+            "requested timeline {} is not in this server's history (it is on timeline {TIMELINE})",
+            req.timeline
+        );
+        return refuse(stream, req.request_id, ErrorCode::TIMELINE_NOT_IN_HISTORY, msg);
+    }
+    if !req.slot.is_empty() {
+        let msg = format!("replication slot \"{}\" does not exist", req.slot);
+        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_SLOT, msg);
+    }
+    let flush = wal.flush_lsn();
+    if req.start > flush {
+        let msg = format!(
+            "requested starting point {} is ahead of the WAL flush position of this server {flush}",
+            req.start
+        );
+        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+    }
+    let oldest = wal.start_lsn();
+    if req.start < oldest {
+        let seg = shared.cfg.wal_segment_size.0;
+        let msg = format!(
+            "requested WAL segment {} has already been removed (WAL starts at {oldest}): \
+             the standby needs a new base backup",
+            segment_file_name(TIMELINE, req.start.segno(seg), seg)
+        );
+        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+    }
+    let Ok(reader_stream) = stream.try_clone() else {
+        return;
+    };
+    let timeout = shared.runtime.read().unwrap().config.wal_sender_timeout.duration();
+    if !timeout.is_zero() {
+        let _ = stream.set_write_timeout(Some(timeout));
+    }
+    let id = syncrep.register(&req.application_name, peer.clone());
+    tracing::info!(
+        "standby \"{}\" ({peer}) connected: streaming from {} (primary flushed to {flush})",
+        req.application_name,
+        req.start
+    );
+    let Ok(wake) = EventFd::new().map(Arc::new) else {
+        syncrep.unregister(id);
+        return;
+    };
+    let listener = Arc::new(FlushListener::new(Arc::clone(&wake)));
+    wal.add_flush_listener(Arc::clone(&listener));
+    let gone = Arc::new(AtomicBool::new(false));
+    let last_reply = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let reader = {
+        let (syncrep, gone, wake, last_reply) = (
+            Arc::clone(&syncrep),
+            Arc::clone(&gone),
+            Arc::clone(&wake),
+            Arc::clone(&last_reply),
+        );
+        let name = req.application_name.clone();
+        std::thread::Builder::new()
+            .name("walden-walsnd-r".into())
+            .spawn(move || {
+                read_replies(reader_stream, id, &syncrep, &name, started, &last_reply);
+                gone.store(true, SeqCst);
+                wake.signal();
+            })
+    };
+    let outcome = stream_wal(
+        &shared,
+        &mut stream,
+        &req,
+        id,
+        &wake,
+        &listener,
+        &gone,
+        &last_reply,
+        started,
+        timeout,
+    );
+    match outcome {
+        Ok(()) => tracing::info!("standby \"{}\" disconnected", req.application_name),
+        Err(e) => tracing::warn!(
+            "walsender for standby \"{}\" ended: {e}",
+            req.application_name
+        ),
+    }
+    syncrep.unregister(id);
+    wal.remove_flush_listener(&listener);
+    let _ = stream.shutdown(Shutdown::Both);
+    if let Ok(h) = reader {
+        let _ = h.join();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_wal(
+    shared: &ServerShared,
+    stream: &mut TcpStream,
+    req: &StartRequest,
+    id: u64,
+    wake: &EventFd,
+    listener: &FlushListener,
+    gone: &AtomicBool,
+    last_reply: &AtomicU64,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(), String> {
+    let wal = &shared.wal;
+    let syncrep = &shared.syncrep;
+    let seg = shared.cfg.wal_segment_size.0;
+    let mut files = SegmentBytes {
+        dir: shared.cfg.wal_dir.clone(),
+        segment_size: seg,
+        open: None,
+    };
+    let request_id = req.request_id;
+    let mut sent = req.start;
+    let flush = wal.flush_lsn();
+    let mut state = if sent == flush {
+        SenderState::Streaming
+    } else {
+        SenderState::Catchup
+    };
+    send(
+        stream,
+        &Frame::StreamStart {
+            request_id,
+            term: TIMELINE as u64,
+            timeline: TIMELINE,
+            flush,
+            commit: syncrep.synced(FLUSH),
+        },
+    )
+    .map_err(|e| format!("could not send to the standby: {e}"))?;
+    syncrep.sent(id, sent, state);
+    let mut buf = vec![0u8; CHUNK];
+    let mut out = Vec::with_capacity(CHUNK + 64);
+    let mut last_send = Instant::now();
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        if gone.load(SeqCst) {
+            return Ok(());
+        }
+        let flush = wal.flush_lsn();
+        if sent < flush {
+            // One frame: up to CHUNK bytes, within one segment.
+            let seg_end = Lsn((sent.segno(seg) + 1) * seg);
+            let n = (flush.0.min(seg_end.0) - sent.0).min(CHUNK as u64) as usize;
+            files
+                .read(sent, &mut buf[..n])
+                .map_err(|e| format!("could not read WAL at {sent}: {e}"))?;
+            // IMPORTANT: a segment released (and perhaps recycled) while
+            // we read it holds other bytes: check it was still retained.
+            if wal.start_lsn() > sent {
+                return Err(format!(
+                    "WAL at {sent} was removed while it was being sent: the standby needs a new base backup"
+                ));
+            }
+            out.clear();
+            protocol::encode_wal_data(
+                request_id,
+                sent,
+                flush,
+                syncrep.synced(FLUSH),
+                now_micros(),
+                &buf[..n],
+                &mut out,
+            );
+            stream
+                .write_all(&out)
+                .map_err(|e| format!("could not send WAL to the standby: {e}"))?;
+            last_send = Instant::now();
+            sent = Lsn(sent.0 + n as u64);
+            if state == SenderState::Catchup && sent >= wal.flush_lsn() {
+                state = SenderState::Streaming;
+                tracing::info!(
+                    "standby \"{}\" has now caught up with the primary",
+                    req.application_name
+                );
+            }
+            syncrep.sent(id, sent, state);
+            continue;
+        }
+        if shared.stopping.load(SeqCst) {
+            // Everything flushed was sent: give the standby a moment to
+            // confirm (the shards wait for it), then end the stream.
+            let since = *stopping_since.get_or_insert_with(Instant::now);
+            if state != SenderState::Stopping {
+                state = SenderState::Stopping;
+                syncrep.sent(id, sent, state);
+            }
+            if since.elapsed() > Duration::from_secs(5) || shared.shards_done.load(SeqCst) {
+                let _ = send(stream, &Frame::ReadEnd { request_id, end: sent });
+                return Ok(());
+            }
+        }
+        // Idle: sleep until the flush LSN passes what was sent.
+        listener.want(Lsn(sent.0 + 1));
+        fence(SeqCst);
+        if wal.flush_lsn() > sent {
+            continue;
+        }
+        let keepalive_every = if timeout.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            (timeout / 2).min(Duration::from_secs(10))
+        };
+        wake.wait(Duration::from_millis(100).min(keepalive_every));
+        let replied = Duration::from_millis(last_reply.load(SeqCst));
+        let silent = started.elapsed().saturating_sub(replied);
+        if !timeout.is_zero() && silent > timeout {
+            return Err(format!(
+                "terminating walsender due to replication timeout (no reply for {} ms)",
+                silent.as_millis()
+            ));
+        }
+        if last_send.elapsed() >= keepalive_every {
+            send(
+                stream,
+                &Frame::Keepalive {
+                    request_id,
+                    wal_end: wal.flush_lsn(),
+                    commit: syncrep.synced(FLUSH),
+                    send_time: now_micros(),
+                    reply_requested: silent >= keepalive_every,
+                },
+            )
+            .map_err(|e| format!("could not send a keepalive: {e}"))?;
+            last_send = Instant::now();
+        }
+    }
+}
+
+/// Reads the standby's frames until it closes: StandbyStatus goes to
+/// [`SyncRep::report`]; Cancel ends the stream.
+fn read_replies(
+    mut stream: TcpStream,
+    id: u64,
+    syncrep: &crate::replication::syncrep::SyncRep,
+    name: &str,
+    started: Instant,
+    last_reply: &AtomicU64,
+) {
+    use std::io::Read;
+    let limits = Limits::for_max_record_size(4096);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut have = 0usize;
+    loop {
+        let n = match stream.read(&mut buf[have..]) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        have += n;
+        let mut at = 0;
+        loop {
+            match protocol::decode(&buf[at..have], Direction::ToServer, &limits) {
+                Ok(Some((frame, len))) => {
+                    at += len;
+                    last_reply.store(started.elapsed().as_millis() as u64, SeqCst);
+                    match frame {
+                        FrameRef::StandbyStatus {
+                            write, flush, apply, ..
+                        } => syncrep.report(id, write, flush, apply),
+                        FrameRef::Cancel { .. } => return,
+                        other => {
+                            tracing::warn!(
+                                "standby \"{name}\" sent an unexpected {:?} frame; closing",
+                                other.to_frame()
+                            );
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("standby \"{name}\" sent a malformed frame: {e}");
+                    return;
+                }
+            }
+        }
+        buf.copy_within(at..have, 0);
+        have -= at;
+        if have == buf.len() {
+            tracing::warn!("standby \"{name}\" sent a frame larger than {} bytes", buf.len());
+            return;
+        }
+    }
+}
