@@ -15,6 +15,8 @@ struct Node {
     child: Option<Child>,
     addr: String,
     settings: Vec<String>,
+    /// `--config FILE`, if any (for reloads).
+    config: Option<PathBuf>,
 }
 
 impl Node {
@@ -25,6 +27,7 @@ impl Node {
             child: None,
             addr: String::new(),
             settings: settings.to_vec(),
+            config: None,
         };
         n.restart();
         n
@@ -44,6 +47,9 @@ impl Node {
         let _ = std::fs::remove_file(&addr_file);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_walden"));
         cmd.arg("serve").arg("-D").arg(&self.dir);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
         for s in ["listen_addr=127.0.0.1:0", "metrics_addr=", "wal_segment_size=1MB"]
             .iter()
             .map(|s| s.to_string())
@@ -105,6 +111,13 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Rewrites the configuration file and sends SIGHUP.
+    fn reload(&self, text: &str) {
+        std::fs::write(self.config.as_ref().unwrap(), text).unwrap();
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     }
 
     fn client(&self) -> Client {
@@ -427,4 +440,118 @@ fn acknowledged_commits_survive_the_primary_and_standby_restarts() {
             assert!(seen.insert(p), "a record appears twice on a standby");
         }
     }
+}
+
+fn indeterminate(r: Result<walden::client::Ack, ClientError>) -> (Durability, walden::protocol::IndeterminateReason) {
+    match r {
+        Err(ClientError::Indeterminate { reached, reason, .. }) => (reached, reason),
+        other => panic!("expected INDETERMINATE, got {other:?}"),
+    }
+}
+
+/// `synchronous_commit_timeout`: `indeterminate` answers INDETERMINATE
+/// (never success); `degrade` acknowledges at `local` and counts it.
+#[test]
+fn synchronous_commit_timeout_answers_as_its_action_says() {
+    use walden::protocol::IndeterminateReason;
+    let dir = tempfile::tempdir().unwrap();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let p = Node::start(
+        &dir.path().join("a"),
+        &s(&["synchronous_standby_names=ANY 1 (s1)", "synchronous_commit_timeout=300ms"]),
+    );
+    let mut c = p.client();
+    let t = Instant::now();
+    let r = c.append(Durability::On, &[(Kind::DATA, b"no standby")]);
+    let (reached, reason) = indeterminate(r);
+    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::QuorumTimeout));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    // `local` is not affected.
+    append(&mut c, Durability::Local, b"local").unwrap();
+    let st = p.status();
+    assert_eq!(st["replication"]["commits_indeterminate"], 1);
+    assert!(!st["replication"]["quorum_lost_since"].is_null());
+
+    let q = Node::start(
+        &dir.path().join("b"),
+        &s(&[
+            "synchronous_standby_names=ANY 1 (s1)",
+            "synchronous_commit_timeout=300ms",
+            "synchronous_commit_timeout_action=degrade",
+        ]),
+    );
+    let mut c = q.client();
+    let t = Instant::now();
+    c.append(Durability::RemoteApply, &[(Kind::DATA, b"degraded")]).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(q.status()["replication"]["commits_degraded"], 1);
+    assert!(q.log().contains("synchronous_commit_timeout_action = degrade"), "{}", q.log());
+}
+
+/// Waits for standbys end INDETERMINATE when the setting is emptied by a
+/// reload (PostgreSQL releases them as success) and when the server
+/// shuts down; never Ack.
+#[test]
+fn emptied_setting_and_shutdown_end_waits_indeterminate() {
+    use walden::protocol::IndeterminateReason;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("walden.toml");
+    std::fs::write(&conf, "synchronous_standby_names = 'ANY 1 (s1)'\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("p")).unwrap();
+    let mut p = Node {
+        dir: dir.path().join("p"),
+        child: None,
+        addr: String::new(),
+        settings: Vec::new(),
+        config: Some(conf),
+    };
+    p.restart();
+    let waiter = |addr: String| {
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&addr, None).unwrap();
+            c.append(Durability::On, &[(Kind::DATA, b"waits")])
+        })
+    };
+    let w = waiter(p.addr.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!w.is_finished(), "no standby: an `on` commit waits");
+    assert_eq!(p.status()["replication"]["commits_waiting"], 1);
+    p.reload("synchronous_standby_names = ''\n");
+    let (reached, reason) = indeterminate(w.join().unwrap());
+    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::ConfigurationChanged));
+    // With no standbys configured, `on` acts as `local`.
+    append(&mut p.client(), Durability::On, b"as local").unwrap();
+
+    p.reload("synchronous_standby_names = 'ANY 1 (s1)'\n");
+    let t = Instant::now();
+    while p.status()["settings"]["synchronous_standby_names"] != "ANY 1 (s1)" {
+        assert!(t.elapsed() < Duration::from_secs(10), "reload not applied:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let w = waiter(p.addr.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!w.is_finished());
+    p.stop();
+    let (reached, reason) = indeterminate(w.join().unwrap());
+    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::ShuttingDown));
+}
+
+/// A standby refuses writes and cascading; a standby of another system
+/// is refused by the primary before anything is written.
+#[test]
+fn a_standby_of_another_system_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&dir.path().join("a"), &[]);
+    let b = Node::start(&dir.path().join("b"), &[]);
+    // b's directory holds another system: as a standby of a it must not stream.
+    let mut b = b;
+    b.stop();
+    b.settings = standby_settings(&a, "s1");
+    b.restart();
+    wait_until("the mismatch in the standby's status", &[&a, &b], || {
+        b.status()["replication"]["wal_receiver"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("system identifier differs"))
+    });
+    assert!(streaming(&a).is_empty());
 }

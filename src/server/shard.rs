@@ -200,9 +200,9 @@ pub(crate) fn run(
             }
         }
 
-        let sync_due = shard.sync_due();
-        let flushed_enough = || sync_due || wait_for.is_some_and(|l| wal.flush_lsn() >= l);
-        let mut timeout = if flushed_enough() {
+        let flushed_enough = || wait_for.is_some_and(|l| wal.flush_lsn() >= l);
+        let sync_due = |pending: &[VecDeque<PendingAck>; QUEUES]| sync_due(pending, &shared);
+        let mut timeout = if flushed_enough() || sync_due(&shard.pending) {
             Duration::ZERO
         } else {
             Duration::from_millis(100)
@@ -217,14 +217,19 @@ pub(crate) fn run(
                 tracing::error!("shard {index}: io_uring submit failed: {e}");
                 break;
             }
-            let ring = &mut shard.ring;
+            let (ring, pending) = (&mut shard.ring, &shard.pending);
             if crate::io::poll_until(idle_poll, || {
-                ring.has_completions() || flushed_enough() || shared.stopping.load(SeqCst)
+                ring.has_completions()
+                    || flushed_enough()
+                    || sync_due(pending)
+                    || shared.stopping.load(SeqCst)
             }) {
                 timeout = Duration::ZERO;
             }
         }
         if !timeout.is_zero() {
+            // Standbys' confirmations wake us through the same eventfd.
+            shard.want_sync();
             if let Some(lsn) = wait_for {
                 // Ask to be woken; the check after it covers a flush
                 // published before the ask.
@@ -239,11 +244,10 @@ pub(crate) fn run(
                 // Acquire, which may be satisfied before our store is
                 // visible (store-load reordering). The fence forbids that.
                 flush.want(lsn);
-                shard.want_sync();
-                fence(SeqCst);
-                if flushed_enough() || shard.sync_due() {
-                    timeout = Duration::ZERO;
-                }
+            }
+            fence(SeqCst);
+            if flushed_enough() || sync_due(&shard.pending) {
+                timeout = Duration::ZERO;
             }
         }
         if let Err(e) = shard.ring.wait(timeout) {
@@ -373,6 +377,18 @@ pub(crate) fn run(
     tracing::debug!(shard = index, "shard stopped");
 }
 
+/// Whether a wait for standbys can end now (reached, or the setting was
+/// emptied): a few atomic loads, for the poll loop.
+fn sync_due(pending: &[VecDeque<PendingAck>; QUEUES], shared: &ServerShared) -> bool {
+    let rep = &shared.syncrep;
+    let flushed = shared.wal.flush_lsn();
+    (1..QUEUES).any(|q| {
+        pending[q].front().is_some_and(|p| {
+            p.end <= flushed && (p.end <= rep.synced(q - 1) || !rep.configured())
+        })
+    })
+}
+
 /// How a wait for a level ends.
 #[derive(Clone, Copy)]
 enum Outcome {
@@ -393,18 +409,6 @@ impl Shard<'_> {
             rep.waiting.fetch_add(1, Relaxed);
         }
         self.pending[queue_of(p.level, quorum)].push_back(p);
-    }
-
-    /// Whether a wait for standbys can end now (reached, or the setting
-    /// was emptied): three atomic loads, for the poll loop.
-    fn sync_due(&self) -> bool {
-        let rep = &self.shared.syncrep;
-        let flushed = self.shared.wal.flush_lsn();
-        (1..QUEUES).any(|q| {
-            self.pending[q].front().is_some_and(|p| {
-                p.end <= flushed && (p.end <= rep.synced(q - 1) || !rep.configured())
-            })
-        })
     }
 
     /// Tells the replication side which quorum positions to signal us at.
