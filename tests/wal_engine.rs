@@ -503,3 +503,65 @@ fn an_off_record_appended_to_an_idle_wal_is_flushed_by_the_timer() {
         "the record took {took:?} to be flushed with wal_writer_delay = 100ms"
     );
 }
+
+/// The bytes of segment files between two LSNs.
+fn file_bytes(cfg: &Config, from: Lsn, to: Lsn) -> Vec<u8> {
+    let seg = cfg.wal_segment_size.0;
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let name = walden::lsn::segment_file_name(TIMELINE, at.segno(seg), seg);
+        let data = std::fs::read(cfg.wal_dir.join(name)).unwrap();
+        let off = at.segment_offset(seg) as usize;
+        let n = ((to.0 - at.0) as usize).min(seg as usize - off);
+        out.extend_from_slice(&data[off..off + n]);
+        at = Lsn(at.0 + n as u64);
+    }
+    out
+}
+
+/// A walsender's ring read: recent flushed WAL comes out of the ring equal
+/// to the segment files; WAL the ring may have overwritten, or from before
+/// the open, is refused (never stale bytes).
+#[test]
+fn read_recent_copies_the_ring_or_says_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.wal_buffers = Size(256 << 10);
+    cfg.max_record_size = Size(64 << 10);
+    let wal = Wal::open(cfg.clone()).unwrap();
+    let first = wal.insert_lsn();
+    let mut last = first;
+    for i in 0..40u64 {
+        let a = wal.append(Kind::DATA, &payload(i, 3000 + i as usize)).unwrap();
+        wal.wait(a.end, Durability::Local).unwrap();
+        last = a.end;
+    }
+    // 40 records of ~3 KiB: all within the 256 KiB ring.
+    let mut got = vec![0u8; (last.0 - first.0) as usize];
+    assert!(wal.read_recent(first, &mut got));
+    assert_eq!(got, file_bytes(&cfg, first, last));
+    // Unaligned starts and lengths too.
+    let mid = Lsn(first.0 + 12_345);
+    let mut got = vec![0u8; 50_001];
+    assert!(wal.read_recent(mid, &mut got));
+    assert_eq!(got, file_bytes(&cfg, mid, Lsn(mid.0 + 50_001)));
+    // Write more than the ring holds: the first bytes may be overwritten.
+    for i in 0..200u64 {
+        let a = wal.append(Kind::DATA, &payload(1000 + i, 4000)).unwrap();
+        wal.wait(a.end, Durability::Local).unwrap();
+    }
+    let mut got = vec![0u8; 4096];
+    assert!(!wal.read_recent(first, &mut got), "overwritten ring space was read");
+    let end = wal.flush_lsn();
+    let recent = Lsn(end.0 - 10_000);
+    let mut got = vec![0u8; 10_000];
+    assert!(wal.read_recent(recent, &mut got));
+    assert_eq!(got, file_bytes(&cfg, recent, end));
+    wal.close().unwrap();
+    // After a reopen the ring holds nothing from before the open.
+    let wal = Wal::open(cfg.clone()).unwrap();
+    let mut got = vec![0u8; 1000];
+    assert!(!wal.read_recent(recent, &mut got), "WAL from before the open read from the ring");
+    wal.close().unwrap();
+}

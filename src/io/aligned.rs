@@ -125,6 +125,29 @@ impl SharedBuf {
         unsafe { std::ptr::write_bytes(self.buf.as_mut_ptr().add(offset), 0, len) }
     }
 
+    /// Copies `dst.len()` bytes at `offset` out of the buffer while a
+    /// writer may be writing them (a seqlock reader's copy): volatile reads,
+    /// so the compiler neither elides nor tears them into something the
+    /// caller's later check cannot catch. What was copied may be garbage if
+    /// a writer raced; the caller must find out afterwards (it re-checks,
+    /// after a fence, that no writer could have reached the range) and
+    /// throw the copy away if so.
+    ///
+    /// # Safety
+    /// A concurrent plain write is a data race in Rust's model; this is
+    /// crossbeam's `AtomicCell` seqlock argument: the copy is only used once
+    /// the caller has proven that no write overlapped it. The caller makes
+    /// that check.
+    pub unsafe fn read_racy(&self, offset: usize, dst: &mut [u8]) {
+        assert!(offset + dst.len() <= self.buf.len(), "ring read out of bounds");
+        let base = self.buf.as_ptr();
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: in bounds (asserted); a racing writer is the caller's
+            // to detect (above).
+            *d = unsafe { std::ptr::read_volatile(base.add(offset + i)) };
+        }
+    }
+
     /// Borrows `offset..offset + len` for reading.
     ///
     /// # Safety

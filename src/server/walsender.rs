@@ -7,9 +7,10 @@
 //! socket over ([`crate::io::net::NetRing::detach_after_send`]): reading
 //! old WAL from segment files never blocks a shard.
 //!
-//! What it is not (yet): reads from the WAL ring (every send reads the
-//! segment file, which O_DIRECT writes left out of the page cache),
-//! slots, timelines other than 1.
+//! Recent WAL is copied from the WAL ring (`Wal::read_recent`: no disk
+//! read); what the ring no longer holds is read from the segment files.
+//!
+//! What it is not (yet): slots, timelines other than 1.
 
 #[allow(unused_imports)]
 use super::StandbyShim;
@@ -257,9 +258,12 @@ fn stream_wal(
             // One frame: up to CHUNK bytes, within one segment.
             let seg_end = Lsn((sent.segno(seg) + 1) * seg);
             let n = (flush.0.min(seg_end.0) - sent.0).min(CHUNK as u64) as usize;
-            files
-                .read(sent, &mut buf[..n])
-                .map_err(|e| format!("could not read WAL at {sent}: {e}"))?;
+            // Recent WAL from the ring (no disk read), older from the files.
+            if !wal.read_recent(sent, &mut buf[..n]) {
+                files
+                    .read(sent, &mut buf[..n])
+                    .map_err(|e| format!("could not read WAL at {sent}: {e}"))?;
+            }
             // IMPORTANT: a segment released (and perhaps recycled) while
             // we read it holds other bytes: check it was still retained.
             if wal.start_lsn() > sent {

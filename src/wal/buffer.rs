@@ -89,6 +89,24 @@ impl WalBuffer {
         }
     }
 
+    /// Copies the bytes at `lsn..lsn + dst.len()` out of the ring although a
+    /// writer may be overwriting them (wrapping at the end).
+    ///
+    /// # Safety
+    /// As for `SharedBuf::read_racy`: the caller proves afterwards that no
+    /// write overlapped the copy, and discards it otherwise.
+    pub unsafe fn get_racy(&self, lsn: Lsn, dst: &mut [u8]) {
+        let off = self.offset(lsn);
+        let first = dst.len().min(self.size as usize - off);
+        // SAFETY: the caller's promise, above.
+        unsafe {
+            self.mem.read_racy(off, &mut dst[..first]);
+            if first < dst.len() {
+                self.mem.read_racy(0, &mut dst[first..]);
+            }
+        }
+    }
+
     /// Borrows `len` contiguous bytes at `lsn` (the range must not wrap).
     ///
     /// # Safety

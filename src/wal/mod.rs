@@ -500,6 +500,41 @@ impl Wal {
         self.shared.commit.add_listener(l);
     }
 
+    /// Copies the WAL at `start..start + dst.len()` from the ring, if the
+    /// ring still holds it (PostgreSQL's `WALReadFromBuffers`): a walsender
+    /// sending recent WAL then reads no file. The range must end at or below
+    /// the flush LSN (durable, completely inserted). Returns false (and
+    /// `dst` is garbage) when a newer reservation may have overwritten any
+    /// of it; read the segment files then.
+    ///
+    /// WAL from before this `Wal` was opened is never in the ring.
+    ///
+    /// Why it holds: ring offset `x % size` is rewritten only for LSN
+    /// `x + size` or later, which is written only after it was reserved,
+    /// i.e. after `insert_pos` passed it. The copy is followed by a SeqCst
+    /// fence and a load of `insert_pos`: if no reservation reaches
+    /// `start + size` by then, no write to the copied offsets began before
+    /// the copy ended (a seqlock reader's check, the insert position being
+    /// the sequence).
+    pub fn read_recent(&self, start: Lsn, dst: &mut [u8]) -> bool {
+        let ins = &self.shared.insert;
+        let size = ins.buffer.size();
+        let end = start.0 + dst.len() as u64;
+        debug_assert!(end <= self.flush_lsn().0, "read_recent beyond the flush LSN");
+        // Before the open's position the ring holds nothing of it (only the
+        // partial block at the open was put back).
+        if start < self.shared.opened_at
+            || dst.len() as u64 > size
+            || ins.insert_lsn().0 > start.0 + size
+        {
+            return false;
+        }
+        // SAFETY: checked below; a copy that may have raced is discarded.
+        unsafe { ins.buffer.get_racy(start, dst) };
+        std::sync::atomic::fence(SeqCst);
+        ins.insert_lsn().0 <= start.0 + size
+    }
+
     /// Forgets a listener added by [`Wal::add_flush_listener`].
     pub fn remove_flush_listener(&self, l: &Arc<commit::FlushListener>) {
         self.shared.commit.remove_listener(l);
