@@ -317,6 +317,11 @@ pub(crate) fn run(
                             shard.shared.metrics.connection_closed();
                             shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
                         }
+                        if st.replication.is_some() {
+                            // Closed before it was handed over: its walsender
+                            // never started.
+                            shard.shared.wal_senders.fetch_sub(1, SeqCst);
+                        }
                         tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
                     }
                 }
