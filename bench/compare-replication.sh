@@ -13,6 +13,9 @@
 #           so everything writes to one filesystem; it is removed at exit.
 #   env:    CLIENTS ("1 64")     client counts
 #           SECS (10)            seconds per run
+#           REPEAT (1)           rounds; each round runs every client count and
+#                                level (and the probes) once, so the levels
+#                                alternate; medians over the rounds are shown
 #           LEVELS ("local remote_write on remote_apply")
 #                                walden levels (walden bench --level)
 #           PG_LEVELS            PostgreSQL synchronous_commit values (default:
@@ -54,13 +57,13 @@
 #       -c "primary_conninfo=host=127.0.0.1 port=P application_name=sN"
 #     then waits until `walden status --replication --json` shows both streaming.
 #   All six servers stay up for the whole run (the other side's idle).
-#   Probes, once, before the runs (with FSYNC_SECS > 0):
+#   Probes, at the start of each round (with FSYNC_SECS > 0):
 #     RTT    walden bench -h H -p P -c 1 -j 1 -T 3 --size 100 --level off: p50 of
 #            a request and its ack over loopback TCP, no disk in the path
 #     fsync  walden test-fsync -s FSYNC_SECS --json -f walden-s1/tf.out: p50 of
 #            one 8kB write made durable with the standby's wal_sync_method
-#   Then per client count C and level L (J = min(THREADS, C)), both sides
-#   back to back, each after the standbys have caught up:
+#   Then per round, client count C and level L (J = min(THREADS, C)), both
+#   sides back to back, each after the standbys have caught up:
 #     A  PGOPTIONS='-c synchronous_commit=L' pgbench -n -M prepared -j J -c C
 #          -T SECS -f emit.sql [--log]
 #          emit.sql: SELECT pg_logical_emit_message(true, 'p', repeat('x', 100));
@@ -75,6 +78,7 @@ export LC_ALL=C
 
 CLIENTS=${CLIENTS:-"1 64"}
 SECS=${SECS:-10}
+REPEAT=${REPEAT:-1}
 LEVELS=${LEVELS:-"local remote_write on remote_apply"}
 if [[ -z ${PG_LEVELS+x} ]]; then
     PG_LEVELS=
@@ -94,6 +98,7 @@ die() { echo "compare-replication: $*" >&2; exit 1; }
 note() { echo "compare-replication: $*" >&2; }
 
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || die "SECS must be a whole number >= 1, got '$SECS'"
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a whole number >= 1, got '$REPEAT'"
 [[ $THREADS =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a whole number >= 1, got '$THREADS'"
 [[ $SETTLE_SECS =~ ^[1-9][0-9]*$ ]] || die "SETTLE_SECS must be a whole number >= 1, got '$SETTLE_SECS'"
 [[ $FSYNC_SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "FSYNC_SECS must be a number, got '$FSYNC_SECS'"
@@ -379,9 +384,9 @@ set_pg_cmd() { PG_CMD=("$PGBIN/pgbench" -n -M prepared -j "$2" -c "$1" -T "$SECS
                [[ $PG_LOG != 1 ]] || PG_CMD+=(--log "--log-prefix=$3"); }
 set_w_cmd() { W_CMD=("$WALDEN" bench -h 127.0.0.1 -p "$1" -c "$2" -j "$3" -T "${5:-$SECS}" --size 100 --level "$4"); }
 
-# run_pg C LEVEL : sets R_TPS R_LAT R_P50 R_P99 (ms; p50/p99 "-" without PG_LOG)
+# run_pg C LEVEL ROUND : sets R_TPS R_LAT R_P50 R_P99 (ms; p50/p99 "-" without PG_LOG)
 run_pg() {
-    local out=$LOGS/pg-c$1-$2.txt pfx=$LOGS/pglog-c$1-$2
+    local out=$LOGS/pg-c$1-$2-r$3.txt pfx=$LOGS/pglog-c$1-$2-r$3
     set_pg_cmd "$1" "$(jobs_for "$1")" "$pfx"
     PGOPTIONS="-c synchronous_commit=$2" "${PG_CMD[@]}" >"$out" 2>&1 \
         || { tail -20 "$out" >&2; die "pgbench failed: PGOPTIONS='-c synchronous_commit=$2' $(q "${PG_CMD[@]}")"; }
@@ -427,14 +432,16 @@ if awk -v p="${io_some:-0}" 'BEGIN { exit !(p > 2) }'; then
     note "WARNING: I/O pressure avg10=${io_some}% at the start -- something else is writing; figures will be inflated"
 fi
 
-# probes: loopback round trip and one standby fsync
-RTT=-; FSYNC=-
-if [[ $FSYNC_SECS != 0 && $FSYNC_SECS != 0.0 ]]; then
+# probe R : loopback round trip and one standby fsync; appends to RTTS, FSYNCS
+RTTS=; FSYNCS=
+probe() {
+    local f
+    [[ $FSYNC_SECS != 0 && $FSYNC_SECS != 0.0 ]] || return 0
     settle
-    run_walden 1 off rtt 3; RTT=$R_WP50
-    "$WALDEN" test-fsync -s "$FSYNC_SECS" --json -f "$TOP/walden-s1/tf.out" >"$LOGS/test-fsync.json" 2>"$LOGS/test-fsync.err" \
-        || { tail "$LOGS/test-fsync.err" >&2; die "walden test-fsync failed"; }
-    FSYNC=$(python3 -c '
+    run_walden 1 off "rtt-r$1" 3; RTTS+=" $R_WP50"
+    "$WALDEN" test-fsync -s "$FSYNC_SECS" --json -f "$TOP/walden-s1/tf.out" >"$LOGS/test-fsync-r$1.json" 2>"$LOGS/test-fsync-r$1.err" \
+        || { tail "$LOGS/test-fsync-r$1.err" >&2; die "walden test-fsync failed"; }
+    f=$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
 for s in d["sections"]:
@@ -442,27 +449,52 @@ for s in d["sections"]:
         for l in s["lines"]:
             if l["method"] == sys.argv[2] and l.get("result"):
                 print("%.3f" % (l["result"]["p50_us"] / 1000)); sys.exit(0)
-print("-")' "$LOGS/test-fsync.json" "$W_SYNC_METHOD")
-    note "probes: loopback round trip p50 $RTT ms, one 8kB $W_SYNC_METHOD write p50 $FSYNC ms"
-fi
+print("-")' "$LOGS/test-fsync-r$1.json" "$W_SYNC_METHOD")
+    [[ $f != - ]] || die "no one_write $W_SYNC_METHOD line in walden test-fsync's output ($LOGS/test-fsync-r$1.json)"
+    FSYNCS+=" $f"
+    note "round $1 probes: loopback round trip p50 $R_WP50 ms, one 8kB $W_SYNC_METHOD write p50 $f ms"
+}
 
-declare -A W_RPS W_P50 W_P99 P_TPS P_LAT P_P50 P_P99
-for c in $CLIENTS; do
-    for l in $LEVELS; do
-        line="clients $c level $l:"
-        if [[ " $PG_LEVELS " == *" $l "* ]]; then
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+declare -A LW_RPS LW_P50 LW_P99 LP_TPS LP_LAT LP_P50 LP_P99
+for r in $(seq "$REPEAT"); do
+    probe "$r"
+    for c in $CLIENTS; do
+        for l in $LEVELS; do
+            line="round $r/$REPEAT clients $c level $l:"
+            if [[ " $PG_LEVELS " == *" $l "* ]]; then
+                settle
+                run_pg "$c" "$l" "$r"
+                LP_TPS[$c,$l]+=" $R_TPS"; LP_LAT[$c,$l]+=" $R_LAT"; LP_P50[$c,$l]+=" $R_P50"; LP_P99[$c,$l]+=" $R_P99"
+                line+=$(printf ' PostgreSQL %.0f tps avg %.3f ms p50 %s ms |' "$R_TPS" "$R_LAT" "$R_P50")
+            fi
             settle
-            run_pg "$c" "$l"
-            P_TPS[$c,$l]=$R_TPS; P_LAT[$c,$l]=$R_LAT; P_P50[$c,$l]=$R_P50; P_P99[$c,$l]=$R_P99
-            line+=$(printf ' PostgreSQL %.0f tps avg %.3f ms p50 %s ms |' "$R_TPS" "$R_LAT" "$R_P50")
-        fi
-        settle
-        run_walden "$c" "$l"
-        W_RPS[$c,$l]=$R_RPS; W_P50[$c,$l]=$R_WP50; W_P99[$c,$l]=$R_WP99
-        line+=$(printf ' walden %.0f rec/s p50 %.3f ms p99 %.3f ms' "$R_RPS" "$R_WP50" "$R_WP99")
-        echo "$line" >&2
+            run_walden "$c" "$l" "r$r"
+            LW_RPS[$c,$l]+=" $R_RPS"; LW_P50[$c,$l]+=" $R_WP50"; LW_P99[$c,$l]+=" $R_WP99"
+            line+=$(printf ' walden %.0f rec/s p50 %.3f ms p99 %.3f ms' "$R_RPS" "$R_WP50" "$R_WP99")
+            echo "$line" >&2
+        done
     done
 done
+# medians over the rounds
+declare -A W_RPS W_P50 W_P99 P_TPS P_LAT P_P50 P_P99
+for k in "${!LW_RPS[@]}"; do
+    # shellcheck disable=SC2086
+    { W_RPS[$k]=$(median ${LW_RPS[$k]}); W_P50[$k]=$(median ${LW_P50[$k]}); W_P99[$k]=$(median ${LW_P99[$k]}); }
+done
+for k in "${!LP_TPS[@]}"; do
+    # shellcheck disable=SC2086
+    { P_TPS[$k]=$(median ${LP_TPS[$k]}); P_LAT[$k]=$(median ${LP_LAT[$k]}); }
+    if [[ $PG_LOG == 1 ]]; then
+        # shellcheck disable=SC2086
+        { P_P50[$k]=$(printf '%.3f' "$(median ${LP_P50[$k]})"); P_P99[$k]=$(printf '%.3f' "$(median ${LP_P99[$k]})"); }
+    fi
+done
+RTT=-; FSYNC=-
+if [[ -n $RTTS ]]; then
+    # shellcheck disable=SC2086
+    { RTT=$(printf '%.3f' "$(median $RTTS)"); FSYNC=$(printf '%.3f' "$(median $FSYNCS)"); }
+fi
 W_COUNTERS=$("$WALDEN" status -h 127.0.0.1 -p "$WP" --replication --json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
@@ -476,7 +508,8 @@ echo "host: nproc=$(nproc) kernel=$(uname -r) fs=$FS ($DEV) dir=$TOP"
 echo "PostgreSQL: $PG_VERSION (server $PG_SERVER_VERSION, $PGBIN), run as $PG_USER; pgbench over $PG_CONN; standbys s1, s2 (pg_basebackup -R, TCP)"
 echo "  primary settings: $PG_SETTINGS"
 echo "walden: $WALDEN; primary with synchronous_standby_names='ANY 1 (s1, s2)', standbys s1, s2 (TCP); $W_COUNTERS"
-echo "runs: ${SECS}s each, PostgreSQL then walden per level, standbys caught up before each run;"
+echo "runs: $REPEAT round(s), each: the probes, then per client count and level PostgreSQL then walden,"
+echo "      ${SECS}s each, standbys caught up before each run; medians over the rounds shown"
 echo "      all six servers and the load generators share all $(nproc) cores (nothing pinned); -j = min($THREADS, clients)"
 echo "commands (C = clients, J = min($THREADS, C), L = level):"
 set_pg_cmd C J "$LOGS/pglog"
@@ -484,7 +517,8 @@ echo "  A  PGOPTIONS='-c synchronous_commit=L' $(q "${PG_CMD[@]}")"
 echo "     emit.sql: $(cat "$LOGS/emit.sql")"
 set_w_cmd PORT C J L
 echo "  B  $(q "${W_CMD[@]}")"
-echo "probes: loopback round trip (walden bench -c 1 --level off, p50) $RTT ms; one 8kB $W_SYNC_METHOD write made durable (walden test-fsync -s $FSYNC_SECS, p50) $FSYNC ms"
+echo "probes, medians of the rounds: loopback round trip (walden bench -c 1 --level off, p50) $RTT ms (rounds:${RTTS:- -});"
+echo "        one 8kB $W_SYNC_METHOD write made durable (walden test-fsync -s $FSYNC_SECS, p50) $FSYNC ms (rounds:${FSYNCS:- -})"
 echo
 printf '%-12s | %7s | %12s | %9s | %9s | %11s | %9s | %9s | %9s | %-12s | %s\n' \
     level clients "walden rec/s" "w p50 ms" "w p99 ms" "PG tps" "PG avg ms" "PG p50 ms" "PG p99 ms" "walden/PG" "walden/own local"
