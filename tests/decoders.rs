@@ -1283,6 +1283,7 @@ fn cluster_state() -> impl Strategy<Value = ClusterState> {
         ClusterState::ShuttingDown,
         ClusterState::InCrashRecovery,
         ClusterState::InProduction,
+        ClusterState::InArchiveRecovery,
     ])
 }
 
@@ -1300,6 +1301,7 @@ fn control_layout(b: &[u8]) -> Result<ControlFile, Vec<ControlCheck>> {
         2 => Some(ClusterState::ShuttingDown),
         3 => Some(ClusterState::InCrashRecovery),
         4 => Some(ClusterState::InProduction),
+        5 => Some(ClusterState::InArchiveRecovery),
         _ => None,
     };
     let crc = crc32c::crc32c(&b[..CONTROL_CRC_AT]);
