@@ -36,7 +36,7 @@ use super::buffer_pool::WriteFilter;
 use super::control::{self, ClusterState};
 use super::records::{self, Checkpoint};
 use super::writeback::Writeback;
-use super::{Result, StoreShared};
+use super::{Result, StoreError, StoreShared};
 
 /// Why a checkpoint runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,8 +323,13 @@ pub(crate) fn run(sh: &StoreShared) {
         q.hurry.store(st.requested.is_some() || st.shutdown, SeqCst);
         drop(st);
         let outcome = checkpoint(sh, reason).map_err(|e| {
-            tracing::error!("checkpoint failed: {e}");
-            sh.stats.checkpoints_failed.fetch_add(1, Relaxed);
+            if matches!(e, StoreError::Standby(_)) {
+                // A refusal, not a failure: a standby takes no checkpoints.
+                tracing::info!("checkpoint request refused: {e}");
+            } else {
+                tracing::error!("checkpoint failed: {e}");
+                sh.stats.checkpoints_failed.fetch_add(1, Relaxed);
+            }
             e.to_string()
         });
         q.finish(seq, outcome);
@@ -357,6 +362,15 @@ pub(crate) fn wal_due_at(sh: &StoreShared, segno: u64) -> bool {
 /// runs them, except the end-of-recovery one (before it starts) and the
 /// shutdown one (after it stopped).
 pub(crate) fn checkpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
+    if sh.replay.is_some() {
+        // IMPORTANT: a standby writes no WAL of its own (trap T1): no
+        // CHECKPOINT_* record, so no checkpoint; at shutdown only its pages
+        // are written out.
+        return match reason {
+            Reason::Shutdown => standby_shutdown(sh),
+            _ => Err(StoreError::Standby(super::standby::NO_CHECKPOINTS)),
+        };
+    }
     let began = Instant::now();
     let log = sh.tuning.log_checkpoints.load(Relaxed);
     if log {
@@ -544,6 +558,33 @@ fn run_checkpoint(
         );
     }
     Ok((a.lsn, redo))
+}
+
+/// A standby's close: writes every dirty page and syncs the files, then
+/// rewrites the control file with its checkpoint and redo point unchanged
+/// and the state still "in archive recovery". No WAL record is written, so
+/// the next start redoes from the same redo point (idempotent by page LSN).
+/// Returns the control file's (checkpoint, redo).
+fn standby_shutdown(sh: &StoreShared) -> Result<(Lsn, Lsn)> {
+    let to_write = sh.pool.mark_for_checkpoint();
+    let mut wb = Writeback::new()?;
+    for &(tag, frame) in &to_write {
+        wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
+    }
+    wb.flush(&sh.pool)?;
+    let files = sh.files.take_needs_sync()?;
+    if sh.cfg.fsync {
+        wb.sync_files(&files);
+    }
+    let mut c = sh.control.lock().unwrap();
+    c.state = ClusterState::InArchiveRecovery;
+    control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
+    tracing::info!(
+        "standby shut down: wrote {} buffers; replay resumes from the redo point {} at the next start",
+        wb.written,
+        c.redo
+    );
+    Ok((c.checkpoint, c.redo))
 }
 
 /// XLOGfileslop: the highest segment number a released segment may be

@@ -8,7 +8,7 @@
 //! offset size field
 //!      0    8 magic               "WALDNCTL"
 //!      8    4 control_version     1
-//!     12    4 state               ClusterState
+//!     12    4 state               ClusterState (0..=5)
 //!     16    8 system_identifier
 //!     24    8 time                last update, seconds since the epoch
 //!     32    8 checkpoint          LSN of the latest checkpoint record
@@ -48,6 +48,9 @@ pub enum ClusterState {
     ShuttingDown = 2,
     InCrashRecovery = 3,
     InProduction = 4,
+    /// A standby's page store: kept up to date by replaying its primary's
+    /// WAL, which it never writes to (PostgreSQL's "in archive recovery").
+    InArchiveRecovery = 5,
 }
 
 impl ClusterState {
@@ -58,6 +61,7 @@ impl ClusterState {
             2 => ClusterState::ShuttingDown,
             3 => ClusterState::InCrashRecovery,
             4 => ClusterState::InProduction,
+            5 => ClusterState::InArchiveRecovery,
             _ => return None,
         })
     }
@@ -70,6 +74,7 @@ impl ClusterState {
             ClusterState::ShuttingDown => "shutting down",
             ClusterState::InCrashRecovery => "in crash recovery",
             ClusterState::InProduction => "in production",
+            ClusterState::InArchiveRecovery => "in archive recovery",
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod page;
 pub mod records;
 pub mod recovery;
 pub mod relfiles;
+pub mod standby;
 pub mod writeback;
 
 use std::cell::RefCell;
@@ -89,6 +90,13 @@ pub enum StoreError {
     Uring(&'static str, std::io::Error),
     #[error("could not start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
+    /// A page write (or a checkpoint) asked of a standby, whose pages change
+    /// only by replaying its primary's WAL.
+    #[error("the server is a standby (read-only): {0}")]
+    Standby(&'static str),
+    /// A standby opened on a page store of another system.
+    #[error("{0}")]
+    SystemMismatch(String),
 }
 
 impl StoreError {
@@ -217,6 +225,8 @@ pub(crate) struct StoreShared {
     pub recovery: Arc<RecoveryProgress>,
     /// Signalled whenever a checkpoint completes (server shards wait on them).
     listeners: RwLock<Vec<Arc<EventFd>>>,
+    /// A standby's replay state (`None` on a primary).
+    pub replay: Option<standby::ReplayState>,
 }
 
 impl StoreShared {
@@ -273,6 +283,9 @@ impl StoreShared {
         offset: usize,
         bytes: &[u8],
     ) -> Result<Appended> {
+        if self.replay.is_some() {
+            return Err(StoreError::Standby(standby::NO_PAGE_WRITES));
+        }
         check_range(tag, offset, bytes.len())?;
         // The room to wait for: a delta's, at first; after a refusal under
         // the latch, that of the record refused (an image may be larger).
@@ -393,6 +406,8 @@ fn check_range(tag: PageTag, offset: usize, len: usize) -> Result<()> {
 pub struct Store {
     shared: Arc<StoreShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// A standby's replay thread, stopped first on close.
+    replay: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
     /// The data and WAL directories' locks. Dropped after `Drop` has shut
     /// the store and its WAL down: nothing writes once they are released.
@@ -433,9 +448,68 @@ impl Store {
         progress: Arc<RecoveryProgress>,
         locks: DirLocks,
     ) -> Result<Store> {
+        Store::open_inner(cfg, progress, locks, None)
+    }
+
+    /// Opens (or creates) a standby's page store and its WAL (in the
+    /// standby mode of [`Wal::open_standby`]: appends refused, written only
+    /// by its one [`crate::wal::standby::RawInserter`], the primary's bytes
+    /// at the primary's LSNs). The store never writes a WAL record of its
+    /// own: no checkpoint records, no end-of-recovery checkpoint, no page
+    /// writes from clients.
+    ///
+    /// `system_id`: a new data directory (no control file) takes it as its
+    /// system identifier (the primary's); an existing one whose identifier
+    /// differs is refused before anything is changed.
+    ///
+    /// After crash recovery (the same one-pass scan and redo as
+    /// [`Store::open`], from the control file's redo point, or from the
+    /// start of the WAL for a store created as a standby), the
+    /// `walden-replay` thread applies every record as the WAL's flush LSN
+    /// moves; see [`Store::apply_lsn`] and the [`standby`] module.
+    pub fn open_standby(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        system_id: Option<u64>,
+    ) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
+        let locks = DirLocks::for_store(&cfg)?;
+        Store::open_standby_locked(cfg, progress, locks, system_id)
+    }
+
+    /// [`Store::open_standby`] under the locks of [`DirLocks::for_store`].
+    pub(crate) fn open_standby_locked(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        locks: DirLocks,
+        system_id: Option<u64>,
+    ) -> Result<Store> {
+        Store::open_inner(cfg, progress, locks, Some(system_id))
+    }
+
+    /// `standby`: `None` for a primary; `Some(system_id)` for a standby.
+    fn open_inner(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        locks: DirLocks,
+        standby: Option<Option<u64>>,
+    ) -> Result<Store> {
+        cfg.validate().map_err(WalError::from)?;
+        let is_standby = standby.is_some();
         let data_dir = cfg.data_dir.clone();
         let found = control::read(&data_dir)?;
+        // Before anything is changed: a standby of another system would
+        // replay a WAL that does not belong to its pages (trap T8).
+        if let (Some(c), Some(Some(want))) = (&found, standby) {
+            if c.system_identifier != want {
+                return Err(StoreError::SystemMismatch(format!(
+                    "the page store in {} has system identifier {}, but the primary's is {want}: \
+                     a standby must be created from its own primary (nothing was changed)",
+                    data_dir.display(),
+                    c.system_identifier
+                )));
+            }
+        }
         crate::wal::version::check(&cfg.wal_dir).map_err(WalError::from)?;
         let creating = found.is_none();
         let files = Arc::new(RelFiles::open(&data_dir, cfg.fsync)?);
@@ -453,11 +527,15 @@ impl Store {
             }
         }
         let mut c = found.unwrap_or_else(|| {
-            ControlFile::new(
+            let mut c = ControlFile::new(
                 cfg.wal_segment_size.0,
                 cfg.data_checksums,
                 cfg.full_page_writes,
-            )
+            );
+            if let Some(Some(id)) = standby {
+                c.system_identifier = id;
+            }
+            c
         });
         check_fixed_settings(&c, &cfg, &data_dir)?;
         let checksums = c.data_checksum_version == 1;
@@ -488,7 +566,18 @@ impl Store {
         let frames = (cfg.shared_buffers.0 / crate::io::PAGE_SIZE as u64) as usize;
         let pool = BufferPool::new(frames, Arc::clone(&files), checksums)?;
         let was_shut_down = !creating && c.state == ClusterState::ShutDown;
-        if !creating && !was_shut_down {
+        // What a standby's control file says while it runs, and after.
+        let running_state = if is_standby {
+            ClusterState::InArchiveRecovery
+        } else {
+            ClusterState::InCrashRecovery
+        };
+        if is_standby {
+            tracing::info!(
+                "entering standby mode: the page store follows its primary's WAL (system identifier {})",
+                c.system_identifier
+            );
+        } else if !creating && !was_shut_down {
             tracing::info!(
                 "database system was interrupted; last known up at {}",
                 checkpointer::format_time(c.time)
@@ -512,17 +601,17 @@ impl Store {
                     ));
                 }
             }
-            if creating || !was_shut_down {
+            if creating || !was_shut_down || is_standby {
                 let mut now = at_open;
-                if !creating {
-                    now.state = ClusterState::InCrashRecovery;
+                if !creating || is_standby {
+                    now.state = running_state;
                 }
                 control::write(&data_dir, &now, cfg.fsync).map_err(|e| e.to_string())?;
             }
             Ok(())
         };
-        if !creating && !was_shut_down {
-            c.state = ClusterState::InCrashRecovery;
+        if (!creating && !was_shut_down) || is_standby {
+            c.state = running_state;
         }
         // One pass: the WAL's startup scan finds the end of valid WAL and
         // hands every record to redo as it goes (each segment made durable
@@ -548,12 +637,23 @@ impl Store {
                 estimated_end,
                 workers,
             )?;
-            let opened = Wal::open_locked(
-                cfg.clone(),
-                Some(&mut |rec| redo.apply(rec).map_err(|e| e.to_string())),
-                &mut may_start,
-                DirLocks::none(),
-            );
+            let mut observe =
+                |rec: &crate::wal::reader::Record<'_>| redo.apply(rec).map_err(|e| e.to_string());
+            let opened = if is_standby {
+                Wal::open_standby_locked(
+                    cfg.clone(),
+                    Some(&mut observe),
+                    &mut may_start,
+                    DirLocks::none(),
+                )
+            } else {
+                Wal::open_locked(
+                    cfg.clone(),
+                    Some(&mut observe),
+                    &mut may_start,
+                    DirLocks::none(),
+                )
+            };
             let joined = redo.join();
             let wal = match opened {
                 Ok(w) => Arc::new(w),
@@ -597,6 +697,11 @@ impl Store {
             stats: StoreStats::default(),
             recovery: progress,
             listeners: RwLock::new(Vec::new()),
+            replay: if is_standby {
+                Some(standby::ReplayState::new(end)?)
+            } else {
+                None
+            },
             control: Mutex::new(c),
             cfg,
         });
@@ -617,10 +722,39 @@ impl Store {
         let store = Store {
             shared,
             threads: Mutex::new(threads),
+            replay: Mutex::new(None),
             closed: AtomicBool::new(false),
             locks,
         };
         let shared = &store.shared;
+        if is_standby {
+            // No end-of-recovery checkpoint (it would be a record of our
+            // own): the control file keeps its checkpoint and redo point,
+            // and the next start redoes from there again (redo is
+            // idempotent by page LSN).
+            tracing::info!("standby: replay continues from {end}");
+            *shared.control.lock().unwrap() = c;
+            if let Err(e) = control::write(&data_dir, &c, shared.cfg.fsync) {
+                store.abandon();
+                return Err(e.into());
+            }
+            if let Err(e) = store.start_bgwriter() {
+                store.abandon();
+                return Err(e);
+            }
+            let sh = Arc::clone(&store.shared);
+            match std::thread::Builder::new()
+                .name("walden-replay".into())
+                .spawn(move || standby::run(&sh))
+            {
+                Ok(h) => *store.replay.lock().unwrap() = Some(h),
+                Err(e) => {
+                    store.abandon();
+                    return Err(StoreError::Thread("replay", e));
+                }
+            }
+            return Ok(store);
+        }
         if needs_redo {
             c.state = ClusterState::InCrashRecovery;
             *shared.control.lock().unwrap() = c;
@@ -667,24 +801,29 @@ impl Store {
                     }
                 }
             }));
-        let sh = Arc::clone(&store.shared);
-        match std::thread::Builder::new()
-            .name("walden-bgwriter".into())
-            .spawn(move || bgwriter::run(&sh))
-        {
-            Ok(h) => store.threads.lock().unwrap().push(h),
-            Err(e) => {
-                store.abandon();
-                return Err(StoreError::Thread("background writer", e));
-            }
+        if let Err(e) = store.start_bgwriter() {
+            store.abandon();
+            return Err(e);
         }
         Ok(store)
+    }
+
+    /// Starts the background writer (the second of `threads`).
+    fn start_bgwriter(&self) -> Result<()> {
+        let sh = Arc::clone(&self.shared);
+        let h = std::thread::Builder::new()
+            .name("walden-bgwriter".into())
+            .spawn(move || bgwriter::run(&sh))
+            .map_err(|e| StoreError::Thread("background writer", e))?;
+        self.threads.lock().unwrap().push(h);
+        Ok(())
     }
 
     /// Stops the threads of a store that failed to open, without a
     /// shutdown checkpoint (the next start recovers again).
     fn abandon(&self) {
         self.closed.store(true, SeqCst);
+        self.stop_replay();
         self.shared.ckpt.abandon();
         for h in std::mem::take(&mut *self.threads.lock().unwrap()) {
             let _ = h.join();
@@ -692,8 +831,58 @@ impl Store {
         self.shared.wal.shut_down();
     }
 
+    /// Stops a standby's replay thread (nothing on a primary). Idempotent.
+    fn stop_replay(&self) {
+        if let Some(r) = &self.shared.replay {
+            r.stop();
+        }
+        if let Some(h) = self.replay.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops every thread as a failed open does (no shutdown checkpoint,
+    /// no page write-out, no control file update; the WAL flushes what was
+    /// put into it and closes): what a kill leaves, for tests of the
+    /// restart that follows.
+    #[doc(hidden)]
+    pub fn abandon_for_tests(self) {
+        self.abandon();
+    }
+
     pub fn wal(&self) -> &Arc<Wal> {
         &self.shared.wal
+    }
+
+    /// Whether this is a standby's page store ([`Store::open_standby`]).
+    pub fn is_standby(&self) -> bool {
+        self.shared.replay.is_some()
+    }
+
+    /// On a standby: the end of the last record whose effect is visible to
+    /// [`Store::read_page`] (applied to the buffer pool). Monotone; starts
+    /// at the end of WAL found at open (crash redo applied everything
+    /// before it). On a primary, where every page change is applied before
+    /// its record is logged: the WAL's insert LSN.
+    pub fn apply_lsn(&self) -> Lsn {
+        match &self.shared.replay {
+            Some(r) => r.apply_lsn(),
+            None => self.shared.wal.insert_lsn(),
+        }
+    }
+
+    /// Signals `wake` each time [`Store::apply_lsn`] advances (signals may
+    /// be coalesced: read `apply_lsn` after waking). Never signalled on a
+    /// primary.
+    pub fn add_apply_listener(&self, wake: Arc<EventFd>) {
+        if let Some(r) = &self.shared.replay {
+            r.add_listener(wake);
+        }
+    }
+
+    /// The control file's system identifier.
+    pub fn system_identifier(&self) -> u64 {
+        self.shared.control.lock().unwrap().system_identifier
     }
 
     /// The directory locks this store holds (the server adds its
@@ -718,6 +907,9 @@ impl Store {
         offset: usize,
         bytes: &[u8],
     ) -> Result<Appended> {
+        if self.is_standby() {
+            return Err(StoreError::Standby(standby::NO_PAGE_WRITES));
+        }
         check_range(PageTag::new(rel, block), offset, bytes.len())?;
         // Before taking an insert slot: writers asleep for WAL room while
         // holding every slot would leave the checkpointer none.
@@ -767,7 +959,12 @@ impl Store {
 
     /// Runs an immediate checkpoint and waits for it (the `CHECKPOINT`
     /// command). Returns (checkpoint LSN, redo LSN).
+    ///
+    /// On a standby: refused ([`StoreError::Standby`]); it writes no WAL.
     pub fn checkpoint(&self) -> Result<(Lsn, Lsn)> {
+        if self.is_standby() {
+            return Err(StoreError::Standby(standby::NO_CHECKPOINTS));
+        }
         let ticket = self.request_checkpoint();
         self.shared
             .ckpt
@@ -776,7 +973,8 @@ impl Store {
     }
 
     /// Asks for an immediate checkpoint without waiting; see
-    /// [`Store::checkpoint_outcome`].
+    /// [`Store::checkpoint_outcome`]. On a standby the outcome is a
+    /// refusal, and no WAL is written.
     pub fn request_checkpoint(&self) -> u64 {
         self.shared.ckpt.request()
     }
@@ -846,6 +1044,8 @@ impl Store {
             return Ok(());
         }
         tracing::info!("shutting down");
+        // A standby's replay first: nothing changes pages after it.
+        self.stop_replay();
         let mut threads = std::mem::take(&mut *self.threads.lock().unwrap());
         // The background writer first (it is the second thread), then the
         // checkpointer, which takes the shutdown checkpoint before it stops.

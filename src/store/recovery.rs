@@ -230,36 +230,13 @@ impl<'a> Redo<'a> {
         if self.first.is_none() {
             self.first = Some(rec.lsn);
         }
-        match rec.kind {
-            Kind::PAGE_WRITE => {
-                let w = records::decode_page_write(rec.payload, rec.lsn)?;
-                let e = Entry {
-                    kind: rec.kind,
-                    tag: w.tag,
-                    offset: w.offset as u16,
-                    lsn: rec.lsn,
-                    end,
-                    at: 0,
-                    len: 0,
-                };
-                self.dispatch(e, w.bytes);
+        if let Some((e, bytes)) = page_entry(rec)? {
+            if e.kind == Kind::PAGE_WRITE {
                 self.writes += 1;
-            }
-            Kind::PAGE_IMAGE => {
-                let i = records::decode_page_image(rec.payload, rec.lsn)?;
-                let e = Entry {
-                    kind: rec.kind,
-                    tag: i.tag,
-                    offset: 0,
-                    lsn: rec.lsn,
-                    end,
-                    at: 0,
-                    len: 0,
-                };
-                self.dispatch(e, rec.payload);
+            } else {
                 self.images += 1;
             }
-            _ => {}
+            self.dispatch(e, bytes);
         }
         // Everything up to here is durable (the scan synced it): a page
         // evicted by a worker may carry it.
@@ -346,6 +323,54 @@ impl<'a> Redo<'a> {
             done / 1e6 / secs
         );
     }
+}
+
+/// A page record's entry for [`apply_one`] and the bytes it carries (a page
+/// write's new bytes, or a full-page image's whole payload); `None` for
+/// other records. Crash redo (its workers) and a standby's replay thread
+/// ([`apply_record`]) decode and apply records through the same code.
+fn page_entry<'r>(rec: &Record<'r>) -> Result<Option<(Entry, &'r [u8])>, StoreError> {
+    let end = rec.end_lsn();
+    Ok(match rec.kind {
+        Kind::PAGE_WRITE => {
+            let w = records::decode_page_write(rec.payload, rec.lsn)?;
+            let e = Entry {
+                kind: rec.kind,
+                tag: w.tag,
+                offset: w.offset as u16,
+                lsn: rec.lsn,
+                end,
+                at: 0,
+                len: w.bytes.len() as u32,
+            };
+            Some((e, w.bytes))
+        }
+        Kind::PAGE_IMAGE => {
+            let i = records::decode_page_image(rec.payload, rec.lsn)?;
+            let e = Entry {
+                kind: rec.kind,
+                tag: i.tag,
+                offset: 0,
+                lsn: rec.lsn,
+                end,
+                at: 0,
+                len: rec.payload.len() as u32,
+            };
+            Some((e, rec.payload))
+        }
+        _ => None,
+    })
+}
+
+/// Applies one record to the buffer pool as a redo worker does (a page
+/// record only if the page is older than it; other records change no page):
+/// a standby's continuous replay. True if it was a page record.
+pub(crate) fn apply_record(pool: &BufferPool, rec: &Record<'_>) -> Result<bool, StoreError> {
+    let Some((e, bytes)) = page_entry(rec)? else {
+        return Ok(false);
+    };
+    apply_one(pool, &e, bytes, None).map_err(|err| redo_error(e.lsn, err))?;
+    Ok(true)
 }
 
 /// The checks of the checkpoint record the control file names: a

@@ -212,7 +212,21 @@ impl Wal {
     /// on a standby, trap T1) knows which it is from the start. Promotion
     /// will be a close and an [`Wal::open`].
     pub fn open_standby(cfg: Config) -> Result<Wal> {
-        let wal = Wal::open(cfg)?;
+        cfg.validate()?;
+        let locks = DirLocks::for_wal(&cfg)?;
+        Wal::open_standby_locked(cfg, None, &mut |_| Ok(()), locks)
+    }
+
+    /// [`Wal::open_standby`] as [`Wal::open_locked`] opens: the standby's
+    /// page store replays the WAL through `observer` and holds the locks.
+    /// The mode is set before the `Wal` is handed out, as there.
+    pub(crate) fn open_standby_locked(
+        cfg: Config,
+        observer: Option<startup::ScanObserver<'_>>,
+        may_start: MayStart<'_>,
+        locks: DirLocks,
+    ) -> Result<Wal> {
+        let wal = Wal::open_locked(cfg, observer, may_start, locks)?;
         wal.shared.standby.store(true, SeqCst);
         tracing::info!(
             "standby WAL: appends refused, streaming resumes at {}",

@@ -183,6 +183,18 @@ impl WalReader {
                 return Ok(None);
             }
         };
+        // IMPORTANT: a record is handed out only once all of it, padding
+        // included, is below the limit. A standby's flush LSN can lie in a
+        // record's padding (its primary's bytes arrive cut anywhere): the
+        // record's bytes are all there, but its end, which a replayed page
+        // takes as its LSN, is not flushed yet, and a page written out
+        // would wait for a flush that only the rest of the stream brings.
+        if let Some(limit) = self.limit {
+            if at.0 + hdr.stream_len() > limit.0 {
+                self.end = Some(EndOfWal::Limit(limit));
+                return Ok(None);
+            }
+        }
         if let Err(end) = self.fill(hdr.tot_len as usize)? {
             // A record cut short by a missing segment: its tail was never
             // written, the end is this record's start. Cut by the limit: the
