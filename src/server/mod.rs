@@ -14,10 +14,6 @@ mod shard;
 mod startup;
 mod walreceiver;
 mod walsender;
-mod store_shim;
-#[allow(unused_imports)]
-pub(crate) use store_shim::StandbyShim;
-
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;

@@ -16,8 +16,6 @@
 //! After a disconnect it reconnects and resumes at its end of WAL: no gap,
 //! no duplicate (the RawInserter refuses both).
 
-#[allow(unused_imports)]
-use super::StandbyShim;
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::*};

@@ -12,8 +12,6 @@
 //!
 //! What it is not (yet): slots, timelines other than 1.
 
-#[allow(unused_imports)]
-use super::StandbyShim;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
