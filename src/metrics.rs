@@ -769,10 +769,26 @@ fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> f
     let secs = Some(&Unit::Seconds);
     type Lsns = fn(&StandbyMetrics) -> u64;
     let lsns: [(&str, &str, Lsns); 4] = [
-        ("standby_sent_lsn", "WAL sent to each standby (pg_stat_replication.sent_lsn).", |s| s.sent_lsn),
-        ("standby_write_lsn", "WAL each standby reported written.", |s| s.write_lsn),
-        ("standby_flush_lsn", "WAL each standby reported durable.", |s| s.flush_lsn),
-        ("standby_replay_lsn", "WAL each standby reported replayed into its page store.", |s| s.replay_lsn),
+        (
+            "standby_sent_lsn",
+            "WAL sent to each standby (pg_stat_replication.sent_lsn).",
+            |s| s.sent_lsn,
+        ),
+        (
+            "standby_write_lsn",
+            "WAL each standby reported written.",
+            |s| s.write_lsn,
+        ),
+        (
+            "standby_flush_lsn",
+            "WAL each standby reported durable.",
+            |s| s.flush_lsn,
+        ),
+        (
+            "standby_replay_lsn",
+            "WAL each standby reported replayed into its page store.",
+            |s| s.replay_lsn,
+        ),
     ];
     for (name, help, get) in lsns {
         let mut family = enc.encode_descriptor(name, help, bytes, MetricType::Gauge)?;
@@ -805,7 +821,9 @@ fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> f
         )?;
         for s in &r.standbys {
             let labels = [("standby", s.name.as_str())];
-            family.encode_family(&labels)?.encode_gauge(&(s.sync as u64))?;
+            family
+                .encode_family(&labels)?
+                .encode_gauge(&(s.sync as u64))?;
         }
     }
     let scalars: [(&str, Option<&Unit>, &str, Value); 6] = [
@@ -821,9 +839,21 @@ fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> f
     }
     if let Some((received, flushed, replayed)) = r.receiver {
         let receiver: [(&str, &str, u64); 3] = [
-            ("receiver_received_lsn", "On a standby: WAL received from the primary.", received),
-            ("receiver_flushed_lsn", "On a standby: WAL received and durable.", flushed),
-            ("receiver_replayed_lsn", "On a standby: WAL replayed into the page store.", replayed),
+            (
+                "receiver_received_lsn",
+                "On a standby: WAL received from the primary.",
+                received,
+            ),
+            (
+                "receiver_flushed_lsn",
+                "On a standby: WAL received and durable.",
+                flushed,
+            ),
+            (
+                "receiver_replayed_lsn",
+                "On a standby: WAL replayed into the page store.",
+                replayed,
+            ),
         ];
         for (name, help, v) in receiver {
             encode_series(enc, name, help, bytes, Gauge(v))?;

@@ -50,10 +50,14 @@ impl Node {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        for s in ["listen_addr=127.0.0.1:0", "metrics_addr=", "wal_segment_size=1MB"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(self.settings.iter().cloned())
+        for s in [
+            "listen_addr=127.0.0.1:0",
+            "metrics_addr=",
+            "wal_segment_size=1MB",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(self.settings.iter().cloned())
         {
             cmd.args(["-c", &s]);
         }
@@ -117,7 +121,11 @@ impl Node {
     fn reload(&self, text: &str) {
         std::fs::write(self.config.as_ref().unwrap(), text).unwrap();
         let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
     }
 
     fn client(&self) -> Client {
@@ -206,8 +214,12 @@ fn cluster(names: &str, extra: &[&str]) -> Cluster {
 }
 
 fn append(c: &mut Client, level: Durability, payload: &[u8]) -> Result<Lsn, ClientError> {
-    c.append_within(level, &[(Kind::DATA, payload)], Some(Duration::from_secs(20)))
-        .map(|a| a.lsns[0])
+    c.append_within(
+        level,
+        &[(Kind::DATA, payload)],
+        Some(Duration::from_secs(20)),
+    )
+    .map(|a| a.lsns[0])
 }
 
 /// The seeds' scenario: ANY 1 (s1, s2). One standby down: `on` goes on.
@@ -256,14 +268,20 @@ fn any_one_of_two_standbys_survives_one_and_waits_for_both() {
         (r.map(|a| a.end), t.elapsed())
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!waiter.is_finished(), "an `on` commit with both standbys down must wait");
+    assert!(
+        !waiter.is_finished(),
+        "an `on` commit with both standbys down must wait"
+    );
     cl.s1.restart();
     let (r, waited) = waiter.join().unwrap();
     let end = r.expect("the waiter is acknowledged once s1 is back");
     assert!(waited >= Duration::from_millis(500));
     // s1 really has it: its flush position passed the commit.
     let flushed = lsn(&cl.s1.status()["replication"]["wal_receiver"]["flushed_lsn"]);
-    assert!(flushed >= end, "s1 flushed {flushed}, commit ended at {end}");
+    assert!(
+        flushed >= end,
+        "s1 flushed {flushed}, commit ended at {end}"
+    );
 }
 
 /// FIRST 1 (s1, s2): s1 is the sync standby; when it dies s2 takes over.
@@ -291,7 +309,9 @@ fn first_one_moves_to_the_next_standby() {
     assert_eq!(r["s2"], "potential");
     cl.s1.kill9();
     append(&mut c, Durability::On, b"s2 is sync now").unwrap();
-    wait_until("s2 sync", &[&cl.primary], || rows().get("s2").map(String::as_str) == Some("sync"));
+    wait_until("s2 sync", &[&cl.primary], || {
+        rows().get("s2").map(String::as_str) == Some("sync")
+    });
 }
 
 /// The standbys' WAL is the primary's, byte for byte, and a read on a
@@ -305,12 +325,21 @@ fn standby_wal_is_byte_identical_and_remote_apply_is_readable() {
     for i in 0..200u32 {
         let data = format!("page {i}").into_bytes();
         let (_, end) = c
-            .page_write(Durability::RemoteApply, 7, i % 13, (i % 50) as u16 * 8, &data)
+            .page_write(
+                Durability::RemoteApply,
+                7,
+                i % 13,
+                (i % 50) as u16 * 8,
+                &data,
+            )
             .unwrap();
         for s in [&mut s1, &mut s2] {
             let (page_lsn, page) = s.page_read(7, i % 13).unwrap();
             // A page's LSN is the end of the record that last changed it.
-            assert_eq!(page_lsn, end, "write {i}: the standby's page is not this write's");
+            assert_eq!(
+                page_lsn, end,
+                "write {i}: the standby's page is not this write's"
+            );
             let off = (i % 50) as usize * 8;
             assert_eq!(&page[off..off + data.len()], &data[..], "write {i}");
         }
@@ -393,7 +422,11 @@ fn acknowledged_commits_survive_the_primary_and_standby_restarts() {
     // Standbys die and come back under load.
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
-        let s = if round % 2 == 0 { &mut cl.s1 } else { &mut cl.s2 };
+        let s = if round % 2 == 0 {
+            &mut cl.s1
+        } else {
+            &mut cl.s2
+        };
         s.kill9();
         std::thread::sleep(Duration::from_millis(200));
         s.restart();
@@ -405,8 +438,15 @@ fn acknowledged_commits_survive_the_primary_and_standby_restarts() {
     std::thread::sleep(Duration::from_millis(300));
     cl.primary.kill9();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let acked: Vec<(Lsn, Vec<u8>)> = loaders.into_iter().flat_map(|h| h.join().unwrap()).collect();
-    assert!(acked.len() > 100, "only {} records acknowledged", acked.len());
+    let acked: Vec<(Lsn, Vec<u8>)> = loaders
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        acked.len() > 100,
+        "only {} records acknowledged",
+        acked.len()
+    );
     // Each standby's WAL, read back through the standby itself.
     let mut have: Vec<std::collections::HashMap<Lsn, Vec<u8>>> = Vec::new();
     for s in [&cl.s1, &cl.s2] {
@@ -442,9 +482,13 @@ fn acknowledged_commits_survive_the_primary_and_standby_restarts() {
     }
 }
 
-fn indeterminate(r: Result<walden::client::Ack, ClientError>) -> (Durability, walden::protocol::IndeterminateReason) {
+fn indeterminate(
+    r: Result<walden::client::Ack, ClientError>,
+) -> (Durability, walden::protocol::IndeterminateReason) {
     match r {
-        Err(ClientError::Indeterminate { reached, reason, .. }) => (reached, reason),
+        Err(ClientError::Indeterminate {
+            reached, reason, ..
+        }) => (reached, reason),
         other => panic!("expected INDETERMINATE, got {other:?}"),
     }
 }
@@ -458,13 +502,19 @@ fn synchronous_commit_timeout_answers_as_its_action_says() {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let p = Node::start(
         &dir.path().join("a"),
-        &s(&["synchronous_standby_names=ANY 1 (s1)", "synchronous_commit_timeout=300ms"]),
+        &s(&[
+            "synchronous_standby_names=ANY 1 (s1)",
+            "synchronous_commit_timeout=300ms",
+        ]),
     );
     let mut c = p.client();
     let t = Instant::now();
     let r = c.append(Durability::On, &[(Kind::DATA, b"no standby")]);
     let (reached, reason) = indeterminate(r);
-    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::QuorumTimeout));
+    assert_eq!(
+        (reached, reason),
+        (Durability::Local, IndeterminateReason::QuorumTimeout)
+    );
     assert!(t.elapsed() >= Duration::from_millis(300));
     // `local` is not affected.
     append(&mut c, Durability::Local, b"local").unwrap();
@@ -482,10 +532,16 @@ fn synchronous_commit_timeout_answers_as_its_action_says() {
     );
     let mut c = q.client();
     let t = Instant::now();
-    c.append(Durability::RemoteApply, &[(Kind::DATA, b"degraded")]).unwrap();
+    c.append(Durability::RemoteApply, &[(Kind::DATA, b"degraded")])
+        .unwrap();
     assert!(t.elapsed() >= Duration::from_millis(300));
     assert_eq!(q.status()["replication"]["commits_degraded"], 1);
-    assert!(q.log().contains("synchronous_commit_timeout_action = degrade"), "{}", q.log());
+    assert!(
+        q.log()
+            .contains("synchronous_commit_timeout_action = degrade"),
+        "{}",
+        q.log()
+    );
 }
 
 /// Waits for standbys end INDETERMINATE when the setting is emptied by a
@@ -518,14 +574,21 @@ fn emptied_setting_and_shutdown_end_waits_indeterminate() {
     assert_eq!(p.status()["replication"]["commits_waiting"], 1);
     p.reload("synchronous_standby_names = ''\n");
     let (reached, reason) = indeterminate(w.join().unwrap());
-    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::ConfigurationChanged));
+    assert_eq!(
+        (reached, reason),
+        (Durability::Local, IndeterminateReason::ConfigurationChanged)
+    );
     // With no standbys configured, `on` acts as `local`.
     append(&mut p.client(), Durability::On, b"as local").unwrap();
 
     p.reload("synchronous_standby_names = 'ANY 1 (s1)'\n");
     let t = Instant::now();
     while p.status()["settings"]["synchronous_standby_names"] != "ANY 1 (s1)" {
-        assert!(t.elapsed() < Duration::from_secs(10), "reload not applied:\n{}", p.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "reload not applied:\n{}",
+            p.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let w = waiter(p.addr.clone());
@@ -533,7 +596,10 @@ fn emptied_setting_and_shutdown_end_waits_indeterminate() {
     assert!(!w.is_finished());
     p.stop();
     let (reached, reason) = indeterminate(w.join().unwrap());
-    assert_eq!((reached, reason), (Durability::Local, IndeterminateReason::ShuttingDown));
+    assert_eq!(
+        (reached, reason),
+        (Durability::Local, IndeterminateReason::ShuttingDown)
+    );
 }
 
 /// A standby refuses writes and cascading; a standby of another system
@@ -554,4 +620,82 @@ fn a_standby_of_another_system_is_refused() {
             .is_some_and(|e| e.contains("system identifier differs"))
     });
     assert!(streaming(&a).is_empty());
+}
+
+/// A standby takes restartpoints at the checkpoints it replays: its
+/// control file's redo point moves, it releases the WAL before it, and a
+/// kill -9 restart redoes from there (not from the start of its WAL), with
+/// its pages still the primary's.
+#[test]
+fn a_standby_takes_restartpoints_and_restarts_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = [
+        "max_wal_size=4MB",
+        "min_wal_size=2MB",
+        "wal_keep_size=0",
+        "checkpoint_timeout=1s",
+    ];
+    let mut p_settings: Vec<String> = small.iter().map(|s| s.to_string()).collect();
+    p_settings.push("synchronous_standby_names=ANY 1 (s1)".into());
+    let primary = Node::start(&dir.path().join("p"), &p_settings);
+    let mut s_settings = standby_settings(&primary, "s1");
+    s_settings.extend(small.iter().map(|s| s.to_string()));
+    let mut s1 = Node::start(&dir.path().join("s1"), &s_settings);
+    wait_until("s1 streaming", &[&primary, &s1], || {
+        streaming(&primary) == ["s1"]
+    });
+    let mut c = primary.client();
+    for i in 0..3000u32 {
+        c.page_write(
+            Durability::On,
+            3,
+            i % 97,
+            ((i % 100) * 64) as u16,
+            &[i as u8; 60],
+        )
+        .unwrap();
+    }
+    // Restartpoints release the standby's first segments.
+    wait_until("a restartpoint on the standby", &[&primary, &s1], || {
+        s1.log().contains("restartpoint complete") && lsn(&s1.status()["start_lsn"]) > Lsn(1 << 20)
+    });
+    let redo = lsn(&s1.status()["page_store"]["redo_lsn"]);
+    assert!(
+        redo > Lsn(1 << 20),
+        "the standby's redo point stayed at {redo}"
+    );
+    // Everything replayed, then kill -9 and restart: redo starts at the
+    // restartpoint's redo point (or later), not at the beginning.
+    let end = primary.client().status().unwrap().2;
+    wait_until("s1 replayed everything", &[&primary, &s1], || {
+        lsn(&s1.status()["replication"]["wal_receiver"]["replayed_lsn"]) >= end
+    });
+    s1.kill9();
+    s1.restart();
+    let log = s1.log();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("redo starts at"))
+        .collect();
+    let last_start: Lsn = starts
+        .last()
+        .expect("the restart redid")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        last_start >= redo,
+        "redo started at {last_start}, before the restartpoint's {redo}"
+    );
+    // Crash redo replayed the standby's WAL before it listened again.
+    let (mut sc, mut pc) = (s1.client(), primary.client());
+    for block in 0..97 {
+        assert_eq!(
+            sc.page_read(3, block).unwrap(),
+            pc.page_read(3, block).unwrap(),
+            "block {block}"
+        );
+    }
 }

@@ -533,7 +533,9 @@ fn read_recent_copies_the_ring_or_says_it_cannot() {
     let first = wal.insert_lsn();
     let mut last = first;
     for i in 0..40u64 {
-        let a = wal.append(Kind::DATA, &payload(i, 3000 + i as usize)).unwrap();
+        let a = wal
+            .append(Kind::DATA, &payload(i, 3000 + i as usize))
+            .unwrap();
         wal.wait(a.end, Durability::Local).unwrap();
         last = a.end;
     }
@@ -552,7 +554,10 @@ fn read_recent_copies_the_ring_or_says_it_cannot() {
         wal.wait(a.end, Durability::Local).unwrap();
     }
     let mut got = vec![0u8; 4096];
-    assert!(!wal.read_recent(first, &mut got), "overwritten ring space was read");
+    assert!(
+        !wal.read_recent(first, &mut got),
+        "overwritten ring space was read"
+    );
     let end = wal.flush_lsn();
     let recent = Lsn(end.0 - 10_000);
     let mut got = vec![0u8; 10_000];
@@ -562,6 +567,9 @@ fn read_recent_copies_the_ring_or_says_it_cannot() {
     // After a reopen the ring holds nothing from before the open.
     let wal = Wal::open(cfg.clone()).unwrap();
     let mut got = vec![0u8; 1000];
-    assert!(!wal.read_recent(recent, &mut got), "WAL from before the open read from the ring");
+    assert!(
+        !wal.read_recent(recent, &mut got),
+        "WAL from before the open read from the ring"
+    );
     wal.close().unwrap();
 }

@@ -139,7 +139,10 @@ impl SharedBuf {
     /// the caller has proven that no write overlapped it. The caller makes
     /// that check.
     pub unsafe fn read_racy(&self, offset: usize, dst: &mut [u8]) {
-        assert!(offset + dst.len() <= self.buf.len(), "ring read out of bounds");
+        assert!(
+            offset + dst.len() <= self.buf.len(),
+            "ring read out of bounds"
+        );
         let base = self.buf.as_ptr();
         for (i, d) in dst.iter_mut().enumerate() {
             // SAFETY: in bounds (asserted); a racing writer is the caller's

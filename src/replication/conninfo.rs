@@ -54,7 +54,9 @@ impl ConnInfo {
                 i += 1;
             }
             if i == b.len() || b[i] != b'=' {
-                return Err(format!("missing \"=\" after \"{key}\" in connection info string"));
+                return Err(format!(
+                    "missing \"=\" after \"{key}\" in connection info string"
+                ));
             }
             i += 1;
             while i < b.len() && b[i].is_ascii_whitespace() {
@@ -96,9 +98,13 @@ impl ConnInfo {
             match key {
                 "host" | "hostaddr" => host = Some(value),
                 "port" => {
-                    port = Some(value.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                        format!("invalid port number: \"{value}\"")
-                    })?)
+                    port = Some(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| format!("invalid port number: \"{value}\""))?,
+                    )
                 }
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => {
@@ -138,7 +144,10 @@ mod tests {
         assert_eq!(c.host, "db one");
         assert_eq!(c.port, 7480);
         assert_eq!(c.application_name, "it's");
-        assert_eq!(ConnInfo::parse("host=::1 port=1").unwrap().address(), "[::1]:1");
+        assert_eq!(
+            ConnInfo::parse("host=::1 port=1").unwrap().address(),
+            "[::1]:1"
+        );
         assert_eq!(
             ConnInfo::parse("host=h").unwrap().application_name,
             "walreceiver"

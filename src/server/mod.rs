@@ -277,10 +277,11 @@ impl Server {
             None => Store::open_locked(cfg.clone(), progress, locks)?,
             Some(info) => {
                 // A new standby takes its primary's system identifier.
-                let system_id = match crate::store::control::read(&cfg.data_dir).map_err(StoreError::from)? {
-                    Some(_) => None,
-                    None => Some(primary_system_id(info, runtime.token.as_deref())?),
-                };
+                let system_id =
+                    match crate::store::control::read(&cfg.data_dir).map_err(StoreError::from)? {
+                        Some(_) => None,
+                        None => Some(primary_system_id(info, runtime.token.as_deref())?),
+                    };
                 Store::open_standby_locked(cfg.clone(), progress, locks, system_id)?
             }
         };
@@ -860,7 +861,10 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
             "synchronous_standby_names",
             Value::from(synchronous_standby_names.as_str()),
         ),
-        ("synchronous_commit_timeout", unit(synchronous_commit_timeout)),
+        (
+            "synchronous_commit_timeout",
+            unit(synchronous_commit_timeout),
+        ),
         (
             "synchronous_commit_timeout_action",
             serde_json::json!(synchronous_commit_timeout_action),

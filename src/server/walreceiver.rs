@@ -252,7 +252,11 @@ fn session(
         Ok(Frame::Error { code, message, .. }) => {
             return Err(format!("could not start WAL streaming: {code}: {message}"))
         }
-        Ok(other) => return Err(format!("the primary answered StartReplication with {other:?}")),
+        Ok(other) => {
+            return Err(format!(
+                "the primary answered StartReplication with {other:?}"
+            ))
+        }
         Err(e) => return Err(format!("could not start WAL streaming: {e}")),
     }
     status.connections.fetch_add(1, Relaxed);
@@ -284,7 +288,9 @@ fn session(
         std::thread::Builder::new()
             .name("walden-walrcv-s".into())
             .spawn(move || {
-                report(stream, request_id, &store, &shared, &wake, &flushed, interval, &status)
+                report(
+                    stream, request_id, &store, &shared, &wake, &flushed, interval, &status,
+                )
             })
             .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
     };

@@ -94,7 +94,12 @@ impl SegmentBytes {
 }
 
 /// Streams to one standby until it goes, the server stops, or an error.
-pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRequest, peer: String) {
+pub(crate) fn run(
+    shared: Arc<ServerShared>,
+    mut stream: TcpStream,
+    req: StartRequest,
+    peer: String,
+) {
     let wal = Arc::clone(&shared.wal);
     let syncrep = Arc::clone(&shared.syncrep);
     let _ = stream.set_nonblocking(false);
@@ -113,7 +118,12 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
             "requested timeline {} is not in this server's history (it is on timeline {TIMELINE})",
             req.timeline
         );
-        return refuse(stream, req.request_id, ErrorCode::TIMELINE_NOT_IN_HISTORY, msg);
+        return refuse(
+            stream,
+            req.request_id,
+            ErrorCode::TIMELINE_NOT_IN_HISTORY,
+            msg,
+        );
     }
     if !req.slot.is_empty() {
         let msg = format!("replication slot \"{}\" does not exist", req.slot);
@@ -140,7 +150,13 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
     let Ok(reader_stream) = stream.try_clone() else {
         return;
     };
-    let timeout = shared.runtime.read().unwrap().config.wal_sender_timeout.duration();
+    let timeout = shared
+        .runtime
+        .read()
+        .unwrap()
+        .config
+        .wal_sender_timeout
+        .duration();
     if !timeout.is_zero() {
         let _ = stream.set_write_timeout(Some(timeout));
     }
@@ -303,7 +319,13 @@ fn stream_wal(
                 syncrep.sent(id, sent, state);
             }
             if since.elapsed() > Duration::from_secs(5) || shared.shards_done.load(SeqCst) {
-                let _ = send(stream, &Frame::ReadEnd { request_id, end: sent });
+                let _ = send(
+                    stream,
+                    &Frame::ReadEnd {
+                        request_id,
+                        end: sent,
+                    },
+                );
                 return Ok(());
             }
         }
@@ -374,7 +396,10 @@ fn read_replies(
                     last_reply.store(started.elapsed().as_millis() as u64, SeqCst);
                     match frame {
                         FrameRef::StandbyStatus {
-                            write, flush, apply, ..
+                            write,
+                            flush,
+                            apply,
+                            ..
                         } => syncrep.report(id, write, flush, apply),
                         FrameRef::Cancel { .. } => return,
                         other => {
@@ -396,7 +421,10 @@ fn read_replies(
         buf.copy_within(at..have, 0);
         have -= at;
         if have == buf.len() {
-            tracing::warn!("standby \"{name}\" sent a frame larger than {} bytes", buf.len());
+            tracing::warn!(
+                "standby \"{name}\" sent a frame larger than {} bytes",
+                buf.len()
+            );
             return;
         }
     }

@@ -368,6 +368,9 @@ pub(crate) fn checkpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)>
         // are written out.
         return match reason {
             Reason::Shutdown => standby_shutdown(sh),
+            // Automatic ones become restartpoints: the last checkpoint
+            // record replayed, made the standby's own.
+            Reason::Time | Reason::Wal => restartpoint(sh, reason),
             _ => Err(StoreError::Standby(super::standby::NO_CHECKPOINTS)),
         };
     }
@@ -486,40 +489,7 @@ fn run_checkpoint(
     sh.stats.last_redo_lsn.store(redo.0, Relaxed);
 
     // 6. Release the WAL before the redo point.
-    let (distance, estimate, release) = {
-        let mut st = sh.ckpt.st.lock().unwrap();
-        let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
-        st.prev_redo = Some(redo);
-        // UpdateCheckPointDistanceEstimate: jump up at once, decay slowly.
-        st.distance_estimate = if st.distance_estimate < distance {
-            distance
-        } else {
-            0.9 * st.distance_estimate + 0.1 * distance
-        };
-        st.last_checkpoint_end = a.end;
-        st.redo_history.push_back(redo);
-        let start = sh.wal.start_lsn();
-        st.redo_history.retain(|r| *r >= start);
-        // wal_keep_size: cut at the newest known record start that keeps
-        // that much WAL behind the insert position (never past the redo point).
-        let keep_from = Lsn(sh.wal.insert_lsn().0.saturating_sub(sh.cfg.wal_keep_size.0));
-        let release = if keep_from >= redo {
-            redo
-        } else {
-            st.redo_history
-                .iter()
-                .copied()
-                .filter(|r| *r <= keep_from)
-                .max()
-                .unwrap_or(start)
-                .max(start)
-        };
-        (distance, st.distance_estimate, release)
-    };
-    let upto = recycle_upto(sh, redo, estimate);
-    let (recycled, removed) = sh
-        .wal
-        .remove_before_recycling(release, Some(upto), Some(a.lsn))?;
+    let (distance, estimate, recycled, removed) = release_wal(sh, redo, a.lsn, a.end)?;
     let added = sh.wal.segments_created() - segs_before;
 
     let counter = match reason {
@@ -558,6 +528,127 @@ fn run_checkpoint(
         );
     }
     Ok((a.lsn, redo))
+}
+
+/// Step 6 of a checkpoint or restartpoint: remembers the redo point (the
+/// distance estimate, the redo history `wal_keep_size` cuts at), then
+/// releases the WAL before the redo point, keeping `wal_keep_size` behind
+/// the insert position. Returns (distance, estimate, recycled, removed).
+fn release_wal(
+    sh: &StoreShared,
+    redo: Lsn,
+    checkpoint: Lsn,
+    checkpoint_end: Lsn,
+) -> Result<(f64, f64, u64, u64)> {
+    let (distance, estimate, release) = {
+        let mut st = sh.ckpt.st.lock().unwrap();
+        let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
+        st.prev_redo = Some(redo);
+        // UpdateCheckPointDistanceEstimate: jump up at once, decay slowly.
+        st.distance_estimate = if st.distance_estimate < distance {
+            distance
+        } else {
+            0.9 * st.distance_estimate + 0.1 * distance
+        };
+        st.last_checkpoint_end = checkpoint_end;
+        st.redo_history.push_back(redo);
+        let start = sh.wal.start_lsn();
+        st.redo_history.retain(|r| *r >= start);
+        // wal_keep_size: cut at the newest known record start that keeps
+        // that much WAL behind the insert position (never past the redo point).
+        let keep_from = Lsn(sh.wal.insert_lsn().0.saturating_sub(sh.cfg.wal_keep_size.0));
+        let release = if keep_from >= redo {
+            redo
+        } else {
+            st.redo_history
+                .iter()
+                .copied()
+                .filter(|r| *r <= keep_from)
+                .max()
+                .unwrap_or(start)
+                .max(start)
+        };
+        (distance, st.distance_estimate, release)
+    };
+    let upto = recycle_upto(sh, redo, estimate);
+    let (recycled, removed) =
+        sh.wal
+            .remove_before_recycling(release, Some(upto), Some(checkpoint))?;
+    Ok((distance, estimate, recycled, removed))
+}
+
+/// A standby's restartpoint (PostgreSQL's CreateRestartPoint, trap T1): the
+/// last checkpoint record replayed becomes the standby's own, without a
+/// record of its own. Every page changed by a record before its redo point
+/// was changed in the buffer pool before that record was replayed, so
+/// writing every page dirty now and syncing the files makes them durable;
+/// then the control file names that checkpoint and redo point, and the WAL
+/// before the redo point is released (`wal_keep_size` kept). A restart then
+/// redoes from there, not from the start of the standby's WAL. Skipped
+/// when no checkpoint record newer than the control file's was replayed.
+fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
+    let r = sh.replay.as_ref().expect("a standby");
+    let current = *sh.control.lock().unwrap();
+    let Some((ckpt, redo)) = r.last_checkpoint().filter(|(_, redo)| *redo > current.redo) else {
+        tracing::debug!(
+            "restartpoint skipped: no checkpoint record replayed since {}",
+            current.redo
+        );
+        return Ok((current.checkpoint, current.redo));
+    };
+    let began = Instant::now();
+    let log = sh.tuning.log_checkpoints.load(Relaxed);
+    if log {
+        tracing::info!("restartpoint starting: {}", reason.flags());
+    }
+    sh.stats.checkpoint_in_progress.store(true, SeqCst);
+    let segs_before = sh.wal.segments_created();
+    let res = (|| -> Result<(u64, f64, usize, (f64, f64, u64, u64))> {
+        let to_write = sh.pool.mark_for_checkpoint();
+        let mut wb = Writeback::new()?;
+        wb.set_batch(8);
+        for &(tag, frame) in &to_write {
+            wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
+        }
+        wb.flush(&sh.pool)?;
+        let files = sh.files.take_needs_sync()?;
+        if sh.cfg.fsync {
+            wb.sync_files(&files);
+        }
+        {
+            let mut c = sh.control.lock().unwrap();
+            c.checkpoint = ckpt;
+            c.redo = redo;
+            c.state = ClusterState::InArchiveRecovery;
+            control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
+        }
+        sh.set_redo_lsn(redo);
+        sh.stats.last_checkpoint_lsn.store(ckpt.0, Relaxed);
+        sh.stats.last_redo_lsn.store(redo.0, Relaxed);
+        let released = release_wal(sh, redo, ckpt, r.apply_lsn())?;
+        Ok((
+            wb.written,
+            began.elapsed().as_secs_f64(),
+            files.len(),
+            released,
+        ))
+    })();
+    sh.stats.checkpoint_in_progress.store(false, SeqCst);
+    let (written, secs, files, (distance, estimate, recycled, removed)) = res?;
+    sh.stats.buffers_checkpoint.fetch_add(written, Relaxed);
+    if log {
+        let added = sh.wal.segments_created() - segs_before;
+        tracing::info!(
+            "restartpoint complete: wrote {written} buffers ({:.1}%); {added} WAL file(s) added, \
+             {removed} removed, {recycled} recycled; total={secs:.3} s; sync files={files}; \
+             distance={} kB, estimate={} kB; lsn={ckpt}, redo lsn={redo}",
+            written as f64 * 100.0 / sh.pool.frames() as f64,
+            (distance / 1024.0).round() as u64,
+            (estimate / 1024.0).round() as u64,
+        );
+        tracing::info!("recovery restart point at {redo}");
+    }
+    Ok((ckpt, redo))
 }
 
 /// A standby's close: writes every dirty page and syncs the files, then

@@ -753,6 +753,8 @@ impl Store {
                     return Err(StoreError::Thread("replay", e));
                 }
             }
+            // Restartpoints, by time and by WAL received since the last.
+            store.watch_wal_volume();
             return Ok(store);
         }
         if needs_redo {
@@ -789,18 +791,7 @@ impl Store {
 
         // IMPORTANT: only now may time and WAL volume start checkpoints: one
         // during redo would release WAL that redo is still reading.
-        store.shared.ckpt.start_automatic();
-        let weak = Arc::downgrade(&store.shared);
-        store
-            .shared
-            .wal
-            .add_segment_listener(Arc::new(move |segno| {
-                if let Some(sh) = weak.upgrade() {
-                    if checkpointer::wal_due_at(&sh, segno) {
-                        sh.ckpt.poke();
-                    }
-                }
-            }));
+        store.watch_wal_volume();
         if let Err(e) = store.start_bgwriter() {
             store.abandon();
             return Err(e);
@@ -817,6 +808,21 @@ impl Store {
             .map_err(|e| StoreError::Thread("background writer", e))?;
         self.threads.lock().unwrap().push(h);
         Ok(())
+    }
+
+    /// Lets time and WAL volume start checkpoints (restartpoints on a
+    /// standby): the flusher pokes the checkpointer at each segment switch
+    /// that makes one due.
+    fn watch_wal_volume(&self) {
+        self.shared.ckpt.start_automatic();
+        let weak = Arc::downgrade(&self.shared);
+        self.shared.wal.add_segment_listener(Arc::new(move |segno| {
+            if let Some(sh) = weak.upgrade() {
+                if checkpointer::wal_due_at(&sh, segno) {
+                    sh.ckpt.poke();
+                }
+            }
+        }));
     }
 
     /// Stops the threads of a store that failed to open, without a

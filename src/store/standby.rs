@@ -38,6 +38,7 @@ use crossbeam::utils::CachePadded;
 
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
+use crate::record::Kind;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{EndOfWal, WalReader};
 use crate::wal::TIMELINE;
@@ -47,7 +48,7 @@ use super::{recovery, Result, StoreError, StoreShared};
 pub(crate) const NO_PAGE_WRITES: &str =
     "pages change only by replaying its primary's WAL, so page writes are refused";
 pub(crate) const NO_CHECKPOINTS: &str =
-    "it writes no WAL of its own, so it takes no checkpoints (restartpoints are not implemented yet)";
+    "it writes no WAL of its own, so it takes no checkpoints (it takes restartpoints by time and WAL volume)";
 
 /// The safety net of the replay thread's sleep.
 const NAP: Duration = Duration::from_millis(100);
@@ -62,6 +63,9 @@ pub(crate) struct ReplayState {
     wake: Arc<EventFd>,
     /// Where replay starts: the end of WAL found at open.
     start: Lsn,
+    /// The last checkpoint record replayed: (its LSN, its redo point), what
+    /// a restartpoint makes the standby's own.
+    last_checkpoint: std::sync::Mutex<Option<(Lsn, Lsn)>>,
 }
 
 impl ReplayState {
@@ -73,11 +77,17 @@ impl ReplayState {
             stop: AtomicBool::new(false),
             wake: Arc::new(wake),
             start,
+            last_checkpoint: std::sync::Mutex::new(None),
         })
     }
 
     pub fn apply_lsn(&self) -> Lsn {
         Lsn(self.apply_lsn.load(Acquire))
+    }
+
+    /// The last checkpoint record replayed, (LSN, redo point).
+    pub fn last_checkpoint(&self) -> Option<(Lsn, Lsn)> {
+        *self.last_checkpoint.lock().unwrap()
     }
 
     pub fn add_listener(&self, wake: Arc<EventFd>) {
@@ -139,6 +149,19 @@ pub(crate) fn run(sh: &StoreShared) {
             );
             if let Err(e) = recovery::apply_record(&sh.pool, &rec) {
                 fail(format_args!("could not replay the record at {at}: {e}"));
+            }
+            if matches!(
+                rec.kind,
+                Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN
+            ) {
+                // Every record before it was applied: a restartpoint may
+                // take it (its redo point is before it).
+                match super::records::decode_checkpoint(rec.kind, rec.payload, at) {
+                    Ok(cp) => *r.last_checkpoint.lock().unwrap() = Some((at, cp.redo)),
+                    Err(e) => fail(format_args!(
+                        "could not decode the checkpoint record at {at}: {e}"
+                    )),
+                }
             }
             applied = Some(end);
             n += 1;

@@ -534,7 +534,10 @@ impl Wal {
         let ins = &self.shared.insert;
         let size = ins.buffer.size();
         let end = start.0 + dst.len() as u64;
-        debug_assert!(end <= self.flush_lsn().0, "read_recent beyond the flush LSN");
+        debug_assert!(
+            end <= self.flush_lsn().0,
+            "read_recent beyond the flush LSN"
+        );
         // Before the open's position the ring holds nothing of it (only the
         // partial block at the open was put back).
         if start < self.shared.opened_at
