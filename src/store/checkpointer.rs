@@ -489,7 +489,12 @@ fn run_checkpoint(
     sh.stats.last_redo_lsn.store(redo.0, Relaxed);
 
     // 6. Release the WAL before the redo point.
-    let (distance, estimate, recycled, removed) = release_wal(sh, redo, a.lsn, a.end)?;
+    let Released {
+        distance,
+        estimate,
+        recycled,
+        removed,
+    } = release_wal(sh, redo, a.lsn, a.end)?;
     let added = sh.wal.segments_created() - segs_before;
 
     let counter = match reason {
@@ -533,13 +538,13 @@ fn run_checkpoint(
 /// Step 6 of a checkpoint or restartpoint: remembers the redo point (the
 /// distance estimate, the redo history `wal_keep_size` cuts at), then
 /// releases the WAL before the redo point, keeping `wal_keep_size` behind
-/// the insert position. Returns (distance, estimate, recycled, removed).
+/// the insert position.
 fn release_wal(
     sh: &StoreShared,
     redo: Lsn,
     checkpoint: Lsn,
     checkpoint_end: Lsn,
-) -> Result<(f64, f64, u64, u64)> {
+) -> Result<Released> {
     let (distance, estimate, release) = {
         let mut st = sh.ckpt.st.lock().unwrap();
         let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
@@ -574,7 +579,22 @@ fn release_wal(
     let (recycled, removed) =
         sh.wal
             .remove_before_recycling(release, Some(upto), Some(checkpoint))?;
-    Ok((distance, estimate, recycled, removed))
+    Ok(Released {
+        distance,
+        estimate,
+        recycled,
+        removed,
+    })
+}
+
+/// What [`release_wal`] did, for the log line.
+struct Released {
+    /// Bytes between this redo point and the previous one.
+    distance: f64,
+    /// The checkpoint distance estimate after it.
+    estimate: f64,
+    recycled: u64,
+    removed: u64,
 }
 
 /// A standby's restartpoint (PostgreSQL's CreateRestartPoint, trap T1): the
@@ -603,7 +623,7 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
     }
     sh.stats.checkpoint_in_progress.store(true, SeqCst);
     let segs_before = sh.wal.segments_created();
-    let res = (|| -> Result<(u64, f64, usize, (f64, f64, u64, u64))> {
+    let res = (|| -> Result<(u64, usize, Released)> {
         let to_write = sh.pool.mark_for_checkpoint();
         let mut wb = Writeback::new()?;
         wb.set_batch(8);
@@ -626,15 +646,17 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
         sh.stats.last_checkpoint_lsn.store(ckpt.0, Relaxed);
         sh.stats.last_redo_lsn.store(redo.0, Relaxed);
         let released = release_wal(sh, redo, ckpt, r.apply_lsn())?;
-        Ok((
-            wb.written,
-            began.elapsed().as_secs_f64(),
-            files.len(),
-            released,
-        ))
+        Ok((wb.written, files.len(), released))
     })();
     sh.stats.checkpoint_in_progress.store(false, SeqCst);
-    let (written, secs, files, (distance, estimate, recycled, removed)) = res?;
+    let (written, files, rel) = res?;
+    let secs = began.elapsed().as_secs_f64();
+    let Released {
+        distance,
+        estimate,
+        recycled,
+        removed,
+    } = rel;
     sh.stats.buffers_checkpoint.fetch_add(written, Relaxed);
     if log {
         let added = sh.wal.segments_created() - segs_before;
