@@ -20,15 +20,18 @@
 //! A record that cannot be replayed (a damaged page, a record that does not
 //! decode) is fatal: the process aborts and the next start recovers.
 //!
-//! The standby never writes WAL: no checkpoints (so no automatic ones, and
-//! a request is refused), no end-of-recovery checkpoint, no client page
+//! The standby never writes WAL: no checkpoint records (a requested
+//! checkpoint is refused), no end-of-recovery checkpoint, no client page
 //! writes. Replayed pages are dirty in the buffer pool and the background
 //! writer may write them (never ahead of the WAL: only flushed records are
-//! applied). Because the standby neither takes a checkpoint of its own nor
-//! removes WAL (restartpoints are not implemented yet), a restart redoes
-//! from the control file's redo point, or from the start of the WAL for a
-//! store created as a standby, and redo is idempotent by page LSN: pages
-//! already written out with later changes are left as they are.
+//! applied). The last checkpoint record replayed is remembered
+//! ([`ReplayState::last_checkpoint`]); the checkpointer's automatic
+//! triggers turn it into a restartpoint (`checkpointer::restartpoint`),
+//! which moves the control file's redo point there and releases the WAL
+//! before it. A restart redoes from the control file's redo point (or from
+//! the start of the WAL for a store that never took a restartpoint), and
+//! redo is idempotent by page LSN: pages already written out with later
+//! changes are left as they are.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, RwLock};
