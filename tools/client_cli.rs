@@ -448,6 +448,26 @@ fn print_replication(r: &serde_json::Value) {
         line(r.clone());
     }
     println!("({} rows)", rows.len());
+    // Who holds the quorum-acknowledged WAL, range by range.
+    if let Some(ranges) = r["quorum_holders"].as_array().filter(|a| !a.is_empty()) {
+        println!("quorum-acknowledged WAL held by:");
+        for h in ranges {
+            let names: Vec<String> = h["standbys"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect())
+                .unwrap_or_default();
+            println!(
+                "  {} .. {}: {}",
+                text(&h["from"]),
+                text(&h["to"]),
+                if names.is_empty() {
+                    "(no connected standby)".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+    }
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {

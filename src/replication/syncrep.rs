@@ -364,6 +364,42 @@ impl SyncRep {
         self.inner.lock().unwrap().lost_since
     }
 
+    /// Which connected standbys hold each range of the quorum-acknowledged
+    /// WAL (below [`SyncRep::synced`] flush): `(from, to, standbys)`,
+    /// ascending, each standby holding everything below its reported flush
+    /// LSN (durable there, monotone). What a failover needs to know and
+    /// PostgreSQL cannot say.
+    pub fn holders_by_range(&self) -> Vec<(Lsn, Lsn, Vec<String>)> {
+        let upto = self.synced(FLUSH);
+        let inner = self.inner.lock().unwrap();
+        let mut cuts: Vec<Lsn> = inner
+            .standbys
+            .iter()
+            .map(|s| s.row.flush.min(upto))
+            .filter(|l| l.is_valid())
+            .collect();
+        cuts.push(upto);
+        cuts.sort();
+        cuts.dedup();
+        let mut out = Vec::new();
+        let mut from = Lsn(0);
+        for to in cuts {
+            if to <= from {
+                continue;
+            }
+            let mut names: Vec<String> = inner
+                .standbys
+                .iter()
+                .filter(|s| s.row.flush >= to)
+                .map(|s| s.row.application_name.clone())
+                .collect();
+            names.sort();
+            out.push((from, to, names));
+            from = to;
+        }
+        out
+    }
+
     /// The standbys whose reported flush LSN is at least `lsn`: who holds a
     /// commit ending there (PostgreSQL cannot say).
     pub fn holders(&self, lsn: Lsn) -> Vec<String> {
@@ -404,6 +440,13 @@ mod tests {
         assert!(rep.quorum_lost_since().is_none());
         rep.report(b, Lsn(60), Lsn(60), Lsn(60));
         assert_eq!(rep.synced(FLUSH), Lsn(80));
+        assert_eq!(
+            rep.holders_by_range(),
+            vec![
+                (Lsn(0), Lsn(60), vec!["s1".to_string(), "s2".to_string()]),
+                (Lsn(60), Lsn(80), vec!["s1".to_string()]),
+            ]
+        );
         assert_eq!(rep.synced(APPLY), Lsn(60));
         rep.unregister(a);
         // s2 alone is behind s1's release: it stays.

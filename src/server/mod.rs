@@ -717,6 +717,16 @@ fn replication_json(s: &ServerShared) -> serde_json::Value {
         "commits_degraded": rep.degraded.load(std::sync::atomic::Ordering::Relaxed),
         "commits_indeterminate": rep.indeterminate.load(std::sync::atomic::Ordering::Relaxed),
         "standbys": standbys,
+        // ANY k: who holds each quorum-acknowledged range (connected standbys).
+        "quorum_holders": rep
+            .holders_by_range()
+            .into_iter()
+            .map(|(from, to, names)| serde_json::json!({
+                "from": from.to_string(),
+                "to": to.to_string(),
+                "standbys": names,
+            }))
+            .collect::<Vec<_>>(),
         "wal_receiver": s.receiver.as_ref().map(|r| r.json(&s.store)),
     })
 }
