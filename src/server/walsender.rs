@@ -7,9 +7,14 @@
 //! socket over ([`crate::io::net::NetRing::detach_after_send`]): reading
 //! old WAL from segment files never blocks a shard.
 //!
+//! With a slot (`primary_slot_name`): the walsender is the slot's one
+//! user while it streams, each StandbyStatus moves the slot's restart LSN
+//! to the standby's flush LSN, and a slot that becomes lost (past
+//! `max_slot_wal_keep_size`) ends the stream with `SLOT_LOST`.
+//!
 //! What it is not (yet): reads from the WAL ring (every send reads the
 //! segment file, which O_DIRECT writes left out of the page cache),
-//! slots, timelines other than 1.
+//! timelines other than 1.
 
 #[allow(unused_imports)]
 use super::StandbyShim;
@@ -95,7 +100,12 @@ impl SegmentBytes {
 }
 
 /// Streams to one standby until it goes, the server stops, or an error.
-pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRequest, peer: String) {
+pub(crate) fn run(
+    shared: Arc<ServerShared>,
+    mut stream: TcpStream,
+    req: StartRequest,
+    peer: String,
+) {
     let wal = Arc::clone(&shared.wal);
     let syncrep = Arc::clone(&shared.syncrep);
     let _ = stream.set_nonblocking(false);
@@ -114,19 +124,38 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
             "requested timeline {} is not in this server's history (it is on timeline {TIMELINE})",
             req.timeline
         );
-        return refuse(stream, req.request_id, ErrorCode::TIMELINE_NOT_IN_HISTORY, msg);
+        return refuse(
+            stream,
+            req.request_id,
+            ErrorCode::TIMELINE_NOT_IN_HISTORY,
+            msg,
+        );
     }
-    if !req.slot.is_empty() {
-        let msg = format!("replication slot \"{}\" does not exist", req.slot);
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_SLOT, msg);
+    // The walsender's id (its "PID" in /status and slot messages).
+    let id = syncrep.register(&req.application_name, peer.clone());
+    let refused = |stream, code, msg| {
+        syncrep.unregister(id);
+        refuse(stream, req.request_id, code, msg)
+    };
+    let slot = (!req.slot.is_empty()).then_some(req.slot.as_str());
+    if let Some(name) = slot {
+        if let Err(e) = shared.slots.acquire(name, id) {
+            return refused(stream, e.code, e.message);
+        }
     }
+    let release = || {
+        if let Some(name) = slot {
+            shared.slots.release(name, id);
+        }
+    };
     let flush = wal.flush_lsn();
     if req.start > flush {
         let msg = format!(
             "requested starting point {} is ahead of the WAL flush position of this server {flush}",
             req.start
         );
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+        release();
+        return refused(stream, ErrorCode::UNKNOWN_LSN, msg);
     }
     let oldest = wal.start_lsn();
     if req.start < oldest {
@@ -136,22 +165,31 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
              the standby needs a new base backup",
             segment_file_name(TIMELINE, req.start.segno(seg), seg)
         );
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+        release();
+        return refused(stream, ErrorCode::UNKNOWN_LSN, msg);
     }
     let Ok(reader_stream) = stream.try_clone() else {
+        release();
+        syncrep.unregister(id);
         return;
     };
-    let timeout = shared.runtime.read().unwrap().config.wal_sender_timeout.duration();
+    let timeout = shared
+        .runtime
+        .read()
+        .unwrap()
+        .config
+        .wal_sender_timeout
+        .duration();
     if !timeout.is_zero() {
         let _ = stream.set_write_timeout(Some(timeout));
     }
-    let id = syncrep.register(&req.application_name, peer.clone());
     tracing::info!(
         "standby \"{}\" ({peer}) connected: streaming from {} (primary flushed to {flush})",
         req.application_name,
         req.start
     );
     let Ok(wake) = EventFd::new().map(Arc::new) else {
+        release();
         syncrep.unregister(id);
         return;
     };
@@ -168,10 +206,20 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
             Arc::clone(&last_reply),
         );
         let name = req.application_name.clone();
+        let slot = slot.map(|s| (Arc::clone(&shared.slots), s.to_string(), Arc::clone(&wal)));
         std::thread::Builder::new()
             .name("walden-walsnd-r".into())
             .spawn(move || {
-                read_replies(reader_stream, id, &syncrep, &name, started, &last_reply);
+                let slot = slot.as_ref().map(|(s, n, w)| (&**s, n.as_str(), &**w));
+                read_replies(
+                    reader_stream,
+                    id,
+                    &syncrep,
+                    &name,
+                    started,
+                    &last_reply,
+                    slot,
+                );
                 gone.store(true, SeqCst);
                 wake.signal();
             })
@@ -201,6 +249,7 @@ pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRe
     if let Ok(h) = reader {
         let _ = h.join();
     }
+    release();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,6 +301,20 @@ fn stream_wal(
         if gone.load(SeqCst) {
             return Ok(());
         }
+        if !req.slot.is_empty() {
+            // Lost (past max_slot_wal_keep_size) while streaming: say so.
+            if let Err(e) = shared.slots.check(&req.slot) {
+                let _ = send(
+                    stream,
+                    &Frame::Error {
+                        request_id,
+                        code: e.code,
+                        message: e.message.clone(),
+                    },
+                );
+                return Err(e.message);
+            }
+        }
         let flush = wal.flush_lsn();
         if sent < flush {
             // One frame: up to CHUNK bytes, within one segment.
@@ -301,7 +364,13 @@ fn stream_wal(
                 syncrep.sent(id, sent, state);
             }
             if since.elapsed() > Duration::from_secs(5) || shared.shards_done.load(SeqCst) {
-                let _ = send(stream, &Frame::ReadEnd { request_id, end: sent });
+                let _ = send(
+                    stream,
+                    &Frame::ReadEnd {
+                        request_id,
+                        end: sent,
+                    },
+                );
                 return Ok(());
             }
         }
@@ -343,7 +412,8 @@ fn stream_wal(
 }
 
 /// Reads the standby's frames until it closes: StandbyStatus goes to
-/// [`SyncRep::report`]; Cancel ends the stream.
+/// [`SyncRep::report`] (and moves the slot, if any, to its flush LSN,
+/// never past the primary's); Cancel ends the stream.
 fn read_replies(
     mut stream: TcpStream,
     id: u64,
@@ -351,6 +421,7 @@ fn read_replies(
     name: &str,
     started: Instant,
     last_reply: &AtomicU64,
+    slot: Option<(&crate::replication::slots::Slots, &str, &crate::wal::Wal)>,
 ) {
     use std::io::Read;
     let limits = Limits::for_max_record_size(4096);
@@ -372,8 +443,17 @@ fn read_replies(
                     last_reply.store(started.elapsed().as_millis() as u64, SeqCst);
                     match frame {
                         FrameRef::StandbyStatus {
-                            write, flush, apply, ..
-                        } => syncrep.report(id, write, flush, apply),
+                            write,
+                            flush,
+                            apply,
+                            ..
+                        } => {
+                            syncrep.report(id, write, flush, apply);
+                            if let Some((slots, slot, wal)) = slot {
+                                // A lost slot: the sender says so and ends.
+                                let _ = slots.advance(slot, flush.min(wal.flush_lsn()));
+                            }
+                        }
                         FrameRef::Cancel { .. } => return,
                         other => {
                             tracing::warn!(
@@ -394,7 +474,10 @@ fn read_replies(
         buf.copy_within(at..have, 0);
         have -= at;
         if have == buf.len() {
-            tracing::warn!("standby \"{name}\" sent a frame larger than {} bytes", buf.len());
+            tracing::warn!(
+                "standby \"{name}\" sent a frame larger than {} bytes",
+                buf.len()
+            );
             return;
         }
     }

@@ -217,7 +217,15 @@ pub(crate) struct StoreShared {
     pub recovery: Arc<RecoveryProgress>,
     /// Signalled whenever a checkpoint completes (server shards wait on them).
     listeners: RwLock<Vec<Arc<EventFd>>>,
+    /// What else holds WAL (the server's replication slots).
+    pub retention: Option<RetentionHook>,
 }
+
+/// Called by each checkpoint, with the insert position, before it releases
+/// WAL: the oldest LSN something else (a replication slot) still needs, or
+/// `None`. The checkpoint releases nothing at or after it. `Err`: the
+/// checkpoint releases no WAL this time (and says why).
+pub type RetentionHook = Arc<dyn Fn(Lsn) -> std::result::Result<Option<Lsn>, String> + Send + Sync>;
 
 impl StoreShared {
     /// The redo point page writers decide full-page images against, and the
@@ -415,7 +423,7 @@ impl Store {
     pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let locks = DirLocks::for_store(&cfg)?;
-        Store::open_locked(cfg, progress, locks)
+        Store::open_locked(cfg, progress, locks, None)
     }
 
     /// The open itself, under the locks of [`DirLocks::for_store`] (the
@@ -428,10 +436,14 @@ impl Store {
     /// (`may_start`, below). A refused start must leave the directories as
     /// they were, or a second look (by a person, or a newer walden) finds
     /// less than was there.
+    ///
+    /// `retention`: asked by every checkpoint (the end-of-recovery one
+    /// included) before it releases WAL; see [`RetentionHook`].
     pub(crate) fn open_locked(
         cfg: Config,
         progress: Arc<RecoveryProgress>,
         locks: DirLocks,
+        retention: Option<RetentionHook>,
     ) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let data_dir = cfg.data_dir.clone();
@@ -597,6 +609,7 @@ impl Store {
             stats: StoreStats::default(),
             recovery: progress,
             listeners: RwLock::new(Vec::new()),
+            retention,
             control: Mutex::new(c),
             cfg,
         });
