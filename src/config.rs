@@ -514,9 +514,7 @@ fn expected_form(name: &str, default: &toml::Value) -> &'static str {
         "wal_compression" => "one of off, lz4",
         "wal_full_policy" => "one of error, wait",
         "synchronous_commit_timeout_action" => "one of indeterminate, degrade",
-        "primary_conninfo" => {
-            "a connection string such as 'host=10.0.0.1 port=7480 application_name=s1'"
-        }
+        "primary_conninfo" => "a connection string such as 'host=10.0.0.1 port=7480 application_name=s1'",
         "cpu_affinity" => "a list of CPU numbers such as [0, 1, 2]",
         "synchronous_standby_names" => "a list of standbys such as 'ANY 1 (s1, s2)'",
         _ => match default {
@@ -816,10 +814,7 @@ impl Config {
         }
         if !self.primary_conninfo.trim().is_empty() {
             if let Err(e) = crate::replication::ConnInfo::parse(&self.primary_conninfo) {
-                return invalid(
-                    "primary_conninfo",
-                    format!("{:?}: {e}", self.primary_conninfo),
-                );
+                return invalid("primary_conninfo", format!("{:?}: {e}", self.primary_conninfo));
             }
         }
         if !self.primary_slot_name.is_empty()

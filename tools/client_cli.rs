@@ -419,13 +419,7 @@ fn print_replication(r: &serde_json::Value) {
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([c.len()])
-                .max()
-                .unwrap()
-        })
+        .map(|(i, c)| rows.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap())
         .collect();
     let line = |cells: Vec<String>| {
         let parts: Vec<String> = cells
@@ -438,11 +432,7 @@ fn print_replication(r: &serde_json::Value) {
     line(cols.iter().map(|c| c.to_string()).collect());
     println!(
         "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-+-")
+        widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-")
     );
     for r in &rows {
         line(r.clone());

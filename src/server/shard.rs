@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ServerShared;
-use crate::config::TimeoutAction;
 use crate::durability::Durability;
 use crate::io::net::{ConnId, Event, NetRing};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
+use crate::config::TimeoutAction;
 use crate::protocol::{
     self, Decoder, ErrorCode, Frame, FrameRef, FrameType, IndeterminateReason, Limits, RecordRef,
 };
@@ -383,9 +383,9 @@ fn sync_due(pending: &[VecDeque<PendingAck>; QUEUES], shared: &ServerShared) -> 
     let rep = &shared.syncrep;
     let flushed = shared.wal.flush_lsn();
     (1..QUEUES).any(|q| {
-        pending[q]
-            .front()
-            .is_some_and(|p| p.end <= flushed && (p.end <= rep.synced(q - 1) || !rep.configured()))
+        pending[q].front().is_some_and(|p| {
+            p.end <= flushed && (p.end <= rep.synced(q - 1) || !rep.configured())
+        })
     })
 }
 
@@ -489,9 +489,9 @@ impl Shard<'_> {
     /// A Cancel for an Append waiting for standbys: INDETERMINATE now.
     fn cancel_wait(&mut self, id: ConnId, st: &mut ConnState, request_id: u64) {
         for q in 1..QUEUES {
-            let found = self.pending[q]
-                .iter()
-                .position(|p| p.conn == id && p.serial == st.serial && p.request_id == request_id);
+            let found = self.pending[q].iter().position(|p| {
+                p.conn == id && p.serial == st.serial && p.request_id == request_id
+            });
             if let Some(i) = found {
                 let p = self.pending[q].remove(i).unwrap();
                 self.shared.syncrep.waiting.fetch_sub(1, Relaxed);
@@ -545,13 +545,8 @@ impl Shard<'_> {
             Outcome::Indeterminate(reason) => {
                 // Below the level asked, by definition (the quorum's
                 // positions per mode are computed apart).
-                let i = Durability::ALL
-                    .iter()
-                    .position(|d| *d == p.level)
-                    .unwrap_or(1);
-                let reached = self
-                    .reached(p.end, flushed)
-                    .min(Durability::ALL[i.max(1) - 1]);
+                let i = Durability::ALL.iter().position(|d| *d == p.level).unwrap_or(1);
+                let reached = self.reached(p.end, flushed).min(Durability::ALL[i.max(1) - 1]);
                 protocol::encode_indeterminate(
                     p.request_id,
                     reached,
@@ -1084,13 +1079,7 @@ impl Shard<'_> {
                     let msg = format!(
                         "number of requested standby connections exceeds max_wal_senders (currently {max})"
                     );
-                    return self.send_error(
-                        id,
-                        st,
-                        request_id,
-                        ErrorCode::TOO_MANY_CONNECTIONS,
-                        msg,
-                    );
+                    return self.send_error(id, st, request_id, ErrorCode::TOO_MANY_CONNECTIONS, msg);
                 }
                 let name = if application_name.is_empty() {
                     "walreceiver"

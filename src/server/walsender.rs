@@ -100,12 +100,7 @@ impl SegmentBytes {
 }
 
 /// Streams to one standby until it goes, the server stops, or an error.
-pub(crate) fn run(
-    shared: Arc<ServerShared>,
-    mut stream: TcpStream,
-    req: StartRequest,
-    peer: String,
-) {
+pub(crate) fn run(shared: Arc<ServerShared>, mut stream: TcpStream, req: StartRequest, peer: String) {
     let wal = Arc::clone(&shared.wal);
     let syncrep = Arc::clone(&shared.syncrep);
     let _ = stream.set_nonblocking(false);
@@ -124,12 +119,7 @@ pub(crate) fn run(
             "requested timeline {} is not in this server's history (it is on timeline {TIMELINE})",
             req.timeline
         );
-        return refuse(
-            stream,
-            req.request_id,
-            ErrorCode::TIMELINE_NOT_IN_HISTORY,
-            msg,
-        );
+        return refuse(stream, req.request_id, ErrorCode::TIMELINE_NOT_IN_HISTORY, msg);
     }
     // The walsender's id (its "PID" in /status and slot messages).
     let id = syncrep.register(&req.application_name, peer.clone());
@@ -173,13 +163,7 @@ pub(crate) fn run(
         syncrep.unregister(id);
         return;
     };
-    let timeout = shared
-        .runtime
-        .read()
-        .unwrap()
-        .config
-        .wal_sender_timeout
-        .duration();
+    let timeout = shared.runtime.read().unwrap().config.wal_sender_timeout.duration();
     if !timeout.is_zero() {
         let _ = stream.set_write_timeout(Some(timeout));
     }
@@ -364,13 +348,7 @@ fn stream_wal(
                 syncrep.sent(id, sent, state);
             }
             if since.elapsed() > Duration::from_secs(5) || shared.shards_done.load(SeqCst) {
-                let _ = send(
-                    stream,
-                    &Frame::ReadEnd {
-                        request_id,
-                        end: sent,
-                    },
-                );
+                let _ = send(stream, &Frame::ReadEnd { request_id, end: sent });
                 return Ok(());
             }
         }
@@ -474,10 +452,7 @@ fn read_replies(
         buf.copy_within(at..have, 0);
         have -= at;
         if have == buf.len() {
-            tracing::warn!(
-                "standby \"{name}\" sent a frame larger than {} bytes",
-                buf.len()
-            );
+            tracing::warn!("standby \"{name}\" sent a frame larger than {} bytes", buf.len());
             return;
         }
     }
