@@ -142,6 +142,21 @@ impl Node {
         )
     }
 
+    /// GET /metrics from the address in walden.addr.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let text = std::fs::read_to_string(self.dir.join("data/walden.addr")).unwrap();
+        let addr = text
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics_addr="))
+            .expect("metrics_addr in walden.addr");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
     fn checkpoint(&self) {
         self.client().checkpoint().unwrap();
     }
@@ -278,7 +293,7 @@ fn slot_cli_creates_lists_drops_and_slots_survive_restarts() {
 #[test]
 fn a_fake_standby_streams_from_its_slot_and_advances_it() {
     let d = tempfile::tempdir().unwrap();
-    let node = Node::start(&d.path().join("p"), &[]);
+    let node = Node::start(&d.path().join("p"), &["metrics_addr=127.0.0.1:0"]);
     let start = lsn(&node.status()["start_lsn"]);
 
     // Unknown slot.
@@ -345,6 +360,20 @@ fn a_fake_standby_streams_from_its_slot_and_advances_it() {
     assert!(
         text.starts_with(&want),
         "{text:?} does not start with {want}"
+    );
+
+    // /metrics has the slot's restart LSN.
+    let metrics = node.metrics();
+    let line = metrics
+        .lines()
+        .find(|l| l.contains("slot_restart_lsn") && l.contains("slot=\"s1\""))
+        .unwrap_or_else(|| panic!("no slot_restart_lsn for s1:\n{metrics}"));
+    assert!(line.ends_with(&format!(" {}", end.0)), "{line}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("slot_lost") && l.contains("slot=\"s1\"") && l.ends_with(" 0")),
+        "{metrics}"
     );
 
     // The stream ends: the slot is free again.

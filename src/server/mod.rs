@@ -697,6 +697,12 @@ fn replication_snapshot(s: &ServerShared) -> crate::metrics::ReplicationSnapshot
         commits_waiting: rep.waiting.load(Relaxed),
         commits_degraded: rep.degraded.load(Relaxed),
         commits_indeterminate: rep.indeterminate.load(Relaxed),
+        slots: s
+            .slots
+            .rows(s.wal.insert_lsn(), s.cfg.max_wal_size.0)
+            .into_iter()
+            .map(|r| (r.slot_name, r.restart_lsn.0, r.wal_status == "lost"))
+            .collect(),
         receiver: s.receiver.as_ref().map(|r| {
             (
                 r.received_lsn.load(Relaxed),
