@@ -2,7 +2,8 @@
 //! persistent, each holding the WAL its standby still needs.
 //!
 //! A slot is one small file, `DATA_DIR/slots/<name>`: one line
-//! `RESTART_LSN:TIMELINE:STATE CRC32C` (STATE `reserved` or `lost`), written
+//! `HI:LO:TIMELINE:STATE CRC32C` (the restart LSN `HI/LO` with a colon for
+//! the slash, STATE `reserved` or `lost`), written
 //! as the WAL's markers are (temporary file, fsync, rename, fsync of the
 //! directory: [`crate::wal::marker`]), so that a crash leaves the old file
 //! or the new one. It is written at creation, when the slot is lost, and
@@ -153,7 +154,7 @@ impl Slots {
                     );
                     continue;
                 }
-                let text = crate::wal::marker::read(&dir, &name, "RESTART_LSN:TIMELINE:STATE")
+                let text = crate::wal::marker::read(&dir, &name, "HI:LO:TIMELINE:STATE")
                     .map_err(|e| e.to_string())?
                     .unwrap_or_default();
                 let (restart, lost) = decode(&dir, &name, &text)?;
