@@ -469,6 +469,24 @@ impl Client {
         }
     }
 
+    /// Creates (`SlotOp::Create`) or drops a replication slot: the new
+    /// slot's restart LSN (0 after a drop).
+    pub fn slot(&mut self, op: crate::protocol::SlotOp, name: &str) -> Result<Lsn> {
+        let id = self.next_request_id();
+        self.queue(&Frame::SlotCommand {
+            request_id: id,
+            op,
+            name: name.to_string(),
+        });
+        match self.recv()? {
+            Frame::SlotResult {
+                request_id,
+                restart_lsn,
+            } if request_id == id => Ok(restart_lsn),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The raw stream, for tests that send bytes of their own.
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

@@ -130,6 +130,54 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size that may be `-1`, "no limit" (PostgreSQL's
+/// `max_slot_wal_keep_size`): a number, a size with units, or -1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeLimit(pub Option<u64>);
+
+impl SizeLimit {
+    pub const UNLIMITED: SizeLimit = SizeLimit(None);
+}
+
+impl Serialize for SizeLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_i64(-1),
+            Some(n) => s.serialize_u64(n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SizeLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        let bad = || serde::de::Error::custom("expected -1 (no limit) or a size such as 10GB");
+        match Raw::deserialize(d)? {
+            Raw::N(-1) => Ok(SizeLimit(None)),
+            Raw::N(n) if n >= 0 => Ok(SizeLimit(Some(n as u64))),
+            Raw::N(_) => Err(bad()),
+            Raw::S(s) if s.trim() == "-1" => Ok(SizeLimit(None)),
+            Raw::S(s) => Size::parse(&s)
+                .map(|n| SizeLimit(Some(n.0)))
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::fmt::Display for SizeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("-1"),
+            Some(n) => Size(n).fmt(f),
+        }
+    }
+}
+
 /// A duration in milliseconds when written as a bare number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Millis(pub u64);
@@ -308,6 +356,11 @@ pub struct Config {
     pub synchronous_commit_timeout_action: TimeoutAction,
     /// Standbys (walsenders) served at once; more are refused.
     pub max_wal_senders: u32,
+    /// The most WAL a replication slot may hold behind the insert
+    /// position; a slot further behind is invalidated (`lost`) at the next
+    /// checkpoint and holds nothing more. -1: no limit (PostgreSQL's
+    /// default).
+    pub max_slot_wal_keep_size: SizeLimit,
     /// A walsender whose standby said nothing for this long closes the
     /// connection (0: never).
     pub wal_sender_timeout: Millis,
@@ -387,6 +440,7 @@ impl Default for Config {
             synchronous_commit_timeout: Millis(0),
             synchronous_commit_timeout_action: TimeoutAction::Indeterminate,
             max_wal_senders: 10,
+            max_slot_wal_keep_size: SizeLimit::UNLIMITED,
             wal_sender_timeout: Millis(60_000),
             primary_conninfo: String::new(),
             primary_slot_name: String::new(),
@@ -442,6 +496,9 @@ fn expected_form(name: &str, default: &toml::Value) -> &'static str {
         "wal_segment_size" | "wal_buffers" | "max_record_size" | "max_wal_size"
         | "wal_max_write" | "max_send_backlog" | "shared_buffers" | "min_wal_size"
         | "wal_keep_size" => "a size such as 16MB (units B, kB, MB, GB, TB)",
+        "max_slot_wal_keep_size" => {
+            "-1 (no limit) or a size such as 10GB (units B, kB, MB, GB, TB)"
+        }
         "wal_writer_delay"
         | "idle_timeout"
         | "slow_client_timeout"

@@ -318,6 +318,8 @@ pub struct ReplicationSnapshot {
     pub commits_indeterminate: u64,
     /// On a standby: (received, flushed, replayed) LSNs.
     pub receiver: Option<(u64, u64, u64)>,
+    /// Replication slots: (name, restart LSN, lost).
+    pub slots: Vec<(String, u64, bool)>,
 }
 
 /// Returns the replication figures at the moment of a scrape.
@@ -824,6 +826,30 @@ fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> f
             family
                 .encode_family(&labels)?
                 .encode_gauge(&(s.sync as u64))?;
+        }
+    }
+    {
+        let mut family = enc.encode_descriptor(
+            "slot_restart_lsn",
+            "WAL each replication slot keeps from (pg_replication_slots.restart_lsn).",
+            bytes,
+            MetricType::Gauge,
+        )?;
+        for (name, restart, _) in &r.slots {
+            let labels = [("slot", name.as_str())];
+            family.encode_family(&labels)?.encode_gauge(restart)?;
+        }
+    }
+    {
+        let mut family = enc.encode_descriptor(
+            "slot_lost",
+            "1 once the slot was invalidated (past max_slot_wal_keep_size): it holds no WAL.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, _, lost) in &r.slots {
+            let labels = [("slot", name.as_str())];
+            family.encode_family(&labels)?.encode_gauge(&(*lost as u64))?;
         }
     }
     let scalars: [(&str, Option<&Unit>, &str, Value); 6] = [

@@ -81,6 +81,7 @@ pub enum FrameType {
     StartReplication = 0x20,
     StandbyStatus = 0x21,
     TimelineHistory = 0x22,
+    SlotCommand = 0x23,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
@@ -95,11 +96,12 @@ pub enum FrameType {
     TimelineEnd = 0xA2,
     HistoryData = 0xA3,
     StreamStart = 0xA4,
+    SlotResult = 0xA5,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 27] = [
+    pub const ALL: [FrameType; 29] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
@@ -112,6 +114,7 @@ impl FrameType {
         FrameType::StartReplication,
         FrameType::StandbyStatus,
         FrameType::TimelineHistory,
+        FrameType::SlotCommand,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
@@ -126,6 +129,7 @@ impl FrameType {
         FrameType::TimelineEnd,
         FrameType::HistoryData,
         FrameType::StreamStart,
+        FrameType::SlotResult,
         FrameType::Error,
     ];
 
@@ -172,6 +176,8 @@ impl FrameType {
             Keepalive => (25, 25),
             TimelineEnd => (16, 16),
             HistoryData => (4, any),
+            SlotCommand => (1 + 1, 1 + MAX_NAME_LEN),
+            SlotResult => (8, 8),
             Indeterminate => (2 + 8 + 4 + 8, any),
         }
     }
@@ -183,6 +189,26 @@ pub const MAX_NAME_LEN: usize = 63;
 /// StartReplication's body up to its two names: system id, timeline, flags,
 /// start, term and the two name lengths.
 const START_REPLICATION_FIXED: usize = 8 + 4 + 4 + 8 + 8 + 2 + 2;
+
+/// What a SlotCommand asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SlotOp {
+    /// Create the slot, reserving WAL from the current redo point.
+    Create = 1,
+    /// Drop the slot (refused while a standby streams from it).
+    Drop = 2,
+}
+
+impl SlotOp {
+    pub fn from_wire(b: u8) -> Option<SlotOp> {
+        match b {
+            1 => Some(SlotOp::Create),
+            2 => Some(SlotOp::Drop),
+            _ => None,
+        }
+    }
+}
 
 /// Why an Append (or PageWrite) ended Indeterminate: its records are
 /// written locally, but the level it asked for was not confirmed.
@@ -279,8 +305,10 @@ impl ErrorCode {
     pub const SLOT_LOST: ErrorCode = ErrorCode(517);
     /// The standby's WAL diverged from the server's; the message names where.
     pub const DIVERGED: ErrorCode = ErrorCode(518);
+    /// A SlotCommand creating a slot that exists.
+    pub const SLOT_EXISTS: ErrorCode = ErrorCode(519);
 
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -306,6 +334,7 @@ impl ErrorCode {
         ErrorCode::SLOT_ACTIVE,
         ErrorCode::SLOT_LOST,
         ErrorCode::DIVERGED,
+        ErrorCode::SLOT_EXISTS,
     ];
 
     pub fn name(self) -> &'static str {
@@ -335,6 +364,7 @@ impl ErrorCode {
             ErrorCode::SLOT_ACTIVE => "SLOT_ACTIVE",
             ErrorCode::SLOT_LOST => "SLOT_LOST",
             ErrorCode::DIVERGED => "DIVERGED",
+            ErrorCode::SLOT_EXISTS => "SLOT_EXISTS",
             _ => "UNKNOWN",
         }
     }
@@ -358,6 +388,7 @@ impl ErrorCode {
                 | ErrorCode::SLOT_ACTIVE
                 | ErrorCode::SLOT_LOST
                 | ErrorCode::DIVERGED
+                | ErrorCode::SLOT_EXISTS
         )
     }
 }
@@ -503,6 +534,18 @@ pub enum Frame {
     TimelineHistory {
         request_id: u64,
         timeline: u32,
+    },
+    /// Creates or drops a replication slot (docs/protocol.md §4.13).
+    SlotCommand {
+        request_id: u64,
+        op: SlotOp,
+        /// `[a-z0-9_]`, 1 to MAX_NAME_LEN bytes.
+        name: String,
+    },
+    /// A SlotCommand succeeded: the slot's restart LSN (0 after a drop).
+    SlotResult {
+        request_id: u64,
+        restart_lsn: Lsn,
     },
     HelloOk {
         request_id: u64,
@@ -673,6 +716,15 @@ pub enum FrameRef<'a> {
         request_id: u64,
         timeline: u32,
     },
+    SlotCommand {
+        request_id: u64,
+        op: SlotOp,
+        name: &'a str,
+    },
+    SlotResult {
+        request_id: u64,
+        restart_lsn: Lsn,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -791,6 +843,8 @@ impl Frame {
             | Frame::StartReplication { request_id, .. }
             | Frame::StandbyStatus { request_id, .. }
             | Frame::TimelineHistory { request_id, .. }
+            | Frame::SlotCommand { request_id, .. }
+            | Frame::SlotResult { request_id, .. }
             | Frame::Indeterminate { request_id, .. }
             | Frame::StreamStart { request_id, .. }
             | Frame::WalData { request_id, .. }
@@ -825,6 +879,8 @@ impl FrameRef<'_> {
             | FrameRef::StartReplication { request_id, .. }
             | FrameRef::StandbyStatus { request_id, .. }
             | FrameRef::TimelineHistory { request_id, .. }
+            | FrameRef::SlotCommand { request_id, .. }
+            | FrameRef::SlotResult { request_id, .. }
             | FrameRef::Indeterminate { request_id, .. }
             | FrameRef::StreamStart { request_id, .. }
             | FrameRef::WalData { request_id, .. }
@@ -1015,6 +1071,22 @@ impl FrameRef<'_> {
             } => Frame::TimelineHistory {
                 request_id,
                 timeline,
+            },
+            FrameRef::SlotCommand {
+                request_id,
+                op,
+                name,
+            } => Frame::SlotCommand {
+                request_id,
+                op,
+                name: name.to_string(),
+            },
+            FrameRef::SlotResult {
+                request_id,
+                restart_lsn,
+            } => Frame::SlotResult {
+                request_id,
+                restart_lsn,
             },
             FrameRef::Indeterminate {
                 request_id,
@@ -1280,6 +1352,24 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         } => {
             let at = begin(out, FrameType::TimelineHistory, *request_id);
             out.extend_from_slice(&timeline.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::SlotCommand {
+            request_id,
+            op,
+            name,
+        } => {
+            let at = begin(out, FrameType::SlotCommand, *request_id);
+            out.push(*op as u8);
+            out.extend_from_slice(name.as_bytes());
+            finish(out, at);
+        }
+        Frame::SlotResult {
+            request_id,
+            restart_lsn,
+        } => {
+            let at = begin(out, FrameType::SlotResult, *request_id);
+            out.extend_from_slice(&restart_lsn.0.to_le_bytes());
             finish(out, at);
         }
         Frame::Indeterminate {
@@ -1674,6 +1764,8 @@ pub enum Problem {
     InvalidReached(u8),
     #[error("Indeterminate frame: invalid reason {0}: expected 1 to 6")]
     InvalidReason(u8),
+    #[error("SlotCommand frame: invalid op {0}: expected 1 (create) or 2 (drop)")]
+    InvalidSlotOp(u8),
 }
 
 fn expected(min: usize, max: usize) -> String {
@@ -1968,6 +2060,26 @@ fn decode_body<'a>(
         FrameType::TimelineHistory => FrameRef::TimelineHistory {
             request_id,
             timeline: b.timeline()?,
+        },
+        FrameType::SlotCommand => {
+            let op = b.u8("op")?;
+            let op = SlotOp::from_wire(op).ok_or(Problem::InvalidSlotOp(op))?;
+            let name = b.rest();
+            if let Some(at) = name
+                .iter()
+                .position(|c| !matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+            {
+                return Err(Problem::InvalidSlotName { at, byte: name[at] });
+            }
+            FrameRef::SlotCommand {
+                request_id,
+                op,
+                name: utf8(name, "slot name")?,
+            }
+        }
+        FrameType::SlotResult => FrameRef::SlotResult {
+            request_id,
+            restart_lsn: b.lsn("restart LSN")?,
         },
         FrameType::Indeterminate => {
             let reached = b.u8("reached level")?;
@@ -2825,6 +2937,7 @@ mod tests {
             ErrorCode::SLOT_ACTIVE,
             ErrorCode::SLOT_LOST,
             ErrorCode::DIVERGED,
+            ErrorCode::SLOT_EXISTS,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             // Core codes from 1 (to 255), the page store's from 256 (to

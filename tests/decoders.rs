@@ -28,7 +28,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use walden::protocol::{
     decode, durability_from_wire, encode, Decoder, Direction, ErrorCode, Frame, FrameType,
-    IndeterminateReason, Limits, Problem, ProtocolError, Record, HEADER_LEN as FRAME_HEADER_LEN,
+    IndeterminateReason, Limits, Problem, ProtocolError, Record, SlotOp,
+    HEADER_LEN as FRAME_HEADER_LEN,
 };
 use walden::record::{self, Header, RecordError, HEADER_LEN, MAX_TOTAL_LEN};
 use walden::store::control::{ClusterState, ControlFile, CONTROL_SIZE, CONTROL_VERSION};
@@ -670,6 +671,16 @@ fn client_frame() -> BoxedStrategy<Frame> {
                 timeline,
             }
         }),
+        (
+            request_id(),
+            prop_oneof![Just(SlotOp::Create), Just(SlotOp::Drop)],
+            "[a-z0-9_]{1,63}"
+        )
+            .prop_map(|(request_id, op, name)| Frame::SlotCommand {
+                request_id,
+                op,
+                name,
+            }),
     ]
     .boxed()
 }
@@ -804,6 +815,10 @@ fn server_frame() -> BoxedStrategy<Frame> {
                 history,
             }
         ),
+        (request_id(), any::<u64>()).prop_map(|(request_id, l)| Frame::SlotResult {
+            request_id,
+            restart_lsn: Lsn(l),
+        }),
     ]
     .boxed()
 }
@@ -933,6 +948,8 @@ fn body_range(ty: FrameType) -> Option<(usize, usize)> {
         (Keepalive, 25, 25),
         (TimelineEnd, 16, 16),
         (HistoryData, 4, any),
+        (SlotCommand, 2, 64),
+        (SlotResult, 8, 8),
     ];
     table
         .into_iter()

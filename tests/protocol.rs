@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use walden::protocol::{
     decode, encode, encode_ack, encode_append, encode_indeterminate, encode_records,
     encode_wal_data, Decoder, Direction, ErrorCode, Frame, FrameType, IndeterminateReason, Limits,
-    Record, RecordRef, HEADER_LEN, MAX_NAME_LEN,
+    Record, RecordRef, SlotOp, HEADER_LEN, MAX_NAME_LEN,
 };
 use walden::{Durability, Kind, Lsn};
 
@@ -193,6 +193,20 @@ fn examples() -> Vec<Frame> {
         Frame::TimelineHistory {
             request_id: 11,
             timeline: 2,
+        },
+        Frame::SlotCommand {
+            request_id: 12,
+            op: SlotOp::Create,
+            name: "s1".into(),
+        },
+        Frame::SlotCommand {
+            request_id: 13,
+            op: SlotOp::Drop,
+            name: "a".repeat(MAX_NAME_LEN),
+        },
+        Frame::SlotResult {
+            request_id: 12,
+            restart_lsn: Lsn(0x100_0028),
         },
         Frame::StreamStart {
             request_id: 10,
@@ -503,10 +517,20 @@ fn replication_client_frame() -> impl Strategy<Value = Frame> {
                 }
             }
         ),
-        (id, timeline()).prop_map(|(request_id, timeline)| Frame::TimelineHistory {
+        (id.clone(), timeline()).prop_map(|(request_id, timeline)| Frame::TimelineHistory {
             request_id,
             timeline
         }),
+        (
+            id,
+            prop_oneof![Just(SlotOp::Create), Just(SlotOp::Drop)],
+            "[a-z0-9_]{1,63}"
+        )
+            .prop_map(|(request_id, op, name)| Frame::SlotCommand {
+                request_id,
+                op,
+                name
+            }),
     ]
 }
 
@@ -559,6 +583,10 @@ fn replication_server_frame() -> impl Strategy<Value = Frame> {
                 timeline,
                 history,
             }
+        }),
+        (id.clone(), any::<u64>()).prop_map(|(request_id, l)| Frame::SlotResult {
+            request_id,
+            restart_lsn: Lsn(l),
         }),
         (
             id,
@@ -924,8 +952,8 @@ fn each_error_maps_to_its_documented_code() {
         ("unassigned type", patch(append(1), 4, &[0x07]), ToServer, C::UNKNOWN_TYPE),
         ("unassigned page type", patch(append(1), 4, &[0x13]), ToServer, C::UNKNOWN_TYPE),
         ("a PageWrite too short", patch(append(1), 4, &[0x10]), ToServer, C::BAD_FRAME),
-        ("reserved replication type", patch(ack.clone(), 4, &[0xA5]), ToClient, C::UNKNOWN_TYPE),
-        ("reserved replication type to the server", patch(append(1), 4, &[0x23]), ToServer, C::UNKNOWN_TYPE),
+        ("unassigned type to the client", patch(ack.clone(), 4, &[0xB0]), ToClient, C::UNKNOWN_TYPE),
+        ("unassigned type to the server", patch(append(1), 4, &[0x30]), ToServer, C::UNKNOWN_TYPE),
         ("a server's frame sent to the server", ack.clone(), ToServer, C::UNKNOWN_TYPE),
         ("a client's frame sent to the client", append(1), ToClient, C::UNKNOWN_TYPE),
         ("flags", patch(append(1), 5, &[0x01]), ToServer, C::BAD_FRAME),
@@ -1146,6 +1174,11 @@ fn replication_checks_match_the_doc() {
         lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020)],
         end: Lsn(0x100_0040),
     });
+    let slot_command = frame_bytes(&Frame::SlotCommand {
+        request_id: 1,
+        op: SlotOp::Create,
+        name: "s1".into(),
+    });
     let long = |n: usize| vec![b'a'; n];
     // Offsets: StartReplication system id 16, timeline 24, flags 28, start
     // 32, term 40, slot length 48, name length 50, slot 52, name 54.
@@ -1190,6 +1223,17 @@ fn replication_checks_match_the_doc() {
         (patch(status.clone(), 48, &[2]), ToServer, "reply_requested is 2: expected 0 or 1"),
         (with_len(status[..status.len() - 1].to_vec()), ToServer,
          "StandbyStatus frame with a body of 32 bytes: expected 33"),
+        // SlotCommand: op 16, name 17
+        (patch(slot_command.clone(), 16, &[0]), ToServer,
+         "SlotCommand frame: invalid op 0: expected 1 (create) or 2 (drop)"),
+        (patch(slot_command.clone(), 16, &[3]), ToServer,
+         "SlotCommand frame: invalid op 3: expected 1 (create) or 2 (drop)"),
+        (patch(slot_command.clone(), 18, b"A"), ToServer,
+         "slot name has byte 0x41 at offset 1: only lower case letters, digits and the underscore are allowed"),
+        (with_len(slot_command[..17].to_vec()), ToServer,
+         "SlotCommand frame with a body of 1 bytes: expected 2 to 64"),
+        (with_len([slot_command[..17].to_vec(), long(MAX_NAME_LEN + 1)].concat()), ToServer,
+         "SlotCommand frame with a body of 65 bytes: expected 2 to 64"),
         // TimelineHistory
         (patch(history, 16, &[0]), ToServer,
          "TimelineHistory frame: timeline 0 does not exist (timelines start at 1)"),

@@ -541,3 +541,81 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum SlotCommand {
+    /// Create a physical replication slot reserving WAL from the current redo point.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// Slot name: lower case letters, digits and _, at most 63 bytes.
+        name: String,
+    },
+    /// Drop a replication slot (refused while a standby streams from it).
+    Drop {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+    },
+    /// List the replication slots, like pg_replication_slots.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print the JSON of /status's "slots".
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct SlotArgs {
+    #[command(subcommand)]
+    command: SlotCommand,
+}
+
+/// `walden slot create|drop|list`.
+pub fn slot(args: SlotArgs) -> anyhow::Result<()> {
+    use walden::protocol::SlotOp;
+    match args.command {
+        SlotCommand::Create { conn, name } => {
+            walden::replication::slots::validate_name(&name).map_err(anyhow::Error::msg)?;
+            let lsn = conn.connect()?.slot(SlotOp::Create, &name)?;
+            println!("created replication slot \"{name}\" (restart_lsn {lsn})");
+        }
+        SlotCommand::Drop { conn, name } => {
+            walden::replication::slots::validate_name(&name).map_err(anyhow::Error::msg)?;
+            conn.connect()?.slot(SlotOp::Drop, &name)?;
+            println!("dropped replication slot \"{name}\"");
+        }
+        SlotCommand::List { conn, json } => {
+            let (_, _, _, text) = conn.connect()?.status()?;
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let slots = v["slots"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::Value::Array(slots));
+                return Ok(());
+            }
+            let text = |x: &serde_json::Value| match x {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            println!(
+                "{:<20} {:<6} {:<18} {:<10} {:>14}",
+                "slot_name", "active", "restart_lsn", "wal_status", "safe_wal_size"
+            );
+            for s in &slots {
+                println!(
+                    "{:<20} {:<6} {:<18} {:<10} {:>14}",
+                    text(&s["slot_name"]),
+                    if s["active"] == true { "t" } else { "f" },
+                    text(&s["restart_lsn"]),
+                    text(&s["wal_status"]),
+                    text(&s["safe_wal_size"]),
+                );
+            }
+            println!("({} rows)", slots.len());
+        }
+    }
+    Ok(())
+}

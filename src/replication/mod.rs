@@ -13,6 +13,7 @@
 
 pub mod conninfo;
 pub mod quorum;
+pub mod slots;
 pub mod standby_names;
 pub mod syncrep;
 

@@ -107,6 +107,8 @@ pub(crate) struct ServerShared {
     pub shards_done: AtomicBool,
     /// On a standby: the walreceiver's state, for /status.
     pub receiver: Option<Arc<walreceiver::ReceiverStatus>>,
+    /// The replication slots (`DATA_DIR/slots`).
+    pub slots: Arc<crate::replication::slots::Slots>,
 }
 
 /// Settings a reload (SIGHUP) may change while the server runs. Each shard
@@ -273,8 +275,18 @@ impl Server {
                     .map_err(|e| ServerError::Standby(format!("primary_conninfo: {e}")))?,
             )
         };
+        // The slots before the store: its end-of-recovery checkpoint must
+        // already keep their WAL.
+        let slots = Arc::new(
+            crate::replication::slots::Slots::load(&cfg.data_dir, cfg.max_slot_wal_keep_size.0)
+                .map_err(ServerError::Standby)?,
+        );
+        let retention: crate::store::RetentionHook = {
+            let slots = Arc::clone(&slots);
+            Arc::new(move |insert| slots.retention(insert).map_err(|e| e.message))
+        };
         let store = match &standby {
-            None => Store::open_locked(cfg.clone(), progress, locks)?,
+            None => Store::open_locked(cfg.clone(), progress, locks, Some(retention))?,
             Some(info) => {
                 // A new standby takes its primary's system identifier.
                 let system_id =
@@ -320,6 +332,7 @@ impl Server {
             senders: std::sync::Mutex::new(Vec::new()),
             shards_done: AtomicBool::new(false),
             receiver: receiver_status.clone(),
+            slots,
             store,
             wal,
             cfg: cfg.clone(),
@@ -628,9 +641,30 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
             "data_checksums": c.data_checksum_version == 1,
         },
         "replication": replication_json(s),
+        "slots": slots_json(s),
         "settings": settings_json(s),
     })
     .to_string()
+}
+
+/// pg_replication_slots: one object per slot, PostgreSQL's column names.
+fn slots_json(s: &ServerShared) -> serde_json::Value {
+    let rows = s.slots.rows(s.wal.insert_lsn(), s.cfg.max_wal_size.0);
+    serde_json::Value::Array(
+        rows.into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "slot_name": r.slot_name,
+                    "slot_type": "physical",
+                    "active": r.active,
+                    "active_pid": r.active_pid,
+                    "restart_lsn": r.restart_lsn.to_string(),
+                    "wal_status": r.wal_status,
+                    "safe_wal_size": r.safe_wal_size,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn replication_snapshot(s: &ServerShared) -> crate::metrics::ReplicationSnapshot {
@@ -659,6 +693,12 @@ fn replication_snapshot(s: &ServerShared) -> crate::metrics::ReplicationSnapshot
         commits_waiting: rep.waiting.load(Relaxed),
         commits_degraded: rep.degraded.load(Relaxed),
         commits_indeterminate: rep.indeterminate.load(Relaxed),
+        slots: s
+            .slots
+            .rows(s.wal.insert_lsn(), s.cfg.max_wal_size.0)
+            .into_iter()
+            .map(|r| (r.slot_name, r.restart_lsn.0, r.wal_status == "lost"))
+            .collect(),
         receiver: s.receiver.as_ref().map(|r| {
             (
                 r.received_lsn.load(Relaxed),
@@ -806,6 +846,7 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
         synchronous_commit_timeout,
         synchronous_commit_timeout_action,
         max_wal_senders,
+        max_slot_wal_keep_size,
         wal_sender_timeout,
         primary_conninfo,
         primary_slot_name,
@@ -880,6 +921,14 @@ fn settings_shown(cfg: &Config) -> serde_json::Map<String, serde_json::Value> {
             serde_json::json!(synchronous_commit_timeout_action),
         ),
         ("max_wal_senders", Value::from(*max_wal_senders)),
+        // -1 (no limit) as a number, as the file writes it; a size in units.
+        (
+            "max_slot_wal_keep_size",
+            match max_slot_wal_keep_size.0 {
+                None => Value::from(-1),
+                Some(_) => unit(max_slot_wal_keep_size),
+            },
+        ),
         ("wal_sender_timeout", unit(wal_sender_timeout)),
         ("primary_conninfo", Value::from(primary_conninfo.as_str())),
         ("primary_slot_name", Value::from(primary_slot_name.as_str())),

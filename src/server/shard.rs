@@ -1127,6 +1127,38 @@ impl Shard<'_> {
             FrameRef::TimelineHistory { request_id, .. } => {
                 self.refuse_replication(id, st, request_id, FrameType::TimelineHistory)
             }
+            FrameRef::SlotCommand {
+                request_id,
+                op,
+                name,
+            } => {
+                if let Some(primary) = &self.shared.standby_of {
+                    let msg = format!(
+                        "this server is a standby of {primary}: replication slots are managed on the primary"
+                    );
+                    return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
+                }
+                // A small synchronous file write (tmp, fsync, rename, fsync
+                // of the directory) on the shard: slot commands are rare.
+                let slots = &self.shared.slots;
+                let res = match op {
+                    protocol::SlotOp::Create => {
+                        let at = self.shared.store.redo_lsn().max(wal.start_lsn());
+                        slots.create(name, at)
+                    }
+                    protocol::SlotOp::Drop => slots.drop_slot(name).map(|()| Lsn(0)),
+                };
+                match res {
+                    Ok(restart_lsn) => self.send_frame(
+                        id,
+                        &Frame::SlotResult {
+                            request_id,
+                            restart_lsn,
+                        },
+                    ),
+                    Err(e) => self.send_error(id, st, request_id, e.code, e.message),
+                }
+            }
             other => {
                 // The decoder only yields frames a client may send.
                 let msg = format!("unexpected frame {:?}", std::mem::discriminant(&other));

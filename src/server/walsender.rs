@@ -10,7 +10,12 @@
 //! Recent WAL is copied from the WAL ring (`Wal::read_recent`: no disk
 //! read); what the ring no longer holds is read from the segment files.
 //!
-//! What it is not (yet): slots, timelines other than 1.
+//! With a slot (`primary_slot_name`): the walsender is the slot's one
+//! user while it streams, each StandbyStatus moves the slot's restart LSN
+//! to the standby's flush LSN, and a slot that becomes lost (past
+//! `max_slot_wal_keep_size`) ends the stream with `SLOT_LOST`.
+//!
+//! What it is not (yet): timelines other than 1.
 
 use std::fs::File;
 use std::io::Write;
@@ -125,17 +130,31 @@ pub(crate) fn run(
             msg,
         );
     }
-    if !req.slot.is_empty() {
-        let msg = format!("replication slot \"{}\" does not exist", req.slot);
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_SLOT, msg);
+    // The walsender's id (its "PID" in /status and slot messages).
+    let id = syncrep.register(&req.application_name, peer.clone());
+    let refused = |stream, code, msg| {
+        syncrep.unregister(id);
+        refuse(stream, req.request_id, code, msg)
+    };
+    let slot = (!req.slot.is_empty()).then_some(req.slot.as_str());
+    if let Some(name) = slot {
+        if let Err(e) = shared.slots.acquire(name, id) {
+            return refused(stream, e.code, e.message);
+        }
     }
+    let release = || {
+        if let Some(name) = slot {
+            shared.slots.release(name, id);
+        }
+    };
     let flush = wal.flush_lsn();
     if req.start > flush {
         let msg = format!(
             "requested starting point {} is ahead of the WAL flush position of this server {flush}",
             req.start
         );
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+        release();
+        return refused(stream, ErrorCode::UNKNOWN_LSN, msg);
     }
     let oldest = wal.start_lsn();
     if req.start < oldest {
@@ -145,9 +164,12 @@ pub(crate) fn run(
              the standby needs a new base backup",
             segment_file_name(TIMELINE, req.start.segno(seg), seg)
         );
-        return refuse(stream, req.request_id, ErrorCode::UNKNOWN_LSN, msg);
+        release();
+        return refused(stream, ErrorCode::UNKNOWN_LSN, msg);
     }
     let Ok(reader_stream) = stream.try_clone() else {
+        release();
+        syncrep.unregister(id);
         return;
     };
     let timeout = shared
@@ -160,13 +182,13 @@ pub(crate) fn run(
     if !timeout.is_zero() {
         let _ = stream.set_write_timeout(Some(timeout));
     }
-    let id = syncrep.register(&req.application_name, peer.clone());
     tracing::info!(
         "standby \"{}\" ({peer}) connected: streaming from {} (primary flushed to {flush})",
         req.application_name,
         req.start
     );
     let Ok(wake) = EventFd::new().map(Arc::new) else {
+        release();
         syncrep.unregister(id);
         return;
     };
@@ -183,10 +205,20 @@ pub(crate) fn run(
             Arc::clone(&last_reply),
         );
         let name = req.application_name.clone();
+        let slot = slot.map(|s| (Arc::clone(&shared.slots), s.to_string(), Arc::clone(&wal)));
         std::thread::Builder::new()
             .name("walden-walsnd-r".into())
             .spawn(move || {
-                read_replies(reader_stream, id, &syncrep, &name, started, &last_reply);
+                let slot = slot.as_ref().map(|(s, n, w)| (&**s, n.as_str(), &**w));
+                read_replies(
+                    reader_stream,
+                    id,
+                    &syncrep,
+                    &name,
+                    started,
+                    &last_reply,
+                    slot,
+                );
                 gone.store(true, SeqCst);
                 wake.signal();
             })
@@ -216,6 +248,7 @@ pub(crate) fn run(
     if let Ok(h) = reader {
         let _ = h.join();
     }
+    release();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -266,6 +299,20 @@ fn stream_wal(
     loop {
         if gone.load(SeqCst) {
             return Ok(());
+        }
+        if !req.slot.is_empty() {
+            // Lost (past max_slot_wal_keep_size) while streaming: say so.
+            if let Err(e) = shared.slots.check(&req.slot) {
+                let _ = send(
+                    stream,
+                    &Frame::Error {
+                        request_id,
+                        code: e.code,
+                        message: e.message.clone(),
+                    },
+                );
+                return Err(e.message);
+            }
         }
         let flush = wal.flush_lsn();
         if sent < flush {
@@ -367,7 +414,8 @@ fn stream_wal(
 }
 
 /// Reads the standby's frames until it closes: StandbyStatus goes to
-/// [`SyncRep::report`]; Cancel ends the stream.
+/// [`SyncRep::report`] (and moves the slot, if any, to its flush LSN,
+/// never past the primary's); Cancel ends the stream.
 fn read_replies(
     mut stream: TcpStream,
     id: u64,
@@ -375,6 +423,7 @@ fn read_replies(
     name: &str,
     started: Instant,
     last_reply: &AtomicU64,
+    slot: Option<(&crate::replication::slots::Slots, &str, &crate::wal::Wal)>,
 ) {
     use std::io::Read;
     let limits = Limits::for_max_record_size(4096);
@@ -400,7 +449,13 @@ fn read_replies(
                             flush,
                             apply,
                             ..
-                        } => syncrep.report(id, write, flush, apply),
+                        } => {
+                            syncrep.report(id, write, flush, apply);
+                            if let Some((slots, slot, wal)) = slot {
+                                // A lost slot: the sender says so and ends.
+                                let _ = slots.advance(slot, flush.min(wal.flush_lsn()));
+                            }
+                        }
                         FrameRef::Cancel { .. } => return,
                         other => {
                             tracing::warn!(

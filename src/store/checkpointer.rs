@@ -488,7 +488,8 @@ fn run_checkpoint(
     sh.stats.last_checkpoint_lsn.store(a.lsn.0, Relaxed);
     sh.stats.last_redo_lsn.store(redo.0, Relaxed);
 
-    // 6. Release the WAL before the redo point.
+    // 6. Release the WAL before the redo point (what slots and
+    // wal_keep_size hold kept).
     let Released {
         distance,
         estimate,
@@ -545,6 +546,12 @@ fn release_wal(
     checkpoint: Lsn,
     checkpoint_end: Lsn,
 ) -> Result<Released> {
+    // Replication slots first: what they hold, and (durably) which of them
+    // are lost now.
+    let slot_floor = match &sh.retention {
+        None => Ok(None),
+        Some(hook) => hook(sh.wal.insert_lsn()),
+    };
     let (distance, estimate, release) = {
         let mut st = sh.ckpt.st.lock().unwrap();
         let distance = st.prev_redo.map_or(0, |p| redo.0.saturating_sub(p.0)) as f64;
@@ -572,6 +579,23 @@ fn release_wal(
                 .max()
                 .unwrap_or(start)
                 .max(start)
+        };
+        // A slot's restart LSN: cut at the newest known record start at or
+        // below it (keeping a little more), never past it.
+        let release = match slot_floor {
+            Ok(Some(floor)) if floor < release => st
+                .redo_history
+                .iter()
+                .copied()
+                .filter(|r| *r <= floor)
+                .max()
+                .unwrap_or(start)
+                .max(start),
+            Ok(_) => release,
+            Err(e) => {
+                tracing::error!("no WAL released: the replication slots could not be saved: {e}");
+                start
+            }
         };
         (distance, st.distance_estimate, release)
     };

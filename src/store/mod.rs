@@ -227,7 +227,15 @@ pub(crate) struct StoreShared {
     listeners: RwLock<Vec<Arc<EventFd>>>,
     /// A standby's replay state (`None` on a primary).
     pub replay: Option<standby::ReplayState>,
+    /// What else holds WAL (the server's replication slots).
+    pub retention: Option<RetentionHook>,
 }
+
+/// Called by each checkpoint, with the insert position, before it releases
+/// WAL: the oldest LSN something else (a replication slot) still needs, or
+/// `None`. The checkpoint releases nothing at or after it. `Err`: the
+/// checkpoint releases no WAL this time (and says why).
+pub type RetentionHook = Arc<dyn Fn(Lsn) -> std::result::Result<Option<Lsn>, String> + Send + Sync>;
 
 impl StoreShared {
     /// The redo point page writers decide full-page images against, and the
@@ -430,7 +438,7 @@ impl Store {
     pub fn open_with_progress(cfg: Config, progress: Arc<RecoveryProgress>) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let locks = DirLocks::for_store(&cfg)?;
-        Store::open_locked(cfg, progress, locks)
+        Store::open_locked(cfg, progress, locks, None)
     }
 
     /// The open itself, under the locks of [`DirLocks::for_store`] (the
@@ -443,12 +451,16 @@ impl Store {
     /// (`may_start`, below). A refused start must leave the directories as
     /// they were, or a second look (by a person, or a newer walden) finds
     /// less than was there.
+    ///
+    /// `retention`: asked by every checkpoint (the end-of-recovery one
+    /// included) before it releases WAL; see [`RetentionHook`].
     pub(crate) fn open_locked(
         cfg: Config,
         progress: Arc<RecoveryProgress>,
         locks: DirLocks,
+        retention: Option<RetentionHook>,
     ) -> Result<Store> {
-        Store::open_inner(cfg, progress, locks, None)
+        Store::open_inner(cfg, progress, locks, None, retention)
     }
 
     /// Opens (or creates) a standby's page store and its WAL (in the
@@ -484,15 +496,17 @@ impl Store {
         locks: DirLocks,
         system_id: Option<u64>,
     ) -> Result<Store> {
-        Store::open_inner(cfg, progress, locks, Some(system_id))
+        Store::open_inner(cfg, progress, locks, Some(system_id), None)
     }
 
     /// `standby`: `None` for a primary; `Some(system_id)` for a standby.
+    /// `retention`: see [`Store::open_locked`] (a standby has no slots).
     fn open_inner(
         cfg: Config,
         progress: Arc<RecoveryProgress>,
         locks: DirLocks,
         standby: Option<Option<u64>>,
+        retention: Option<RetentionHook>,
     ) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let is_standby = standby.is_some();
@@ -702,6 +716,7 @@ impl Store {
             } else {
                 None
             },
+            retention,
             control: Mutex::new(c),
             cfg,
         });
