@@ -23,7 +23,7 @@ use std::fmt;
 use crate::durability::Durability;
 use crate::lsn::Lsn;
 use crate::record::{Kind, ALIGN};
-use crate::store::page::PAGE_DATA;
+use crate::store::page::{MAX_BLOCKS, PAGE_DATA};
 
 /// The newest protocol version this build speaks.
 pub const VERSION: u16 = 1;
@@ -81,6 +81,7 @@ pub enum FrameType {
     StartReplication = 0x20,
     StandbyStatus = 0x21,
     TimelineHistory = 0x22,
+    BaseBackup = 0x24,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
@@ -95,11 +96,14 @@ pub enum FrameType {
     TimelineEnd = 0xA2,
     HistoryData = 0xA3,
     StreamStart = 0xA4,
+    BackupStart = 0xA6,
+    BackupPages = 0xA7,
+    BackupEnd = 0xA8,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 27] = [
+    pub const ALL: [FrameType; 31] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
@@ -112,6 +116,7 @@ impl FrameType {
         FrameType::StartReplication,
         FrameType::StandbyStatus,
         FrameType::TimelineHistory,
+        FrameType::BaseBackup,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
@@ -126,6 +131,9 @@ impl FrameType {
         FrameType::TimelineEnd,
         FrameType::HistoryData,
         FrameType::StreamStart,
+        FrameType::BackupStart,
+        FrameType::BackupPages,
+        FrameType::BackupEnd,
         FrameType::Error,
     ];
 
@@ -173,6 +181,10 @@ impl FrameType {
             TimelineEnd => (16, 16),
             HistoryData => (4, any),
             Indeterminate => (2 + 8 + 4 + 8, any),
+            BaseBackup => (4, 4 + MAX_LABEL_LEN),
+            BackupStart => (BACKUP_START_FIXED, any),
+            BackupPages => (8 + PAGE_SIZE, any),
+            BackupEnd => (8, 8),
         }
     }
 }
@@ -183,6 +195,16 @@ pub const MAX_NAME_LEN: usize = 63;
 /// StartReplication's body up to its two names: system id, timeline, flags,
 /// start, term and the two name lengths.
 const START_REPLICATION_FIXED: usize = 8 + 4 + 4 + 8 + 8 + 2 + 2;
+
+/// The longest BaseBackup label, in bytes (PostgreSQL's MAXPGPATH).
+pub const MAX_LABEL_LEN: usize = 1024;
+/// BackupStart's body up to its relations: system id, timeline, flags,
+/// segment size, checkpoint, redo, start time and the relation count.
+const BACKUP_START_FIXED: usize = 8 + 4 + 4 + 8 + 8 + 8 + 8 + 4;
+/// BackupStart flag: the page store has data checksums.
+pub const BACKUP_DATA_CHECKSUMS: u32 = 0x1;
+/// The size of a page as it is on disk and in BackupPages.
+pub const PAGE_SIZE: usize = crate::io::PAGE_SIZE;
 
 /// Why an Append (or PageWrite) ended Indeterminate: its records are
 /// written locally, but the level it asked for was not confirmed.
@@ -279,8 +301,11 @@ impl ErrorCode {
     pub const SLOT_LOST: ErrorCode = ErrorCode(517);
     /// The standby's WAL diverged from the server's; the message names where.
     pub const DIVERGED: ErrorCode = ErrorCode(518);
+    /// A base backup the server cannot take (it is a standby, or
+    /// `full_page_writes` is off); the message says which.
+    pub const BACKUP_REFUSED: ErrorCode = ErrorCode(519);
 
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -306,6 +331,7 @@ impl ErrorCode {
         ErrorCode::SLOT_ACTIVE,
         ErrorCode::SLOT_LOST,
         ErrorCode::DIVERGED,
+        ErrorCode::BACKUP_REFUSED,
     ];
 
     pub fn name(self) -> &'static str {
@@ -335,6 +361,7 @@ impl ErrorCode {
             ErrorCode::SLOT_ACTIVE => "SLOT_ACTIVE",
             ErrorCode::SLOT_LOST => "SLOT_LOST",
             ErrorCode::DIVERGED => "DIVERGED",
+            ErrorCode::BACKUP_REFUSED => "BACKUP_REFUSED",
             _ => "UNKNOWN",
         }
     }
@@ -504,6 +531,11 @@ pub enum Frame {
         request_id: u64,
         timeline: u32,
     },
+    /// Asks for a base backup (docs/protocol.md §4.13).
+    BaseBackup {
+        request_id: u64,
+        label: String,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -595,6 +627,33 @@ pub enum Frame {
         timeline: u32,
         history: Vec<u8>,
     },
+    /// The first answer to a BaseBackup: where recovery of the copy starts,
+    /// and every relation file with its length in blocks.
+    BackupStart {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        data_checksums: bool,
+        segment_size: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
+        /// Microseconds since the Unix epoch.
+        start_time: u64,
+        /// (relation, blocks), relations strictly increasing.
+        relations: Vec<(u32, u32)>,
+    },
+    /// Whole pages of one relation, as on disk, from `first_block` on.
+    BackupPages {
+        request_id: u64,
+        rel: u32,
+        first_block: u32,
+        pages: Vec<u8>,
+    },
+    /// The last frame of a backup: the WAL up to `end` makes it consistent.
+    BackupEnd {
+        request_id: u64,
+        end: Lsn,
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -672,6 +731,10 @@ pub enum FrameRef<'a> {
     TimelineHistory {
         request_id: u64,
         timeline: u32,
+    },
+    BaseBackup {
+        request_id: u64,
+        label: &'a str,
     },
     HelloOk {
         request_id: u64,
@@ -761,6 +824,27 @@ pub enum FrameRef<'a> {
         timeline: u32,
         history: &'a [u8],
     },
+    BackupStart {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        data_checksums: bool,
+        segment_size: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
+        start_time: u64,
+        relations: BackupRelations<'a>,
+    },
+    BackupPages {
+        request_id: u64,
+        rel: u32,
+        first_block: u32,
+        pages: &'a [u8],
+    },
+    BackupEnd {
+        request_id: u64,
+        end: Lsn,
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -797,6 +881,10 @@ impl Frame {
             | Frame::Keepalive { request_id, .. }
             | Frame::TimelineEnd { request_id, .. }
             | Frame::HistoryData { request_id, .. }
+            | Frame::BaseBackup { request_id, .. }
+            | Frame::BackupStart { request_id, .. }
+            | Frame::BackupPages { request_id, .. }
+            | Frame::BackupEnd { request_id, .. }
             | Frame::Error { request_id, .. } => request_id,
         }
     }
@@ -831,6 +919,10 @@ impl FrameRef<'_> {
             | FrameRef::Keepalive { request_id, .. }
             | FrameRef::TimelineEnd { request_id, .. }
             | FrameRef::HistoryData { request_id, .. }
+            | FrameRef::BaseBackup { request_id, .. }
+            | FrameRef::BackupStart { request_id, .. }
+            | FrameRef::BackupPages { request_id, .. }
+            | FrameRef::BackupEnd { request_id, .. }
             | FrameRef::Error { request_id, .. } => request_id,
         }
     }
@@ -1088,6 +1180,43 @@ impl FrameRef<'_> {
                 timeline,
                 history: history.to_vec(),
             },
+            FrameRef::BaseBackup { request_id, label } => Frame::BaseBackup {
+                request_id,
+                label: label.to_string(),
+            },
+            FrameRef::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations,
+            } => Frame::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations: relations.iter().collect(),
+            },
+            FrameRef::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages,
+            } => Frame::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages: pages.to_vec(),
+            },
+            FrameRef::BackupEnd { request_id, end } => Frame::BackupEnd { request_id, end },
             FrameRef::Error {
                 request_id,
                 code,
@@ -1347,6 +1476,47 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(history);
             finish(out, at);
         }
+        Frame::BaseBackup { request_id, label } => {
+            let at = begin(out, FrameType::BaseBackup, *request_id);
+            out.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined
+            out.extend_from_slice(label.as_bytes());
+            finish(out, at);
+        }
+        Frame::BackupStart {
+            request_id,
+            system_id,
+            timeline,
+            data_checksums,
+            segment_size,
+            checkpoint,
+            redo,
+            start_time,
+            relations,
+        } => {
+            let at = begin(out, FrameType::BackupStart, *request_id);
+            out.extend_from_slice(&system_id.to_le_bytes());
+            out.extend_from_slice(&timeline.to_le_bytes());
+            let flags = if *data_checksums { BACKUP_DATA_CHECKSUMS } else { 0 };
+            out.extend_from_slice(&flags.to_le_bytes());
+            for v in [*segment_size, checkpoint.0, redo.0, *start_time] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&len32(relations.len(), "relations").to_le_bytes());
+            for (rel, blocks) in relations {
+                out.extend_from_slice(&rel.to_le_bytes());
+                out.extend_from_slice(&blocks.to_le_bytes());
+            }
+            finish(out, at);
+        }
+        Frame::BackupPages {
+            request_id,
+            rel,
+            first_block,
+            pages,
+        } => encode_backup_pages(*request_id, *rel, *first_block, pages, out),
+        Frame::BackupEnd { request_id, end } => {
+            put_lsn_frame(out, FrameType::BackupEnd, *request_id, *end)
+        }
         Frame::Error {
             request_id,
             code,
@@ -1411,6 +1581,45 @@ pub fn encode_wal_data(
     }
     out.extend_from_slice(wal);
     finish(out, at);
+}
+
+/// BackupPages from borrowed page bytes (whole pages, as read from disk).
+pub fn encode_backup_pages(
+    request_id: u64,
+    rel: u32,
+    first_block: u32,
+    pages: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::BackupPages, request_id);
+    out.extend_from_slice(&rel.to_le_bytes());
+    out.extend_from_slice(&first_block.to_le_bytes());
+    out.extend_from_slice(pages);
+    finish(out, at);
+}
+
+/// The relations of a BackupStart, borrowed: (relation, blocks) pairs,
+/// checked by the decoder (relations strictly increasing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackupRelations<'a>(&'a [u8]);
+
+impl<'a> BackupRelations<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + 'a {
+        self.0.chunks_exact(8).map(|c| {
+            (
+                u32::from_le_bytes(c[..4].try_into().expect("4 bytes")),
+                u32::from_le_bytes(c[4..].try_into().expect("4 bytes")),
+            )
+        })
+    }
 }
 
 /// `end`, count, first LSN, then the steps: an Ack's body.
@@ -1674,6 +1883,18 @@ pub enum Problem {
     InvalidReached(u8),
     #[error("Indeterminate frame: invalid reason {0}: expected 1 to 6")]
     InvalidReason(u8),
+    #[error("BackupStart frame: flags {0:#010x} has bits other than 0x1 (data checksums)")]
+    BackupFlags(u32),
+    #[error("BackupStart frame: {count} relations need {need} bytes, {have} follow")]
+    BackupRelationCount { count: u32, need: u64, have: usize },
+    #[error("BackupStart frame: relation {rel} follows relation {prev}: relations must increase")]
+    BackupRelationOrder { prev: u32, rel: u32 },
+    #[error("BackupStart frame: relation {rel} has {blocks} blocks, more than {MAX_BLOCKS}")]
+    BackupRelationSize { rel: u32, blocks: u32 },
+    #[error("BackupPages frame: {len} bytes of pages is not a multiple of the {PAGE_SIZE}-byte page")]
+    PartialPage { len: usize },
+    #[error("BackupPages frame: {count} pages from block {first} end past block {MAX_BLOCKS}")]
+    PagesPastEnd { first: u32, count: usize },
 }
 
 fn expected(min: usize, max: usize) -> String {
@@ -2043,6 +2264,96 @@ fn decode_body<'a>(
             request_id,
             timeline: b.timeline()?,
             history: b.rest(),
+        },
+        FrameType::BaseBackup => {
+            let flags = b.u32("flags")?;
+            if flags != 0 {
+                return Err(Problem::NonZero {
+                    ty,
+                    field: "flags",
+                    value: flags,
+                });
+            }
+            FrameRef::BaseBackup {
+                request_id,
+                label: utf8(b.rest(), "backup label")?,
+            }
+        }
+        FrameType::BackupStart => {
+            let system_id = b.u64("system identifier")?;
+            let timeline = b.timeline()?;
+            let flags = b.u32("flags")?;
+            if flags & !BACKUP_DATA_CHECKSUMS != 0 {
+                return Err(Problem::BackupFlags(flags));
+            }
+            let segment_size = b.u64("segment size")?;
+            let checkpoint = b.lsn("checkpoint LSN")?;
+            let redo = b.lsn("redo LSN")?;
+            if redo.0 == 0 || redo.0 % ALIGN != 0 || checkpoint.0 % ALIGN != 0 {
+                return Err(Problem::BadLsn {
+                    ty,
+                    what: "redo and checkpoint LSNs must be record starts: non-zero and multiples of 8",
+                });
+            }
+            b.lsn_order(("checkpoint", checkpoint), ("redo", redo))?;
+            let start_time = b.u64("start time")?;
+            let count = b.u32("relation count")?;
+            let rest = b.rest();
+            let need = u64::from(count) * 8;
+            if need != rest.len() as u64 {
+                return Err(Problem::BackupRelationCount {
+                    count,
+                    need,
+                    have: rest.len(),
+                });
+            }
+            let relations = BackupRelations(rest);
+            let mut prev: Option<u32> = None;
+            for (rel, blocks) in relations.iter() {
+                if let Some(p) = prev.filter(|&p| rel <= p) {
+                    return Err(Problem::BackupRelationOrder { prev: p, rel });
+                }
+                if blocks > MAX_BLOCKS {
+                    return Err(Problem::BackupRelationSize { rel, blocks });
+                }
+                prev = Some(rel);
+            }
+            FrameRef::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums: flags & BACKUP_DATA_CHECKSUMS != 0,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations,
+            }
+        }
+        FrameType::BackupPages => {
+            let rel = b.u32("relation")?;
+            let first_block = b.u32("first block")?;
+            let pages = b.rest();
+            if pages.len() % PAGE_SIZE != 0 {
+                return Err(Problem::PartialPage { len: pages.len() });
+            }
+            let count = pages.len() / PAGE_SIZE;
+            if u64::from(first_block) + count as u64 > u64::from(MAX_BLOCKS) {
+                return Err(Problem::PagesPastEnd {
+                    first: first_block,
+                    count,
+                });
+            }
+            FrameRef::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages,
+            }
+        }
+        FrameType::BackupEnd => FrameRef::BackupEnd {
+            request_id,
+            end: b.lsn("end LSN")?,
         },
         FrameType::Error => FrameRef::Error {
             request_id,

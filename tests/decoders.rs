@@ -667,6 +667,7 @@ fn client_frame() -> BoxedStrategy<Frame> {
                 timeline,
             }
         }),
+        (request_id(), text()).prop_map(|(request_id, label)| Frame::BaseBackup { request_id, label }),
     ]
     .boxed()
 }
@@ -801,6 +802,39 @@ fn server_frame() -> BoxedStrategy<Frame> {
                 history,
             }
         ),
+        (
+            request_id(),
+            any::<[u64; 3]>(),
+            1u32..=u32::MAX,
+            any::<bool>(),
+            (1u64..1 << 40, 0u64..1000),
+            prop::collection::btree_map(any::<u32>(), 0u32..=1 << 30, 0..8)
+        )
+            .prop_map(|(request_id, v, timeline, data_checksums, (redo, gap), rels)| {
+                Frame::BackupStart {
+                    request_id,
+                    system_id: v[0],
+                    timeline,
+                    data_checksums,
+                    segment_size: v[1],
+                    checkpoint: Lsn((redo + gap) * 8),
+                    redo: Lsn(redo * 8),
+                    start_time: v[2],
+                    relations: rels.into_iter().collect(),
+                }
+            }),
+        (request_id(), any::<u32>(), 0u32..1000, 1usize..3, any::<u8>()).prop_map(
+            |(request_id, rel, first_block, n, b)| Frame::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages: vec![b; n * walden::protocol::PAGE_SIZE],
+            }
+        ),
+        (request_id(), any::<u64>()).prop_map(|(request_id, end)| Frame::BackupEnd {
+            request_id,
+            end: Lsn(end)
+        }),
     ]
     .boxed()
 }
@@ -930,6 +964,11 @@ fn body_range(ty: FrameType) -> Option<(usize, usize)> {
         (Keepalive, 25, 25),
         (TimelineEnd, 16, 16),
         (HistoryData, 4, any),
+        // The base backup frames (protocol.md §4.13, §5.16-5.18).
+        (BaseBackup, 4, 1028),
+        (BackupStart, 52, any),
+        (BackupPages, 8200, any),
+        (BackupEnd, 8, 8),
     ];
     table
         .into_iter()
