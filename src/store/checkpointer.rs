@@ -500,6 +500,11 @@ fn run_checkpoint(
                 .unwrap_or(start)
                 .max(start)
         };
+        // A base backup in progress keeps its WAL.
+        let release = match sh.wal_hold() {
+            Some(hold) => release.min(hold.max(start)),
+            None => release,
+        };
         (distance, st.distance_estimate, release)
     };
     let upto = recycle_upto(sh, redo, estimate);
