@@ -33,6 +33,8 @@ enum Command {
     Page(tools::page_cli::PageArgs),
     /// Run an immediate checkpoint, like PostgreSQL's CHECKPOINT.
     Checkpoint(tools::page_cli::CheckpointArgs),
+    /// Copy a running primary's page store and WAL into a new directory, like pg_basebackup.
+    Basebackup(tools::basebackup::BasebackupArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
     /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
@@ -73,6 +75,7 @@ fn main() {
         Command::Status(args) => tools::client_cli::status(args),
         Command::Page(args) => tools::page_cli::run(args),
         Command::Checkpoint(args) => tools::page_cli::checkpoint(args),
+        Command::Basebackup(args) => tools::basebackup::run(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),
