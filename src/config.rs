@@ -640,6 +640,28 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Applies the settings of a configuration file over these (as
+    /// PostgreSQL reads postgresql.auto.conf after postgresql.conf): what
+    /// the file does not name keeps its value.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parse_error = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let over: toml::Table =
+            toml::from_str(&normalize_file(&text)).map_err(|e| parse_error(e.to_string()))?;
+        let mut table = toml::Table::try_from(&*self).expect("config serializes");
+        table.extend(over);
+        *self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
+        self.validate()
+    }
+
     /// Applies one `name=value` override (as `postgres -c name=value`).
     pub fn set(&mut self, assignment: &str) -> Result<(), ConfigError> {
         let mut table = toml::Table::try_from(&*self).expect("config serializes");

@@ -35,6 +35,8 @@ enum Command {
     Checkpoint(tools::page_cli::CheckpointArgs),
     /// Create, drop or list replication slots (pg_create_physical_replication_slot, pg_replication_slots).
     Slot(tools::client_cli::SlotArgs),
+    /// Copy a running primary's page store and WAL into a new directory, like pg_basebackup.
+    Basebackup(tools::basebackup::BasebackupArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
     /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
@@ -76,6 +78,7 @@ fn main() {
         Command::Page(args) => tools::page_cli::run(args),
         Command::Checkpoint(args) => tools::page_cli::checkpoint(args),
         Command::Slot(args) => tools::client_cli::slot(args),
+        Command::Basebackup(args) => tools::basebackup::run(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),

@@ -23,7 +23,7 @@ use std::fmt;
 use crate::durability::Durability;
 use crate::lsn::Lsn;
 use crate::record::{Kind, ALIGN};
-use crate::store::page::PAGE_DATA;
+use crate::store::page::{MAX_BLOCKS, PAGE_DATA};
 
 /// The newest protocol version this build speaks.
 pub const VERSION: u16 = 1;
@@ -82,6 +82,7 @@ pub enum FrameType {
     StandbyStatus = 0x21,
     TimelineHistory = 0x22,
     SlotCommand = 0x23,
+    BaseBackup = 0x24,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
@@ -97,11 +98,14 @@ pub enum FrameType {
     HistoryData = 0xA3,
     StreamStart = 0xA4,
     SlotResult = 0xA5,
+    BackupStart = 0xA6,
+    BackupPages = 0xA7,
+    BackupEnd = 0xA8,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 29] = [
+    pub const ALL: [FrameType; 33] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
@@ -115,6 +119,7 @@ impl FrameType {
         FrameType::StandbyStatus,
         FrameType::TimelineHistory,
         FrameType::SlotCommand,
+        FrameType::BaseBackup,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
@@ -130,6 +135,9 @@ impl FrameType {
         FrameType::HistoryData,
         FrameType::StreamStart,
         FrameType::SlotResult,
+        FrameType::BackupStart,
+        FrameType::BackupPages,
+        FrameType::BackupEnd,
         FrameType::Error,
     ];
 
@@ -179,6 +187,10 @@ impl FrameType {
             SlotCommand => (1 + 1, 1 + MAX_NAME_LEN),
             SlotResult => (8, 8),
             Indeterminate => (2 + 8 + 4 + 8, any),
+            BaseBackup => (4, 4 + MAX_LABEL_LEN),
+            BackupStart => (BACKUP_START_FIXED, any),
+            BackupPages => (8 + PAGE_SIZE, any),
+            BackupEnd => (8, 8),
         }
     }
 }
@@ -209,6 +221,15 @@ impl SlotOp {
         }
     }
 }
+/// The longest BaseBackup label, in bytes (PostgreSQL's MAXPGPATH).
+pub const MAX_LABEL_LEN: usize = 1024;
+/// BackupStart's body up to its relations: system id, timeline, flags,
+/// segment size, checkpoint, redo, start time and the relation count.
+const BACKUP_START_FIXED: usize = 8 + 4 + 4 + 8 + 8 + 8 + 8 + 4;
+/// BackupStart flag: the page store has data checksums.
+pub const BACKUP_DATA_CHECKSUMS: u32 = 0x1;
+/// The size of a page as it is on disk and in BackupPages.
+pub const PAGE_SIZE: usize = crate::io::PAGE_SIZE;
 
 /// Why an Append (or PageWrite) ended Indeterminate: its records are
 /// written locally, but the level it asked for was not confirmed.
@@ -307,8 +328,11 @@ impl ErrorCode {
     pub const DIVERGED: ErrorCode = ErrorCode(518);
     /// A SlotCommand creating a slot that exists.
     pub const SLOT_EXISTS: ErrorCode = ErrorCode(519);
+    /// A base backup the server cannot take (it is a standby, or
+    /// `full_page_writes` is off); the message says which.
+    pub const BACKUP_REFUSED: ErrorCode = ErrorCode(520);
 
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -335,6 +359,7 @@ impl ErrorCode {
         ErrorCode::SLOT_LOST,
         ErrorCode::DIVERGED,
         ErrorCode::SLOT_EXISTS,
+        ErrorCode::BACKUP_REFUSED,
     ];
 
     pub fn name(self) -> &'static str {
@@ -365,6 +390,7 @@ impl ErrorCode {
             ErrorCode::SLOT_LOST => "SLOT_LOST",
             ErrorCode::DIVERGED => "DIVERGED",
             ErrorCode::SLOT_EXISTS => "SLOT_EXISTS",
+            ErrorCode::BACKUP_REFUSED => "BACKUP_REFUSED",
             _ => "UNKNOWN",
         }
     }
@@ -547,6 +573,11 @@ pub enum Frame {
         request_id: u64,
         restart_lsn: Lsn,
     },
+    /// Asks for a base backup (docs/protocol.md §4.13).
+    BaseBackup {
+        request_id: u64,
+        label: String,
+    },
     HelloOk {
         request_id: u64,
         version: u16,
@@ -638,6 +669,33 @@ pub enum Frame {
         timeline: u32,
         history: Vec<u8>,
     },
+    /// The first answer to a BaseBackup: where recovery of the copy starts,
+    /// and every relation file with its length in blocks.
+    BackupStart {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        data_checksums: bool,
+        segment_size: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
+        /// Microseconds since the Unix epoch.
+        start_time: u64,
+        /// (relation, blocks), relations strictly increasing.
+        relations: Vec<(u32, u32)>,
+    },
+    /// Whole pages of one relation, as on disk, from `first_block` on.
+    BackupPages {
+        request_id: u64,
+        rel: u32,
+        first_block: u32,
+        pages: Vec<u8>,
+    },
+    /// The last frame of a backup: the WAL up to `end` makes it consistent.
+    BackupEnd {
+        request_id: u64,
+        end: Lsn,
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -724,6 +782,10 @@ pub enum FrameRef<'a> {
     SlotResult {
         request_id: u64,
         restart_lsn: Lsn,
+    },
+    BaseBackup {
+        request_id: u64,
+        label: &'a str,
     },
     HelloOk {
         request_id: u64,
@@ -813,6 +875,27 @@ pub enum FrameRef<'a> {
         timeline: u32,
         history: &'a [u8],
     },
+    BackupStart {
+        request_id: u64,
+        system_id: u64,
+        timeline: u32,
+        data_checksums: bool,
+        segment_size: u64,
+        checkpoint: Lsn,
+        redo: Lsn,
+        start_time: u64,
+        relations: BackupRelations<'a>,
+    },
+    BackupPages {
+        request_id: u64,
+        rel: u32,
+        first_block: u32,
+        pages: &'a [u8],
+    },
+    BackupEnd {
+        request_id: u64,
+        end: Lsn,
+    },
     Error {
         request_id: u64,
         code: ErrorCode,
@@ -851,6 +934,10 @@ impl Frame {
             | Frame::Keepalive { request_id, .. }
             | Frame::TimelineEnd { request_id, .. }
             | Frame::HistoryData { request_id, .. }
+            | Frame::BaseBackup { request_id, .. }
+            | Frame::BackupStart { request_id, .. }
+            | Frame::BackupPages { request_id, .. }
+            | Frame::BackupEnd { request_id, .. }
             | Frame::Error { request_id, .. } => request_id,
         }
     }
@@ -887,6 +974,10 @@ impl FrameRef<'_> {
             | FrameRef::Keepalive { request_id, .. }
             | FrameRef::TimelineEnd { request_id, .. }
             | FrameRef::HistoryData { request_id, .. }
+            | FrameRef::BaseBackup { request_id, .. }
+            | FrameRef::BackupStart { request_id, .. }
+            | FrameRef::BackupPages { request_id, .. }
+            | FrameRef::BackupEnd { request_id, .. }
             | FrameRef::Error { request_id, .. } => request_id,
         }
     }
@@ -1160,6 +1251,43 @@ impl FrameRef<'_> {
                 timeline,
                 history: history.to_vec(),
             },
+            FrameRef::BaseBackup { request_id, label } => Frame::BaseBackup {
+                request_id,
+                label: label.to_string(),
+            },
+            FrameRef::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations,
+            } => Frame::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations: relations.iter().collect(),
+            },
+            FrameRef::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages,
+            } => Frame::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages: pages.to_vec(),
+            },
+            FrameRef::BackupEnd { request_id, end } => Frame::BackupEnd { request_id, end },
             FrameRef::Error {
                 request_id,
                 code,
@@ -1437,6 +1565,47 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(history);
             finish(out, at);
         }
+        Frame::BaseBackup { request_id, label } => {
+            let at = begin(out, FrameType::BaseBackup, *request_id);
+            out.extend_from_slice(&0u32.to_le_bytes()); // flags: none defined
+            out.extend_from_slice(label.as_bytes());
+            finish(out, at);
+        }
+        Frame::BackupStart {
+            request_id,
+            system_id,
+            timeline,
+            data_checksums,
+            segment_size,
+            checkpoint,
+            redo,
+            start_time,
+            relations,
+        } => {
+            let at = begin(out, FrameType::BackupStart, *request_id);
+            out.extend_from_slice(&system_id.to_le_bytes());
+            out.extend_from_slice(&timeline.to_le_bytes());
+            let flags = if *data_checksums { BACKUP_DATA_CHECKSUMS } else { 0 };
+            out.extend_from_slice(&flags.to_le_bytes());
+            for v in [*segment_size, checkpoint.0, redo.0, *start_time] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&len32(relations.len(), "relations").to_le_bytes());
+            for (rel, blocks) in relations {
+                out.extend_from_slice(&rel.to_le_bytes());
+                out.extend_from_slice(&blocks.to_le_bytes());
+            }
+            finish(out, at);
+        }
+        Frame::BackupPages {
+            request_id,
+            rel,
+            first_block,
+            pages,
+        } => encode_backup_pages(*request_id, *rel, *first_block, pages, out),
+        Frame::BackupEnd { request_id, end } => {
+            put_lsn_frame(out, FrameType::BackupEnd, *request_id, *end)
+        }
         Frame::Error {
             request_id,
             code,
@@ -1501,6 +1670,45 @@ pub fn encode_wal_data(
     }
     out.extend_from_slice(wal);
     finish(out, at);
+}
+
+/// BackupPages from borrowed page bytes (whole pages, as read from disk).
+pub fn encode_backup_pages(
+    request_id: u64,
+    rel: u32,
+    first_block: u32,
+    pages: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let at = begin(out, FrameType::BackupPages, request_id);
+    out.extend_from_slice(&rel.to_le_bytes());
+    out.extend_from_slice(&first_block.to_le_bytes());
+    out.extend_from_slice(pages);
+    finish(out, at);
+}
+
+/// The relations of a BackupStart, borrowed: (relation, blocks) pairs,
+/// checked by the decoder (relations strictly increasing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackupRelations<'a>(&'a [u8]);
+
+impl<'a> BackupRelations<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + 'a {
+        self.0.chunks_exact(8).map(|c| {
+            (
+                u32::from_le_bytes(c[..4].try_into().expect("4 bytes")),
+                u32::from_le_bytes(c[4..].try_into().expect("4 bytes")),
+            )
+        })
+    }
 }
 
 /// `end`, count, first LSN, then the steps: an Ack's body.
@@ -1766,6 +1974,18 @@ pub enum Problem {
     InvalidReason(u8),
     #[error("SlotCommand frame: invalid op {0}: expected 1 (create) or 2 (drop)")]
     InvalidSlotOp(u8),
+    #[error("BackupStart frame: flags {0:#010x} has bits other than 0x1 (data checksums)")]
+    BackupFlags(u32),
+    #[error("BackupStart frame: {count} relations need {need} bytes, {have} follow")]
+    BackupRelationCount { count: u32, need: u64, have: usize },
+    #[error("BackupStart frame: relation {rel} follows relation {prev}: relations must increase")]
+    BackupRelationOrder { prev: u32, rel: u32 },
+    #[error("BackupStart frame: relation {rel} has {blocks} blocks, more than {MAX_BLOCKS}")]
+    BackupRelationSize { rel: u32, blocks: u32 },
+    #[error("BackupPages frame: {len} bytes of pages is not a multiple of the {PAGE_SIZE}-byte page")]
+    PartialPage { len: usize },
+    #[error("BackupPages frame: {count} pages from block {first} end past block {MAX_BLOCKS}")]
+    PagesPastEnd { first: u32, count: usize },
 }
 
 fn expected(min: usize, max: usize) -> String {
@@ -2155,6 +2375,96 @@ fn decode_body<'a>(
             request_id,
             timeline: b.timeline()?,
             history: b.rest(),
+        },
+        FrameType::BaseBackup => {
+            let flags = b.u32("flags")?;
+            if flags != 0 {
+                return Err(Problem::NonZero {
+                    ty,
+                    field: "flags",
+                    value: flags,
+                });
+            }
+            FrameRef::BaseBackup {
+                request_id,
+                label: utf8(b.rest(), "backup label")?,
+            }
+        }
+        FrameType::BackupStart => {
+            let system_id = b.u64("system identifier")?;
+            let timeline = b.timeline()?;
+            let flags = b.u32("flags")?;
+            if flags & !BACKUP_DATA_CHECKSUMS != 0 {
+                return Err(Problem::BackupFlags(flags));
+            }
+            let segment_size = b.u64("segment size")?;
+            let checkpoint = b.lsn("checkpoint LSN")?;
+            let redo = b.lsn("redo LSN")?;
+            if redo.0 == 0 || redo.0 % ALIGN != 0 || checkpoint.0 % ALIGN != 0 {
+                return Err(Problem::BadLsn {
+                    ty,
+                    what: "redo and checkpoint LSNs must be record starts: non-zero and multiples of 8",
+                });
+            }
+            b.lsn_order(("checkpoint", checkpoint), ("redo", redo))?;
+            let start_time = b.u64("start time")?;
+            let count = b.u32("relation count")?;
+            let rest = b.rest();
+            let need = u64::from(count) * 8;
+            if need != rest.len() as u64 {
+                return Err(Problem::BackupRelationCount {
+                    count,
+                    need,
+                    have: rest.len(),
+                });
+            }
+            let relations = BackupRelations(rest);
+            let mut prev: Option<u32> = None;
+            for (rel, blocks) in relations.iter() {
+                if let Some(p) = prev.filter(|&p| rel <= p) {
+                    return Err(Problem::BackupRelationOrder { prev: p, rel });
+                }
+                if blocks > MAX_BLOCKS {
+                    return Err(Problem::BackupRelationSize { rel, blocks });
+                }
+                prev = Some(rel);
+            }
+            FrameRef::BackupStart {
+                request_id,
+                system_id,
+                timeline,
+                data_checksums: flags & BACKUP_DATA_CHECKSUMS != 0,
+                segment_size,
+                checkpoint,
+                redo,
+                start_time,
+                relations,
+            }
+        }
+        FrameType::BackupPages => {
+            let rel = b.u32("relation")?;
+            let first_block = b.u32("first block")?;
+            let pages = b.rest();
+            if pages.len() % PAGE_SIZE != 0 {
+                return Err(Problem::PartialPage { len: pages.len() });
+            }
+            let count = pages.len() / PAGE_SIZE;
+            if u64::from(first_block) + count as u64 > u64::from(MAX_BLOCKS) {
+                return Err(Problem::PagesPastEnd {
+                    first: first_block,
+                    count,
+                });
+            }
+            FrameRef::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages,
+            }
+        }
+        FrameType::BackupEnd => FrameRef::BackupEnd {
+            request_id,
+            end: b.lsn("end LSN")?,
         },
         FrameType::Error => FrameRef::Error {
             request_id,

@@ -681,6 +681,7 @@ fn client_frame() -> BoxedStrategy<Frame> {
                 op,
                 name,
             }),
+        (request_id(), text()).prop_map(|(request_id, label)| Frame::BaseBackup { request_id, label }),
     ]
     .boxed()
 }
@@ -819,6 +820,39 @@ fn server_frame() -> BoxedStrategy<Frame> {
             request_id,
             restart_lsn: Lsn(l),
         }),
+        (
+            request_id(),
+            any::<[u64; 3]>(),
+            1u32..=u32::MAX,
+            any::<bool>(),
+            (1u64..1 << 40, 0u64..1000),
+            prop::collection::btree_map(any::<u32>(), 0u32..=1 << 30, 0..8)
+        )
+            .prop_map(|(request_id, v, timeline, data_checksums, (redo, gap), rels)| {
+                Frame::BackupStart {
+                    request_id,
+                    system_id: v[0],
+                    timeline,
+                    data_checksums,
+                    segment_size: v[1],
+                    checkpoint: Lsn((redo + gap) * 8),
+                    redo: Lsn(redo * 8),
+                    start_time: v[2],
+                    relations: rels.into_iter().collect(),
+                }
+            }),
+        (request_id(), any::<u32>(), 0u32..1000, 1usize..3, any::<u8>()).prop_map(
+            |(request_id, rel, first_block, n, b)| Frame::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages: vec![b; n * walden::protocol::PAGE_SIZE],
+            }
+        ),
+        (request_id(), any::<u64>()).prop_map(|(request_id, end)| Frame::BackupEnd {
+            request_id,
+            end: Lsn(end)
+        }),
     ]
     .boxed()
 }
@@ -950,6 +984,11 @@ fn body_range(ty: FrameType) -> Option<(usize, usize)> {
         (HistoryData, 4, any),
         (SlotCommand, 2, 64),
         (SlotResult, 8, 8),
+        // The base backup frames (protocol.md §4.13, §5.16-5.18).
+        (BaseBackup, 4, 1028),
+        (BackupStart, 52, any),
+        (BackupPages, 8200, any),
+        (BackupEnd, 8, 8),
     ];
     table
         .into_iter()

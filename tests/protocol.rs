@@ -5,9 +5,10 @@
 
 use proptest::prelude::*;
 use walden::protocol::{
-    decode, encode, encode_ack, encode_append, encode_indeterminate, encode_records,
-    encode_wal_data, Decoder, Direction, ErrorCode, Frame, FrameType, IndeterminateReason, Limits,
-    Record, RecordRef, SlotOp, HEADER_LEN, MAX_NAME_LEN,
+    decode, encode, encode_ack, encode_append, encode_backup_pages, encode_indeterminate,
+    encode_records, encode_wal_data, Decoder, Direction, ErrorCode, Frame, FrameType,
+    IndeterminateReason, Limits, Record, RecordRef, SlotOp, HEADER_LEN, MAX_LABEL_LEN, MAX_NAME_LEN,
+    PAGE_SIZE,
 };
 use walden::{Durability, Kind, Lsn};
 
@@ -246,6 +247,46 @@ fn examples() -> Vec<Frame> {
             reason: IndeterminateReason::QuorumTimeout,
             lsns: vec![Lsn(0x100_0000), Lsn(0x100_0020)],
             end: Lsn(0x100_0040),
+        },
+        Frame::BaseBackup {
+            request_id: 12,
+            label: "nightly ✓".into(),
+        },
+        Frame::BaseBackup {
+            request_id: 12,
+            label: String::new(),
+        },
+        Frame::BackupStart {
+            request_id: 12,
+            system_id: 0x7312_3456_789A_BCDE,
+            timeline: 1,
+            data_checksums: true,
+            segment_size: 16 << 20,
+            checkpoint: Lsn(0x100_0090),
+            redo: Lsn(0x100_0070),
+            start_time: 1_765_000_000_000_000,
+            relations: vec![(1, 3), (7, 0), (u32::MAX, 1 << 30)],
+        },
+        Frame::BackupStart {
+            request_id: 12,
+            system_id: 0,
+            timeline: u32::MAX,
+            data_checksums: false,
+            segment_size: 0,
+            checkpoint: Lsn(8),
+            redo: Lsn(8),
+            start_time: 0,
+            relations: vec![],
+        },
+        Frame::BackupPages {
+            request_id: 12,
+            rel: 7,
+            first_block: 2,
+            pages: vec![0x5A; 2 * PAGE_SIZE],
+        },
+        Frame::BackupEnd {
+            request_id: 12,
+            end: Lsn(0x100_00A4),
         },
         Frame::Error {
             request_id: 0,
@@ -522,7 +563,7 @@ fn replication_client_frame() -> impl Strategy<Value = Frame> {
             timeline
         }),
         (
-            id,
+            id.clone(),
             prop_oneof![Just(SlotOp::Create), Just(SlotOp::Drop)],
             "[a-z0-9_]{1,63}"
         )
@@ -531,6 +572,49 @@ fn replication_client_frame() -> impl Strategy<Value = Frame> {
                 op,
                 name
             }),
+        (id, prop_oneof![text(), "[a-z ]{1000,1024}"]).prop_map(|(request_id, label)| {
+            Frame::BaseBackup { request_id, label }
+        }),
+    ]
+}
+
+fn backup_server_frame() -> impl Strategy<Value = Frame> {
+    let id = 1..u64::MAX;
+    prop_oneof![
+        (
+            id.clone(),
+            any::<[u64; 3]>(),
+            timeline(),
+            any::<bool>(),
+            aligned_lsn(),
+            0u64..1 << 20,
+            prop::collection::btree_map(any::<u32>(), 0u32..=1 << 30, 0..20)
+        )
+            .prop_map(|(request_id, v, timeline, data_checksums, redo, gap, rels)| {
+                Frame::BackupStart {
+                    request_id,
+                    system_id: v[0],
+                    timeline,
+                    data_checksums,
+                    segment_size: v[1],
+                    checkpoint: Lsn(redo.0.saturating_add(gap * 8).min(u64::MAX - 7)),
+                    redo,
+                    start_time: v[2],
+                    relations: rels.into_iter().collect(),
+                }
+            }),
+        (id.clone(), any::<u32>(), 0u32..(1 << 30) - 4, 1usize..4, any::<u8>()).prop_map(
+            |(request_id, rel, first_block, n, b)| Frame::BackupPages {
+                request_id,
+                rel,
+                first_block,
+                pages: vec![b; n * PAGE_SIZE],
+            }
+        ),
+        (id, any::<u64>()).prop_map(|(request_id, end)| Frame::BackupEnd {
+            request_id,
+            end: Lsn(end)
+        }),
     ]
 }
 
@@ -674,6 +758,7 @@ fn server_frame() -> impl Strategy<Value = Frame> {
             message,
         }),
         6 => replication_server_frame(),
+        2 => backup_server_frame(),
     ]
 }
 
@@ -813,7 +898,7 @@ proptest! {
     /// encoders give the same bytes as `encode`.
     #[test]
     fn replication_frames_round_trip(
-        frame in prop_oneof![replication_client_frame(), replication_server_frame()],
+        frame in prop_oneof![replication_client_frame(), replication_server_frame(), backup_server_frame()],
     ) {
         prop_assert_eq!(round_trip(&frame), frame.clone());
         let mut fast = Vec::new();
@@ -823,6 +908,9 @@ proptest! {
             }
             Frame::Indeterminate { request_id, reached, reason, lsns, end } => {
                 encode_indeterminate(*request_id, *reached, *reason, lsns, *end, &mut fast);
+            }
+            Frame::BackupPages { request_id, rel, first_block, pages } => {
+                encode_backup_pages(*request_id, *rel, *first_block, pages, &mut fast);
             }
             _ => return Ok(()),
         }
@@ -1290,4 +1378,99 @@ fn replication_checks_match_the_doc() {
         );
         assert!(e.closes_connection(), "{want}");
     }
+}
+
+/// Every check the decoder makes on a base backup frame (docs/protocol.md
+/// §4.13, §5.16-5.18, §7), with its message. Each case is a valid frame
+/// with one field broken.
+#[test]
+fn backup_checks_match_the_doc() {
+    use Direction::{ToClient, ToServer};
+    let limits = Limits::default();
+    let request = frame_bytes(&Frame::BaseBackup {
+        request_id: 1,
+        label: "ab".into(),
+    });
+    let start = frame_bytes(&Frame::BackupStart {
+        request_id: 1,
+        system_id: 42,
+        timeline: 1,
+        data_checksums: true,
+        segment_size: 1 << 20,
+        checkpoint: Lsn(0x100_0090),
+        redo: Lsn(0x100_0070),
+        start_time: 0,
+        relations: vec![(1, 3), (7, 0)],
+    });
+    let pages = frame_bytes(&Frame::BackupPages {
+        request_id: 1,
+        rel: 1,
+        first_block: 0,
+        pages: vec![0; 2 * PAGE_SIZE],
+    });
+    let end = frame_bytes(&Frame::BackupEnd {
+        request_id: 1,
+        end: Lsn(0x100_00A0),
+    });
+    // Offsets: BaseBackup flags 16, label 20. BackupStart system id 16,
+    // timeline 24, flags 28, segment size 32, checkpoint 40, redo 48,
+    // start time 56, count 64, relations 68. BackupPages relation 16,
+    // first block 20, pages 24. BackupEnd end 16.
+    #[rustfmt::skip]
+    let cases: Vec<(Vec<u8>, Direction, &str)> = vec![
+        // BaseBackup
+        (patch(request.clone(), 16, &[1]), ToServer, "BaseBackup frame: flags is 0x00000001, must be 0"),
+        (patch(request.clone(), 20, &[0xC3]), ToServer, "backup label is not valid UTF-8"),
+        (with_len([request[..20].to_vec(), vec![b'a'; MAX_LABEL_LEN + 1]].concat()), ToServer,
+         "BaseBackup frame with a body of 1029 bytes: expected 4 to 1028"),
+        (with_len(request[..19].to_vec()), ToServer,
+         "BaseBackup frame with a body of 3 bytes: expected 4 to 1028"),
+        // BackupStart
+        (patch(start.clone(), 24, &[0]), ToClient,
+         "BackupStart frame: timeline 0 does not exist (timelines start at 1)"),
+        (patch(start.clone(), 28, &[2]), ToClient,
+         "BackupStart frame: flags 0x00000002 has bits other than 0x1 (data checksums)"),
+        (patch(start.clone(), 48, &[0; 8]), ToClient,
+         "BackupStart frame: redo and checkpoint LSNs must be record starts: non-zero and multiples of 8"),
+        (patch(start.clone(), 48, &[0x74]), ToClient,
+         "BackupStart frame: redo and checkpoint LSNs must be record starts: non-zero and multiples of 8"),
+        (patch(start.clone(), 40, &[0x94]), ToClient,
+         "BackupStart frame: redo and checkpoint LSNs must be record starts: non-zero and multiples of 8"),
+        (patch(start.clone(), 40, &[0x68]), ToClient,
+         "BackupStart frame: redo LSN 0/1000070 is past checkpoint LSN 0/1000068"),
+        (patch(start.clone(), 64, &[3]), ToClient,
+         "BackupStart frame: 3 relations need 24 bytes, 16 follow"),
+        (with_len([start.clone(), vec![0; 4]].concat()), ToClient,
+         "BackupStart frame: 2 relations need 16 bytes, 20 follow"),
+        (patch(start.clone(), 76, &[1]), ToClient,
+         "BackupStart frame: relation 1 follows relation 1: relations must increase"),
+        (patch(start.clone(), 72, &[1, 0, 0, 0x40]), ToClient,
+         "BackupStart frame: relation 1 has 1073741825 blocks, more than 1073741824"),
+        (with_len(start[..67].to_vec()), ToClient,
+         "BackupStart frame with a body of 51 bytes: expected at least 52"),
+        // BackupPages
+        (with_len(pages[..pages.len() - 1].to_vec()), ToClient,
+         "BackupPages frame: 16383 bytes of pages is not a multiple of the 8192-byte page"),
+        (patch(pages.clone(), 20, &[0xFF, 0xFF, 0xFF, 0x3F]), ToClient,
+         "BackupPages frame: 2 pages from block 1073741823 end past block 1073741824"),
+        (with_len(pages[..124].to_vec()), ToClient,
+         "BackupPages frame with a body of 108 bytes: expected at least 8200"),
+        // BackupEnd
+        (with_len([end, vec![0]].concat()), ToClient,
+         "BackupEnd frame with a body of 9 bytes: expected 8"),
+    ];
+    for (bytes, direction, want) in cases {
+        let e = decode(&bytes, direction, &limits).unwrap_err();
+        assert_eq!(e.problem.to_string(), want);
+        assert_eq!((e.code(), e.request_id), (ErrorCode::BAD_FRAME, 1), "{want}");
+        assert!(e.closes_connection(), "{want}");
+    }
+    // The largest label and the last block are fine.
+    let edge = frame_bytes(&Frame::BaseBackup {
+        request_id: 1,
+        label: "é".repeat(MAX_LABEL_LEN / 2),
+    });
+    assert!(decode(&edge, ToServer, &limits).unwrap().is_some());
+    let last = patch(pages, 20, &[0xFE, 0xFF, 0xFF, 0x3F]);
+    assert!(decode(&last, ToClient, &limits).unwrap().is_some());
 }

@@ -8,8 +8,13 @@ use anyhow::Context;
 use walden::server::{ADDR_FILE, STARTING_FILE};
 use walden::Config;
 
+/// The settings file `-D DIR` may hold besides `--config` (PostgreSQL's
+/// postgresql.auto.conf); `walden basebackup -R` writes it.
+pub const AUTO_CONF: &str = "walden.auto.toml";
+
 /// Settings from `--config FILE` (or defaults), with the data directory
-/// `-D DIR` (wal/ and data/ side by side) and `name=value` overrides applied.
+/// `-D DIR` (wal/ and data/ side by side), then `DIR/walden.auto.toml` if
+/// it exists, then `name=value` overrides applied.
 pub fn load_config(
     config: Option<&Path>,
     data_dir: Option<&PathBuf>,
@@ -22,6 +27,12 @@ pub fn load_config(
     if let Some(dir) = data_dir {
         cfg.wal_dir = dir.join("wal");
         cfg.data_dir = dir.join("data");
+        // As PostgreSQL's postgresql.auto.conf: after the configuration
+        // file, before -c. `walden basebackup -R` writes it.
+        let auto = dir.join(AUTO_CONF);
+        if auto.exists() {
+            cfg.apply_file(&auto)?;
+        }
     }
     for o in overrides {
         // The error names the parameter and the value.
@@ -159,4 +170,41 @@ pub fn read_token(path: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
     let Some(p) = path else { return Ok(None) };
     let t = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
     Ok(Some(t.trim_ascii().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// walden.auto.toml comes after --config and before -c.
+    #[test]
+    fn auto_conf_is_read_between_the_config_file_and_overrides() {
+        let dir = std::env::temp_dir().join(format!("walden-autoconf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("walden.toml");
+        std::fs::write(&file, "max_connections = 11\nmax_in_flight = 12\nidle_timeout = '7s'\n").unwrap();
+        // Without the auto file: the config file's values.
+        let cfg = load_config(Some(&file), Some(&dir), &[]).unwrap();
+        assert_eq!((cfg.max_connections, cfg.max_in_flight), (11, 12));
+        std::fs::write(
+            dir.join(AUTO_CONF),
+            "max_connections = 21\nmax_in_flight = 22\n\
+             primary_conninfo = 'host=10.0.0.1 port=7481 application_name=s1'\n\
+             primary_slot_name = 's1'\n",
+        )
+        .unwrap();
+        let cfg = load_config(Some(&file), Some(&dir), &["max_in_flight=33".into()]).unwrap();
+        assert_eq!(cfg.max_connections, 21, "the auto file overrides the config file");
+        assert_eq!(cfg.max_in_flight, 33, "-c overrides the auto file");
+        assert_eq!(cfg.idle_timeout, Config::from_file(&file).unwrap().idle_timeout, "kept");
+        assert_eq!(cfg.primary_conninfo, "host=10.0.0.1 port=7481 application_name=s1");
+        assert_eq!(cfg.primary_slot_name, "s1");
+        assert_eq!(cfg.data_dir, dir.join("data"));
+        // A bad auto file is an error naming it.
+        std::fs::write(dir.join(AUTO_CONF), "no_such_setting = 1\n").unwrap();
+        let e = load_config(Some(&file), Some(&dir), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("walden.auto.toml"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

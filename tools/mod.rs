@@ -1,5 +1,6 @@
 //! Operator tools, reached as subcommands of the `walden` binary.
 
+pub mod basebackup;
 pub mod bench;
 pub mod bench_server;
 pub mod bench_stats;

@@ -10,6 +10,7 @@
 //! What it is not: a client (see `client`), or the process around it
 //! (signals, sd_notify and the address file are `tools/serve.rs`).
 
+mod basebackup;
 mod shard;
 mod startup;
 mod walreceiver;

@@ -53,9 +53,16 @@ struct ConnState {
     slow_since: Option<Instant>,
     follow: Option<Follow>,
     closing: bool,
-    /// A StartReplication was accepted: the socket goes to a walsender
-    /// once what was queued is sent (no more receives here).
-    replication: Option<super::walsender::StartRequest>,
+    /// A StartReplication or BaseBackup was accepted: the socket goes to
+    /// a walsender or backup thread once what was queued is sent (no more
+    /// receives here).
+    replication: Option<Handoff>,
+}
+
+/// Where a detached connection goes.
+enum Handoff {
+    Stream(super::walsender::StartRequest),
+    Backup(super::basebackup::BackupRequest),
 }
 
 struct PendingAck {
@@ -335,8 +342,10 @@ pub(crate) fn run(
                         shard.shared.metrics.connection_closed();
                         shard.shared.shard_connections[index].fetch_sub(1, Relaxed);
                     }
-                    if let Some(req) = st.replication {
-                        shard.start_walsender(fd, req, st.peer);
+                    match st.replication {
+                        Some(Handoff::Stream(req)) => shard.start_walsender(fd, req, st.peer),
+                        Some(Handoff::Backup(req)) => shard.start_backup(fd, req, st.peer),
+                        None => {}
                     }
                 }
                 Event::Woken => {}
@@ -628,6 +637,35 @@ impl Shard<'_> {
             Err(e) => {
                 self.shared.wal_senders.fetch_sub(1, SeqCst);
                 tracing::error!("could not start a walsender thread: {e}");
+            }
+        }
+    }
+
+    /// Starts the thread of a detached base backup connection.
+    fn start_backup(
+        &mut self,
+        fd: OwnedFd,
+        req: super::basebackup::BackupRequest,
+        peer: Option<SocketAddr>,
+    ) {
+        let stream = std::net::TcpStream::from(fd);
+        let owner = Arc::clone(&self.owner);
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        let spawned = std::thread::Builder::new()
+            .name("walden-backup".into())
+            .spawn(move || {
+                super::basebackup::run(Arc::clone(&owner), stream, req, peer);
+                owner.wal_senders.fetch_sub(1, SeqCst);
+            });
+        match spawned {
+            Ok(h) => {
+                let mut senders = self.shared.senders.lock().unwrap();
+                senders.retain(|h| !h.is_finished());
+                senders.push(h);
+            }
+            Err(e) => {
+                self.shared.wal_senders.fetch_sub(1, SeqCst);
+                tracing::error!("could not start a base backup thread: {e}");
             }
         }
     }
@@ -1110,15 +1148,38 @@ impl Shard<'_> {
                 } else {
                     application_name
                 };
-                st.replication = Some(super::walsender::StartRequest {
+                st.replication = Some(Handoff::Stream(super::walsender::StartRequest {
                     request_id,
                     system_id,
                     timeline,
                     start,
                     slot: slot.to_string(),
                     application_name: name.to_string(),
-                });
+                }));
                 // Nothing more is read here; the walsender reads the rest.
+                self.ring.detach_after_send(id);
+            }
+            FrameRef::BaseBackup { request_id, label } => {
+                if let Some(primary) = &self.shared.standby_of {
+                    let msg = format!(
+                        "this server is a standby of {primary}: a base backup from a standby is not supported; take it from the primary"
+                    );
+                    return self.send_error(id, st, request_id, ErrorCode::BACKUP_REFUSED, msg);
+                }
+                // A backup counts as a walsender, as in PostgreSQL.
+                let max = self.shared.cfg.max_wal_senders;
+                let active = self.shared.wal_senders.fetch_add(1, SeqCst);
+                if active >= max {
+                    self.shared.wal_senders.fetch_sub(1, SeqCst);
+                    let msg = format!(
+                        "number of requested standby connections exceeds max_wal_senders (currently {max}); a base backup counts as one"
+                    );
+                    return self.send_error(id, st, request_id, ErrorCode::TOO_MANY_CONNECTIONS, msg);
+                }
+                st.replication = Some(Handoff::Backup(super::basebackup::BackupRequest {
+                    request_id,
+                    label: label.to_string(),
+                }));
                 self.ring.detach_after_send(id);
             }
             FrameRef::StandbyStatus { request_id, .. } => {

@@ -580,6 +580,11 @@ fn release_wal(
                 .unwrap_or(start)
                 .max(start)
         };
+        // A base backup in progress keeps its WAL.
+        let release = match sh.wal_hold() {
+            Some(hold) => release.min(hold.max(start)),
+            None => release,
+        };
         // A slot's restart LSN: cut at the newest known record start at or
         // below it (keeping a little more), never past it.
         let release = match slot_floor {

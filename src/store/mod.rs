@@ -229,6 +229,39 @@ pub(crate) struct StoreShared {
     pub replay: Option<standby::ReplayState>,
     /// What else holds WAL (the server's replication slots).
     pub retention: Option<RetentionHook>,
+    /// WAL a base backup still needs: (hold id, first LSN kept). The
+    /// checkpointer releases no WAL at or after the lowest.
+    pub wal_holds: Mutex<Vec<(u64, Lsn)>>,
+    next_hold: AtomicU64,
+}
+
+impl StoreShared {
+    /// The lowest LSN a [`WalHold`] keeps, if any.
+    pub fn wal_hold(&self) -> Option<Lsn> {
+        self.wal_holds.lock().unwrap().iter().map(|h| h.1).min()
+    }
+}
+
+/// Keeps the WAL from an LSN on until dropped (a base backup's WAL, which
+/// its client streams on a second connection, possibly behind later
+/// checkpoints).
+pub struct WalHold {
+    shared: Arc<StoreShared>,
+    id: u64,
+    from: Lsn,
+}
+
+impl WalHold {
+    /// The first LSN kept: a record start.
+    pub fn from(&self) -> Lsn {
+        self.from
+    }
+}
+
+impl Drop for WalHold {
+    fn drop(&mut self) {
+        self.shared.wal_holds.lock().unwrap().retain(|h| h.0 != self.id);
+    }
 }
 
 /// Called by each checkpoint, with the insert position, before it releases
@@ -606,6 +639,16 @@ impl Store {
         // file says what is going on.
         let at_open = c;
         let mut may_start = |scan: &EndOfScan| -> std::result::Result<(), String> {
+            // A base backup is consistent only once its WAL reaches the
+            // backup's end (the control file's min recovery point).
+            if at_open.min_recovery_point.is_valid() && scan.end < at_open.min_recovery_point {
+                return Err(format!(
+                    "the WAL ends at {} but this base backup is consistent only from {} \
+                     (its minimum recovery point, the backup's end): the backup is incomplete; \
+                     take it again",
+                    scan.end, at_open.min_recovery_point
+                ));
+            }
             if let Some(ckpt_end) = checkpoint_end {
                 if scan.end < ckpt_end {
                     return Err(format!(
@@ -698,6 +741,9 @@ impl Store {
         }
         replayed.finish(&progress, end, clean);
         pool.attach_wal(Arc::clone(&wal));
+        // Replay passed the backup's end (may_start checked it): from here
+        // on the store is consistent, and the next control file says so.
+        c.min_recovery_point = Lsn::INVALID;
 
         let shared = Arc::new(StoreShared {
             pool,
@@ -717,6 +763,8 @@ impl Store {
                 None
             },
             retention,
+            wal_holds: Mutex::new(Vec::new()),
+            next_hold: AtomicU64::new(1),
             control: Mutex::new(c),
             cfg,
         });
@@ -1006,6 +1054,38 @@ impl Store {
         ticket: u64,
     ) -> Option<std::result::Result<(Lsn, Lsn), String>> {
         self.shared.ckpt.outcome(ticket)
+    }
+
+    /// Keeps the WAL from the current insert position (a record start) on
+    /// until the hold is dropped: no checkpoint releases it meanwhile.
+    pub fn hold_wal(&self) -> WalHold {
+        let sh = &self.shared;
+        let mut holds = sh.wal_holds.lock().unwrap();
+        // Read under the lock the checkpointer takes to read the holds: a
+        // checkpoint that has not yet read them will see this one.
+        let from = sh.wal.insert_lsn();
+        let id = sh.next_hold.fetch_add(1, Relaxed);
+        holds.push((id, from));
+        WalHold {
+            shared: Arc::clone(sh),
+            id,
+            from,
+        }
+    }
+
+    /// The page store's system identifier.
+    pub fn system_id(&self) -> u64 {
+        self.control().system_identifier
+    }
+
+    /// Relation ids with a file in `data_dir/base`, ascending.
+    pub fn relations(&self) -> Result<Vec<u32>> {
+        Ok(self.shared.files.list()?)
+    }
+
+    /// The path of a relation's file.
+    pub fn relation_path(&self, rel: u32) -> std::path::PathBuf {
+        self.shared.files.path(rel)
     }
 
     /// Signals `wake` whenever a checkpoint completes.

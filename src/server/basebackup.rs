@@ -1,0 +1,247 @@
+//! A base backup (PostgreSQL's BASE_BACKUP, streamed): one thread per
+//! backup copies every relation file's pages to the client while the
+//! primary keeps writing (docs/protocol.md §4.13, replication-design.md
+//! §7.7).
+//!
+//! A shard takes the BaseBackup frame and hands the socket over
+//! ([`crate::io::net::NetRing::detach_after_send`]), as for a walsender:
+//! reading relation files never blocks a shard.
+//!
+//! Why a copy of pages that change while they are read is enough: the
+//! backup starts with an immediate checkpoint whose redo point R is where
+//! recovery of the copy starts. With `full_page_writes`, the first change
+//! to any page after R logs the whole page; a page on disk only changes
+//! after a change to it was logged (WAL before data). So a page the copy
+//! read torn, or newer than R, was changed after R, and replay from R
+//! overwrites it with that full-page image before any later change to it;
+//! a page not changed after R is on disk as of R (the checkpoint wrote and
+//! fsynced it) and is read whole. The copy is consistent once replay passes
+//! the primary's flush LSN after the last page was read (BackupEnd), which
+//! the tool writes as the control file's minimum recovery point. Without
+//! `full_page_writes` a torn page could not be repaired: refused.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ServerShared;
+use crate::lsn::Lsn;
+use crate::protocol::{self, ErrorCode, Frame, PAGE_SIZE};
+use crate::wal::TIMELINE;
+
+/// Pages per BackupPages frame at most (1 MiB).
+const CHUNK_PAGES: usize = 128;
+
+/// What the client asked for in its BaseBackup.
+#[derive(Clone, Debug)]
+pub(crate) struct BackupRequest {
+    pub request_id: u64,
+    pub label: String,
+}
+
+fn send(stream: &mut TcpStream, frame: &Frame) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    protocol::encode(frame, &mut out);
+    stream.write_all(&out)
+}
+
+/// Runs one backup to its end, then keeps its WAL until the client closes
+/// the connection (it streams that WAL on a second connection).
+pub(crate) fn run(
+    shared: Arc<ServerShared>,
+    mut stream: TcpStream,
+    req: BackupRequest,
+    peer: String,
+) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let timeout = shared
+        .runtime
+        .read()
+        .unwrap()
+        .config
+        .wal_sender_timeout
+        .duration();
+    if !timeout.is_zero() {
+        let _ = stream.set_write_timeout(Some(timeout));
+    }
+    tracing::info!("base backup \"{}\" for {peer} starting", req.label);
+    match copy(&shared, &mut stream, &req) {
+        Ok((end, hold)) => {
+            tracing::info!(
+                "base backup \"{}\" for {peer} sent; consistent at {end}; keeping its WAL until the client disconnects",
+                req.label
+            );
+            wait_for_close(&shared, &mut stream);
+            drop(hold);
+        }
+        Err((code, message)) => {
+            tracing::warn!("base backup \"{}\" for {peer} failed: {message}", req.label);
+            let _ = send(
+                &mut stream,
+                &Frame::Error {
+                    request_id: req.request_id,
+                    code,
+                    message,
+                },
+            );
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+type Failure = (ErrorCode, String);
+
+fn copy(
+    shared: &ServerShared,
+    stream: &mut TcpStream,
+    req: &BackupRequest,
+) -> Result<(Lsn, crate::store::WalHold), Failure> {
+    let store = &shared.store;
+    if !shared.cfg.full_page_writes {
+        return Err((
+            ErrorCode::BACKUP_REFUSED,
+            "a base backup needs full_page_writes = on: pages the backup reads while they \
+             are written could not be repaired by replay"
+                .into(),
+        ));
+    }
+    // Before the checkpoint: its redo point is at or after the hold, and
+    // no later checkpoint releases the WAL from there.
+    let hold = store.hold_wal();
+    let (checkpoint, redo) = store.checkpoint().map_err(|e| {
+        (
+            ErrorCode::INTERNAL,
+            format!("the backup's checkpoint failed: {e}"),
+        )
+    })?;
+    debug_assert!(hold.from() <= redo);
+    let io = |what: String| move |e: std::io::Error| (ErrorCode::IO_ERROR, format!("{what}: {e}"));
+    let rels = store.relations().map_err(|e| {
+        (
+            ErrorCode::IO_ERROR,
+            format!("could not list the relation files: {e}"),
+        )
+    })?;
+    let mut relations = Vec::with_capacity(rels.len());
+    for rel in rels {
+        let path = store.relation_path(rel);
+        let len = std::fs::metadata(&path)
+            .map_err(io(format!("could not stat \"{}\"", path.display())))?
+            .len();
+        let blocks = u32::try_from(len / PAGE_SIZE as u64).unwrap_or(u32::MAX);
+        relations.push((rel, blocks));
+    }
+    let control = store.control();
+    send(
+        stream,
+        &Frame::BackupStart {
+            request_id: req.request_id,
+            system_id: control.system_identifier,
+            timeline: TIMELINE,
+            data_checksums: control.data_checksum_version == 1,
+            segment_size: shared.cfg.wal_segment_size.0,
+            checkpoint,
+            redo,
+            start_time: super::walsender::now_micros(),
+            relations: relations.clone(),
+        },
+    )
+    .map_err(|e| {
+        (
+            ErrorCode::IO_ERROR,
+            format!("could not send to the client: {e}"),
+        )
+    })?;
+    tracing::info!(
+        "base backup \"{}\": checkpoint at {checkpoint}, redo at {redo}",
+        req.label
+    );
+
+    let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
+    let mut out = Vec::with_capacity(buf.len() + 64);
+    for (rel, blocks) in relations {
+        if shared.stopping.load(SeqCst) {
+            return Err((
+                ErrorCode::SHUTTING_DOWN,
+                "the server is shutting down".into(),
+            ));
+        }
+        let path = store.relation_path(rel);
+        let file =
+            File::open(&path).map_err(io(format!("could not open \"{}\"", path.display())))?;
+        let mut block = 0u32;
+        while block < blocks {
+            let n = (blocks - block).min(CHUNK_PAGES as u32) as usize;
+            let bytes = &mut buf[..n * PAGE_SIZE];
+            let mut got = 0;
+            let at = u64::from(block) * PAGE_SIZE as u64;
+            // Buffered reads see what O_DIRECT wrote (it invalidates the page cache).
+            while got < bytes.len() {
+                match file.read_at(&mut bytes[got..], at + got as u64) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Err((
+                            ErrorCode::IO_ERROR,
+                            format!("could not read \"{}\": {e}", path.display()),
+                        ))
+                    }
+                }
+            }
+            // Never shorter in practice (files only grow); zeros are a new page.
+            bytes[got..].fill(0);
+            out.clear();
+            protocol::encode_backup_pages(req.request_id, rel, block, bytes, &mut out);
+            stream
+                .write_all(&out)
+                .map_err(|e| (ErrorCode::IO_ERROR, format!("could not send pages: {e}")))?;
+            block += n as u32;
+        }
+    }
+    // Every page read is as of a moment before now: WAL to here makes it
+    // consistent (the backup's minimum recovery point).
+    let end = shared.wal.flush_lsn().max(redo);
+    send(
+        stream,
+        &Frame::BackupEnd {
+            request_id: req.request_id,
+            end,
+        },
+    )
+    .map_err(|e| {
+        (
+            ErrorCode::IO_ERROR,
+            format!("could not send to the client: {e}"),
+        )
+    })?;
+    Ok((end, hold))
+}
+
+/// Reads (and ignores) until the client closes, or the server stops.
+fn wait_for_close(shared: &ServerShared, stream: &mut TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+        if shared.stopping.load(SeqCst) {
+            return;
+        }
+    }
+}
