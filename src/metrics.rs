@@ -849,7 +849,9 @@ fn encode_replication(enc: &mut DescriptorEncoder, r: &ReplicationSnapshot) -> f
         )?;
         for (name, _, lost) in &r.slots {
             let labels = [("slot", name.as_str())];
-            family.encode_family(&labels)?.encode_gauge(&(*lost as u64))?;
+            family
+                .encode_family(&labels)?
+                .encode_gauge(&(*lost as u64))?;
         }
     }
     let scalars: [(&str, Option<&Unit>, &str, Value); 6] = [

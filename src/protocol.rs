@@ -1585,7 +1585,11 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             let at = begin(out, FrameType::BackupStart, *request_id);
             out.extend_from_slice(&system_id.to_le_bytes());
             out.extend_from_slice(&timeline.to_le_bytes());
-            let flags = if *data_checksums { BACKUP_DATA_CHECKSUMS } else { 0 };
+            let flags = if *data_checksums {
+                BACKUP_DATA_CHECKSUMS
+            } else {
+                0
+            };
             out.extend_from_slice(&flags.to_le_bytes());
             for v in [*segment_size, checkpoint.0, redo.0, *start_time] {
                 out.extend_from_slice(&v.to_le_bytes());
@@ -1982,7 +1986,9 @@ pub enum Problem {
     BackupRelationOrder { prev: u32, rel: u32 },
     #[error("BackupStart frame: relation {rel} has {blocks} blocks, more than {MAX_BLOCKS}")]
     BackupRelationSize { rel: u32, blocks: u32 },
-    #[error("BackupPages frame: {len} bytes of pages is not a multiple of the {PAGE_SIZE}-byte page")]
+    #[error(
+        "BackupPages frame: {len} bytes of pages is not a multiple of the {PAGE_SIZE}-byte page"
+    )]
     PartialPage { len: usize },
     #[error("BackupPages frame: {count} pages from block {first} end past block {MAX_BLOCKS}")]
     PagesPastEnd { first: u32, count: usize },

@@ -681,7 +681,8 @@ fn client_frame() -> BoxedStrategy<Frame> {
                 op,
                 name,
             }),
-        (request_id(), text()).prop_map(|(request_id, label)| Frame::BaseBackup { request_id, label }),
+        (request_id(), text())
+            .prop_map(|(request_id, label)| Frame::BaseBackup { request_id, label }),
     ]
     .boxed()
 }
@@ -828,27 +829,34 @@ fn server_frame() -> BoxedStrategy<Frame> {
             (1u64..1 << 40, 0u64..1000),
             prop::collection::btree_map(any::<u32>(), 0u32..=1 << 30, 0..8)
         )
-            .prop_map(|(request_id, v, timeline, data_checksums, (redo, gap), rels)| {
-                Frame::BackupStart {
-                    request_id,
-                    system_id: v[0],
-                    timeline,
-                    data_checksums,
-                    segment_size: v[1],
-                    checkpoint: Lsn((redo + gap) * 8),
-                    redo: Lsn(redo * 8),
-                    start_time: v[2],
-                    relations: rels.into_iter().collect(),
+            .prop_map(
+                |(request_id, v, timeline, data_checksums, (redo, gap), rels)| {
+                    Frame::BackupStart {
+                        request_id,
+                        system_id: v[0],
+                        timeline,
+                        data_checksums,
+                        segment_size: v[1],
+                        checkpoint: Lsn((redo + gap) * 8),
+                        redo: Lsn(redo * 8),
+                        start_time: v[2],
+                        relations: rels.into_iter().collect(),
+                    }
                 }
-            }),
-        (request_id(), any::<u32>(), 0u32..1000, 1usize..3, any::<u8>()).prop_map(
-            |(request_id, rel, first_block, n, b)| Frame::BackupPages {
+            ),
+        (
+            request_id(),
+            any::<u32>(),
+            0u32..1000,
+            1usize..3,
+            any::<u8>()
+        )
+            .prop_map(|(request_id, rel, first_block, n, b)| Frame::BackupPages {
                 request_id,
                 rel,
                 first_block,
                 pages: vec![b; n * walden::protocol::PAGE_SIZE],
-            }
-        ),
+            }),
         (request_id(), any::<u64>()).prop_map(|(request_id, end)| Frame::BackupEnd {
             request_id,
             end: Lsn(end)

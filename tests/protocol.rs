@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use walden::protocol::{
     decode, encode, encode_ack, encode_append, encode_backup_pages, encode_indeterminate,
     encode_records, encode_wal_data, Decoder, Direction, ErrorCode, Frame, FrameType,
-    IndeterminateReason, Limits, Record, RecordRef, SlotOp, HEADER_LEN, MAX_LABEL_LEN, MAX_NAME_LEN,
-    PAGE_SIZE,
+    IndeterminateReason, Limits, Record, RecordRef, SlotOp, HEADER_LEN, MAX_LABEL_LEN,
+    MAX_NAME_LEN, PAGE_SIZE,
 };
 use walden::{Durability, Kind, Lsn};
 
@@ -572,9 +572,8 @@ fn replication_client_frame() -> impl Strategy<Value = Frame> {
                 op,
                 name
             }),
-        (id, prop_oneof![text(), "[a-z ]{1000,1024}"]).prop_map(|(request_id, label)| {
-            Frame::BaseBackup { request_id, label }
-        }),
+        (id, prop_oneof![text(), "[a-z ]{1000,1024}"])
+            .prop_map(|(request_id, label)| { Frame::BaseBackup { request_id, label } }),
     ]
 }
 
@@ -590,27 +589,34 @@ fn backup_server_frame() -> impl Strategy<Value = Frame> {
             0u64..1 << 20,
             prop::collection::btree_map(any::<u32>(), 0u32..=1 << 30, 0..20)
         )
-            .prop_map(|(request_id, v, timeline, data_checksums, redo, gap, rels)| {
-                Frame::BackupStart {
-                    request_id,
-                    system_id: v[0],
-                    timeline,
-                    data_checksums,
-                    segment_size: v[1],
-                    checkpoint: Lsn(redo.0.saturating_add(gap * 8).min(u64::MAX - 7)),
-                    redo,
-                    start_time: v[2],
-                    relations: rels.into_iter().collect(),
+            .prop_map(
+                |(request_id, v, timeline, data_checksums, redo, gap, rels)| {
+                    Frame::BackupStart {
+                        request_id,
+                        system_id: v[0],
+                        timeline,
+                        data_checksums,
+                        segment_size: v[1],
+                        checkpoint: Lsn(redo.0.saturating_add(gap * 8).min(u64::MAX - 7)),
+                        redo,
+                        start_time: v[2],
+                        relations: rels.into_iter().collect(),
+                    }
                 }
-            }),
-        (id.clone(), any::<u32>(), 0u32..(1 << 30) - 4, 1usize..4, any::<u8>()).prop_map(
-            |(request_id, rel, first_block, n, b)| Frame::BackupPages {
+            ),
+        (
+            id.clone(),
+            any::<u32>(),
+            0u32..(1 << 30) - 4,
+            1usize..4,
+            any::<u8>()
+        )
+            .prop_map(|(request_id, rel, first_block, n, b)| Frame::BackupPages {
                 request_id,
                 rel,
                 first_block,
                 pages: vec![b; n * PAGE_SIZE],
-            }
-        ),
+            }),
         (id, any::<u64>()).prop_map(|(request_id, end)| Frame::BackupEnd {
             request_id,
             end: Lsn(end)
@@ -1462,7 +1468,11 @@ fn backup_checks_match_the_doc() {
     for (bytes, direction, want) in cases {
         let e = decode(&bytes, direction, &limits).unwrap_err();
         assert_eq!(e.problem.to_string(), want);
-        assert_eq!((e.code(), e.request_id), (ErrorCode::BAD_FRAME, 1), "{want}");
+        assert_eq!(
+            (e.code(), e.request_id),
+            (ErrorCode::BAD_FRAME, 1),
+            "{want}"
+        );
         assert!(e.closes_connection(), "{want}");
     }
     // The largest label and the last block are fine.

@@ -699,3 +699,108 @@ fn a_standby_takes_restartpoints_and_restarts_from_them() {
         );
     }
 }
+
+/// The whole path for a primary whose first WAL is gone: a slot, a base
+/// backup with -R, and the copy started as a standby that streams through
+/// the slot, counts for the quorum and replays to the primary's pages. An
+/// empty-directory standby is refused on that primary (its WAL is gone).
+#[test]
+fn a_base_backup_with_a_slot_becomes_a_synchronous_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let primary = Node::start(
+        &dir.path().join("p"),
+        &s(&[
+            "synchronous_standby_names=ANY 1 (s1)",
+            "wal_keep_size=0",
+            "max_wal_size=4MB",
+            "min_wal_size=2MB",
+        ]),
+    );
+    // Pages and enough WAL that checkpoints release the first segments.
+    let mut c = primary.client();
+    for i in 0..1500u32 {
+        c.page_write(
+            Durability::Local,
+            5,
+            i % 61,
+            ((i % 90) * 80) as u16,
+            &[i as u8; 70],
+        )
+        .unwrap();
+    }
+    c.checkpoint().unwrap();
+    c.checkpoint().unwrap();
+    assert!(
+        lsn(&primary.status()["start_lsn"]) > Lsn(1 << 20),
+        "the first WAL is still there"
+    );
+    // An empty standby cannot start from the beginning any more.
+    let mut empty = Node::start(&dir.path().join("empty"), &standby_settings(&primary, "e1"));
+    wait_until("the empty standby's refusal", &[&primary, &empty], || {
+        empty.status()["replication"]["wal_receiver"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("has already been removed"))
+    });
+    empty.kill9();
+    let walden = env!("CARGO_BIN_EXE_walden");
+    let out = Command::new(walden)
+        .args(["slot", "create", "s1", "-h", &primary.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = dir.path().join("s1");
+    let out = Command::new(walden)
+        .args([
+            "basebackup",
+            "-h",
+            &primary.addr,
+            "-R",
+            "--slot",
+            "s1",
+            "--application-name",
+            "s1",
+            "-D",
+        ])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "basebackup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // More writes while the copy is not running: the slot keeps their WAL.
+    for i in 0..300u32 {
+        c.page_write(Durability::Local, 5, i % 61, 7000, &[0xAB; 60])
+            .unwrap();
+    }
+    c.checkpoint().unwrap();
+    // `walden serve -D copy` reads copy/walden.auto.toml: a standby.
+    let s1 = Node::start(&copy, &[]);
+    wait_until("s1 streaming", &[&primary, &s1], || {
+        streaming(&primary) == ["s1"]
+    });
+    let (_, end) = c
+        .page_write(Durability::RemoteApply, 5, 3, 100, b"after the backup")
+        .unwrap();
+    let mut sc = s1.client();
+    let (page_lsn, page) = sc.page_read(5, 3).unwrap();
+    assert_eq!(page_lsn, end);
+    assert_eq!(&page[100..116], b"after the backup");
+    for block in 0..61 {
+        assert_eq!(
+            sc.page_read(5, block).unwrap(),
+            c.page_read(5, block).unwrap(),
+            "block {block}"
+        );
+    }
+    let slots = primary.status()["slots"].clone();
+    assert_eq!(slots[0]["slot_name"], "s1", "{slots}");
+    assert_eq!(slots[0]["active"], true, "{slots}");
+}

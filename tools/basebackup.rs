@@ -58,6 +58,11 @@ pub struct BasebackupArgs {
     /// primary_slot_name): `walden serve -D DIR` then starts a standby.
     #[arg(short = 'R', long = "write-recovery-conf")]
     write_recovery_conf: bool,
+    /// With -R: the standby's application_name, what the primary's
+    /// synchronous_standby_names lists (default: the slot's name, else
+    /// walreceiver).
+    #[arg(long)]
+    application_name: Option<String>,
     /// Show progress on standard error.
     #[arg(short = 'P', long)]
     progress: bool,
@@ -70,6 +75,16 @@ pub struct BasebackupArgs {
 }
 
 pub fn run(args: BasebackupArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.application_name {
+        if !args.write_recovery_conf {
+            anyhow::bail!("--application-name is written by -R: add -R");
+        }
+        if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+            anyhow::bail!(
+                "--application-name {name:?}: use a name without spaces, quotes or backslashes"
+            );
+        }
+    }
     let created = check_target(&args.dir)?;
     let outcome = backup(&args);
     if outcome.is_err() {
@@ -218,7 +233,12 @@ fn backup(args: &BasebackupArgs) -> anyhow::Result<()> {
     control::write(&data_dir, &c, true).context("could not write the control file")?;
     write_label(&data_dir, &args.label, &start, end)?;
     if args.write_recovery_conf {
-        write_auto_conf(&args.dir, &addr, args.slot.as_deref())?;
+        write_auto_conf(
+            &args.dir,
+            &addr,
+            args.slot.as_deref(),
+            args.application_name.as_deref(),
+        )?;
     }
     sync_tree(&args.dir)?;
     if args.progress {
@@ -466,7 +486,18 @@ fn chrono_like(secs: u64) -> String {
 
 /// DIR/walden.auto.toml: the standby settings (PostgreSQL's -R writes
 /// them to postgresql.auto.conf).
-pub fn write_auto_conf(dir: &Path, addr: &str, slot: Option<&str>) -> anyhow::Result<()> {
+pub fn write_auto_conf(
+    dir: &Path,
+    addr: &str,
+    slot: Option<&str>,
+    application_name: Option<&str>,
+) -> anyhow::Result<()> {
+    let name = application_name.or(slot).unwrap_or("walreceiver");
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        anyhow::bail!(
+            "--application-name {name:?}: use a name without spaces, quotes or backslashes"
+        );
+    }
     let (host, port) = match addr.rsplit_once(':') {
         Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
         None => (addr, "7480"),
@@ -475,7 +506,7 @@ pub fn write_auto_conf(dir: &Path, addr: &str, slot: Option<&str>) -> anyhow::Re
         "# Written by walden basebackup -R: this directory is a standby of the primary below.\n",
     );
     text.push_str(&format!(
-        "primary_conninfo = 'host={host} port={port} application_name=walreceiver'\n"
+        "primary_conninfo = 'host={host} port={port} application_name={name}'\n"
     ));
     if let Some(slot) = slot {
         text.push_str(&format!("primary_slot_name = '{slot}'\n"));

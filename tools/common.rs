@@ -183,7 +183,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("walden.toml");
-        std::fs::write(&file, "max_connections = 11\nmax_in_flight = 12\nidle_timeout = '7s'\n").unwrap();
+        std::fs::write(
+            &file,
+            "max_connections = 11\nmax_in_flight = 12\nidle_timeout = '7s'\n",
+        )
+        .unwrap();
         // Without the auto file: the config file's values.
         let cfg = load_config(Some(&file), Some(&dir), &[]).unwrap();
         assert_eq!((cfg.max_connections, cfg.max_in_flight), (11, 12));
@@ -195,10 +199,20 @@ mod tests {
         )
         .unwrap();
         let cfg = load_config(Some(&file), Some(&dir), &["max_in_flight=33".into()]).unwrap();
-        assert_eq!(cfg.max_connections, 21, "the auto file overrides the config file");
+        assert_eq!(
+            cfg.max_connections, 21,
+            "the auto file overrides the config file"
+        );
         assert_eq!(cfg.max_in_flight, 33, "-c overrides the auto file");
-        assert_eq!(cfg.idle_timeout, Config::from_file(&file).unwrap().idle_timeout, "kept");
-        assert_eq!(cfg.primary_conninfo, "host=10.0.0.1 port=7481 application_name=s1");
+        assert_eq!(
+            cfg.idle_timeout,
+            Config::from_file(&file).unwrap().idle_timeout,
+            "kept"
+        );
+        assert_eq!(
+            cfg.primary_conninfo,
+            "host=10.0.0.1 port=7481 application_name=s1"
+        );
         assert_eq!(cfg.primary_slot_name, "s1");
         assert_eq!(cfg.data_dir, dir.join("data"));
         // A bad auto file is an error naming it.

@@ -1174,7 +1174,13 @@ impl Shard<'_> {
                     let msg = format!(
                         "number of requested standby connections exceeds max_wal_senders (currently {max}); a base backup counts as one"
                     );
-                    return self.send_error(id, st, request_id, ErrorCode::TOO_MANY_CONNECTIONS, msg);
+                    return self.send_error(
+                        id,
+                        st,
+                        request_id,
+                        ErrorCode::TOO_MANY_CONNECTIONS,
+                        msg,
+                    );
                 }
                 st.replication = Some(Handoff::Backup(super::basebackup::BackupRequest {
                     request_id,

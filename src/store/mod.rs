@@ -260,7 +260,11 @@ impl WalHold {
 
 impl Drop for WalHold {
     fn drop(&mut self) {
-        self.shared.wal_holds.lock().unwrap().retain(|h| h.0 != self.id);
+        self.shared
+            .wal_holds
+            .lock()
+            .unwrap()
+            .retain(|h| h.0 != self.id);
     }
 }
 
