@@ -2,151 +2,14 @@
 //! standbys on 127.0.0.1, killed with -9 and restarted, and the commits
 //! they acknowledged checked byte for byte.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Node;
 use walden::client::{Client, ClientError};
 use walden::{Durability, Kind, Lsn};
-
-/// A `walden serve` on a directory that outlives it (kill -9, restart).
-struct Node {
-    dir: PathBuf,
-    child: Option<Child>,
-    addr: String,
-    settings: Vec<String>,
-    /// `--config FILE`, if any (for reloads).
-    config: Option<PathBuf>,
-}
-
-impl Node {
-    fn start(dir: &Path, settings: &[String]) -> Node {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut n = Node {
-            dir: dir.to_path_buf(),
-            child: None,
-            addr: String::new(),
-            settings: settings.to_vec(),
-            config: None,
-        };
-        n.restart();
-        n
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("server.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        let addr_file = self.dir.join("data/walden.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walden"));
-        cmd.arg("serve").arg("-D").arg(&self.dir);
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        for s in [
-            "listen_addr=127.0.0.1:0",
-            "metrics_addr=",
-            "wal_segment_size=1MB",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(self.settings.iter().cloned())
-        {
-            cmd.args(["-c", &s]);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let child = cmd
-            .env("WALDEN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let t = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if let Some(a) = text.lines().find_map(|l| l.strip_prefix("listen_addr=")) {
-                    self.addr = a.to_string();
-                    return;
-                }
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("walden serve exited ({st}):\n{}", self.log());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no walden.addr:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// A clean stop (SIGTERM), waited for.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while c.try_wait().unwrap().is_none() {
-                if t.elapsed() > Duration::from_secs(30) {
-                    let _ = c.kill();
-                    panic!("server did not stop in 30 s:\n{}", self.log());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// Rewrites the configuration file and sends SIGHUP.
-    fn reload(&self, text: &str) {
-        std::fs::write(self.config.as_ref().unwrap(), text).unwrap();
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.addr, None).unwrap()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let (_, _, _, json) = self.client().status().unwrap();
-        serde_json::from_str(&json).unwrap()
-    }
-
-    fn port(&self) -> &str {
-        self.addr.rsplit(':').next().unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn standby_settings(primary: &Node, name: &str) -> Vec<String> {
     vec![format!(
@@ -607,8 +470,8 @@ fn emptied_setting_and_shutdown_end_waits_indeterminate() {
 #[test]
 fn a_standby_of_another_system_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(&dir.path().join("a"), &[]);
-    let b = Node::start(&dir.path().join("b"), &[]);
+    let a = Node::start(&dir.path().join("a"), &[] as &[&str]);
+    let b = Node::start(&dir.path().join("b"), &[] as &[&str]);
     // b's directory holds another system: as a standby of a it must not stream.
     let mut b = b;
     b.stop();
@@ -782,7 +645,7 @@ fn a_base_backup_with_a_slot_becomes_a_synchronous_standby() {
     }
     c.checkpoint().unwrap();
     // `walden serve -D copy` reads copy/walden.auto.toml: a standby.
-    let s1 = Node::start(&copy, &[]);
+    let s1 = Node::start(&copy, &[] as &[&str]);
     wait_until("s1 streaming", &[&primary, &s1], || {
         streaming(&primary) == ["s1"]
     });

@@ -3,122 +3,16 @@
 //! fake standby (a client sending StartReplication and StandbyStatus), the
 //! WAL they hold, and `max_slot_wal_keep_size` making them lost.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Node;
 use walden::client::{Client, ClientError};
 use walden::protocol::{ErrorCode, Frame};
 use walden::{Durability, Kind, Lsn};
 
-/// A `walden serve` on a directory that outlives it (kill -9, restart).
-struct Node {
-    dir: PathBuf,
-    child: Option<Child>,
-    addr: String,
-    settings: Vec<String>,
-}
-
 impl Node {
-    fn start(dir: &Path, settings: &[&str]) -> Node {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut n = Node {
-            dir: dir.to_path_buf(),
-            child: None,
-            addr: String::new(),
-            settings: settings.iter().map(|s| s.to_string()).collect(),
-        };
-        n.restart();
-        n
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        let addr_file = self.dir.join("data/walden.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walden"));
-        cmd.arg("serve").arg("-D").arg(&self.dir);
-        for s in [
-            "listen_addr=127.0.0.1:0",
-            "metrics_addr=",
-            "wal_segment_size=1MB",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(self.settings.iter().cloned())
-        {
-            cmd.args(["-c", &s]);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .unwrap();
-        self.child = Some(
-            cmd.env("WALDEN_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let t = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if let Some(a) = text.lines().find_map(|l| l.strip_prefix("listen_addr=")) {
-                    self.addr = a.to_string();
-                    return;
-                }
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("walden serve exited ({st}):\n{}", self.log());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no walden.addr:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while c.try_wait().unwrap().is_none() {
-                if t.elapsed() > Duration::from_secs(30) {
-                    let _ = c.kill();
-                    panic!("server did not stop in 30 s:\n{}", self.log());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn client(&self) -> Client {
-        let c = Client::connect(&self.addr, None).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        c
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let (_, _, _, json) = self.client().status().unwrap();
-        serde_json::from_str(&json).unwrap()
-    }
-
     fn slot(&self, name: &str) -> Option<serde_json::Value> {
         self.status()["slots"]
             .as_array()
@@ -173,12 +67,6 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 fn lsn(v: &serde_json::Value) -> Lsn {
     v.as_str().unwrap().parse().unwrap()
 }
@@ -227,7 +115,7 @@ fn stream_error(c: &mut Client) -> (ErrorCode, String) {
 #[test]
 fn slot_cli_creates_lists_drops_and_slots_survive_restarts() {
     let d = tempfile::tempdir().unwrap();
-    let mut node = Node::start(&d.path().join("p"), &[]);
+    let mut node = Node::start(&d.path().join("p"), &[] as &[&str]);
     let (ok, out, err) = node.cli(&["slot", "create", "s1"]);
     assert!(ok, "{err}");
     assert!(

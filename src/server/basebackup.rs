@@ -57,18 +57,7 @@ pub(crate) fn run(
     req: BackupRequest,
     peer: String,
 ) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
-    let timeout = shared
-        .runtime
-        .read()
-        .unwrap()
-        .config
-        .wal_sender_timeout
-        .duration();
-    if !timeout.is_zero() {
-        let _ = stream.set_write_timeout(Some(timeout));
-    }
+    super::walsender::stream_timeout(&shared, &stream);
     tracing::info!("base backup \"{}\" for {peer} starting", req.label);
     match copy(&shared, &mut stream, &req) {
         Ok((end, hold)) => {

@@ -619,26 +619,9 @@ impl Shard<'_> {
         req: super::walsender::StartRequest,
         peer: Option<SocketAddr>,
     ) {
-        let stream = std::net::TcpStream::from(fd);
-        let owner = Arc::clone(&self.owner);
-        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        let spawned = std::thread::Builder::new()
-            .name("walden-walsnd".into())
-            .spawn(move || {
-                super::walsender::run(Arc::clone(&owner), stream, req, peer);
-                owner.wal_senders.fetch_sub(1, SeqCst);
-            });
-        match spawned {
-            Ok(h) => {
-                let mut senders = self.shared.senders.lock().unwrap();
-                senders.retain(|h| !h.is_finished());
-                senders.push(h);
-            }
-            Err(e) => {
-                self.shared.wal_senders.fetch_sub(1, SeqCst);
-                tracing::error!("could not start a walsender thread: {e}");
-            }
-        }
+        self.start_stream_thread("walden-walsnd", "walsender", fd, peer, move |sh, s, p| {
+            super::walsender::run(sh, s, req, p)
+        });
     }
 
     /// Starts the thread of a detached base backup connection.
@@ -648,13 +631,28 @@ impl Shard<'_> {
         req: super::basebackup::BackupRequest,
         peer: Option<SocketAddr>,
     ) {
+        self.start_stream_thread("walden-backup", "base backup", fd, peer, move |sh, s, p| {
+            super::basebackup::run(sh, s, req, p)
+        });
+    }
+
+    /// Runs `body` on a new thread that owns a detached connection, and
+    /// gives its `max_wal_senders` count back when it ends (or fails to start).
+    fn start_stream_thread(
+        &mut self,
+        name: &str,
+        what: &str,
+        fd: OwnedFd,
+        peer: Option<SocketAddr>,
+        body: impl FnOnce(Arc<ServerShared>, std::net::TcpStream, String) + Send + 'static,
+    ) {
         let stream = std::net::TcpStream::from(fd);
         let owner = Arc::clone(&self.owner);
         let peer = peer.map(|p| p.to_string()).unwrap_or_default();
         let spawned = std::thread::Builder::new()
-            .name("walden-backup".into())
+            .name(name.into())
             .spawn(move || {
-                super::basebackup::run(Arc::clone(&owner), stream, req, peer);
+                body(Arc::clone(&owner), stream, peer);
                 owner.wal_senders.fetch_sub(1, SeqCst);
             });
         match spawned {
@@ -665,7 +663,7 @@ impl Shard<'_> {
             }
             Err(e) => {
                 self.shared.wal_senders.fetch_sub(1, SeqCst);
-                tracing::error!("could not start a base backup thread: {e}");
+                tracing::error!("could not start a {what} thread: {e}");
             }
         }
     }

@@ -98,6 +98,25 @@ impl SegmentBytes {
     }
 }
 
+/// A detached stream's socket: blocking, no Nagle, writes bounded by
+/// `wal_sender_timeout` (a standby or backup client that stops reading
+/// cannot hold the thread for ever). Returns the timeout (zero: none).
+pub(crate) fn stream_timeout(shared: &ServerShared, stream: &TcpStream) -> Duration {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let timeout = shared
+        .runtime
+        .read()
+        .unwrap()
+        .config
+        .wal_sender_timeout
+        .duration();
+    if !timeout.is_zero() {
+        let _ = stream.set_write_timeout(Some(timeout));
+    }
+    timeout
+}
+
 /// Streams to one standby until it goes, the server stops, or an error.
 pub(crate) fn run(
     shared: Arc<ServerShared>,
@@ -107,8 +126,7 @@ pub(crate) fn run(
 ) {
     let wal = Arc::clone(&shared.wal);
     let syncrep = Arc::clone(&shared.syncrep);
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
+    let timeout = stream_timeout(&shared, &stream);
     let ours = shared.store.system_identifier();
     if req.system_id != 0 && req.system_id != ours {
         let msg = format!(
@@ -172,16 +190,6 @@ pub(crate) fn run(
         syncrep.unregister(id);
         return;
     };
-    let timeout = shared
-        .runtime
-        .read()
-        .unwrap()
-        .config
-        .wal_sender_timeout
-        .duration();
-    if !timeout.is_zero() {
-        let _ = stream.set_write_timeout(Some(timeout));
-    }
     tracing::info!(
         "standby \"{}\" ({peer}) connected: streaming from {} (primary flushed to {flush})",
         req.application_name,

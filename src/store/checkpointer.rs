@@ -653,17 +653,7 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
     sh.stats.checkpoint_in_progress.store(true, SeqCst);
     let segs_before = sh.wal.segments_created();
     let res = (|| -> Result<(u64, usize, Released)> {
-        let to_write = sh.pool.mark_for_checkpoint();
-        let mut wb = Writeback::new()?;
-        wb.set_batch(8);
-        for &(tag, frame) in &to_write {
-            wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
-        }
-        wb.flush(&sh.pool)?;
-        let files = sh.files.take_needs_sync()?;
-        if sh.cfg.fsync {
-            wb.sync_files(&files);
-        }
+        let (written, files) = write_out_dirty(sh, Some(8))?;
         {
             let mut c = sh.control.lock().unwrap();
             c.checkpoint = ckpt;
@@ -675,7 +665,7 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
         sh.stats.last_checkpoint_lsn.store(ckpt.0, Relaxed);
         sh.stats.last_redo_lsn.store(redo.0, Relaxed);
         let released = release_wal(sh, redo, ckpt, r.apply_lsn())?;
-        Ok((wb.written, files.len(), released))
+        Ok((written, files, released))
     })();
     sh.stats.checkpoint_in_progress.store(false, SeqCst);
     let (written, files, rel) = res?;
@@ -702,14 +692,15 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
     Ok((ckpt, redo))
 }
 
-/// A standby's close: writes every dirty page and syncs the files, then
-/// rewrites the control file with its checkpoint and redo point unchanged
-/// and the state still "in archive recovery". No WAL record is written, so
-/// the next start redoes from the same redo point (idempotent by page LSN).
-/// Returns the control file's (checkpoint, redo).
-fn standby_shutdown(sh: &StoreShared) -> Result<(Lsn, Lsn)> {
+/// Writes every page dirty now and syncs every file written since the
+/// last sync (`batch`: pages per write-back batch, None: the default).
+/// Returns (pages written, files synced).
+fn write_out_dirty(sh: &StoreShared, batch: Option<usize>) -> Result<(u64, usize)> {
     let to_write = sh.pool.mark_for_checkpoint();
     let mut wb = Writeback::new()?;
+    if let Some(b) = batch {
+        wb.set_batch(b);
+    }
     for &(tag, frame) in &to_write {
         wb.offer(&sh.pool, frame, WriteFilter::Checkpoint(tag))?;
     }
@@ -718,12 +709,21 @@ fn standby_shutdown(sh: &StoreShared) -> Result<(Lsn, Lsn)> {
     if sh.cfg.fsync {
         wb.sync_files(&files);
     }
+    Ok((wb.written, files.len()))
+}
+
+/// A standby's close: writes every dirty page and syncs the files, then
+/// rewrites the control file with its checkpoint and redo point unchanged
+/// and the state still "in archive recovery". No WAL record is written, so
+/// the next start redoes from the same redo point (idempotent by page LSN).
+/// Returns the control file's (checkpoint, redo).
+fn standby_shutdown(sh: &StoreShared) -> Result<(Lsn, Lsn)> {
+    let (written, _) = write_out_dirty(sh, None)?;
     let mut c = sh.control.lock().unwrap();
     c.state = ClusterState::InArchiveRecovery;
     control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
     tracing::info!(
-        "standby shut down: wrote {} buffers; replay resumes from the redo point {} at the next start",
-        wb.written,
+        "standby shut down: wrote {written} buffers; replay resumes from the redo point {} at the next start",
         c.redo
     );
     Ok((c.checkpoint, c.redo))

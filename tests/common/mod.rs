@@ -1,7 +1,8 @@
 //! A `walden serve` process for the server tests: a temporary directory, a
-//! free port on 127.0.0.1, its log in a file, killed when dropped; and a
-//! byte-for-byte snapshot of a directory, for tests that a refusal changed
-//! nothing.
+//! free port on 127.0.0.1, its log in a file, killed when dropped; a
+//! `Node` on a directory that outlives its process (kill -9, restart: the
+//! replication and slot tests); and a byte-for-byte snapshot of a
+//! directory, for tests that a refusal changed nothing.
 
 #![allow(dead_code)] // each test file uses its own part of this
 
@@ -188,5 +189,147 @@ pub fn run_bounded(args: &[&str]) -> Output {
         status,
         stdout: std::fs::read(out.path()).unwrap(),
         stderr: std::fs::read(err.path()).unwrap(),
+    }
+}
+
+/// A `walden serve` on a directory that outlives it (kill -9, restart).
+pub struct Node {
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub addr: String,
+    /// `-c` settings, besides the test defaults (port 0, no metrics, 1 MiB segments).
+    pub settings: Vec<String>,
+    /// `--config FILE`, if any (for reloads).
+    pub config: Option<PathBuf>,
+}
+
+impl Node {
+    pub fn start(dir: &Path, settings: &[impl AsRef<str>]) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            child: None,
+            addr: String::new(),
+            settings: settings.iter().map(|s| s.as_ref().to_string()).collect(),
+            config: None,
+        };
+        n.restart();
+        n
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let addr_file = self.dir.join("data/walden.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walden"));
+        cmd.arg("serve").arg("-D").arg(&self.dir);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        for s in [
+            "listen_addr=127.0.0.1:0",
+            "metrics_addr=",
+            "wal_segment_size=1MB",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(self.settings.iter().cloned())
+        {
+            cmd.args(["-c", &s]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = cmd
+            .env("WALDEN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Some(a) = text.lines().find_map(|l| l.strip_prefix("listen_addr=")) {
+                    self.addr = a.to_string();
+                    return;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("walden serve exited ({st}):\n{}", self.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no walden.addr:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A clean stop (SIGTERM), waited for.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let t = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                if t.elapsed() > Duration::from_secs(30) {
+                    let _ = c.kill();
+                    panic!("server did not stop in 30 s:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Rewrites the configuration file and sends SIGHUP.
+    pub fn reload(&self, text: &str) {
+        std::fs::write(self.config.as_ref().unwrap(), text).unwrap();
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub fn client(&self) -> walden::client::Client {
+        let c = walden::client::Client::connect(&self.addr, None).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (_, _, _, json) = self.client().status().unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    pub fn port(&self) -> &str {
+        self.addr.rsplit(':').next().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
