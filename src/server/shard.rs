@@ -612,6 +612,29 @@ impl Shard<'_> {
         })
     }
 
+    /// Takes one of the `max_wal_senders` places (given back when the
+    /// thread ends, or the connection closes before its hand-over); when
+    /// none is free, refuses with TOO_MANY_CONNECTIONS (`note` ends the
+    /// message) and returns false.
+    fn take_sender_slot(
+        &mut self,
+        id: ConnId,
+        st: &mut ConnState,
+        request_id: u64,
+        note: &str,
+    ) -> bool {
+        let max = self.shared.cfg.max_wal_senders;
+        if self.shared.wal_senders.fetch_add(1, SeqCst) < max {
+            return true;
+        }
+        self.shared.wal_senders.fetch_sub(1, SeqCst);
+        let msg = format!(
+            "number of requested standby connections exceeds max_wal_senders (currently {max}){note}"
+        );
+        self.send_error(id, st, request_id, ErrorCode::TOO_MANY_CONNECTIONS, msg);
+        false
+    }
+
     /// Starts the walsender thread for a detached replication connection.
     fn start_walsender(
         &mut self,
@@ -1126,20 +1149,8 @@ impl Shard<'_> {
                     );
                     return self.send_error(id, st, request_id, ErrorCode::READ_ONLY, msg);
                 }
-                let max = self.shared.cfg.max_wal_senders;
-                let active = self.shared.wal_senders.fetch_add(1, SeqCst);
-                if active >= max {
-                    self.shared.wal_senders.fetch_sub(1, SeqCst);
-                    let msg = format!(
-                        "number of requested standby connections exceeds max_wal_senders (currently {max})"
-                    );
-                    return self.send_error(
-                        id,
-                        st,
-                        request_id,
-                        ErrorCode::TOO_MANY_CONNECTIONS,
-                        msg,
-                    );
+                if !self.take_sender_slot(id, st, request_id, "") {
+                    return;
                 }
                 let name = if application_name.is_empty() {
                     "walreceiver"
@@ -1165,20 +1176,8 @@ impl Shard<'_> {
                     return self.send_error(id, st, request_id, ErrorCode::BACKUP_REFUSED, msg);
                 }
                 // A backup counts as a walsender, as in PostgreSQL.
-                let max = self.shared.cfg.max_wal_senders;
-                let active = self.shared.wal_senders.fetch_add(1, SeqCst);
-                if active >= max {
-                    self.shared.wal_senders.fetch_sub(1, SeqCst);
-                    let msg = format!(
-                        "number of requested standby connections exceeds max_wal_senders (currently {max}); a base backup counts as one"
-                    );
-                    return self.send_error(
-                        id,
-                        st,
-                        request_id,
-                        ErrorCode::TOO_MANY_CONNECTIONS,
-                        msg,
-                    );
+                if !self.take_sender_slot(id, st, request_id, "; a base backup counts as one") {
+                    return;
                 }
                 st.replication = Some(Handoff::Backup(super::basebackup::BackupRequest {
                     request_id,
