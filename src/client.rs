@@ -488,6 +488,13 @@ impl Client {
     }
 
     /// The raw stream, for tests that send bytes of their own.
+    /// Whether received bytes wait in the buffer (a frame, or part of one):
+    /// a caller that polls the socket before [`Client::recv_frame`] must
+    /// not wait for the socket then.
+    pub fn has_buffered(&self) -> bool {
+        self.rend > self.rpos
+    }
+
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
     }

@@ -423,6 +423,7 @@ fn emptied_setting_and_shutdown_end_waits_indeterminate() {
         addr: String::new(),
         settings: Vec::new(),
         config: Some(conf),
+        env: Vec::new(),
     };
     p.restart();
     let waiter = |addr: String| {
@@ -728,4 +729,64 @@ fn bench_ack_log_verifies_on_every_standby_after_the_primary_dies() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `remote_write` waits for the standby's write, not its sync: with the
+/// standby on `wal_sync_method = fdatasync` and a test injection that holds
+/// each of its syncs for 1.5 s, a `remote_write` commit returns while the
+/// sync is still running; an `on` commit waits for it, and meanwhile the
+/// primary shows the standby's write LSN ahead of its flush LSN.
+#[test]
+fn remote_write_waits_for_the_standbys_write_not_its_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Node::start(
+        &dir.path().join("p"),
+        &["synchronous_standby_names=ANY 1 (s1)"],
+    );
+    let mut settings = standby_settings(&primary, "s1");
+    settings.push("wal_sync_method=fdatasync".into());
+    settings.push("wal_sync_at_depth_1=on".into());
+    let s1 = Node::start_with_env(
+        &dir.path().join("s1"),
+        &settings,
+        &[("WALDEN_TEST_SYNC_DELAY_MS", "1500")],
+    );
+    let row = |p: &Node| p.status()["replication"]["standbys"][0].clone();
+    wait_until("s1 streaming and caught up", &[&primary, &s1], || {
+        let r = row(&primary);
+        r["state"] == "streaming"
+            && !r["flush_lsn"].is_null()
+            && lsn(&r["flush_lsn"]) >= lsn(&primary.status()["flush_lsn"])
+    });
+    let mut c = primary.client();
+    let t = Instant::now();
+    let at = append(&mut c, Durability::RemoteWrite, b"written, not yet synced").unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "remote_write took {took:?}: it waited for the standby's sync"
+    );
+    // The standby has written it and is still syncing.
+    let r = row(&primary);
+    assert!(
+        lsn(&r["write_lsn"]) > at,
+        "write_lsn {} ≤ {at}",
+        r["write_lsn"]
+    );
+    assert!(
+        lsn(&r["flush_lsn"]) <= at,
+        "the standby's flush {} passed {at} within {took:?}: the injection did not hold the sync",
+        r["flush_lsn"]
+    );
+    // Once that sync is done, an `on` commit waits for a whole new one.
+    wait_until("the standby's flush", &[&primary, &s1], || {
+        lsn(&row(&primary)["flush_lsn"]) > at
+    });
+    let t = Instant::now();
+    append(&mut c, Durability::On, b"synced").unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400),
+        "`on` returned after {took:?}, before the standby's 1.5 s sync"
+    );
 }

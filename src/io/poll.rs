@@ -24,6 +24,21 @@ pub fn wait_writable(fd: RawFd) -> io::Result<()> {
     interrupted_is_ok(rc)
 }
 
+/// Whether `fd` has input, an end of file or an error right now (a poll
+/// with a zero timeout): for threads that poll a blocking socket for a
+/// short while before they block in a read ([`crate::io::poll_until`]).
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd it is given, which lives
+    // on this stack frame for the call; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0
+}
+
 /// Descriptors waited on together for input.
 pub struct ReadableSet {
     fds: Vec<libc::pollfd>,

@@ -88,6 +88,9 @@ struct Settings {
     status_interval: Duration,
     receiver_timeout: Duration,
     segment_size: u64,
+    /// `idle_poll_time`: how long the receiver polls its socket, and the
+    /// reporter the flush LSN, before blocking.
+    idle_poll: Duration,
 }
 
 impl WalReceiver {
@@ -108,6 +111,7 @@ impl WalReceiver {
             status_interval: cfg.wal_receiver_status_interval.duration(),
             receiver_timeout: cfg.wal_receiver_timeout.duration(),
             segment_size: cfg.wal_segment_size.0,
+            idle_poll: Duration::from_micros(cfg.idle_poll_time),
         };
         let (st, so, wk) = (Arc::clone(&stop), Arc::clone(&socket), Arc::clone(&wake));
         let handle = std::thread::Builder::new()
@@ -284,18 +288,19 @@ fn session(
             Arc::clone(flushed),
             Arc::clone(status),
         );
-        let interval = s.status_interval;
+        let (interval, idle_poll) = (s.status_interval, s.idle_poll);
         std::thread::Builder::new()
             .name("walden-walrcv-s".into())
             .spawn(move || {
                 report(
-                    stream, request_id, &store, &shared, &wake, &flushed, interval, &status,
+                    stream, request_id, &store, &shared, &wake, &flushed, interval, idle_poll,
+                    &status,
                 )
             })
             .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
     };
     wake.signal();
-    let outcome = receive(&mut client, raw, &shared, wake, status, stop);
+    let outcome = receive(&mut client, raw, &shared, wake, status, stop, s.idle_poll);
     shared.done.store(true, SeqCst);
     wake.signal();
     let _ = client.stream().shutdown(Shutdown::Both);
@@ -310,11 +315,22 @@ fn receive(
     wake: &EventFd,
     status: &ReceiverStatus,
     stop: &AtomicBool,
+    idle_poll: Duration,
 ) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
     let mut last_end = raw.last_complete_record_end();
+    let fd = client.stream().as_raw_fd();
+    let mut last_frame = Instant::now();
     loop {
         if stop.load(SeqCst) || shared.done.load(SeqCst) {
             return Ok(());
+        }
+        // Streaming a moment ago: poll the socket for `idle_poll_time`
+        // before blocking in the read (architecture.md, "Idle polling").
+        if !client.has_buffered() && last_frame.elapsed() < crate::io::RECENTLY_BUSY {
+            crate::io::poll_until(idle_poll, || {
+                crate::io::poll::readable_now(fd) || stop.load(Relaxed)
+            });
         }
         let frame = match client.recv_frame() {
             Ok(f) => f,
@@ -328,6 +344,7 @@ fn receive(
             }
             Err(e) => return Err(format!("lost the connection to the primary: {e}")),
         };
+        last_frame = Instant::now();
         status
             .last_msg_receipt_time
             .store(super::walsender::now_micros(), Relaxed);
@@ -385,17 +402,21 @@ fn report(
     wake: &EventFd,
     flushed: &FlushListener,
     interval: Duration,
+    idle_poll: Duration,
     status: &ReceiverStatus,
 ) {
     use std::io::Write;
     let wal = store.wal();
-    let mut last = (Lsn::INVALID, Lsn::INVALID);
+    let mut last = (Lsn::INVALID, Lsn::INVALID, Lsn::INVALID);
     let mut last_send = Instant::now();
     let mut out = Vec::new();
     while !shared.done.load(SeqCst) {
-        // The record-aligned flush position.
+        // The record-aligned flush and write positions. The flush LSN is
+        // read first: the flusher publishes the write LSN before it, so
+        // the write LSN read after it is not below it.
         let flush_lsn = wal.flush_lsn();
-        let next_wanted = {
+        let write_lsn = wal.write_lsn();
+        let (next_wanted, next_written, write_end) = {
             let mut ends = shared.ends.lock().unwrap();
             while let Some(&e) = ends.front() {
                 if e > flush_lsn {
@@ -404,22 +425,32 @@ fn report(
                 shared.flushed_end.store(e.0, SeqCst);
                 ends.pop_front();
             }
-            ends.front().copied()
+            let mut write_end = None;
+            let mut next_written = None;
+            for &e in ends.iter() {
+                if e > write_lsn {
+                    next_written = Some(e);
+                    break;
+                }
+                write_end = Some(e);
+            }
+            (ends.front().copied(), next_written, write_end)
         };
         let flush = Lsn(shared.flushed_end.load(SeqCst));
+        // Written (the standby's writes completed, its sync may still be
+        // running): what `remote_write` waits for. With open_datasync a
+        // write completes durable, so it equals the flush position.
+        let write = write_end.unwrap_or(flush).max(flush);
         status.flushed_lsn.fetch_max(flush.0, Relaxed);
         let apply = store.apply_lsn().min(flush);
-        let now = (flush, apply);
+        let now = (write, flush, apply);
         let asked = shared.reply_now.swap(false, SeqCst);
         if now != last || asked || last_send.elapsed() >= interval {
             out.clear();
             protocol::encode(
                 &Frame::StandbyStatus {
                     request_id,
-                    // Written == flushed: this standby reports what its
-                    // flusher made durable (its writes are O_DSYNC or
-                    // followed by fdatasync before they are published).
-                    write: flush,
+                    write,
                     flush,
                     apply,
                     send_time: super::walsender::now_micros(),
@@ -432,6 +463,18 @@ fn report(
             }
             last = now;
             last_send = Instant::now();
+        }
+        // A record waits for its write or flush: poll for `idle_poll_time`
+        // first (the standby's flush is due within about one fsync).
+        if let Some(e) = next_wanted {
+            if crate::io::poll_until(idle_poll, || {
+                wal.flush_lsn() >= e
+                    || next_written.is_some_and(|w| wal.write_lsn() >= w)
+                    || shared.done.load(Relaxed)
+                    || shared.reply_now.load(Relaxed)
+            }) {
+                continue;
+            }
         }
         // Sleep until the flush passes the next record end, replay moves,
         // or the receiver has news.

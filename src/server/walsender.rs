@@ -204,13 +204,18 @@ pub(crate) fn run(
     wal.add_flush_listener(Arc::clone(&listener));
     let gone = Arc::new(AtomicBool::new(false));
     let last_reply = Arc::new(AtomicU64::new(0));
+    // What was sent, for the reply reader: a reply is due while it is past
+    // the standby's last reported flush.
+    let sent_lsn = Arc::new(AtomicU64::new(req.start.0));
+    let idle_poll = Duration::from_micros(shared.cfg.idle_poll_time);
     let started = Instant::now();
     let reader = {
-        let (syncrep, gone, wake, last_reply) = (
+        let (syncrep, gone, wake, last_reply, sent_lsn) = (
             Arc::clone(&syncrep),
             Arc::clone(&gone),
             Arc::clone(&wake),
             Arc::clone(&last_reply),
+            Arc::clone(&sent_lsn),
         );
         let name = req.application_name.clone();
         let slot = slot.map(|s| (Arc::clone(&shared.slots), s.to_string(), Arc::clone(&wal)));
@@ -223,8 +228,12 @@ pub(crate) fn run(
                     id,
                     &syncrep,
                     &name,
-                    started,
-                    &last_reply,
+                    Progress {
+                        started,
+                        last_reply: &last_reply,
+                        sent: &sent_lsn,
+                        idle_poll,
+                    },
                     slot,
                 );
                 gone.store(true, SeqCst);
@@ -239,8 +248,12 @@ pub(crate) fn run(
         &wake,
         &listener,
         &gone,
-        &last_reply,
-        started,
+        Progress {
+            started,
+            last_reply: &last_reply,
+            sent: &sent_lsn,
+            idle_poll,
+        },
         timeout,
     );
     match outcome {
@@ -268,10 +281,15 @@ fn stream_wal(
     wake: &EventFd,
     listener: &FlushListener,
     gone: &AtomicBool,
-    last_reply: &AtomicU64,
-    started: Instant,
+    progress: Progress<'_>,
     timeout: Duration,
 ) -> Result<(), String> {
+    let Progress {
+        started,
+        last_reply,
+        sent: sent_lsn,
+        idle_poll,
+    } = progress;
     let wal = &shared.wal;
     let syncrep = &shared.syncrep;
     let seg = shared.cfg.wal_segment_size.0;
@@ -355,6 +373,7 @@ fn stream_wal(
                 .map_err(|e| format!("could not send WAL to the standby: {e}"))?;
             last_send = Instant::now();
             sent = Lsn(sent.0 + n as u64);
+            sent_lsn.store(sent.0, SeqCst);
             if state == SenderState::Catchup && sent >= wal.flush_lsn() {
                 state = SenderState::Streaming;
                 tracing::info!(
@@ -384,7 +403,15 @@ fn stream_wal(
                 return Ok(());
             }
         }
-        // Idle: sleep until the flush LSN passes what was sent.
+        // Idle. Busy a moment ago: poll the flush LSN for
+        // `idle_poll_time` first (architecture.md, "Idle polling": waking
+        // a sleeping thread here costs more than the hop is worth).
+        if last_send.elapsed() < crate::io::RECENTLY_BUSY
+            && crate::io::poll_until(idle_poll, || wal.flush_lsn() > sent || gone.load(Relaxed))
+        {
+            continue;
+        }
+        // Then sleep until the flush LSN passes what was sent.
         listener.want(Lsn(sent.0 + 1));
         fence(SeqCst);
         if wal.flush_lsn() > sent {
@@ -421,6 +448,18 @@ fn stream_wal(
     }
 }
 
+/// Timing shared by a walsender's two threads.
+#[derive(Clone, Copy)]
+struct Progress<'a> {
+    started: Instant,
+    /// Milliseconds after `started` of the last frame from the standby.
+    last_reply: &'a AtomicU64,
+    /// The end of what was sent.
+    sent: &'a AtomicU64,
+    /// `idle_poll_time`.
+    idle_poll: Duration,
+}
+
 /// Reads the standby's frames until it closes: StandbyStatus goes to
 /// [`SyncRep::report`] (and moves the slot, if any, to its flush LSN,
 /// never past the primary's); Cancel ends the stream.
@@ -429,15 +468,29 @@ fn read_replies(
     id: u64,
     syncrep: &crate::replication::syncrep::SyncRep,
     name: &str,
-    started: Instant,
-    last_reply: &AtomicU64,
+    progress: Progress<'_>,
     slot: Option<(&crate::replication::slots::Slots, &str, &crate::wal::Wal)>,
 ) {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let Progress {
+        started,
+        last_reply,
+        sent,
+        idle_poll,
+    } = progress;
     let limits = Limits::for_max_record_size(4096);
     let mut buf = vec![0u8; 64 << 10];
     let mut have = 0usize;
+    let mut reported = Lsn::INVALID;
+    let fd = stream.as_raw_fd();
     loop {
+        // A reply is due (WAL was sent past the last reported flush): poll
+        // the socket for `idle_poll_time` before blocking in the read, so
+        // that the commits waiting for it are not held by a wake-up.
+        if sent.load(SeqCst) > reported.0 {
+            crate::io::poll_until(idle_poll, || crate::io::poll::readable_now(fd));
+        }
         let n = match stream.read(&mut buf[have..]) {
             Ok(0) => return,
             Ok(n) => n,
@@ -458,6 +511,7 @@ fn read_replies(
                             apply,
                             ..
                         } => {
+                            reported = reported.max(flush);
                             syncrep.report(id, write, flush, apply);
                             if let Some((slots, slot, wal)) = slot {
                                 // A lost slot: the sender says so and ends.

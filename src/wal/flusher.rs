@@ -52,6 +52,11 @@ pub struct FlushSettings {
     /// `idle_poll_time`: how long the idle flusher polls for the next
     /// commit before it blocks.
     pub idle_poll: Duration,
+    /// A test injection, from `WALDEN_TEST_SYNC_DELAY_MS`: a sleep between
+    /// a synchronous write and its sync (queue depth 1, sync per batch), so
+    /// that a test can see the write LSN lead the flush LSN (`remote_write`
+    /// released before `on`). Zero (the default) in any real use.
+    pub test_sync_delay: Duration,
 }
 
 impl FlushSettings {
@@ -64,6 +69,11 @@ impl FlushSettings {
             max_write: cfg.wal_max_write.0,
             sync_writes_at_depth_1: cfg.wal_sync_at_depth_1,
             idle_poll: Duration::from_micros(cfg.idle_poll_time),
+            test_sync_delay: std::env::var("WALDEN_TEST_SYNC_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or_default(),
         }
     }
 
@@ -435,6 +445,11 @@ struct Pipeline<Q: WalIo> {
     max_pieces: usize,
     /// WAL below this is durable and published.
     flushed: Lsn,
+    /// WAL below this was written (the writes completed; with a sync per
+    /// batch, its sync may still be running): `flushed <= written <=
+    /// submitted`. Published as the write LSN (a standby reports it for
+    /// `remote_write`).
+    written: Lsn,
     /// WAL below this is queued (`submitted >= flushed`).
     submitted: Lsn,
     units: VecDeque<Unit>,
@@ -466,6 +481,7 @@ impl<Q: WalIo> Pipeline<Q> {
             q,
             files: Files::new(),
             flushed,
+            written: flushed,
             submitted: flushed,
             units: VecDeque::new(),
             next_seq: 0,
@@ -564,14 +580,28 @@ impl<Q: WalIo> Pipeline<Q> {
             }
             advanced = true;
         }
+        // The write LSN: the end of the units, in LSN order, whose writes
+        // all completed (their syncs may still run).
+        let mut written = self.flushed;
+        for u in &self.units {
+            if u.writes_pending > 0 {
+                break;
+            }
+            written = u.end;
+        }
+        if written > self.written {
+            self.written = written;
+            advanced = true;
+        }
         if advanced {
             self.publish();
         }
     }
 
     fn publish(&mut self) {
+        self.written = self.written.max(self.flushed);
         self.shared.insert.set_flushed(self.flushed);
-        self.shared.commit.publish(self.flushed, self.flushed);
+        self.shared.commit.publish(self.written, self.flushed);
         self.files.close_below(self.flushed.segno(self.seg_size));
     }
 
@@ -725,6 +755,13 @@ impl<Q: WalIo> Pipeline<Q> {
             ));
         }
         if self.per_batch_sync {
+            // Written, not yet synced: the write LSN moves now (a standby
+            // reports it for `remote_write` while the sync runs).
+            self.written = to;
+            self.shared.commit.publish(to, self.flushed);
+            if !self.s.test_sync_delay.is_zero() {
+                std::thread::sleep(self.s.test_sync_delay);
+            }
             let res = if self.datasync {
                 file.datasync()
             } else {

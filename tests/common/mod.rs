@@ -201,10 +201,17 @@ pub struct Node {
     pub settings: Vec<String>,
     /// `--config FILE`, if any (for reloads).
     pub config: Option<PathBuf>,
+    /// Environment variables for the process (test injections).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
     pub fn start(dir: &Path, settings: &[impl AsRef<str>]) -> Node {
+        Node::start_with_env(dir, settings, &[])
+    }
+
+    /// The same, with `env` set in the server's environment.
+    pub fn start_with_env(dir: &Path, settings: &[impl AsRef<str>], env: &[(&str, &str)]) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         let mut n = Node {
             dir: dir.to_path_buf(),
@@ -212,6 +219,10 @@ impl Node {
             addr: String::new(),
             settings: settings.iter().map(|s| s.as_ref().to_string()).collect(),
             config: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         n.restart();
         n
@@ -252,6 +263,7 @@ impl Node {
             .unwrap();
         let child = cmd
             .env("WALDEN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
