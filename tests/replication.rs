@@ -122,6 +122,27 @@ fn any_one_of_two_standbys_survives_one_and_waits_for_both() {
         "status says the quorum is lost: {}",
         st["replication"]
     );
+    let waiting = |p: &Node| {
+        p.status()["replication"]["commits_waiting"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(waiting(&cl.primary), 0, "the cancelled wait is not counted");
+    // A client that goes away while it waits: its wait leaves the count at
+    // once, not when the quorum comes back.
+    {
+        let mut gone = cl.primary.client();
+        gone.queue_append(Durability::On, &[(Kind::DATA, b"nobody waits for this")]);
+        gone.flush().unwrap();
+        wait_until("one commit waiting", &[&cl.primary], || {
+            waiting(&cl.primary) == 1
+        });
+    }
+    wait_until(
+        "the closed connection's wait forgotten",
+        &[&cl.primary],
+        || waiting(&cl.primary) == 0,
+    );
     // A waiter without timeout, released when one standby comes back.
     let addr = cl.primary.addr.clone();
     let waiter = std::thread::spawn(move || {

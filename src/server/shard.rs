@@ -329,6 +329,7 @@ pub(crate) fn run(
                             // never started.
                             shard.shared.wal_senders.fetch_sub(1, SeqCst);
                         }
+                        shard.forget_waits(id, st.serial);
                         tracing::debug!(shard = index, peer = ?st.peer, ?err, "connection closed");
                     }
                 }
@@ -496,6 +497,20 @@ impl Shard<'_> {
                 rep.waiting.fetch_sub(1, Relaxed);
                 let st = conns.get_mut(&p.conn).filter(|st| st.serial == p.serial);
                 self.answer(st, p, outcome, flushed, stopping);
+            }
+        }
+    }
+
+    /// A closed connection's waits for standbys: nobody is left to answer,
+    /// so they leave the queues (and the "commits waiting" count) now, not
+    /// when the quorum comes back. Its `local` waits end at the next flush.
+    fn forget_waits(&mut self, id: ConnId, serial: u64) {
+        for q in 1..QUEUES {
+            let before = self.pending[q].len();
+            self.pending[q].retain(|p| !(p.conn == id && p.serial == serial));
+            let gone = before - self.pending[q].len();
+            if gone > 0 {
+                self.shared.syncrep.waiting.fetch_sub(gone as i64, Relaxed);
             }
         }
     }
