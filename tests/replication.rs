@@ -811,3 +811,60 @@ fn remote_write_waits_for_the_standbys_write_not_its_sync() {
         "`on` returned after {took:?}, before the standby's 1.5 s sync"
     );
 }
+
+/// A cleanly stopped primary streams everything to its standbys before it
+/// closes its WAL, its shutdown checkpoint included (PostgreSQL's
+/// WalSndDone): each standby's WAL ends where the primary's does, byte
+/// for byte, so a planned switchover loses nothing.
+#[test]
+fn a_clean_stop_sends_the_shutdown_checkpoint_to_the_standbys() {
+    let mut cl = cluster("ANY 1 (s1, s2)", &[]);
+    let mut c = cl.primary.client();
+    for i in 0..1000u32 {
+        append(&mut c, Durability::On, &vec![i as u8; 3500]).unwrap();
+    }
+    drop(c);
+    cl.primary.stop();
+    let log = cl.primary.log();
+    let end: Lsn = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("WAL shut down at ").nth(1))
+        .unwrap_or_else(|| panic!("no \"WAL shut down at\" in the primary's log:\n{log}"))
+        .trim()
+        .parse()
+        .unwrap();
+    for s in [&cl.s1, &cl.s2] {
+        wait_until(
+            "the standby flushed the primary's last record",
+            &[s],
+            || lsn(&s.status()["replication"]["wal_receiver"]["flushed_lsn"]) >= end,
+        );
+        let flushed = lsn(&s.status()["replication"]["wal_receiver"]["flushed_lsn"]);
+        assert_eq!(flushed, end, "the standby has WAL the primary does not");
+    }
+    cl.s1.stop();
+    cl.s2.stop();
+    compare_wal(&cl.primary.dir, &cl.s1.dir, end);
+    compare_wal(&cl.primary.dir, &cl.s2.dir, end);
+    // The last record the standbys have is the primary's shutdown checkpoint.
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["waldump", "-D"])
+        .arg(&cl.s1.dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rfind(|l| l.contains("lsn:") || l.contains("kind"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no records in waldump's output:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        last.contains("CHECKPOINT_SHUTDOWN"),
+        "the standby's last record is not the shutdown checkpoint: {last}"
+    );
+}

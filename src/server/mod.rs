@@ -104,8 +104,15 @@ pub(crate) struct ServerShared {
     /// Walsenders running (max_wal_senders limits them).
     pub wal_senders: AtomicU32,
     pub senders: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    /// Set once every shard stopped: walsenders may end their streams.
+    /// Base backup threads: joined before the shutdown checkpoint (they
+    /// write WAL), where the walsenders are joined after it.
+    pub backups: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Set once every shard stopped.
     pub shards_done: AtomicBool,
+    /// Set once the shutdown checkpoint is durable and nothing more will be
+    /// written: walsenders send the rest, wait for their standby to confirm
+    /// it (bounded), and end their streams (PostgreSQL's WalSndDone).
+    pub wal_final: AtomicBool,
     /// On a standby: the walreceiver's state, for /status.
     pub receiver: Option<Arc<walreceiver::ReceiverStatus>>,
     /// The replication slots (`DATA_DIR/slots`).
@@ -331,7 +338,9 @@ impl Server {
             standby_of: standby.as_ref().map(|i| i.address()),
             wal_senders: AtomicU32::new(0),
             senders: std::sync::Mutex::new(Vec::new()),
+            backups: std::sync::Mutex::new(Vec::new()),
             shards_done: AtomicBool::new(false),
+            wal_final: AtomicBool::new(false),
             receiver: receiver_status.clone(),
             slots,
             store,
@@ -552,9 +561,10 @@ impl Server {
         for (h, _) in self.shards {
             let _ = h.join();
         }
-        // The shards answered what they could; the walsenders end their streams.
+        // The shards answered what they could. Base backups end (they
+        // write WAL: nothing may follow the shutdown checkpoint).
         self.shared.shards_done.store(true, SeqCst);
-        for h in std::mem::take(&mut *self.shared.senders.lock().unwrap()) {
+        for h in std::mem::take(&mut *self.shared.backups.lock().unwrap()) {
             let _ = h.join();
         }
         self.shared.metrics.shutdown();
@@ -562,7 +572,16 @@ impl Server {
             let _ = h.join();
         }
         // The shards are gone; the store's own threads stop in shut_down.
-        self.shared.store.shut_down()?;
+        // Between its shutdown checkpoint and the WAL's close, the
+        // walsenders send everything, the checkpoint included, and end:
+        // a standby of a cleanly stopped primary has all of its WAL.
+        let shared = &self.shared;
+        self.shared.store.shut_down_then(|| {
+            shared.wal_final.store(true, SeqCst);
+            for h in std::mem::take(&mut *shared.senders.lock().unwrap()) {
+                let _ = h.join();
+            }
+        })?;
         Ok(())
     }
 }

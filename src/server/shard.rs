@@ -657,9 +657,15 @@ impl Shard<'_> {
         req: super::walsender::StartRequest,
         peer: Option<SocketAddr>,
     ) {
-        self.start_stream_thread("walden-walsnd", "walsender", fd, peer, move |sh, s, p| {
-            super::walsender::run(sh, s, req, p)
-        });
+        let list = &self.shared.senders;
+        self.start_stream_thread(
+            "walden-walsnd",
+            "walsender",
+            list,
+            fd,
+            peer,
+            move |sh, s, p| super::walsender::run(sh, s, req, p),
+        );
     }
 
     /// Starts the thread of a detached base backup connection.
@@ -669,9 +675,15 @@ impl Shard<'_> {
         req: super::basebackup::BackupRequest,
         peer: Option<SocketAddr>,
     ) {
-        self.start_stream_thread("walden-backup", "base backup", fd, peer, move |sh, s, p| {
-            super::basebackup::run(sh, s, req, p)
-        });
+        let list = &self.shared.backups;
+        self.start_stream_thread(
+            "walden-backup",
+            "base backup",
+            list,
+            fd,
+            peer,
+            move |sh, s, p| super::basebackup::run(sh, s, req, p),
+        );
     }
 
     /// Runs `body` on a new thread that owns a detached connection, and
@@ -680,6 +692,7 @@ impl Shard<'_> {
         &mut self,
         name: &str,
         what: &str,
+        list: &std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
         fd: OwnedFd,
         peer: Option<SocketAddr>,
         body: impl FnOnce(Arc<ServerShared>, std::net::TcpStream, String) + Send + 'static,
@@ -695,9 +708,9 @@ impl Shard<'_> {
             });
         match spawned {
             Ok(h) => {
-                let mut senders = self.shared.senders.lock().unwrap();
-                senders.retain(|h| !h.is_finished());
-                senders.push(h);
+                let mut threads = list.lock().unwrap();
+                threads.retain(|h| !h.is_finished());
+                threads.push(h);
             }
             Err(e) => {
                 self.shared.wal_senders.fetch_sub(1, SeqCst);

@@ -35,6 +35,10 @@ use crate::replication::SenderState;
 use crate::wal::commit::FlushListener;
 use crate::wal::TIMELINE;
 
+/// How long a stopping walsender waits for its standby to confirm the
+/// shutdown checkpoint.
+const FINAL_CONFIRM: Duration = Duration::from_secs(5);
+
 /// WAL bytes per WalData frame at most.
 const CHUNK: usize = 1 << 20;
 
@@ -207,15 +211,17 @@ pub(crate) fn run(
     // What was sent, for the reply reader: a reply is due while it is past
     // the standby's last reported flush.
     let sent_lsn = Arc::new(AtomicU64::new(req.start.0));
+    let confirmed = Arc::new(AtomicU64::new(0));
     let idle_poll = Duration::from_micros(shared.cfg.idle_poll_time);
     let started = Instant::now();
     let reader = {
-        let (syncrep, gone, wake, last_reply, sent_lsn) = (
+        let (syncrep, gone, wake, last_reply, sent_lsn, confirmed) = (
             Arc::clone(&syncrep),
             Arc::clone(&gone),
             Arc::clone(&wake),
             Arc::clone(&last_reply),
             Arc::clone(&sent_lsn),
+            Arc::clone(&confirmed),
         );
         let name = req.application_name.clone();
         let slot = slot.map(|s| (Arc::clone(&shared.slots), s.to_string(), Arc::clone(&wal)));
@@ -232,6 +238,7 @@ pub(crate) fn run(
                         started,
                         last_reply: &last_reply,
                         sent: &sent_lsn,
+                        confirmed: &confirmed,
                         idle_poll,
                     },
                     slot,
@@ -252,6 +259,7 @@ pub(crate) fn run(
             started,
             last_reply: &last_reply,
             sent: &sent_lsn,
+            confirmed: &confirmed,
             idle_poll,
         },
         timeout,
@@ -288,6 +296,7 @@ fn stream_wal(
         started,
         last_reply,
         sent: sent_lsn,
+        confirmed,
         idle_poll,
     } = progress;
     let wal = &shared.wal;
@@ -321,7 +330,7 @@ fn stream_wal(
     let mut buf = vec![0u8; CHUNK];
     let mut out = Vec::with_capacity(CHUNK + 64);
     let mut last_send = Instant::now();
-    let mut stopping_since: Option<Instant> = None;
+    let mut final_since: Option<Instant> = None;
     loop {
         if gone.load(SeqCst) {
             return Ok(());
@@ -385,22 +394,25 @@ fn stream_wal(
             continue;
         }
         if shared.stopping.load(SeqCst) {
-            // Everything flushed was sent: give the standby a moment to
-            // confirm (the shards wait for it), then end the stream.
-            let since = *stopping_since.get_or_insert_with(Instant::now);
             if state != SenderState::Stopping {
                 state = SenderState::Stopping;
                 syncrep.sent(id, sent, state);
             }
-            if since.elapsed() > Duration::from_secs(5) || shared.shards_done.load(SeqCst) {
-                let _ = send(
-                    stream,
-                    &Frame::ReadEnd {
-                        request_id,
-                        end: sent,
-                    },
-                );
-                return Ok(());
+            // The shutdown checkpoint is durable and was sent (everything
+            // flushed was): wait for the standby to confirm it, for up to
+            // FINAL_CONFIRM, then end the stream (PostgreSQL's WalSndDone).
+            if shared.wal_final.load(SeqCst) && sent >= wal.flush_lsn() {
+                let since = *final_since.get_or_insert_with(Instant::now);
+                if confirmed.load(SeqCst) >= sent.0 || since.elapsed() > FINAL_CONFIRM {
+                    let _ = send(
+                        stream,
+                        &Frame::ReadEnd {
+                            request_id,
+                            end: sent,
+                        },
+                    );
+                    return Ok(());
+                }
             }
         }
         // Idle. Busy a moment ago: poll the flush LSN for
@@ -456,6 +468,8 @@ struct Progress<'a> {
     last_reply: &'a AtomicU64,
     /// The end of what was sent.
     sent: &'a AtomicU64,
+    /// The standby's last reported flush position.
+    confirmed: &'a AtomicU64,
     /// `idle_poll_time`.
     idle_poll: Duration,
 }
@@ -477,6 +491,7 @@ fn read_replies(
         started,
         last_reply,
         sent,
+        confirmed,
         idle_poll,
     } = progress;
     let limits = Limits::for_max_record_size(4096);
@@ -512,6 +527,7 @@ fn read_replies(
                             ..
                         } => {
                             reported = reported.max(flush);
+                            confirmed.fetch_max(flush.0, SeqCst);
                             syncrep.report(id, write, flush, apply);
                             if let Some((slots, slot, wal)) = slot {
                                 // A lost slot: the sender says so and ends.

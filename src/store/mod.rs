@@ -1135,17 +1135,25 @@ impl Store {
     /// Stops the background writer and the checkpointer, takes a shutdown
     /// checkpoint (the control file then says "shut down"), and closes the WAL.
     pub fn close(self) -> Result<()> {
-        self.shutdown()
+        self.shutdown(|| {})
     }
 
     /// [`Store::close`] for a store shared by reference. Idempotent; page
     /// writes after it fail.
     pub fn shut_down(&self) -> Result<()> {
-        self.shutdown()
+        self.shutdown(|| {})
     }
 
-    fn shutdown(&self) -> Result<()> {
+    /// The same, calling `before_wal_closes` once the shutdown checkpoint
+    /// is durable and before the WAL closes (the server's walsenders send
+    /// the checkpoint to the standbys there).
+    pub fn shut_down_then(&self, before_wal_closes: impl FnOnce()) -> Result<()> {
+        self.shutdown(before_wal_closes)
+    }
+
+    fn shutdown(&self, before_wal_closes: impl FnOnce()) -> Result<()> {
         if self.closed.swap(true, SeqCst) {
+            before_wal_closes();
             return Ok(());
         }
         tracing::info!("shutting down");
@@ -1167,6 +1175,7 @@ impl Store {
             .ckpt
             .shutdown_outcome()
             .unwrap_or_else(|| Err("the checkpointer was not running".into()));
+        before_wal_closes();
         self.shared.wal.shut_down();
         match res {
             Ok(_) => {
@@ -1185,7 +1194,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let _ = self.shutdown();
+        let _ = self.shutdown(|| {});
     }
 }
 
