@@ -206,22 +206,19 @@ pub(crate) fn run(
     };
     let listener = Arc::new(FlushListener::new(Arc::clone(&wake)));
     wal.add_flush_listener(Arc::clone(&listener));
-    let gone = Arc::new(AtomicBool::new(false));
-    let last_reply = Arc::new(AtomicU64::new(0));
-    // What was sent, for the reply reader: a reply is due while it is past
-    // the standby's last reported flush.
-    let sent_lsn = Arc::new(AtomicU64::new(req.start.0));
-    let confirmed = Arc::new(AtomicU64::new(0));
-    let idle_poll = Duration::from_micros(shared.cfg.idle_poll_time);
-    let started = Instant::now();
+    let progress = Arc::new(Progress {
+        started: Instant::now(),
+        last_reply: AtomicU64::new(0),
+        sent: AtomicU64::new(req.start.0),
+        confirmed: AtomicU64::new(0),
+        gone: AtomicBool::new(false),
+        idle_poll: Duration::from_micros(shared.cfg.idle_poll_time),
+    });
     let reader = {
-        let (syncrep, gone, wake, last_reply, sent_lsn, confirmed) = (
+        let (syncrep, wake, progress) = (
             Arc::clone(&syncrep),
-            Arc::clone(&gone),
             Arc::clone(&wake),
-            Arc::clone(&last_reply),
-            Arc::clone(&sent_lsn),
-            Arc::clone(&confirmed),
+            Arc::clone(&progress),
         );
         let name = req.application_name.clone();
         let slot = slot.map(|s| (Arc::clone(&shared.slots), s.to_string(), Arc::clone(&wal)));
@@ -229,21 +226,8 @@ pub(crate) fn run(
             .name("walden-walsnd-r".into())
             .spawn(move || {
                 let slot = slot.as_ref().map(|(s, n, w)| (&**s, n.as_str(), &**w));
-                read_replies(
-                    reader_stream,
-                    id,
-                    &syncrep,
-                    &name,
-                    Progress {
-                        started,
-                        last_reply: &last_reply,
-                        sent: &sent_lsn,
-                        confirmed: &confirmed,
-                        idle_poll,
-                    },
-                    slot,
-                );
-                gone.store(true, SeqCst);
+                read_replies(reader_stream, id, &syncrep, &name, &progress, slot);
+                progress.gone.store(true, SeqCst);
                 wake.signal();
             })
     };
@@ -254,14 +238,7 @@ pub(crate) fn run(
         id,
         &wake,
         &listener,
-        &gone,
-        Progress {
-            started,
-            last_reply: &last_reply,
-            sent: &sent_lsn,
-            confirmed: &confirmed,
-            idle_poll,
-        },
+        &progress,
         timeout,
     );
     match outcome {
@@ -288,8 +265,7 @@ fn stream_wal(
     id: u64,
     wake: &EventFd,
     listener: &FlushListener,
-    gone: &AtomicBool,
-    progress: Progress<'_>,
+    progress: &Progress,
     timeout: Duration,
 ) -> Result<(), String> {
     let Progress {
@@ -297,8 +273,10 @@ fn stream_wal(
         last_reply,
         sent: sent_lsn,
         confirmed,
+        gone,
         idle_poll,
     } = progress;
+    let (started, idle_poll) = (*started, *idle_poll);
     let wal = &shared.wal;
     let syncrep = &shared.syncrep;
     let seg = shared.cfg.wal_segment_size.0;
@@ -460,16 +438,17 @@ fn stream_wal(
     }
 }
 
-/// Timing shared by a walsender's two threads.
-#[derive(Clone, Copy)]
-struct Progress<'a> {
+/// What a walsender's two threads share.
+struct Progress {
     started: Instant,
     /// Milliseconds after `started` of the last frame from the standby.
-    last_reply: &'a AtomicU64,
+    last_reply: AtomicU64,
     /// The end of what was sent.
-    sent: &'a AtomicU64,
+    sent: AtomicU64,
     /// The standby's last reported flush position.
-    confirmed: &'a AtomicU64,
+    confirmed: AtomicU64,
+    /// Set by the reply reader when the standby went away.
+    gone: AtomicBool,
     /// `idle_poll_time`.
     idle_poll: Duration,
 }
@@ -482,7 +461,7 @@ fn read_replies(
     id: u64,
     syncrep: &crate::replication::syncrep::SyncRep,
     name: &str,
-    progress: Progress<'_>,
+    progress: &Progress,
     slot: Option<(&crate::replication::slots::Slots, &str, &crate::wal::Wal)>,
 ) {
     use std::io::Read;
@@ -493,6 +472,7 @@ fn read_replies(
         sent,
         confirmed,
         idle_poll,
+        ..
     } = progress;
     let limits = Limits::for_max_record_size(4096);
     let mut buf = vec![0u8; 64 << 10];
@@ -504,7 +484,7 @@ fn read_replies(
         // the socket for `idle_poll_time` before blocking in the read, so
         // that the commits waiting for it are not held by a wake-up.
         if sent.load(SeqCst) > reported.0 {
-            crate::io::poll_until(idle_poll, || crate::io::poll::readable_now(fd));
+            crate::io::poll_until(*idle_poll, || crate::io::poll::readable_now(fd));
         }
         let n = match stream.read(&mut buf[have..]) {
             Ok(0) => return,
