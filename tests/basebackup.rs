@@ -719,3 +719,43 @@ fn a_damaged_page_on_the_primary_fails_the_backup() {
     );
     assert!(!copy.exists(), "a failed backup leaves nothing behind");
 }
+
+/// A copy made with -R starts as a standby of its primary: it too is
+/// consistent only past its BACKUP_END (logged at its first start), then
+/// follows the primary.
+#[test]
+fn a_standby_copy_logs_its_backup_end_and_follows_the_primary() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    fill(&mut c, 1, 10, 1, &mut Vec::new());
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &["-R", "-l", "standby copy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stop = lsn_of(&label(&copy)["STOP WAL LOCATION"]);
+    let mut node = common::Node::start(&copy, &[] as &[&str]);
+    let log = node.log();
+    assert!(log.contains("entering standby mode"), "{log}");
+    assert!(
+        log.contains("base backup \"standby copy\" started at")
+            && log.contains(&format!("consistent recovery state reached at {stop}")),
+        "{log}"
+    );
+    assert!(copy.join("data/backup_label.old").exists());
+    let (_, end) = c.page_write(Durability::Local, 1, 3, 0, b"later").unwrap();
+    let mut s = node.client();
+    let t = Instant::now();
+    loop {
+        let (lsn, data) = s.page_read(1, 3).unwrap();
+        if lsn >= end {
+            assert_eq!(&data[..5], b"later".as_slice());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the standby did not replay {end}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+}
