@@ -54,6 +54,12 @@ impl Kind {
     pub const CHECKPOINT_ONLINE: Kind = Kind(132);
     /// A shutdown checkpoint: nothing before it needs replay.
     pub const CHECKPOINT_SHUTDOWN: Kind = Kind(133);
+    /// A base backup started (pg_backup_start): its payload names the
+    /// backup's start (the redo point of its checkpoint) and its label.
+    pub const BACKUP_START: Kind = Kind(134);
+    /// A base backup's pages are copied (XLOG_BACKUP_END): same payload as
+    /// BACKUP_START; the copy is consistent once replay passed this record.
+    pub const BACKUP_END: Kind = Kind(135);
 
     /// Whether recovery replays records of this kind (the page store's own).
     pub fn is_walden(self) -> bool {
@@ -69,6 +75,8 @@ impl Kind {
             Kind::CHECKPOINT_REDO => "CHECKPOINT_REDO".into(),
             Kind::CHECKPOINT_ONLINE => "CHECKPOINT_ONLINE".into(),
             Kind::CHECKPOINT_SHUTDOWN => "CHECKPOINT_SHUTDOWN".into(),
+            Kind::BACKUP_START => "BACKUP_START".into(),
+            Kind::BACKUP_END => "BACKUP_END".into(),
             Kind(k) if k < 128 => format!("USER{k}"),
             Kind(k) => format!("WALDEN{k}"),
         }

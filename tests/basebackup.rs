@@ -426,3 +426,336 @@ fn serve_reads_walden_auto_toml() {
         json["settings"]
     );
 }
+
+/// A backup marker as `walden waldump` prints it: (its LSN, its end, the
+/// backup's start, the label).
+#[derive(Debug, Clone, PartialEq)]
+struct Marker {
+    lsn: Lsn,
+    end: Lsn,
+    start: Lsn,
+    label: String,
+}
+
+/// The BACKUP_START and BACKUP_END records of the WAL in `wal`, read with
+/// `walden waldump` (the parse fails loudly if its line changes shape).
+fn markers(wal: &Path) -> (Vec<Marker>, Vec<Marker>) {
+    let out = run_bounded(&["waldump", "-p", wal.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (mut starts, mut ends) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let kind = line.split_whitespace().nth(1).unwrap_or("");
+        if kind != "BACKUP_START" && kind != "BACKUP_END" {
+            continue;
+        }
+        let field = |name: &str| {
+            line.split(name)
+                .nth(1)
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+        };
+        let tot: u64 = field("len (rec/tot):")
+            .split(',')
+            .next()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let lsn: Lsn = field("lsn: ").split(',').next().unwrap().parse().unwrap();
+        let desc = field("desc: start ");
+        let (start, label) = desc.split_once("; label ").unwrap();
+        let m = Marker {
+            lsn,
+            end: Lsn(lsn.0 + tot),
+            start: start.parse().unwrap(),
+            label: label.trim_matches('"').to_string(),
+        };
+        if kind == "BACKUP_START" {
+            starts.push(m);
+        } else {
+            ends.push(m);
+        }
+    }
+    (starts, ends)
+}
+
+/// The one BACKUP_START and BACKUP_END of a backup, in the primary's WAL,
+/// name its start and label; the copy's label, control file and the end
+/// the tool waited for agree with them.
+#[test]
+fn the_primary_marks_the_backup_in_its_wal() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    fill(&mut c, 2, 20, 1, &mut Vec::new());
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &["-l", "marker test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (starts, ends) = markers(&server.dir.path().join("data/wal"));
+    assert_eq!((starts.len(), ends.len()), (1, 1), "{starts:?} {ends:?}");
+    let (s, e) = (&starts[0], &ends[0]);
+    assert_eq!(s.label, "marker test");
+    assert_eq!(e.label, "marker test");
+    assert_eq!(s.start, e.start, "BACKUP_END names the backup's start");
+    assert!(s.lsn >= s.start && e.lsn > s.lsn, "{s:?} {e:?}");
+
+    let l = label(&copy);
+    assert_eq!(lsn_of(&l["START WAL LOCATION"]), s.start);
+    assert_eq!(
+        lsn_of(&l["STOP WAL LOCATION"]),
+        e.end,
+        "the backup ends at the end of BACKUP_END"
+    );
+    let ctl = control::read(&copy.join("data")).unwrap().unwrap();
+    assert_eq!(ctl.redo, s.start);
+    assert_eq!(ctl.min_recovery_point, e.end);
+    // The copy's WAL holds both markers, the end one whole.
+    let (cs, ce) = markers(&copy.join("wal"));
+    assert_eq!((cs, ce), (starts.clone(), ends.clone()));
+    let log = server.log();
+    assert!(
+        log.contains(&format!("BACKUP_END at {}, backup end {}", e.lsn, e.end)),
+        "{log}"
+    );
+
+    // A second backup has its own markers; the first's are still there.
+    let copy2 = target.path().join("copy2");
+    let out = basebackup(&server.addr, &copy2, &["-l", "second"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (starts, ends) = markers(&server.dir.path().join("data/wal"));
+    assert_eq!((starts.len(), ends.len()), (2, 2));
+    assert_eq!(starts[1].label, "second");
+    assert!(starts[1].start >= ends[0].end, "{starts:?} {ends:?}");
+    assert_eq!(lsn_of(&label(&copy2)["START WAL LOCATION"]), ends[1].start);
+}
+
+/// Args of `walden serve -D DIR` as the tests run it.
+fn serve_args(dir: &Path) -> Vec<String> {
+    [
+        "serve",
+        "-D",
+        dir.to_str().unwrap(),
+        "-c",
+        "listen_addr=127.0.0.1:0",
+        "-c",
+        "metrics_addr=",
+        "-c",
+        "wal_segment_size=1MB",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The copy's WAL cut right before its BACKUP_END (the rest of that
+/// segment zeroed, later segments removed): `walden serve` on it refuses
+/// to start with PostgreSQL's message and changes nothing; the same copy
+/// whole starts.
+#[test]
+fn a_copy_cut_before_its_backup_end_record_refuses_to_start() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    fill(&mut c, 2, 20, 1, &mut Vec::new());
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wal = copy.join("wal");
+    let (_, ends) = markers(&wal);
+    assert_eq!(ends.len(), 1);
+    let cut = ends[0].lsn;
+    let seg = 1u64 << 20;
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 24)
+        .collect();
+    segments.sort();
+    let name = walden::lsn::segment_file_name(1, cut.segno(seg), seg);
+    for p in &segments {
+        let n = p.file_name().unwrap().to_str().unwrap();
+        if n > name.as_str() {
+            std::fs::remove_file(p).unwrap();
+        } else if n == name {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            let off = cut.0 % seg;
+            f.write_all_at(&vec![0u8; (seg - off) as usize], off)
+                .unwrap();
+            f.sync_all().unwrap();
+        }
+    }
+    let (_, ends) = markers(&wal);
+    assert!(ends.is_empty(), "the cut left BACKUP_END: {ends:?}");
+    let before = common::snapshot(&copy.join("data"));
+    let args = serve_args(&copy);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_bounded(&args);
+    assert!(!out.status.success(), "the cut copy started");
+    let err = stderr(&out);
+    assert!(
+        err.contains("WAL ends before end of online backup")
+            && err.contains(&format!(
+                "without the backup end record of the base backup that started at {}",
+                ends_start(&copy)
+            )),
+        "{err}"
+    );
+    assert!(copy.join("data/backup_label").exists());
+    let after = common::snapshot(&copy.join("data"));
+    let ctl = |snap: &BTreeMap<PathBuf, Option<Vec<u8>>>| {
+        snap.iter()
+            .filter(|(p, _)| {
+                p.file_name()
+                    .is_some_and(|n| n == "walden.control" || n == "backup_label")
+            })
+            .map(|(p, b)| (p.clone(), b.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ctl(&before),
+        ctl(&after),
+        "a refused start changed the control file or the label"
+    );
+}
+
+fn ends_start(copy: &Path) -> Lsn {
+    lsn_of(&label(copy)["START WAL LOCATION"])
+}
+
+/// A whole copy started as a server: it logs the end of its backup and
+/// consistency at the backup's end, clears the backup state (control file,
+/// backup_label renamed), serves and takes writes; a restart needs no
+/// backup state any more.
+#[test]
+fn a_copy_reaches_consistency_at_its_backup_end_record_and_starts() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    let mut writes = Vec::new();
+    fill(&mut c, 2, 20, 1, &mut writes);
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &["-l", "consistency"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = label(&copy);
+    let (start, stop) = (
+        lsn_of(&l["START WAL LOCATION"]),
+        lsn_of(&l["STOP WAL LOCATION"]),
+    );
+    let mut node = common::Node::start(&copy, &[] as &[&str]);
+    let log = node.log();
+    assert!(
+        log.contains(&format!(
+            "backup end record reached at {}: base backup \"consistency\" started at {start} is complete",
+            markers(&copy.join("wal")).1[0].lsn
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("consistent recovery state reached at {stop}")),
+        "{log}"
+    );
+    assert!(!copy.join("data/backup_label").exists());
+    assert_eq!(
+        label_old(&copy)["START WAL LOCATION"],
+        l["START WAL LOCATION"]
+    );
+    let mut cc = node.client();
+    let want = model(&writes, Lsn(u64::MAX));
+    for (&(rel, block), data) in &want {
+        assert_eq!(&cc.page_read(rel, block).unwrap().1, data);
+    }
+    cc.page_write(Durability::Local, 1, 0, 0, b"after").unwrap();
+    node.stop();
+    let ctl = control::read(&copy.join("data")).unwrap().unwrap();
+    assert_eq!(ctl.min_recovery_point, Lsn::INVALID, "backup state cleared");
+    node.restart();
+    assert_eq!(
+        &node.client().page_read(1, 0).unwrap().1[..5],
+        b"after".as_slice()
+    );
+    node.stop();
+    assert_eq!(
+        node.log().matches("backup end record reached").count(),
+        1,
+        "only the first start was a backup recovery"
+    );
+}
+
+fn label_old(dir: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(dir.join("data/backup_label.old")).unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// With data checksums, a page damaged on the primary's disk (not changed
+/// since) fails the backup with its relation and block, leaving nothing.
+#[test]
+fn a_damaged_page_on_the_primary_fails_the_backup() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    fill(&mut c, 2, 20, 1, &mut Vec::new());
+    // On disk: a checkpoint writes every page out.
+    c.checkpoint().unwrap();
+    let rel = server.dir.path().join("data/data/base/2");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&rel).unwrap();
+        f.write_all_at(b"rot", 7 * 8192 + 4000).unwrap();
+        f.sync_all().unwrap();
+    }
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &[]);
+    assert!(!out.status.success(), "a damaged page was copied");
+    let err = stderr(&out);
+    assert!(
+        err.contains("checksum verification failure: relation 2 block 7"),
+        "{err}"
+    );
+    assert!(!copy.exists(), "a failed backup leaves nothing behind");
+}
+
+/// A copy made with -R starts as a standby of its primary: it too is
+/// consistent only past its BACKUP_END (logged at its first start), then
+/// follows the primary.
+#[test]
+fn a_standby_copy_logs_its_backup_end_and_follows_the_primary() {
+    let server = ServerProcess::start(&[]);
+    let mut c = Client::connect(&server.addr, None).unwrap();
+    fill(&mut c, 1, 10, 1, &mut Vec::new());
+    let target = tempfile::tempdir().unwrap();
+    let copy = target.path().join("copy");
+    let out = basebackup(&server.addr, &copy, &["-R", "-l", "standby copy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stop = lsn_of(&label(&copy)["STOP WAL LOCATION"]);
+    let mut node = common::Node::start(&copy, &[] as &[&str]);
+    let log = node.log();
+    assert!(log.contains("entering standby mode"), "{log}");
+    assert!(
+        log.contains("base backup \"standby copy\" started at")
+            && log.contains(&format!("consistent recovery state reached at {stop}")),
+        "{log}"
+    );
+    assert!(copy.join("data/backup_label.old").exists());
+    let (_, end) = c.page_write(Durability::Local, 1, 3, 0, b"later").unwrap();
+    let mut s = node.client();
+    let t = Instant::now();
+    loop {
+        let (lsn, data) = s.page_read(1, 3).unwrap();
+        if lsn >= end {
+            assert_eq!(&data[..5], b"later".as_slice());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the standby did not replay {end}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+}

@@ -10,6 +10,14 @@
 //! until a record end at or past the backup's end. The first connection
 //! stays open until then: the server keeps the WAL from the redo point for
 //! as long as it is open.
+//!
+//! The primary marks the backup in its WAL (BACKUP_START after the
+//! checkpoint, BACKUP_END after the last page; `walden::store::backup`):
+//! the end it sends is the end of BACKUP_END, so the copy's WAL holds that
+//! record, and the copy's server is consistent once it replayed it. Pages
+//! are checked as they arrive (with data checksums, as pg_basebackup
+//! does): a page that fails and was not changed since the backup started
+//! fails the backup, naming its relation and block.
 
 use std::fs::File;
 use std::io::Write;
@@ -25,6 +33,7 @@ use walden::client::Client;
 use walden::lsn::segment_file_name;
 use walden::protocol::{Frame, PAGE_SIZE};
 use walden::store::control::{self, ClusterState, ControlFile};
+use walden::store::page;
 use walden::store::relfiles::BASE_DIR;
 use walden::wal::TIMELINE;
 use walden::{Config, Durability, Lsn, Wal};
@@ -32,7 +41,7 @@ use walden::{Config, Durability, Lsn, Wal};
 /// The application name of the WAL connection (the primary's view of it).
 pub const APPLICATION_NAME: &str = "walden_basebackup";
 use super::common::AUTO_CONF;
-pub const BACKUP_LABEL: &str = "backup_label";
+pub use walden::store::backup::BACKUP_LABEL;
 
 #[derive(Args)]
 #[command(disable_help_flag = true)]
@@ -84,6 +93,16 @@ pub fn run(args: BasebackupArgs) -> anyhow::Result<()> {
                 "--application-name {name:?}: use a name without spaces, quotes or backslashes"
             );
         }
+    }
+    if args.label.len() > walden::store::backup::MAX_LABEL_LEN {
+        anyhow::bail!(
+            "backup label too long (max {} bytes, got {})",
+            walden::store::backup::MAX_LABEL_LEN,
+            args.label.len()
+        );
+    }
+    if args.label.contains(['\n', '\r']) {
+        anyhow::bail!("-l {:?}: a backup label is one line", args.label);
     }
     let created = check_target(&args.dir)?;
     let outcome = backup(&args);
@@ -321,6 +340,7 @@ fn receive_pages(
                         "the primary sent pages of relation {rel}, which BackupStart did not list"
                     );
                 };
+                check_pages(rel, first_block, &pages, start)?;
                 f.write_all_at(&pages, u64::from(first_block) * PAGE_SIZE as u64)
                     .with_context(|| format!("could not write relation {rel}"))?;
                 done_kb += (pages.len() / 1024) as u64;
@@ -345,6 +365,33 @@ fn receive_pages(
             other => bail!("unexpected frame during the base backup: {other:?}"),
         }
     }
+}
+
+/// pg_basebackup's checksum verification, on the pages as they arrive:
+/// with data checksums, a page that fails its checks fails the backup,
+/// unless the primary changed it after the backup started (its LSN is at
+/// or past the start): replay from the start restores such a page from a
+/// full-page image, so a copy of it read while it was written is expected.
+fn check_pages(rel: u32, first_block: u32, pages: &[u8], start: &Start) -> anyhow::Result<()> {
+    if !start.data_checksums {
+        return Ok(());
+    }
+    for (i, p) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+        let block = first_block + i as u32;
+        if page::lsn(p) >= start.redo {
+            continue;
+        }
+        if let Err(e) = page::verify(p, page::PageTag::new(rel, block), true) {
+            bail!(
+                "checksum verification failure: relation {rel} block {block}: {e}; \
+                 the page on the primary is damaged (its LSN {} is before the backup's start {}, \
+                 so replay would not repair it)",
+                page::lsn(p),
+                start.redo
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Streams the WAL from `redo` into a standby WAL in `wal_dir` until a

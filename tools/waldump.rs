@@ -44,6 +44,9 @@ Output, one line per record, in pg_waldump's shape:
            PAGE_IMAGE           rel 1 blk 7 FPW, compression method: lz4, 61 bytes
            CHECKPOINT_REDO      redo point, 8 bytes
            CHECKPOINT_ONLINE    redo 0/1000028; tli 1; prev tli 1; fpw true
+           BACKUP_START         start 0/1000028; label \"nightly\"
+           BACKUP_END           start 0/1000028; label \"nightly\"   (the backup that
+                                started at 0/1000028 ends at this record's end)
 
 Where it stops (a last line on stderr, unless -n or -e stopped it first):
   end of WAL at X: ...         zeros where the next record would be, or no next
@@ -692,19 +695,21 @@ fn print_kind_list() {
     );
     println!(
         "{} .. {}   (other walden kinds)",
-        Kind(134).name(),
+        Kind(136).name(),
         Kind(255).name()
     );
 }
 
 /// walden's own kinds that have names, in order.
-const NAMED_WALDEN_KINDS: [Kind; 6] = [
+const NAMED_WALDEN_KINDS: [Kind; 8] = [
     Kind::NOOP,
     Kind::PAGE_WRITE,
     Kind::PAGE_IMAGE,
     Kind::CHECKPOINT_REDO,
     Kind::CHECKPOINT_ONLINE,
     Kind::CHECKPOINT_SHUTDOWN,
+    Kind::BACKUP_START,
+    Kind::BACKUP_END,
 ];
 
 fn parse_kind(name: &str) -> anyhow::Result<Kind> {
@@ -735,8 +740,12 @@ struct Description {
 
 /// The describer of each kind: client records and NOOPs are opaque bytes;
 /// the page store's records say what they touch (store::records::describe),
-/// and a full-page image's bytes count as FPI in --stats.
+/// and a full-page image's bytes count as FPI in --stats; a base backup's
+/// markers name the backup's start and label (store::backup::describe).
 fn describe(rec: &Record<'_>) -> Description {
+    if let Some(text) = walden::store::backup::describe(rec.kind, rec.payload, rec.lsn) {
+        return Description { text, fpi_len: 0 };
+    }
     if let Some(text) = walden::store::records::describe(rec.kind, rec.payload, rec.lsn) {
         let fpi_len = match rec.kind {
             Kind::PAGE_IMAGE => walden::store::records::decode_page_image(rec.payload, rec.lsn)

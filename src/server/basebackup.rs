@@ -15,10 +15,17 @@
 //! read torn, or newer than R, was changed after R, and replay from R
 //! overwrites it with that full-page image before any later change to it;
 //! a page not changed after R is on disk as of R (the checkpoint wrote and
-//! fsynced it) and is read whole. The copy is consistent once replay passes
-//! the primary's flush LSN after the last page was read (BackupEnd), which
-//! the tool writes as the control file's minimum recovery point. Without
-//! `full_page_writes` a torn page could not be repaired: refused.
+//! fsynced it) and is read whole. Without `full_page_writes` a torn page
+//! could not be repaired: refused.
+//!
+//! The backup is marked in the WAL, as pg_backup_start/pg_backup_stop do:
+//! a BACKUP_START record (start R, the label) right after the checkpoint,
+//! and a BACKUP_END record (start R, the label) once the last page was
+//! read, made durable before BackupEnd is sent. The backup's end is the
+//! end of BACKUP_END: every page read was as of a moment before it. The
+//! tool writes that end as the copy's minimum recovery point and R into
+//! its backup_label, and the copy is consistent exactly when replay passed
+//! the BACKUP_END whose start is R (`store::backup`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -31,7 +38,10 @@ use std::time::Duration;
 use super::ServerShared;
 use crate::lsn::Lsn;
 use crate::protocol::{self, ErrorCode, Frame, PAGE_SIZE};
+use crate::record::Kind;
+use crate::store::backup;
 use crate::wal::TIMELINE;
+use crate::Durability;
 
 /// Pages per BackupPages frame at most (1 MiB).
 const CHUNK_PAGES: usize = 128;
@@ -99,16 +109,38 @@ fn copy(
                 .into(),
         ));
     }
+    if req.label.len() > backup::MAX_LABEL_LEN {
+        return Err((
+            ErrorCode::BACKUP_REFUSED,
+            format!(
+                "backup label too long (max {} bytes, got {})",
+                backup::MAX_LABEL_LEN,
+                req.label.len()
+            ),
+        ));
+    }
     // Before the checkpoint: its redo point is at or after the hold, and
     // no later checkpoint releases the WAL from there.
     let hold = store.hold_wal();
-    let (checkpoint, redo) = store.checkpoint().map_err(|e| {
-        (
-            ErrorCode::INTERNAL,
-            format!("the backup's checkpoint failed: {e}"),
-        )
-    })?;
+    // A start of its own: another backup's BACKUP_END must never end this one.
+    let (checkpoint, redo) = loop {
+        let (checkpoint, redo) = store.checkpoint().map_err(|e| {
+            (
+                ErrorCode::INTERNAL,
+                format!("the backup's checkpoint failed: {e}"),
+            )
+        })?;
+        if store.claim_backup_start(redo) {
+            break (checkpoint, redo);
+        }
+    };
     debug_assert!(hold.from() <= redo);
+    let marker = write_marker(shared, Kind::BACKUP_START, redo, &req.label)?;
+    tracing::info!(
+        "base backup \"{}\": BACKUP_START at {}",
+        req.label,
+        marker.0
+    );
     let io = |what: String| move |e: std::io::Error| (ErrorCode::IO_ERROR, format!("{what}: {e}"));
     let rels = store.relations().map_err(|e| {
         (
@@ -193,9 +225,14 @@ fn copy(
             block += n as u32;
         }
     }
-    // Every page read is as of a moment before now: WAL to here makes it
-    // consistent (the backup's minimum recovery point).
-    let end = shared.wal.flush_lsn().max(redo);
+    // Every page read is as of a moment before now: WAL to the end of the
+    // BACKUP_END record makes the copy consistent (its minimum recovery
+    // point), and it is durable before the client hears of it.
+    let (at, end) = write_marker(shared, Kind::BACKUP_END, redo, &req.label)?;
+    tracing::info!(
+        "base backup \"{}\": BACKUP_END at {at}, backup end {end}",
+        req.label
+    );
     send(
         stream,
         &Frame::BackupEnd {
@@ -210,6 +247,36 @@ fn copy(
         )
     })?;
     Ok((end, hold))
+}
+
+/// Appends a BACKUP_START or BACKUP_END record for the backup that
+/// started at `start` and waits until it is flushed; its (LSN, end).
+fn write_marker(
+    shared: &ServerShared,
+    kind: Kind,
+    start: Lsn,
+    label: &str,
+) -> Result<(Lsn, Lsn), Failure> {
+    let mut payload = Vec::with_capacity(8 + label.len());
+    backup::encode_marker(start, label, &mut payload);
+    let failed = |e: crate::wal::WalError| {
+        (
+            ErrorCode::IO_ERROR,
+            format!("could not write the {kind} record of the backup: {e}"),
+        )
+    };
+    let appended = shared
+        .wal
+        .inserter()
+        .append_checked(kind, &payload, |_| true)
+        .map_err(failed)?
+        .expect("a check that always passes keeps the record");
+    shared.wal.request_flush(appended.end);
+    shared
+        .wal
+        .wait(appended.end, Durability::Local)
+        .map_err(failed)?;
+    Ok((appended.lsn, appended.end))
 }
 
 /// Reads (and ignores) until the client closes, or the server stops.

@@ -28,6 +28,7 @@
 //! What it is not: a database. Pages are opaque bytes; there are no tuples,
 //! transactions or indexes.
 
+pub mod backup;
 pub mod bgwriter;
 pub mod buffer_pool;
 pub mod checkpointer;
@@ -233,6 +234,9 @@ pub(crate) struct StoreShared {
     /// checkpointer releases no WAL at or after the lowest.
     pub wal_holds: Mutex<Vec<(u64, Lsn)>>,
     next_hold: AtomicU64,
+    /// The start of the latest base backup (PostgreSQL's lastBackupStart):
+    /// no two backups share a start, so a copy's BACKUP_END is its own.
+    last_backup_start: AtomicU64,
 }
 
 impl StoreShared {
@@ -642,7 +646,34 @@ impl Store {
         // a bad one in between was not really found), and then the control
         // file says what is going on.
         let at_open = c;
+        // A base backup's copy: consistent only past its BACKUP_END.
+        let backup = backup::BackupEndWatch::new(if creating {
+            None
+        } else {
+            backup::read_label(&data_dir)?
+        });
+        if let Some(l) = backup.label() {
+            tracing::info!(
+                "starting backup recovery with redo LSN {} (base backup \"{}\"): \
+                 consistent once its backup end record is replayed",
+                l.start,
+                l.label.escape_debug()
+            );
+        }
         let mut may_start = |scan: &EndOfScan| -> std::result::Result<(), String> {
+            // PostgreSQL's "WAL ends before end of online backup": the
+            // pages of a copy are a mix of moments until replay passed the
+            // BACKUP_END of its backup (the one whose start is the label's).
+            if let (Some(start), None) = (backup.start(), backup.reached()) {
+                return Err(format!(
+                    "WAL ends before end of online backup: the WAL ends at {} without the backup end \
+                     record of the base backup that started at {start} ({}); all WAL generated \
+                     during the backup must be available at recovery: the backup is incomplete; \
+                     take it again",
+                    scan.end,
+                    data_dir.join(backup::BACKUP_LABEL).display()
+                ));
+            }
             // A base backup is consistent only once its WAL reaches the
             // backup's end (the control file's min recovery point).
             if at_open.min_recovery_point.is_valid() && scan.end < at_open.min_recovery_point {
@@ -662,12 +693,27 @@ impl Store {
                     ));
                 }
             }
-            if creating || !was_shut_down || is_standby {
+            // Checked above: replay passed the backup's end, and a crash
+            // from here on replays at least as far again.
+            let consistent_copy = backup.reached().is_some();
+            if creating || !was_shut_down || is_standby || consistent_copy {
                 let mut now = at_open;
                 if !creating || is_standby {
                     now.state = running_state;
                 }
+                if consistent_copy {
+                    now.min_recovery_point = Lsn::INVALID;
+                }
                 control::write(&data_dir, &now, cfg.fsync).map_err(|e| e.to_string())?;
+            }
+            if consistent_copy {
+                backup::retire_label(&data_dir, cfg.fsync).map_err(|e| {
+                    format!(
+                        "could not rename file \"{}\" to \"{}\": {e}",
+                        data_dir.join(backup::BACKUP_LABEL).display(),
+                        backup::BACKUP_LABEL_OLD
+                    )
+                })?;
             }
             Ok(())
         };
@@ -694,6 +740,7 @@ impl Store {
                 &pool,
                 &progress,
                 &failure,
+                &backup,
                 (!creating).then_some(&c),
                 estimated_end,
                 workers,
@@ -769,6 +816,7 @@ impl Store {
             retention,
             wal_holds: Mutex::new(Vec::new()),
             next_hold: AtomicU64::new(1),
+            last_backup_start: AtomicU64::new(0),
             control: Mutex::new(c),
             cfg,
         });
@@ -1075,6 +1123,15 @@ impl Store {
             id,
             from,
         }
+    }
+
+    /// Claims `start` (a checkpoint's redo point) as a base backup's start:
+    /// false if a backup already started there or later (two backups whose
+    /// checkpoint requests were served by one checkpoint), and the caller
+    /// checkpoints again, as PostgreSQL's do_pg_backup_start loops until its
+    /// start point is unique.
+    pub fn claim_backup_start(&self, start: Lsn) -> bool {
+        self.shared.last_backup_start.fetch_max(start.0, SeqCst) < start.0
     }
 
     /// The page store's system identifier.

@@ -7,8 +7,10 @@
 //! - A page write applies only when the page is older than the record: its
 //!   page LSN (the end of the last record applied) is at or before the
 //!   record's start. Replaying the same WAL twice changes nothing.
-//! - Other records (client data, checkpoints) have nothing to replay; the
-//!   checkpoint record the control file names is checked on the way.
+//! - Other records (client data, checkpoints, backup markers) have nothing
+//!   to replay; the checkpoint record the control file names is checked on
+//!   the way, and in a base backup's copy the BACKUP_END of its backup is
+//!   watched for ([`BackupEndWatch`]): the copy is consistent only past it.
 //!
 //! Parallel redo: the scan's thread reads and checks the WAL and hands each
 //! page record, copied into a batch, to one of `recovery_workers` redo
@@ -37,6 +39,7 @@ use crate::record::Kind;
 use crate::wal::reader::{Record, WalReader};
 use crate::wal::TIMELINE;
 
+use super::backup::BackupEndWatch;
 use super::buffer_pool::{BufferPool, Fill};
 use super::control::ControlFile;
 use super::page::{self, PageTag};
@@ -138,6 +141,8 @@ pub(crate) struct Redo<'a> {
     /// Emptied batches coming back from the workers, for reuse.
     spare: Receiver<Batch>,
     failure: &'a RedoFailure,
+    /// A copy's backup, whose BACKUP_END makes it consistent.
+    backup: &'a BackupEndWatch,
     records: u64,
     writes: u64,
     images: u64,
@@ -147,11 +152,13 @@ pub(crate) struct Redo<'a> {
 
 impl<'a> Redo<'a> {
     /// Starts `workers` redo threads (at least one) in `scope`.
+    #[allow(clippy::too_many_arguments)] // each is a borrow the caller owns
     pub fn new<'env>(
         scope: &'a Scope<'a, 'env>,
         pool: &'a BufferPool,
         progress: &'a RecoveryProgress,
         failure: &'a RedoFailure,
+        backup: &'a BackupEndWatch,
         c: Option<&ControlFile>,
         estimated_end: Lsn,
         workers: usize,
@@ -206,6 +213,7 @@ impl<'a> Redo<'a> {
             workers: ws,
             spare,
             failure,
+            backup,
             records: 0,
             writes: 0,
             images: 0,
@@ -223,6 +231,9 @@ impl<'a> Redo<'a> {
         let end = rec.end_lsn();
         if rec.lsn == self.checkpoint {
             self.check_checkpoint(rec)?;
+        }
+        if rec.kind == Kind::BACKUP_END {
+            self.backup.observe(rec.kind, rec.payload, rec.lsn, end)?;
         }
         if rec.lsn < self.from {
             return Ok(());
