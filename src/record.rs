@@ -54,6 +54,11 @@ impl Kind {
     pub const CHECKPOINT_ONLINE: Kind = Kind(132);
     /// A shutdown checkpoint: nothing before it needs replay.
     pub const CHECKPOINT_SHUTDOWN: Kind = Kind(133);
+    // 134 and 135 are reserved.
+    /// The first record of a new timeline, written by a promotion: payload
+    /// the new timeline u32 LE, then the previous one u32 LE (PostgreSQL's
+    /// XLOG_END_OF_RECOVERY). Nothing to replay.
+    pub const END_OF_RECOVERY: Kind = Kind(136);
 
     /// Whether recovery replays records of this kind (the page store's own).
     pub fn is_walden(self) -> bool {
@@ -69,6 +74,7 @@ impl Kind {
             Kind::CHECKPOINT_REDO => "CHECKPOINT_REDO".into(),
             Kind::CHECKPOINT_ONLINE => "CHECKPOINT_ONLINE".into(),
             Kind::CHECKPOINT_SHUTDOWN => "CHECKPOINT_SHUTDOWN".into(),
+            Kind::END_OF_RECOVERY => "END_OF_RECOVERY".into(),
             Kind(k) if k < 128 => format!("USER{k}"),
             Kind(k) => format!("WALDEN{k}"),
         }
