@@ -3331,6 +3331,7 @@ mod tests {
             ErrorCode::SLOT_LOST,
             ErrorCode::DIVERGED,
             ErrorCode::SLOT_EXISTS,
+            ErrorCode::NOT_IN_RECOVERY,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             // Core codes from 1 (to 255), the page store's from 256 (to

@@ -161,6 +161,8 @@ fn promoted_standby_keeps_every_acknowledged_record_and_appends_on_timeline_2() 
     assert!(o.status.success(), "promote: {}\n{}", text(&o), s1.log());
     assert!(text(&o).contains("server promoted"), "{}", text(&o));
     assert_eq!(role_and_timeline(&s1), ("primary".to_string(), 2));
+    let st = run_bounded(&["status", "-D", s1.dir.to_str().unwrap()]);
+    assert!(text(&st).contains("timeline:        2"), "{}", text(&st));
     let log = s1.log();
     for line in [
         "selected new timeline ID: 2",
@@ -436,4 +438,52 @@ fn a_crash_in_the_middle_of_a_promotion_recovers_on_the_new_timeline() {
         let cd = controldata(&sdir);
         assert_eq!(control_line(&cd, "Latest checkpoint's TimeLineID"), "2");
     }
+}
+
+/// Promotion while the standby is still catching up: the promoted server
+/// ends its timeline 1 wherever its flushed WAL ended, which is a prefix of
+/// the old primary's WAL record for record, and continues on timeline 2.
+#[test]
+fn promote_during_catch_up_keeps_a_prefix_of_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Node::start(&dir.path().join("p"), &[] as &[&str]);
+    let mut c = primary.client();
+    let payload = vec![0x5Au8; 400];
+    for _ in 0..200 {
+        let batch: Vec<(Kind, &[u8])> = (0..50).map(|_| (Kind::DATA, &payload[..])).collect();
+        c.append(Durability::Local, &batch).unwrap();
+    }
+    drop(c);
+    let end = flush_lsn(&primary);
+    let s = Node::start(&dir.path().join("s"), &standby_settings(&primary, "s"));
+    let o = promote_dir(&s);
+    assert!(o.status.success(), "promote: {}\n{}", text(&o), s.log());
+    assert_eq!(role_and_timeline(&s), ("primary".to_string(), 2));
+    let switch = history(&s.dir, 2)[0].1;
+    assert!(
+        switch <= end,
+        "switch {switch} past the primary's end {end}"
+    );
+    // Every record before the switch is the primary's, byte for byte.
+    let mut pc = primary.client();
+    let mut sc = s.client();
+    let mut at = Lsn(1 << 20);
+    let mut compared = 0;
+    while at < switch {
+        let (theirs, next) = pc.read(at, 1 << 20, 1000).unwrap();
+        let (ours, _) = sc.read(at, 1 << 20, theirs.len() as u32).unwrap();
+        for (a, b) in theirs.iter().zip(&ours) {
+            if a.lsn >= switch {
+                break;
+            }
+            assert_eq!((a.lsn, a.kind, &a.payload), (b.lsn, b.kind, &b.payload));
+            compared += 1;
+        }
+        at = next;
+    }
+    let a = sc
+        .append(Durability::Local, &[(Kind::DATA, b"after catch-up")])
+        .unwrap();
+    assert!(a.lsns[0] > switch);
+    assert!(compared > 0 || switch == Lsn(1 << 20));
 }

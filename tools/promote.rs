@@ -139,10 +139,7 @@ fn signal_promote(dir: &Path) -> anyhow::Result<()> {
             signal.display()
         )
     })?;
-    // SAFETY: kill only reads its two integer arguments.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = walden::io::process::send_sigusr1(pid) {
         let _ = std::fs::remove_file(&signal);
         bail!("could not send promote signal (PID: {pid}): {e}");
     }
