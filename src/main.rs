@@ -35,6 +35,8 @@ enum Command {
     Checkpoint(tools::page_cli::CheckpointArgs),
     /// Create, drop or list replication slots (pg_create_physical_replication_slot, pg_replication_slots).
     Slot(tools::client_cli::SlotArgs),
+    /// End a standby's recovery: it becomes a primary on a new timeline, like pg_ctl promote.
+    Promote(tools::promote::PromoteArgs),
     /// Copy a running primary's page store and WAL into a new directory, like pg_basebackup.
     Basebackup(tools::basebackup::BasebackupArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
@@ -78,6 +80,7 @@ fn main() {
         Command::Page(args) => tools::page_cli::run(args),
         Command::Checkpoint(args) => tools::page_cli::checkpoint(args),
         Command::Slot(args) => tools::client_cli::slot(args),
+        Command::Promote(args) => tools::promote::run(args),
         Command::Basebackup(args) => tools::basebackup::run(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),

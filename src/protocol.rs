@@ -83,6 +83,7 @@ pub enum FrameType {
     TimelineHistory = 0x22,
     SlotCommand = 0x23,
     BaseBackup = 0x24,
+    Promote = 0x25,
     HelloOk = 0x81,
     Ack = 0x82,
     Records = 0x83,
@@ -101,11 +102,12 @@ pub enum FrameType {
     BackupStart = 0xA6,
     BackupPages = 0xA7,
     BackupEnd = 0xA8,
+    PromoteResult = 0xA9,
     Error = 0xFF,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 33] = [
+    pub const ALL: [FrameType; 35] = [
         FrameType::Hello,
         FrameType::Append,
         FrameType::Read,
@@ -120,6 +122,7 @@ impl FrameType {
         FrameType::TimelineHistory,
         FrameType::SlotCommand,
         FrameType::BaseBackup,
+        FrameType::Promote,
         FrameType::HelloOk,
         FrameType::Ack,
         FrameType::Records,
@@ -138,6 +141,7 @@ impl FrameType {
         FrameType::BackupStart,
         FrameType::BackupPages,
         FrameType::BackupEnd,
+        FrameType::PromoteResult,
         FrameType::Error,
     ];
 
@@ -163,7 +167,7 @@ impl FrameType {
             Append => (1 + 4 + 5, any),
             Read => (16, 16),
             Follow | ReadEnd => (8, 8),
-            Cancel | Status | Checkpoint => (0, 0),
+            Cancel | Status | Checkpoint | Promote => (0, 0),
             PageWrite => (1 + 4 + 4 + 2 + 1, 1 + 4 + 4 + 2 + PAGE_DATA),
             PageRead => (8, 8),
             PageWritten | CheckpointDone => (16, 16),
@@ -182,7 +186,7 @@ impl FrameType {
             StreamStart => (32, 32),
             WalData => (32 + 1, any),
             Keepalive => (25, 25),
-            TimelineEnd => (16, 16),
+            TimelineEnd | PromoteResult => (16, 16),
             HistoryData => (4, any),
             SlotCommand => (1 + 1, 1 + MAX_NAME_LEN),
             SlotResult => (8, 8),
@@ -331,8 +335,11 @@ impl ErrorCode {
     /// A base backup the server cannot take (it is a standby, or
     /// `full_page_writes` is off); the message says which.
     pub const BACKUP_REFUSED: ErrorCode = ErrorCode(520);
+    /// Promote sent to a server that is not a standby (PostgreSQL's "server
+    /// is not in standby mode"), or one that cannot promote itself.
+    pub const NOT_IN_RECOVERY: ErrorCode = ErrorCode(521);
 
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::BAD_FRAME,
         ErrorCode::UNKNOWN_TYPE,
         ErrorCode::UNSUPPORTED_VERSION,
@@ -360,6 +367,7 @@ impl ErrorCode {
         ErrorCode::DIVERGED,
         ErrorCode::SLOT_EXISTS,
         ErrorCode::BACKUP_REFUSED,
+        ErrorCode::NOT_IN_RECOVERY,
     ];
 
     pub fn name(self) -> &'static str {
@@ -391,6 +399,7 @@ impl ErrorCode {
             ErrorCode::DIVERGED => "DIVERGED",
             ErrorCode::SLOT_EXISTS => "SLOT_EXISTS",
             ErrorCode::BACKUP_REFUSED => "BACKUP_REFUSED",
+            ErrorCode::NOT_IN_RECOVERY => "NOT_IN_RECOVERY",
             _ => "UNKNOWN",
         }
     }
@@ -414,6 +423,7 @@ impl ErrorCode {
                 | ErrorCode::SLOT_ACTIVE
                 | ErrorCode::SLOT_LOST
                 | ErrorCode::DIVERGED
+                | ErrorCode::NOT_IN_RECOVERY
                 | ErrorCode::SLOT_EXISTS
         )
     }
@@ -664,6 +674,19 @@ pub enum Frame {
         next_timeline: u32,
         switch: Lsn,
     },
+    /// Asks a standby to end recovery and become a primary on a new
+    /// timeline (`walden promote -H`, docs/protocol.md §4.14).
+    Promote {
+        request_id: u64,
+    },
+    /// The answer to Promote: the promotion started; `timeline` is the one
+    /// the standby is leaving, `flush` its flush LSN when it stopped
+    /// streaming (replay goes at least that far).
+    PromoteResult {
+        request_id: u64,
+        timeline: u32,
+        flush: Lsn,
+    },
     HistoryData {
         request_id: u64,
         timeline: u32,
@@ -870,6 +893,19 @@ pub enum FrameRef<'a> {
         next_timeline: u32,
         switch: Lsn,
     },
+    /// Asks a standby to end recovery and become a primary on a new
+    /// timeline (`walden promote -H`, docs/protocol.md §4.14).
+    Promote {
+        request_id: u64,
+    },
+    /// The answer to Promote: the promotion started; `timeline` is the one
+    /// the standby is leaving, `flush` its flush LSN when it stopped
+    /// streaming (replay goes at least that far).
+    PromoteResult {
+        request_id: u64,
+        timeline: u32,
+        flush: Lsn,
+    },
     HistoryData {
         request_id: u64,
         timeline: u32,
@@ -933,6 +969,8 @@ impl Frame {
             | Frame::WalData { request_id, .. }
             | Frame::Keepalive { request_id, .. }
             | Frame::TimelineEnd { request_id, .. }
+            | Frame::Promote { request_id }
+            | Frame::PromoteResult { request_id, .. }
             | Frame::HistoryData { request_id, .. }
             | Frame::BaseBackup { request_id, .. }
             | Frame::BackupStart { request_id, .. }
@@ -973,6 +1011,8 @@ impl FrameRef<'_> {
             | FrameRef::WalData { request_id, .. }
             | FrameRef::Keepalive { request_id, .. }
             | FrameRef::TimelineEnd { request_id, .. }
+            | FrameRef::Promote { request_id }
+            | FrameRef::PromoteResult { request_id, .. }
             | FrameRef::HistoryData { request_id, .. }
             | FrameRef::BaseBackup { request_id, .. }
             | FrameRef::BackupStart { request_id, .. }
@@ -1241,6 +1281,16 @@ impl FrameRef<'_> {
                 request_id,
                 next_timeline,
                 switch,
+            },
+            FrameRef::Promote { request_id } => Frame::Promote { request_id },
+            FrameRef::PromoteResult {
+                request_id,
+                timeline,
+                flush,
+            } => Frame::PromoteResult {
+                request_id,
+                timeline,
+                flush,
             },
             FrameRef::HistoryData {
                 request_id,
@@ -1553,6 +1603,18 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(&next_timeline.to_le_bytes());
             out.extend_from_slice(&0u32.to_le_bytes()); // reserved
             out.extend_from_slice(&switch.0.to_le_bytes());
+            finish(out, at);
+        }
+        Frame::Promote { request_id } => _ = begin(out, FrameType::Promote, *request_id),
+        Frame::PromoteResult {
+            request_id,
+            timeline,
+            flush,
+        } => {
+            let at = begin(out, FrameType::PromoteResult, *request_id);
+            out.extend_from_slice(&timeline.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes()); // reserved
+            out.extend_from_slice(&flush.0.to_le_bytes());
             finish(out, at);
         }
         Frame::HistoryData {
@@ -2377,6 +2439,16 @@ fn decode_body<'a>(
                 switch: b.lsn("switch LSN")?,
             }
         }
+        FrameType::Promote => FrameRef::Promote { request_id },
+        FrameType::PromoteResult => {
+            let timeline = b.timeline()?;
+            b.reserved_u32()?;
+            FrameRef::PromoteResult {
+                request_id,
+                timeline,
+                flush: b.lsn("flush LSN")?,
+            }
+        }
         FrameType::HistoryData => FrameRef::HistoryData {
             request_id,
             timeline: b.timeline()?,
@@ -3031,6 +3103,11 @@ mod tests {
                 next_timeline: 2,
                 switch: Lsn(8),
             },
+            Frame::PromoteResult {
+                request_id: 1,
+                timeline: 1,
+                flush: Lsn(8),
+            },
         ];
         for f in &frames {
             let b = bytes(f);
@@ -3254,6 +3331,7 @@ mod tests {
             ErrorCode::SLOT_LOST,
             ErrorCode::DIVERGED,
             ErrorCode::SLOT_EXISTS,
+            ErrorCode::NOT_IN_RECOVERY,
         ];
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             // Core codes from 1 (to 255), the page store's from 256 (to

@@ -60,6 +60,10 @@ impl Kind {
     /// A base backup's pages are copied (XLOG_BACKUP_END): same payload as
     /// BACKUP_START; the copy is consistent once replay passed this record.
     pub const BACKUP_END: Kind = Kind(135);
+    /// The first record of a new timeline, written by a promotion: payload
+    /// the new timeline u32 LE, then the previous one u32 LE (PostgreSQL's
+    /// XLOG_END_OF_RECOVERY). Nothing to replay.
+    pub const END_OF_RECOVERY: Kind = Kind(136);
 
     /// Whether recovery replays records of this kind (the page store's own).
     pub fn is_walden(self) -> bool {
@@ -77,6 +81,7 @@ impl Kind {
             Kind::CHECKPOINT_SHUTDOWN => "CHECKPOINT_SHUTDOWN".into(),
             Kind::BACKUP_START => "BACKUP_START".into(),
             Kind::BACKUP_END => "BACKUP_END".into(),
+            Kind::END_OF_RECOVERY => "END_OF_RECOVERY".into(),
             Kind(k) if k < 128 => format!("USER{k}"),
             Kind(k) => format!("WALDEN{k}"),
         }

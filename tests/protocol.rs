@@ -236,6 +236,12 @@ fn examples() -> Vec<Frame> {
             next_timeline: 2,
             switch: Lsn(0x100_0040),
         },
+        Frame::Promote { request_id: 13 },
+        Frame::PromoteResult {
+            request_id: 13,
+            timeline: 1,
+            flush: Lsn(0x100_0040),
+        },
         Frame::HistoryData {
             request_id: 11,
             timeline: 2,
@@ -667,6 +673,13 @@ fn replication_server_frame() -> impl Strategy<Value = Frame> {
                 switch: Lsn(switch),
             }
         }),
+        (id.clone(), timeline(), any::<u64>()).prop_map(|(request_id, timeline, flush)| {
+            Frame::PromoteResult {
+                request_id,
+                timeline,
+                flush: Lsn(flush),
+            }
+        }),
         (id.clone(), timeline(), payload()).prop_map(|(request_id, timeline, history)| {
             Frame::HistoryData {
                 request_id,
@@ -722,7 +735,8 @@ fn client_frame() -> impl Strategy<Value = Frame> {
             }
         ),
         1 => (id.clone(), any::<u32>(), any::<u32>()).prop_map(|(request_id, rel, block)| Frame::PageRead { request_id, rel, block }),
-        1 => id.prop_map(|request_id| Frame::Checkpoint { request_id }),
+        1 => id.clone().prop_map(|request_id| Frame::Checkpoint { request_id }),
+        1 => id.prop_map(|request_id| Frame::Promote { request_id }),
         3 => replication_client_frame(),
     ]
 }
@@ -1483,4 +1497,39 @@ fn backup_checks_match_the_doc() {
     assert!(decode(&edge, ToServer, &limits).unwrap().is_some());
     let last = patch(pages, 20, &[0xFE, 0xFF, 0xFF, 0x3F]);
     assert!(decode(&last, ToClient, &limits).unwrap().is_some());
+}
+
+/// The Promote and PromoteResult examples in docs/protocol.md §4.14, byte
+/// for byte, and the decoder's checks on them.
+#[test]
+fn promote_frames_match_the_doc() {
+    #[rustfmt::skip]
+    assert_eq!(frame_bytes(&Frame::Promote { request_id: 5 }), [
+        0x10, 0x00, 0x00, 0x00, 0x25, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ]);
+    let result = frame_bytes(&Frame::PromoteResult {
+        request_id: 5,
+        timeline: 1,
+        flush: Lsn(0x100_0040),
+    });
+    #[rustfmt::skip]
+    assert_eq!(result, [
+        0x20, 0x00, 0x00, 0x00, 0xa9, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x01, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00,
+        0x40, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+    ]);
+    let decode_error = |bytes: Vec<u8>, direction: Direction| {
+        let e = decode(&bytes, direction, &Limits::default()).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BAD_FRAME);
+        e.problem.to_string()
+    };
+    let e = decode_error(patch(result.clone(), 16, &[0]), Direction::ToClient);
+    assert!(e.contains("timeline 0 does not exist"), "{e}");
+    let e = decode_error(patch(result, 20, &[1]), Direction::ToClient);
+    assert!(e.contains("reserved is 0x00000001, must be 0"), "{e}");
+    let mut promote = frame_bytes(&Frame::Promote { request_id: 5 });
+    promote.push(0);
+    let e = decode_error(with_len(promote), Direction::ToServer);
+    assert!(e.contains("Promote frame with a body of 1 bytes"), "{e}");
 }

@@ -500,6 +500,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     };
     println!("server:          {}", c.server_name);
     println!("state:           {}", field(&["state"]));
+    if field(&["timeline"]) != "?" {
+        println!("timeline:        {}", field(&["timeline"]));
+    }
     if field(&["state"]) == "recovering" {
         println!(
             "recovery:        redo at {} of {} ({}%), from {}, {} records",

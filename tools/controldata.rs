@@ -200,7 +200,7 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
     };
     if let (Some(start), Some(size), true) = (wal_start, wal.segment_size, wal_readable) {
         // Read-only: the scan only reads segment files.
-        let scan = startup::scan(&wal_dir, size, TIMELINE, start, false, None)?;
+        let scan = startup::scan(&wal_dir, size, wal.timeline, start, false, None)?;
         d.end_of_wal = Some(fmt_lsn(scan.end));
         d.end_of_wal_reason = scan.reason.map(|r| r.to_string());
         d.retained_wal_records = Some(scan.records);

@@ -9,6 +9,7 @@ pub mod common;
 pub mod controldata;
 pub mod crashtest;
 pub mod page_cli;
+pub mod promote;
 pub mod serve;
 pub mod store_child;
 pub mod test_fsync;

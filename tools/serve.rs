@@ -1,12 +1,14 @@
-//! `walden serve`: runs the server until SIGTERM/SIGINT; SIGHUP reloads.
+//! `walden serve`: runs the server until SIGTERM/SIGINT; SIGHUP reloads;
+//! SIGUSR1 with `promote.signal` in the data directory promotes a standby
+//! (`walden promote`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use walden::io::file::FileError;
-use walden::server::{Server, ADDR_FILE, STARTING_FILE};
+use walden::server::{Server, ADDR_FILE, PROMOTE_SIGNAL, STARTING_FILE};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -36,7 +38,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // for it). During recovery the protocol address is in walden.starting,
     // where `walden status` finds it to show recovery's progress.
     let starting_file = cfg.data_dir.join(STARTING_FILE);
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .context("could not install signal handlers")?;
     let wrote_starting = std::cell::Cell::new(false);
     // Called with the directories locked: a server refused by the lock
@@ -53,7 +55,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if wrote_starting.get() {
         let _ = std::fs::remove_file(&starting_file);
     }
-    let server = server?;
+    let mut server = server?;
+    server.set_promote_hook(promote_hook());
     let metrics_addr = super::common::start_metrics(&server, &cfg)?;
     write_addrs(&addr_file, server.local_addr(), metrics_addr)?;
     tracing::info!(
@@ -67,6 +70,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     for sig in signals.forever() {
         match sig {
+            SIGUSR1 => {
+                if !cfg.data_dir.join(PROMOTE_SIGNAL).exists() {
+                    continue;
+                }
+                if !server.is_standby() {
+                    tracing::info!("ignoring promote request: this server is not in standby mode");
+                    let _ = std::fs::remove_file(cfg.data_dir.join(PROMOTE_SIGNAL));
+                    continue;
+                }
+                server = promote(server, &cfg, &addr_file, metrics_addr)?;
+            }
             SIGHUP => {
                 tracing::info!("received SIGHUP, reloading configuration files");
                 let reloaded =
@@ -97,6 +111,41 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     server.shutdown()?;
     tracing::info!("walden stopped cleanly");
     Ok(())
+}
+
+/// Promotes a standby in this process: the standby server shuts down (its
+/// walreceiver first, then a restartpoint-style write-out of its pages),
+/// and a server starts again on the same directories and addresses; its
+/// store finds promote.signal, replays everything flushed, and starts a
+/// new timeline (see `Store::open_promoting_locked`).
+fn promote(
+    server: Server,
+    cfg: &walden::Config,
+    addr_file: &Path,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Server> {
+    tracing::info!("received promote request: stopping the standby to end recovery");
+    let listen = server.local_addr();
+    let _ = std::fs::remove_file(addr_file);
+    server.shutdown()?;
+    let mut next = cfg.clone();
+    next.set(&format!("listen_addr={listen}"))?;
+    if let Some(m) = metrics_addr {
+        next.set(&format!("metrics_addr={m}"))?;
+    }
+    let server = Server::start_with(next.clone(), |_| Ok(()))?;
+    server.set_promote_hook(promote_hook());
+    let metrics = super::common::start_metrics(&server, &next)?;
+    write_addrs(addr_file, server.local_addr(), metrics)?;
+    Ok(server)
+}
+
+/// A Promote frame's hook: the serve loop's SIGUSR1, as `walden promote -D`
+/// sends it.
+fn promote_hook() -> walden::server::PromoteHook {
+    std::sync::Arc::new(|| {
+        let _ = signal_hook::low_level::raise(SIGUSR1);
+    })
 }
 
 /// Writes the bound addresses to `path` through a temporary file and a

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use walden::wal::reader::WalReader;
-use walden::wal::TIMELINE;
 use walden::Lsn;
 
 use super::waldump::WalDir;
@@ -62,7 +61,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .segment_size
         .context("the WAL directory has no segment files")?;
     let start = dir.wal_start()?;
-    let mut reader = WalReader::new(&wal_dir, seg, TIMELINE, start, None);
+    let mut reader = WalReader::new(&wal_dir, seg, dir.timeline, start, None);
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut seen = 0usize;
     while let Some(rec) = reader.next_record()? {

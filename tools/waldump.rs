@@ -25,8 +25,8 @@ use walden::store::page::{PageTag, PAGE_DATA};
 use walden::store::records::{decode_page_image, decode_page_write};
 use walden::wal::reader::{EndOfWal, Record, WalReader};
 use walden::wal::segments;
+use walden::wal::timeline::{self, TimelineMap};
 use walden::wal::version::WAL_FORMAT_VERSION;
-use walden::wal::TIMELINE;
 use walden::Lsn;
 
 const AFTER_HELP: &str = "\
@@ -231,7 +231,7 @@ pub fn run(args: WaldumpArgs) -> anyhow::Result<()> {
     let mut pos = start;
     let mut read_any = false;
     let end = loop {
-        let mut reader = WalReader::new(&dir, segment_size, TIMELINE, pos, end_limit);
+        let mut reader = WalReader::new(&dir, segment_size, wal.timeline, pos, end_limit);
         while let Some(rec) = reader.next_record()? {
             read_any = true;
             if !filter.wants(&rec) {
@@ -383,7 +383,7 @@ fn segment_range(
         }
         None => first,
     };
-    let name = |s: u64| lsn::segment_file_name(TIMELINE, s, segment_size);
+    let name = |s: u64| wal.map.file_name(s, segment_size);
     if let Some(s) = args.start.filter(|s| s.segno(segment_size) != first) {
         bail!(
             "start WAL location {} is not inside file \"{}\"",
@@ -420,7 +420,7 @@ fn find_record(
 ) -> anyhow::Result<Result<Lsn, EndOfWal>> {
     let size = wal.segment_size.expect("a WAL with segments");
     let valid_at = |at: Lsn| -> anyhow::Result<Result<(), EndOfWal>> {
-        let mut r = WalReader::new(&wal.dir, size, TIMELINE, at, limit);
+        let mut r = WalReader::new(&wal.dir, size, wal.timeline, at, limit);
         Ok(match r.next_record()? {
             Some(_) => Ok(()),
             None => Err(r.end().cloned().expect("an end when no record")),
@@ -440,7 +440,7 @@ fn find_record(
     let mut buf = vec![0u8; CHUNK as usize];
     while field - 8 < limit {
         let segno = field / size;
-        let path = wal.dir.join(lsn::segment_file_name(TIMELINE, segno, size));
+        let path = wal.dir.join(wal.map.file_name(segno, size));
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => break,
@@ -514,7 +514,7 @@ fn missing_hint(end: &EndOfWal, wal: &WalDir) -> String {
         (EndOfWal::MissingSegment { at, .. }, Some(size)) => match later_segment(*at, wal) {
             Some(s) => format!(
                 " (but a later segment, {}, exists: WAL is missing, not ended)",
-                lsn::segment_file_name(TIMELINE, s, size)
+                wal.map.file_name(s, size)
             ),
             None => String::new(),
         },
@@ -537,7 +537,12 @@ pub struct WalDir {
     pub dir: PathBuf,
     /// `None` when there is no segment file to measure.
     pub segment_size: Option<u64>,
-    /// Segment numbers of timeline [`TIMELINE`], ascending.
+    /// The newest timeline with a history file (1 without one): the dump
+    /// follows its history across the switch points.
+    pub timeline: u32,
+    /// Which timeline's file holds each segment.
+    pub map: TimelineMap,
+    /// Segment numbers of the WAL as [`WalDir::timeline`] sees it, ascending.
     pub segments: Vec<u64>,
     /// What `wal_version` says; `None` without the file (a WAL from before
     /// format versions: version 1, or no WAL yet).
@@ -552,6 +557,7 @@ impl WalDir {
             bail!("\"{}\" is not a directory", dir.display());
         }
         let version = walden::wal::version::read(dir)?;
+        let timeline = timeline::latest_timeline(dir)?;
         let first = walden::io::file::list_files(dir)?
             .into_iter()
             .filter(|n| looks_like_segment(n))
@@ -560,6 +566,8 @@ impl WalDir {
             return Ok(WalDir {
                 dir: dir.to_owned(),
                 segment_size: None,
+                timeline,
+                map: TimelineMap::single(timeline),
                 segments: Vec::new(),
                 version,
             });
@@ -575,10 +583,13 @@ impl WalDir {
                 path.display()
             );
         }
+        let map = TimelineMap::load(dir, timeline, size)?;
         Ok(WalDir {
             dir: dir.to_owned(),
             segment_size: Some(size),
-            segments: segments::list_segments(dir, TIMELINE, size)?,
+            segments: timeline::list_segments(dir, &map, size)?,
+            timeline,
+            map,
             version,
         })
     }
@@ -636,7 +647,7 @@ impl WalDir {
         let Ok(at) = find_record(self, segment_start, Some(wal_start))? else {
             return Ok(wal_start);
         };
-        let mut r = WalReader::new(&self.dir, size, TIMELINE, at, Some(wal_start));
+        let mut r = WalReader::new(&self.dir, size, self.timeline, at, Some(wal_start));
         while r.next_record()?.is_some() {}
         Ok(match r.end() {
             Some(EndOfWal::Limit(_)) if r.position() == wal_start => at,
@@ -654,10 +665,11 @@ impl WalDir {
                 arg.display()
             );
         };
-        if timeline != TIMELINE {
+        if !self.map.contains(timeline) {
             bail!(
-                "WAL file \"{}\" is of timeline {timeline}: walden writes timeline {TIMELINE} only",
-                arg.display()
+                "WAL file \"{}\" is of timeline {timeline}, which is not in the history of timeline {}",
+                arg.display(),
+                self.timeline
             );
         }
         let path = self.dir.join(name);
@@ -669,18 +681,17 @@ impl WalDir {
 
     pub fn segment_name(&self, segno: u64) -> Option<String> {
         self.segment_size
-            .map(|size| lsn::segment_file_name(TIMELINE, segno, size))
+            .map(|size| self.map.file_name(segno, size))
     }
 }
 
-/// A name that is a segment of [`TIMELINE`] for some segment size: 24
-/// upper-case hex digits.
+/// A name that is a segment for some segment size: 24 upper-case hex
+/// digits (of any timeline).
 fn looks_like_segment(name: &str) -> bool {
     name.len() == 24
         && name
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-        && name[..8] == format!("{TIMELINE:08X}")
 }
 
 fn print_kind_list() {
@@ -695,13 +706,13 @@ fn print_kind_list() {
     );
     println!(
         "{} .. {}   (other walden kinds)",
-        Kind(136).name(),
+        Kind(137).name(),
         Kind(255).name()
     );
 }
 
 /// walden's own kinds that have names, in order.
-const NAMED_WALDEN_KINDS: [Kind; 8] = [
+const NAMED_WALDEN_KINDS: [Kind; 9] = [
     Kind::NOOP,
     Kind::PAGE_WRITE,
     Kind::PAGE_IMAGE,
@@ -710,6 +721,7 @@ const NAMED_WALDEN_KINDS: [Kind; 8] = [
     Kind::CHECKPOINT_SHUTDOWN,
     Kind::BACKUP_START,
     Kind::BACKUP_END,
+    Kind::END_OF_RECOVERY,
 ];
 
 fn parse_kind(name: &str) -> anyhow::Result<Kind> {

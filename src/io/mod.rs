@@ -21,6 +21,7 @@ pub mod net;
 pub mod page_queue;
 pub mod poll;
 pub mod probe;
+pub mod process;
 pub mod sim;
 pub mod sim_queue;
 #[cfg(test)]

@@ -102,6 +102,9 @@ pub struct Slots {
     slots: Mutex<BTreeMap<String, Slot>>,
 }
 
+/// The timeline field is the one the slot was created on (1: timelines
+/// do not change a slot's meaning, an LSN is one position on every
+/// timeline of the history).
 fn encode(restart: Lsn, lost: bool) -> String {
     format!(
         "{restart}:{}:{}",

@@ -77,6 +77,11 @@ pub const ADDR_FILE: &str = "walden.addr";
 /// (same format; removed when `walden.addr` appears).
 pub const STARTING_FILE: &str = "walden.starting";
 
+/// Left in the data directory by `walden promote`: the standby that finds
+/// it ends recovery and becomes a primary on a new timeline (PostgreSQL's
+/// promote.signal).
+pub const PROMOTE_SIGNAL: &str = "promote.signal";
+
 /// What every shard shares.
 pub(crate) struct ServerShared {
     pub store: Arc<Store>,
@@ -117,7 +122,14 @@ pub(crate) struct ServerShared {
     pub receiver: Option<Arc<walreceiver::ReceiverStatus>>,
     /// The replication slots (`DATA_DIR/slots`).
     pub slots: Arc<crate::replication::slots::Slots>,
+    /// Starts a promotion of this standby once promote.signal is written
+    /// (`walden serve` sets it: it restarts the server in its process);
+    /// `None`: a Promote frame is refused.
+    pub promote_hook: std::sync::Mutex<Option<PromoteHook>>,
 }
+
+/// See [`ServerShared::promote_hook`].
+pub type PromoteHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Settings a reload (SIGHUP) may change while the server runs. Each shard
 /// works from its own copy, refreshed when `runtime_version` moves.
@@ -274,7 +286,23 @@ impl Server {
         )
         .map_err(|e| ServerError::Thread("start the startup responder", e))?;
         bound(local)?;
-        let standby = if cfg.primary_conninfo.trim().is_empty() {
+        // `walden promote` leaves promote.signal in the data directory
+        // (PostgreSQL's): a standby that finds it at start ends recovery
+        // and starts a new timeline; it is removed once that is durable.
+        let promote_signal = cfg.data_dir.join(PROMOTE_SIGNAL);
+        let mut promoting = crate::io::file::exists(&promote_signal);
+        if promoting && cfg.primary_conninfo.trim().is_empty() {
+            tracing::info!(
+                "ignoring {}: this server is not in standby mode",
+                promote_signal.display()
+            );
+            crate::io::file::remove_file(&promote_signal)?;
+            promoting = false;
+        }
+        if promoting {
+            tracing::info!("received promote request");
+        }
+        let standby = if cfg.primary_conninfo.trim().is_empty() || promoting {
             None
         } else {
             // Checked by validate().
@@ -294,6 +322,15 @@ impl Server {
             Arc::new(move |insert| slots.retention(insert).map_err(|e| e.message))
         };
         let store = match &standby {
+            None if promoting => {
+                let store =
+                    Store::open_promoting_locked(cfg.clone(), progress, locks, Some(retention))?;
+                // IMPORTANT: only once the new timeline is in the control
+                // file: a crash before this promotes (or finishes) again.
+                crate::io::file::remove_file(&promote_signal)?;
+                crate::io::file::sync_dir(&cfg.data_dir)?;
+                store
+            }
             None => Store::open_locked(cfg.clone(), progress, locks, Some(retention))?,
             Some(info) => {
                 // A new standby takes its primary's system identifier.
@@ -343,6 +380,7 @@ impl Server {
             wal_final: AtomicBool::new(false),
             receiver: receiver_status.clone(),
             slots,
+            promote_hook: std::sync::Mutex::new(None),
             store,
             wal,
             cfg: cfg.clone(),
@@ -408,11 +446,15 @@ impl Server {
             _ => None,
         };
         tracing::info!(
-            "listening on {bound} with {} shard(s); WAL from {} to {}",
+            "listening on {bound} with {} shard(s); WAL from {} to {} on timeline {}",
             shards.len(),
             shared.wal.start_lsn(),
-            shared.wal.insert_lsn()
+            shared.wal.insert_lsn(),
+            shared.wal.timeline()
         );
+        if promoting {
+            tracing::info!("database system is ready to accept connections");
+        }
         Ok(Server {
             shared,
             receiver: std::sync::Mutex::new(receiver),
@@ -421,6 +463,17 @@ impl Server {
             http: std::sync::Mutex::new(None),
             applied: std::sync::Mutex::new(cfg),
         })
+    }
+
+    /// Lets a Promote frame start a promotion: `hook` is called once the
+    /// frame's promote.signal is written (see [`PROMOTE_SIGNAL`]).
+    pub fn set_promote_hook(&self, hook: PromoteHook) {
+        *self.shared.promote_hook.lock().unwrap() = Some(hook);
+    }
+
+    /// Whether this server is a standby (streaming from a primary).
+    pub fn is_standby(&self) -> bool {
+        self.shared.standby_of.is_some()
     }
 
     /// The bound protocol address (port 0 resolved).
@@ -636,6 +689,7 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
     serde_json::json!({
         "server": s.name,
         "state": c.state.name(),
+        "timeline": wal.timeline(),
         "uptime_seconds": (s.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         "insert_lsn": wal.insert_lsn().to_string(),
         "write_lsn": wal.write_lsn().to_string(),
@@ -768,6 +822,7 @@ fn replication_json(s: &ServerShared) -> serde_json::Value {
     let lost = rep.quorum_lost_since();
     serde_json::json!({
         "role": if s.standby_of.is_some() { "standby" } else { "primary" },
+        "timeline": s.wal.timeline(),
         "synchronous_standby_names": s.runtime.read().unwrap().config.synchronous_standby_names,
         "quorum_write_lsn": rep.synced(WRITE).to_string(),
         "quorum_flush_lsn": rep.synced(FLUSH).to_string(),

@@ -25,7 +25,7 @@ use crate::record::Kind;
 use crate::store::StoreError;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{locate, EndOfWal, Located, WalReader};
-use crate::wal::{WalError, TIMELINE};
+use crate::wal::WalError;
 
 const RECV_BUF: usize = 256 << 10;
 /// How long waits for standbys may go on once the server stops.
@@ -1216,6 +1216,31 @@ impl Shard<'_> {
             FrameRef::StandbyStatus { request_id, .. } => {
                 self.refuse_replication(id, st, request_id, FrameType::StandbyStatus)
             }
+            FrameRef::Promote { request_id } => {
+                if self.shared.standby_of.is_none() {
+                    let msg = "cannot promote server; server is not in standby mode".to_string();
+                    return self.send_error(id, st, request_id, ErrorCode::NOT_IN_RECOVERY, msg);
+                }
+                let Some(hook) = self.shared.promote_hook.lock().unwrap().clone() else {
+                    let msg = "this server cannot promote itself (it is not run by `walden serve`)"
+                        .to_string();
+                    return self.send_error(id, st, request_id, ErrorCode::NOT_IN_RECOVERY, msg);
+                };
+                // A small synchronous file write on the shard: promotions are rare.
+                let signal = self.shared.cfg.data_dir.join(super::PROMOTE_SIGNAL);
+                if let Err(e) = crate::io::file::write_file(&signal, b"") {
+                    return self.send_error(id, st, request_id, ErrorCode::IO_ERROR, e.to_string());
+                }
+                self.send_frame(
+                    id,
+                    &Frame::PromoteResult {
+                        request_id,
+                        timeline: wal.timeline(),
+                        flush: wal.flush_lsn(),
+                    },
+                );
+                hook();
+            }
             FrameRef::TimelineHistory { request_id, .. } => {
                 self.refuse_replication(id, st, request_id, FrameType::TimelineHistory)
             }
@@ -1315,7 +1340,7 @@ impl Shard<'_> {
         Ok(WalReader::new(
             &self.shared.cfg.wal_dir,
             self.shared.cfg.wal_segment_size.0,
-            TIMELINE,
+            wal.timeline(),
             from,
             Some(wal.flush_lsn()),
         ))
@@ -1368,7 +1393,7 @@ impl Shard<'_> {
         let found = locate(
             &self.shared.cfg.wal_dir,
             self.shared.cfg.wal_segment_size.0,
-            TIMELINE,
+            wal.timeline(),
             from,
             start,
             wal.flush_lsn(),

@@ -31,7 +31,6 @@ use crate::replication::ConnInfo;
 use crate::store::Store;
 use crate::wal::commit::FlushListener;
 use crate::wal::standby::RawInserter;
-use crate::wal::TIMELINE;
 
 /// How long to wait before connecting again after a failure.
 const RETRY: Duration = Duration::from_millis(500);
@@ -242,7 +241,7 @@ fn session(
     client.queue(&Frame::StartReplication {
         request_id,
         system_id: ours,
-        timeline: TIMELINE,
+        timeline: store.wal().timeline(),
         start,
         term: 0,
         slot: s.slot.clone(),
@@ -270,7 +269,10 @@ fn session(
     status.flushed_lsn.fetch_max(start.0, Relaxed);
     *status.status.lock().unwrap() = "streaming";
     *status.last_error.lock().unwrap() = None;
-    tracing::info!("started streaming WAL from primary at {start} on timeline {TIMELINE}");
+    tracing::info!(
+        "started streaming WAL from primary at {start} on timeline {}",
+        store.wal().timeline()
+    );
     if !s.receiver_timeout.is_zero() {
         let _ = client.set_read_timeout(Some(s.receiver_timeout));
     }

@@ -33,7 +33,7 @@ use crate::protocol::{self, Direction, ErrorCode, Frame, FrameRef, Limits};
 use crate::replication::syncrep::FLUSH;
 use crate::replication::SenderState;
 use crate::wal::commit::FlushListener;
-use crate::wal::TIMELINE;
+use crate::wal::timeline::TimelineMap;
 
 /// How long a stopping walsender waits for its standby to confirm the
 /// shutdown checkpoint.
@@ -84,6 +84,8 @@ fn refuse(mut stream: TcpStream, request_id: u64, code: ErrorCode, message: Stri
 struct SegmentBytes {
     dir: PathBuf,
     segment_size: u64,
+    /// Which timeline's file holds each segment.
+    timelines: TimelineMap,
     open: Option<(u64, File)>,
 }
 
@@ -94,7 +96,7 @@ impl SegmentBytes {
         if !self.open.as_ref().is_some_and(|(s, _)| *s == segno) {
             let path = self
                 .dir
-                .join(segment_file_name(TIMELINE, segno, self.segment_size));
+                .join(self.timelines.file_name(segno, self.segment_size));
             self.open = Some((segno, File::open(path)?));
         }
         let file = &self.open.as_ref().unwrap().1;
@@ -140,9 +142,10 @@ pub(crate) fn run(
         );
         return refuse(stream, req.request_id, ErrorCode::SYSTEM_MISMATCH, msg);
     }
-    if req.timeline != TIMELINE {
+    let timeline = shared.wal.timeline();
+    if req.timeline != timeline {
         let msg = format!(
-            "requested timeline {} is not in this server's history (it is on timeline {TIMELINE})",
+            "requested timeline {} is not in this server's history (it is on timeline {timeline})",
             req.timeline
         );
         return refuse(
@@ -184,7 +187,7 @@ pub(crate) fn run(
         let msg = format!(
             "requested WAL segment {} has already been removed (WAL starts at {oldest}): \
              the standby needs a new base backup",
-            segment_file_name(TIMELINE, req.start.segno(seg), seg)
+            segment_file_name(shared.wal.timeline(), req.start.segno(seg), seg)
         );
         release();
         return refused(stream, ErrorCode::UNKNOWN_LSN, msg);
@@ -283,6 +286,7 @@ fn stream_wal(
     let mut files = SegmentBytes {
         dir: shared.cfg.wal_dir.clone(),
         segment_size: seg,
+        timelines: TimelineMap::load_or_single(&shared.cfg.wal_dir, wal.timeline(), seg),
         open: None,
     };
     let request_id = req.request_id;
@@ -297,8 +301,8 @@ fn stream_wal(
         stream,
         &Frame::StreamStart {
             request_id,
-            term: TIMELINE as u64,
-            timeline: TIMELINE,
+            term: wal.timeline() as u64,
+            timeline: wal.timeline(),
             flush,
             commit: syncrep.synced(FLUSH),
         },

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::lsn::Lsn;
 use crate::record::Kind;
-use crate::wal::{Durability, TIMELINE};
+use crate::wal::Durability;
 
 use super::buffer_pool::WriteFilter;
 use super::control::{self, ClusterState};
@@ -451,11 +451,22 @@ fn run_checkpoint(
     };
     let sync_secs = sync_began.elapsed().as_secs_f64();
 
-    // 4. The checkpoint record, durable.
+    // 4. The checkpoint record, durable. The first checkpoint of a new
+    // timeline (the end-of-recovery one of a promotion) names the previous
+    // timeline, as PostgreSQL's PrevTimeLineID; later ones their own.
+    let timeline = sh.wal.timeline();
+    let prev_timeline = {
+        let c = sh.control.lock().unwrap();
+        if c.timeline == timeline {
+            timeline
+        } else {
+            c.timeline
+        }
+    };
     let rec = Checkpoint {
         redo,
-        timeline: TIMELINE,
-        prev_timeline: TIMELINE,
+        timeline,
+        prev_timeline,
         time_us: control::now_micros(),
         full_page_writes: sh.full_page_writes,
     };
@@ -478,6 +489,8 @@ fn run_checkpoint(
         c.redo = redo;
         c.checkpoint_time = rec.time_us / 1_000_000;
         c.full_page_writes = sh.full_page_writes;
+        c.timeline = rec.timeline;
+        c.prev_timeline = rec.prev_timeline;
         c.state = if shutdown {
             ClusterState::ShutDown
         } else {

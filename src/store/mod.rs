@@ -501,7 +501,26 @@ impl Store {
         locks: DirLocks,
         retention: Option<RetentionHook>,
     ) -> Result<Store> {
-        Store::open_inner(cfg, progress, locks, None, retention)
+        Store::open_inner(cfg, progress, locks, None, retention, false)
+    }
+
+    /// [`Store::open_locked`] of a standby's directories that ends its
+    /// recovery (`walden promote`): crash recovery replays everything the
+    /// standby flushed, the end of that WAL becomes the switch point of a
+    /// new timeline (see [`crate::wal::timeline`]), an END_OF_RECOVERY
+    /// record is written first on it and made durable, and the
+    /// end-of-recovery checkpoint writes the control file (new timeline,
+    /// previous timeline, "in production"). A promotion a crash cut short
+    /// (the history file written, the control file not) is finished by any
+    /// later primary open, promoting or not, without starting another
+    /// timeline.
+    pub(crate) fn open_promoting_locked(
+        cfg: Config,
+        progress: Arc<RecoveryProgress>,
+        locks: DirLocks,
+        retention: Option<RetentionHook>,
+    ) -> Result<Store> {
+        Store::open_inner(cfg, progress, locks, None, retention, true)
     }
 
     /// Opens (or creates) a standby's page store and its WAL (in the
@@ -537,7 +556,7 @@ impl Store {
         locks: DirLocks,
         system_id: Option<u64>,
     ) -> Result<Store> {
-        Store::open_inner(cfg, progress, locks, Some(system_id), None)
+        Store::open_inner(cfg, progress, locks, Some(system_id), None, false)
     }
 
     /// `standby`: `None` for a primary; `Some(system_id)` for a standby.
@@ -548,6 +567,7 @@ impl Store {
         locks: DirLocks,
         standby: Option<Option<u64>>,
         retention: Option<RetentionHook>,
+        promote: bool,
     ) -> Result<Store> {
         cfg.validate().map_err(WalError::from)?;
         let is_standby = standby.is_some();
@@ -593,6 +613,29 @@ impl Store {
             c
         });
         check_fixed_settings(&c, &cfg, &data_dir)?;
+        // The WAL's timeline is its newest history file's. One newer than
+        // the control file's is a promotion that a crash interrupted after
+        // the history file was written: finish it, start no other one.
+        let wal_timeline = if crate::io::file::exists(&cfg.wal_dir) {
+            crate::wal::timeline::latest_timeline(&cfg.wal_dir)?
+        } else {
+            crate::wal::TIMELINE
+        };
+        let finishing = !is_standby && !creating && wal_timeline > c.timeline;
+        if promote && creating {
+            return Err(StoreError::Recovery(format!(
+                "cannot promote: {} holds no page store (no control file)",
+                data_dir.display()
+            )));
+        }
+        let start_timeline = promote && !is_standby && !finishing;
+        if finishing {
+            tracing::info!(
+                "the WAL is on timeline {wal_timeline} but the control file on timeline {}: \
+                 finishing an interrupted promotion",
+                c.timeline
+            );
+        }
         let checksums = c.data_checksum_version == 1;
         if checksums != cfg.data_checksums {
             tracing::warn!(
@@ -724,9 +767,8 @@ impl Store {
         // hands every record to redo as it goes (each segment made durable
         // before it is read).
         let seg = cfg.wal_segment_size.0;
-        let estimated_end =
-            crate::wal::segments::newest_segment(&cfg.wal_dir, crate::wal::TIMELINE, seg)
-                .map_or(Lsn(seg), |s| Lsn((s + 1) * seg));
+        let estimated_end = crate::wal::segments::newest_segment(&cfg.wal_dir, wal_timeline, seg)
+            .map_or(Lsn(seg), |s| Lsn((s + 1) * seg));
         if c.checkpoint.is_valid() && !was_shut_down {
             tracing::info!("redo starts at {}", c.redo);
         }
@@ -755,11 +797,12 @@ impl Store {
                     DirLocks::none(),
                 )
             } else {
-                Wal::open_locked(
+                Wal::open_promoting(
                     cfg.clone(),
                     Some(&mut observe),
                     &mut may_start,
                     DirLocks::none(),
+                    start_timeline,
                 )
             };
             let joined = redo.join();
@@ -783,7 +826,10 @@ impl Store {
         }
         let ckpt_end = replayed.checkpoint_end.unwrap_or(Lsn::INVALID);
         let clean = was_shut_down && c.redo == c.checkpoint && end == ckpt_end;
-        let needs_redo = !clean;
+        // A promotion (started now, or finished now) ends with an
+        // END_OF_RECOVERY record and an end-of-recovery checkpoint.
+        let promoting = start_timeline || finishing;
+        let needs_redo = !clean || promoting;
         if was_shut_down && !clean {
             tracing::info!(
                 "records follow the shutdown checkpoint at {}: they were replayed",
@@ -879,6 +925,12 @@ impl Store {
                 store.abandon();
                 return Err(e.into());
             }
+            if promoting {
+                if let Err(e) = store.end_recovery(c.timeline, end) {
+                    store.abandon();
+                    return Err(e);
+                }
+            }
             let reason = if creating {
                 Reason::Requested
             } else {
@@ -912,6 +964,29 @@ impl Store {
             return Err(e);
         }
         Ok(store)
+    }
+
+    /// The promotion's END_OF_RECOVERY record, first on the new timeline
+    /// and durable before the control file names the timeline; not written
+    /// again when it is already there (a crash after it, before the
+    /// control file).
+    fn end_recovery(&self, prev_timeline: u32, end: Lsn) -> Result<()> {
+        let wal = &self.shared.wal;
+        let new = wal.timeline();
+        let switch = match wal.promoted_at() {
+            Some(s) => s,
+            None => crate::wal::timeline::read_history(&self.shared.cfg.wal_dir, new)?
+                .last()
+                .map_or(Lsn::INVALID, |e| e.switch),
+        };
+        if end == switch {
+            let payload = crate::wal::timeline::encode_end_of_recovery(new, prev_timeline);
+            let a = wal.append(crate::record::Kind::END_OF_RECOVERY, &payload)?;
+            wal.wait(a.end, crate::wal::Durability::Local)?;
+            crate::wal::failpoint("promote-after-end-of-recovery");
+        }
+        tracing::info!("archive recovery complete");
+        Ok(())
     }
 
     /// Starts the background writer (the second of `threads`).

@@ -253,6 +253,10 @@ pub fn describe(kind: Kind, payload: &[u8], at: Lsn) -> Option<String> {
             Err(e) => format!("INVALID: {}", e.what),
         },
         Kind::CHECKPOINT_REDO => format!("redo point, {} bytes", payload.len()),
+        Kind::END_OF_RECOVERY => match crate::wal::timeline::decode_end_of_recovery(payload) {
+            Some((tli, prev)) => format!("tli {tli}; prev tli {prev}"),
+            None => format!("invalid end-of-recovery payload of {} bytes", payload.len()),
+        },
         Kind::CHECKPOINT_ONLINE | Kind::CHECKPOINT_SHUTDOWN => {
             match decode_checkpoint(kind, payload, at) {
                 Ok(c) => format!(

@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::record::Kind;
 use crate::wal::reader::{Record, WalReader};
-use crate::wal::TIMELINE;
+use crate::wal::timeline;
 
 use super::backup::BackupEndWatch;
 use super::buffer_pool::{BufferPool, Fill};
@@ -424,7 +424,13 @@ pub(crate) fn read_checkpoint(cfg: &Config, c: &ControlFile) -> Result<Lsn, Stor
             )));
         }
     }
-    let mut reader = WalReader::new(&cfg.wal_dir, seg, TIMELINE, c.checkpoint, None);
+    let mut reader = WalReader::new(
+        &cfg.wal_dir,
+        seg,
+        timeline::current(&cfg.wal_dir),
+        c.checkpoint,
+        None,
+    );
     let Some(rec) = reader.next_record()? else {
         let why = reader
             .end()

@@ -44,7 +44,6 @@ use crate::lsn::Lsn;
 use crate::record::Kind;
 use crate::wal::commit::FlushListener;
 use crate::wal::reader::{EndOfWal, WalReader};
-use crate::wal::TIMELINE;
 
 use super::{recovery, Result, StoreError, StoreShared};
 
@@ -126,7 +125,7 @@ pub(crate) fn run(sh: &StoreShared) {
     let mut reader = WalReader::new(
         &sh.cfg.wal_dir,
         sh.cfg.wal_segment_size.0,
-        TIMELINE,
+        wal.timeline(),
         r.start,
         Some(wal.flush_lsn()),
     );

@@ -27,6 +27,7 @@ pub mod reader;
 pub mod segments;
 pub mod standby;
 pub mod startup;
+pub mod timeline;
 pub mod version;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -48,8 +49,24 @@ use reader::WalReader;
 use segments::Segments;
 use standby::RawInserter;
 
-/// The timeline every WAL starts on (timelines arrive with point-in-time restore).
+/// The timeline every WAL starts on. A promotion starts the next one; the
+/// WAL's current timeline is the newest with a history file in its
+/// directory ([`timeline::latest_timeline`], [`Wal::timeline`]).
 pub const TIMELINE: u32 = 1;
+
+/// The environment variable that makes a test abort the process at a named
+/// point (`promote-after-copy`, `promote-after-history`,
+/// `promote-after-end-of-recovery`): crash tests of promotion.
+pub const FAILPOINT_ENV: &str = "WALDEN_FAILPOINT";
+
+/// Aborts the process (as kill -9 would stop it) when [`FAILPOINT_ENV`]
+/// names `point`.
+pub fn failpoint(point: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == point) {
+        tracing::error!("failpoint {point}: aborting");
+        std::process::abort();
+    }
+}
 
 /// Insert slots beyond one per shard, for the engine's own threads (the
 /// checkpointer) and embedded callers: a server's shards hold their slots
@@ -164,6 +181,10 @@ pub(crate) struct WalShared {
     standby: AtomicBool,
     /// A [`RawInserter`] exists.
     raw_taken: AtomicBool,
+    /// The timeline this WAL writes (new segments are named with it).
+    timeline: u32,
+    /// The switch point this open promoted at (a new timeline began there).
+    promoted_at: Option<Lsn>,
 }
 
 /// The embedded WAL engine. Share it between threads by reference (or Arc).
@@ -272,6 +293,23 @@ impl Wal {
         may_start: MayStart<'_>,
         locks: DirLocks,
     ) -> Result<Wal> {
+        Wal::open_promoting(cfg, observer, may_start, locks, false)
+    }
+
+    /// [`Wal::open_locked`]; with `promote`, once the end of WAL is found
+    /// it becomes the switch point of a new timeline ([`Wal::promoted_at`]):
+    /// the used prefix of the switch segment is copied into the new
+    /// timeline's file, later segments of the old timeline are removed,
+    /// and the history file is written durably, in that order, so a crash
+    /// at any step leaves either the old timeline (the copy is an unlisted
+    /// file that the next promotion replaces) or the new one complete.
+    pub(crate) fn open_promoting(
+        cfg: Config,
+        observer: Option<startup::ScanObserver<'_>>,
+        may_start: MayStart<'_>,
+        locks: DirLocks,
+        promote: bool,
+    ) -> Result<Wal> {
         cfg.validate()?;
         let dir = cfg.wal_dir.clone();
         file::create_dir_all(&dir)?;
@@ -282,7 +320,11 @@ impl Wal {
             dir: dir.display().to_string(),
             message,
         };
-        let present = segments::list_segments(&dir, TIMELINE, seg_size)?;
+        let mut tli = timeline::latest_timeline(&dir)?;
+        let map = timeline::TimelineMap::load(&dir, tli, seg_size)?;
+        let present = timeline::list_segments(&dir, &map, seg_size)?;
+        let segments_path =
+            |d: &std::path::Path, segno: u64, _: u64| d.join(map.file_name(segno, seg_size));
         if let Some(&first) = present.first() {
             let len =
                 file::SegmentFile::open(&segments_path(&dir, first, seg_size), Default::default())
@@ -309,7 +351,7 @@ impl Wal {
         };
 
         let began = Instant::now();
-        let scan = startup::scan(&dir, seg_size, TIMELINE, start, cfg.fsync, observer)?;
+        let scan = startup::scan(&dir, seg_size, tli, start, cfg.fsync, observer)?;
         let end = scan.end;
         // The scan ran into a missing segment (directly, or inside a record
         // that spans into it) while later segments exist: that is lost or
@@ -323,8 +365,8 @@ impl Wal {
                     "WAL segment {} is missing but a later one exists ({}): \
                      refusing to start, because continuing would discard the later WAL. \
                      Restore the missing segment, or move the later ones away if they are not needed",
-                    crate::lsn::segment_file_name(TIMELINE, first_gap, seg_size),
-                    crate::lsn::segment_file_name(TIMELINE, *later, seg_size)
+                    map.file_name(first_gap, seg_size),
+                    map.file_name(*later, seg_size)
                 )));
             }
         }
@@ -355,8 +397,17 @@ impl Wal {
         if start_missing {
             segments::write_wal_start(&dir, start)?;
         }
+        let promoted_at = if promote {
+            let new = tli + 1;
+            start_timeline(&dir, &map, new, end, seg_size, cfg.fsync)?;
+            tracing::info!("selected new timeline ID: {new}");
+            tli = new;
+            Some(end)
+        } else {
+            None
+        };
         let stats = Arc::new(WalStats::default());
-        let segments = Arc::new(Segments::new(&dir, &cfg, TIMELINE, Arc::clone(&stats)));
+        let segments = Arc::new(Segments::new(&dir, &cfg, tli, Arc::clone(&stats)));
         let (zeroed, removed) = startup::clear_after(&segments, end)?;
         if zeroed + removed > 0 {
             tracing::info!(
@@ -396,6 +447,8 @@ impl Wal {
             tuning: Mutex::new(None),
             standby: AtomicBool::new(false),
             raw_taken: AtomicBool::new(false),
+            timeline: tli,
+            promoted_at,
             cfg,
         });
         if !shared.cfg.fsync {
@@ -657,12 +710,23 @@ impl Wal {
         self.shared.stats.segments_created.load(Relaxed)
     }
 
+    /// The timeline this WAL writes: 1, or the one its last promotion
+    /// started (the newest history file in its directory).
+    pub fn timeline(&self) -> u32 {
+        self.shared.timeline
+    }
+
+    /// The switch point, when this open started a new timeline.
+    pub fn promoted_at(&self) -> Option<Lsn> {
+        self.shared.promoted_at
+    }
+
     /// A reader from `from` (a record start) up to the flush LSN now.
     pub fn reader(&self, from: Lsn) -> WalReader {
         WalReader::new(
             &self.shared.cfg.wal_dir,
             self.shared.cfg.wal_segment_size.0,
-            TIMELINE,
+            self.shared.timeline,
             from,
             Some(self.flush_lsn()),
         )
@@ -774,8 +838,74 @@ impl Drop for ReleaseWaitersOnUnwind {
     }
 }
 
-fn segments_path(dir: &std::path::Path, segno: u64, seg_size: u64) -> std::path::PathBuf {
-    dir.join(crate::lsn::segment_file_name(TIMELINE, segno, seg_size))
+/// Starts timeline `new` at `switch`, the end of the WAL as `map` sees it
+/// (PostgreSQL's `XLogInitNewTimeline` and `writeTimeLineHistory`):
+/// 1. the used prefix of the switch segment is copied into `new`'s file
+///    (temporary file, fsync, rename, directory fsync);
+/// 2. the old timeline's segments after the switch segment (preallocated
+///    or recycled, never read on the new timeline) are removed;
+/// 3. the history file is written durably. From then on the WAL is on `new`.
+fn start_timeline(
+    dir: &std::path::Path,
+    map: &timeline::TimelineMap,
+    new: u32,
+    switch: Lsn,
+    seg_size: u64,
+    fsync: bool,
+) -> Result<()> {
+    let segno = switch.segno(seg_size);
+    let used = switch.segment_offset(seg_size) as usize;
+    let mut prefix = vec![0u8; used];
+    if used > 0 {
+        let old = dir.join(map.file_name(segno, seg_size));
+        let f = file::SegmentFile::open(&old, Default::default())?;
+        let got = f.read_at(&mut prefix, 0)?;
+        if got < used {
+            return Err(WalError::BadDirectory {
+                dir: dir.display().to_string(),
+                message: format!(
+                    "{} is shorter than the end of WAL {switch}: cannot start timeline {new}",
+                    old.display()
+                ),
+            });
+        }
+    }
+    let target = dir.join(crate::lsn::segment_file_name(new, segno, seg_size));
+    let tmp = dir.join(format!("xlogtemp.promote.{}", std::process::id()));
+    if file::exists(&tmp) {
+        file::remove_file(&tmp)?;
+    }
+    let f = file::SegmentFile::open(
+        &tmp,
+        file::OpenMode {
+            write: true,
+            create_new: true,
+            ..Default::default()
+        },
+    )?;
+    let mut whole = prefix;
+    whole.resize(seg_size as usize, 0);
+    f.write_all_at(&whole, 0)?;
+    if fsync {
+        f.fsync()?;
+    }
+    drop(f);
+    file::rename(&tmp, &target)?;
+    if fsync {
+        file::sync_dir(dir)?;
+    }
+    failpoint("promote-after-copy");
+    let old_tli = map.current();
+    for name in file::list_files(dir)? {
+        if let Some((t, s)) = crate::lsn::parse_segment_file_name(&name, seg_size) {
+            if t == old_tli && s > segno {
+                file::remove_file(&dir.join(name))?;
+            }
+        }
+    }
+    timeline::write_history(dir, new, old_tli, switch, timeline::PROMOTE_REASON, fsync)?;
+    failpoint("promote-after-history");
+    Ok(())
 }
 
 impl WalShared {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::io::file::{FileError, OpenMode, SegmentFile};
-use crate::lsn::{self, Lsn};
+use crate::lsn::Lsn;
 use crate::record::{self, Header, Kind, RecordError, HEADER_LEN};
 
 const READ_CHUNK: usize = 1 << 20;
@@ -82,7 +82,9 @@ impl std::fmt::Display for EndOfWal {
 pub struct WalReader {
     dir: PathBuf,
     segment_size: u64,
-    timeline: u32,
+    /// Which timeline's file holds each segment (the reader follows the
+    /// history of the timeline it was given).
+    map: super::timeline::TimelineMap,
     /// Next record's start.
     pos: Lsn,
     limit: Option<Lsn>,
@@ -116,7 +118,7 @@ impl WalReader {
         WalReader {
             dir: dir.to_owned(),
             segment_size,
-            timeline,
+            map: super::timeline::TimelineMap::load_or_single(dir, timeline, segment_size),
             pos: from,
             limit,
             buf: Vec::new(),
@@ -272,11 +274,7 @@ impl WalReader {
                         self.file = None;
                         return Ok(Err(EndOfWal::MissingSegment {
                             at: next,
-                            segment: lsn::segment_file_name(
-                                self.timeline,
-                                segno,
-                                self.segment_size,
-                            ),
+                            segment: self.map.file_name(segno, self.segment_size),
                         }));
                     }
                     Err(e) => return Err(e),
@@ -294,7 +292,7 @@ impl WalReader {
             if got == 0 {
                 return Ok(Err(EndOfWal::MissingSegment {
                     at: next,
-                    segment: lsn::segment_file_name(self.timeline, segno, self.segment_size),
+                    segment: self.map.file_name(segno, self.segment_size),
                 }));
             }
         }
@@ -335,11 +333,7 @@ impl WalReader {
     }
 
     fn segment_path(&self, segno: u64) -> PathBuf {
-        self.dir.join(lsn::segment_file_name(
-            self.timeline,
-            segno,
-            self.segment_size,
-        ))
+        self.dir.join(self.map.file_name(segno, self.segment_size))
     }
 }
 
@@ -436,13 +430,14 @@ fn read_range(
     mut lo: Lsn,
     hi: Lsn,
 ) -> Result<(Lsn, Vec<u8>), FileError> {
+    let map = super::timeline::TimelineMap::load_or_single(dir, timeline, segment_size);
     let mut bytes = Vec::with_capacity((hi.0 - lo.0) as usize);
     let mut next = lo;
     while next < hi {
         let segno = next.segno(segment_size);
         let seg_off = next.segment_offset(segment_size);
         let want = (segment_size - seg_off).min(hi.0 - next.0) as usize;
-        let path = dir.join(lsn::segment_file_name(timeline, segno, segment_size));
+        let path = dir.join(map.file_name(segno, segment_size));
         let file = match SegmentFile::open(&path, OpenMode::default()) {
             Ok(f) => f,
             Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {

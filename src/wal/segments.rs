@@ -28,6 +28,9 @@ pub struct Segments {
     dir: PathBuf,
     segment_size: u64,
     timeline: u32,
+    /// Which timeline's file holds each segment (older segments keep the
+    /// names of the timelines they were written on).
+    map: super::timeline::TimelineMap,
     init_zero: bool,
     recycle: bool,
     prealloc: u64,
@@ -74,6 +77,7 @@ impl Segments {
             dir: dir.to_owned(),
             segment_size,
             timeline,
+            map: super::timeline::TimelineMap::load_or_single(dir, timeline, segment_size),
             init_zero: cfg.wal_init_zero,
             recycle: cfg.wal_recycle,
             prealloc,
@@ -130,17 +134,16 @@ impl Segments {
         self.timeline
     }
 
+    /// The file of segment `segno`: named with the timeline that holds it
+    /// (segments before the last switch keep older timelines' names).
     pub fn path(&self, segno: u64) -> PathBuf {
-        self.dir.join(lsn::segment_file_name(
-            self.timeline,
-            segno,
-            self.segment_size,
-        ))
+        self.dir.join(self.map.file_name(segno, self.segment_size))
     }
 
-    /// Segment numbers present on this timeline, ascending.
+    /// Segment numbers present on this timeline and its ancestors, each in
+    /// the file of the timeline that holds it, ascending.
     pub fn list(&self) -> Result<Vec<u64>, FileError> {
-        list_segments(&self.dir, self.timeline, self.segment_size)
+        super::timeline::list_segments(&self.dir, &self.map, self.segment_size)
     }
 
     /// Makes sure segment `segno` exists, creating it durably if not.
@@ -343,6 +346,16 @@ impl Segments {
                 removed += 1;
             }
         }
+        // Older timelines' copies of released segments (the old copy of a
+        // switch segment) are read by no one: removed with them.
+        for name in file::list_files(&self.dir)? {
+            if let Some((tli, segno)) = lsn::parse_segment_file_name(&name, self.segment_size) {
+                if segno < last_release && segno < current && tli != self.map.timeline_of(segno) {
+                    file::remove_file(&self.dir.join(name))?;
+                    removed += 1;
+                }
+            }
+        }
         if recycled + removed > 0 {
             self.sync_dir()?;
         }
@@ -381,27 +394,24 @@ impl Segments {
     }
 }
 
-/// Segment numbers of `timeline` in `dir`, ascending.
+/// Segment numbers of the WAL as `timeline` sees it in `dir` (its own
+/// segments and its ancestors' before its switch points, see
+/// [`super::timeline`]), ascending.
 pub fn list_segments(dir: &Path, timeline: u32, segment_size: u64) -> Result<Vec<u64>, FileError> {
-    let mut segs: Vec<u64> = file::list_files(dir)?
-        .iter()
-        .filter_map(|n| lsn::parse_segment_file_name(n, segment_size))
-        .filter(|&(tli, _)| tli == timeline)
-        .map(|(_, s)| s)
-        .collect();
-    segs.sort_unstable();
-    Ok(segs)
+    let map = super::timeline::TimelineMap::load_or_single(dir, timeline, segment_size);
+    super::timeline::list_segments(dir, &map, segment_size)
 }
 
 /// The segment of `timeline` modified last (by mtime): after a crash,
 /// almost always the one that holds the end of WAL (preallocated segments
 /// were written before it, recycled ones long before). For estimates only.
 pub fn newest_segment(dir: &Path, timeline: u32, segment_size: u64) -> Option<u64> {
-    list_segments(dir, timeline, segment_size)
+    let map = super::timeline::TimelineMap::load_or_single(dir, timeline, segment_size);
+    super::timeline::list_segments(dir, &map, segment_size)
         .ok()?
         .into_iter()
         .filter_map(|s| {
-            let name = lsn::segment_file_name(timeline, s, segment_size);
+            let name = map.file_name(s, segment_size);
             let m = std::fs::metadata(dir.join(name)).ok()?.modified().ok()?;
             Some((m, s))
         })
