@@ -183,6 +183,7 @@ fn copy(
         req.label
     );
 
+    let checksums = control.data_checksum_version == 1;
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
     let mut out = Vec::with_capacity(buf.len() + 64);
     for (rel, blocks) in relations {
@@ -217,6 +218,9 @@ fn copy(
             }
             // Never shorter in practice (files only grow); zeros are a new page.
             bytes[got..].fill(0);
+            if checksums {
+                reread_torn_pages(&file, rel, block, at, bytes, redo);
+            }
             out.clear();
             protocol::encode_backup_pages(req.request_id, rel, block, bytes, &mut out);
             stream
@@ -298,6 +302,27 @@ fn wait_for_close(shared: &ServerShared, stream: &mut TcpStream) {
         }
         if shared.stopping.load(SeqCst) {
             return;
+        }
+    }
+}
+
+/// A page read while the checkpointer or bgwriter was writing it may come
+/// back torn (half old, half new) and fail its checksum, though it is
+/// sound. As PostgreSQL's basebackup does, such a page (one whose LSN is
+/// before the backup's start: a later one is restored by replay anyway) is
+/// read once more; what the second read gives is sent, and the client's
+/// verification judges it.
+fn reread_torn_pages(file: &File, rel: u32, first: u32, at: u64, pages: &mut [u8], redo: Lsn) {
+    use crate::store::page;
+    for (i, p) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        let block = first + i as u32;
+        if page::lsn(p) >= redo || page::verify(p, page::PageTag::new(rel, block), true).is_ok() {
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        let offset = at + (i * PAGE_SIZE) as u64;
+        if let Err(e) = file.read_exact_at(p, offset) {
+            tracing::warn!("base backup: could not re-read relation {rel} block {block}: {e}");
         }
     }
 }
