@@ -401,6 +401,20 @@ impl Client {
         }
     }
 
+    /// The history file of `timeline` on the server (TimelineHistory,
+    /// PostgreSQL's TIMELINE_HISTORY): empty for timeline 1.
+    pub fn timeline_history(&mut self, timeline: u32) -> Result<Vec<u8>> {
+        let id = self.next_request_id();
+        self.queue(&Frame::TimelineHistory {
+            request_id: id,
+            timeline,
+        });
+        match self.recv()? {
+            Frame::HistoryData { history, .. } => Ok(history),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Queues a PageWrite (sent at the next flush or receive) and returns
     /// its request id; the answer is a `Frame::PageWritten`.
     pub fn queue_page_write(

@@ -9,31 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run_bounded, Node};
+use common::{run_bounded, standby_settings, wait_until, Node};
 use walden::{Durability, Kind, Lsn};
 
 const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
-
-fn standby_settings(primary: &Node, name: &str) -> Vec<String> {
-    vec![format!(
-        "primary_conninfo=host=127.0.0.1 port={} application_name={name}",
-        primary.port()
-    )]
-}
-
-fn wait_until(what: &str, nodes: &[&Node], mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        if t.elapsed() > Duration::from_secs(30) {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("--- {}:\n{}", n.dir.display(), n.log()))
-                .collect();
-            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -486,4 +465,84 @@ fn promote_during_catch_up_keeps_a_prefix_of_the_primary() {
         .unwrap();
     assert!(a.lsns[0] > switch);
     assert!(compared > 0 || switch == Lsn(1 << 20));
+}
+
+/// A promoted server's history over the protocol (TimelineHistory, as
+/// PostgreSQL's TIMELINE_HISTORY), and a base backup of it: the copy gets
+/// the history file, names its segments with timeline 2, and starts as a
+/// standby that streams from the promoted server on timeline 2.
+#[test]
+fn a_base_backup_of_a_promoted_server_is_its_standby_on_timeline_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = Node::start(&dir.path().join("p"), &[] as &[&str]);
+    let s1 = Node::start(&dir.path().join("s1"), &standby_settings(&primary, "s1"));
+    let mut c = primary.client();
+    for i in 0..200u32 {
+        c.append(Durability::Local, &[(Kind::DATA, &[i as u8; 200])])
+            .unwrap();
+    }
+    let end = flush_lsn(&primary);
+    wait_until("s1 has the primary's WAL", &[&primary, &s1], || {
+        s1.status()["replication"]["wal_receiver"]["flushed_lsn"]
+            .as_str()
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .is_some_and(|l| l >= end)
+    });
+    primary.kill9();
+    let o = promote_dir(&s1);
+    assert!(o.status.success(), "promote: {}", text(&o));
+    wait_until("s1 a primary on timeline 2", &[&s1], || {
+        role_and_timeline(&s1) == ("primary".to_string(), 2)
+    });
+
+    let mut c = s1.client();
+    let file = std::fs::read(s1.dir.join("wal/00000002.history")).unwrap();
+    assert_eq!(c.timeline_history(2).unwrap(), file);
+    assert!(c.timeline_history(1).unwrap().is_empty());
+    let mut c = s1.client();
+    match c.timeline_history(3) {
+        Err(walden::client::ClientError::Server { code, message }) => {
+            assert_eq!(code, walden::protocol::ErrorCode::TIMELINE_NOT_IN_HISTORY);
+            assert_eq!(
+                message,
+                "requested timeline 3 is not in this server's history (it is on timeline 2)"
+            );
+        }
+        other => panic!("timeline 3's history: {other:?}"),
+    }
+
+    let copy = dir.path().join("s3");
+    let o = run_bounded(&[
+        "basebackup",
+        "-h",
+        &s1.addr,
+        "-D",
+        copy.to_str().unwrap(),
+        "-R",
+        "--application-name",
+        "s3",
+    ]);
+    assert!(o.status.success(), "basebackup: {}", text(&o));
+    assert_eq!(history(&copy, 2), history(&s1.dir, 2));
+    let names = segment_names(&copy);
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("00000002")),
+        "the copy's segments: {names:?}"
+    );
+    let s3 = Node::start(&copy, &[] as &[&str]);
+    let mut c = s1.client();
+    let a = c
+        .append(Durability::Local, &[(Kind::DATA, b"after the backup")])
+        .unwrap();
+    wait_until(
+        "s3 replays the promoted server's new WAL",
+        &[&s1, &s3],
+        || {
+            s3.status()["replication"]["wal_receiver"]["replayed_lsn"]
+                .as_str()
+                .and_then(|l| l.parse::<Lsn>().ok())
+                .is_some_and(|l| l >= a.end)
+        },
+    );
+    assert_eq!(role_and_timeline(&s3), ("standby".to_string(), 2));
 }

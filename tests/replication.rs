@@ -7,31 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Node;
+use common::{standby_settings, wait_until, Node};
 use walden::client::{Client, ClientError};
 use walden::{Durability, Kind, Lsn};
-
-fn standby_settings(primary: &Node, name: &str) -> Vec<String> {
-    vec![format!(
-        "primary_conninfo=host=127.0.0.1 port={} application_name={name}",
-        primary.port()
-    )]
-}
-
-/// Waits (bounded) until `cond` holds, showing `what` and the logs if not.
-fn wait_until(what: &str, nodes: &[&Node], mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        if t.elapsed() > Duration::from_secs(30) {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("--- {}:\n{}", n.dir.display(), n.log()))
-                .collect();
-            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The names of the standbys the primary sees streaming.
 fn streaming(primary: &Node) -> Vec<String> {

@@ -35,7 +35,7 @@ use walden::protocol::{Frame, PAGE_SIZE};
 use walden::store::control::{self, ClusterState, ControlFile};
 use walden::store::page;
 use walden::store::relfiles::BASE_DIR;
-use walden::wal::TIMELINE;
+
 use walden::{Config, Durability, Lsn, Wal};
 
 /// The application name of the WAL connection (the primary's view of it).
@@ -200,7 +200,12 @@ fn backup(args: &BasebackupArgs) -> anyhow::Result<()> {
         let (addr, token, wal_dir) = (addr.clone(), token.clone(), wal_dir.clone());
         let (end_target, abort) = (Arc::clone(&end_target), Arc::clone(&abort));
         let slot = args.slot.clone().unwrap_or_default();
-        let (system_id, redo, seg) = (start.system_id, start.redo, start.segment_size);
+        let (system_id, timeline, redo, seg) = (
+            start.system_id,
+            start.timeline,
+            start.redo,
+            start.segment_size,
+        );
 
         std::thread::Builder::new()
             .name("basebackup-wal".into())
@@ -210,6 +215,7 @@ fn backup(args: &BasebackupArgs) -> anyhow::Result<()> {
                     token.as_deref(),
                     &wal_dir,
                     system_id,
+                    timeline,
                     redo,
                     seg,
                     &slot,
@@ -402,6 +408,7 @@ fn stream_wal(
     token: Option<&[u8]>,
     wal_dir: &Path,
     system_id: u64,
+    timeline: u32,
     redo: Lsn,
     segment_size: u64,
     slot: &str,
@@ -410,6 +417,15 @@ fn stream_wal(
 ) -> anyhow::Result<Lsn> {
     let mut client = Client::connect(addr, token)
         .with_context(|| format!("could not connect to the primary at {addr} for the WAL"))?;
+    // A primary on a later timeline (it was promoted): its history file
+    // first, so that the copy's WAL opens on that timeline and names its
+    // segments with it (PostgreSQL's pg_basebackup fetches it the same way).
+    if timeline > 1 {
+        let history = client
+            .timeline_history(timeline)
+            .with_context(|| format!("could not fetch the history of timeline {timeline}"))?;
+        walden::wal::timeline::store_history(wal_dir, timeline, &history, true)?;
+    }
     // walden's segments have no headers: the first record is at the redo
     // point itself; the segment holding it is zeros before it.
     walden::wal::segments::write_wal_start(wal_dir, redo)?;
@@ -420,6 +436,11 @@ fn stream_wal(
         ..Config::default()
     };
     let wal = Wal::open_standby(cfg).context("could not open the backup's WAL")?;
+    anyhow::ensure!(
+        wal.timeline() == timeline,
+        "the backup's WAL opened on timeline {} instead of the primary's {timeline}",
+        wal.timeline()
+    );
     let outcome =
         (|| -> anyhow::Result<Lsn> {
             let mut raw = wal.raw_inserter()?;
@@ -432,7 +453,7 @@ fn stream_wal(
             client.queue(&Frame::StartReplication {
                 request_id,
                 system_id,
-                timeline: TIMELINE,
+                timeline,
                 start: redo,
                 term: 0,
                 slot: slot.to_string(),
@@ -443,7 +464,7 @@ fn stream_wal(
                 Frame::Error { code, message, .. } => {
                     bail!(
                 "could not start WAL streaming from {redo} (segment {}){}: {code}: {message}",
-                segment_file_name(TIMELINE, redo.segno(segment_size), segment_size),
+                segment_file_name(timeline, redo.segno(segment_size), segment_size),
                 if slot.is_empty() { String::new() } else { format!(" through slot \"{slot}\"") }
             )
                 }

@@ -405,3 +405,29 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     )?;
     f.write_all_at(bytes, 0)
 }
+
+/// Replaces `dir/name` with `bytes` durably: a temporary file, written and
+/// fsynced, renamed into place, then the directory fsynced. A crash leaves
+/// the old file or the whole new one. `fsync = false` (the `fsync` setting
+/// off) skips both syncs.
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<PathBuf> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    write_file(&tmp, bytes)?;
+    if fsync {
+        SegmentFile::open(
+            &tmp,
+            OpenMode {
+                write: true,
+                ..Default::default()
+            },
+        )?
+        .fsync()?;
+    }
+    rename(&tmp, &path)?;
+    // IMPORTANT: the new name is durable before anything relies on it.
+    if fsync {
+        sync_dir(dir)?;
+    }
+    Ok(path)
+}

@@ -40,7 +40,7 @@ use crate::lsn::Lsn;
 use crate::protocol::{self, ErrorCode, Frame, PAGE_SIZE};
 use crate::record::Kind;
 use crate::store::backup;
-use crate::wal::TIMELINE;
+
 use crate::Durability;
 
 /// Pages per BackupPages frame at most (1 MiB).
@@ -163,7 +163,7 @@ fn copy(
         &Frame::BackupStart {
             request_id: req.request_id,
             system_id: control.system_identifier,
-            timeline: TIMELINE,
+            timeline: shared.wal.timeline(),
             data_checksums: control.data_checksum_version == 1,
             segment_size: shared.cfg.wal_segment_size.0,
             checkpoint,

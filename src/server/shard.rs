@@ -779,6 +779,42 @@ impl Shard<'_> {
     /// the connection closes (docs/protocol.md §3). StandbyStatus belongs on
     /// a replication stream (the walsender reads it there); timelines are
     /// not served yet.
+    /// TimelineHistory: the history file of a timeline in this server's
+    /// history (empty for timeline 1, which has none), as PostgreSQL's
+    /// TIMELINE_HISTORY. A small file read on the shard thread.
+    fn send_history(&mut self, id: ConnId, st: &mut ConnState, request_id: u64, timeline: u32) {
+        use crate::wal::timeline::{history_file_name, TimelineMap};
+        let cfg = &self.shared.cfg;
+        let current = self.shared.wal.timeline();
+        let map = TimelineMap::load_or_single(&cfg.wal_dir, current, cfg.wal_segment_size.0);
+        if timeline == 0 || !map.contains(timeline) {
+            let msg = format!(
+                "requested timeline {timeline} is not in this server's history (it is on timeline {current})"
+            );
+            return self.send_error(id, st, request_id, ErrorCode::TIMELINE_NOT_IN_HISTORY, msg);
+        }
+        let history = if timeline == 1 {
+            Vec::new()
+        } else {
+            let path = cfg.wal_dir.join(history_file_name(timeline));
+            match crate::io::file::read_file(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    let msg = format!("could not read \"{}\": {e}", path.display());
+                    return self.send_error(id, st, request_id, ErrorCode::IO_ERROR, msg);
+                }
+            }
+        };
+        self.send_frame(
+            id,
+            &Frame::HistoryData {
+                request_id,
+                timeline,
+                history,
+            },
+        );
+    }
+
     fn refuse_replication(
         &mut self,
         id: ConnId,
@@ -786,16 +822,10 @@ impl Shard<'_> {
         request_id: u64,
         ty: FrameType,
     ) {
-        let msg = match ty {
-            FrameType::StandbyStatus => format!(
-                "{ty:?} frames ({:#04x}) are accepted only on a replication stream, after StartReplication",
-                ty as u8
-            ),
-            _ => format!(
-                "timelines are not supported by this server yet: {ty:?} frames ({:#04x}) are not served",
-                ty as u8
-            ),
-        };
+        let msg = format!(
+            "{ty:?} frames ({:#04x}) are accepted only on a replication stream, after StartReplication",
+            ty as u8
+        );
         self.send_error(id, st, request_id, ErrorCode::UNKNOWN_TYPE, msg);
     }
 
@@ -1241,9 +1271,10 @@ impl Shard<'_> {
                 );
                 hook();
             }
-            FrameRef::TimelineHistory { request_id, .. } => {
-                self.refuse_replication(id, st, request_id, FrameType::TimelineHistory)
-            }
+            FrameRef::TimelineHistory {
+                request_id,
+                timeline,
+            } => self.send_history(id, st, request_id, timeline),
             FrameRef::SlotCommand {
                 request_id,
                 op,

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::io::file::{self, FileError, OpenMode, SegmentFile};
+use crate::io::file::{self, FileError};
 
 /// The value text of `dir/name`, its crc checked; `None` if there is no such
 /// file. `value` names the field in a parse error (`LSN`, `VERSION`).
@@ -38,18 +38,6 @@ pub fn bad(dir: &Path, name: &str, why: &str) -> FileError {
 
 /// Replaces `dir/name` with `value` and its crc, durably.
 pub fn write(dir: &Path, name: &str, value: &str) -> Result<(), FileError> {
-    let tmp = dir.join(format!("{name}.tmp"));
     let body = format!("{value} {:08x}\n", crc32c::crc32c(value.as_bytes()));
-    file::write_file(&tmp, body.as_bytes())?;
-    SegmentFile::open(
-        &tmp,
-        OpenMode {
-            write: true,
-            ..Default::default()
-        },
-    )?
-    .fsync()?;
-    file::rename(&tmp, &dir.join(name))?;
-    // IMPORTANT: the new name durable before anything relies on it.
-    file::sync_dir(dir)
+    file::replace_durably(dir, name, body.as_bytes(), true).map(|_| ())
 }

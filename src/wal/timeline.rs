@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::io::file::{self, FileError, OpenMode, SegmentFile};
+use crate::io::file::{self, FileError};
 use crate::lsn::{self, Lsn};
 
 /// The reason a promotion writes, as PostgreSQL's for a promotion without
@@ -158,26 +158,30 @@ pub fn write_history(
         text.push_str(&format!("{}\t{}\t{}\n", e.parent, e.switch, e.reason));
     }
     text.push_str(&format!("{parent}\t{switch}\t{reason}\n"));
-    let path = dir.join(history_file_name(new));
-    let tmp = dir.join(format!("{}.tmp", history_file_name(new)));
-    file::write_file(&tmp, text.as_bytes())?;
-    if fsync {
-        SegmentFile::open(
-            &tmp,
-            OpenMode {
-                write: true,
-                ..Default::default()
-            },
-        )?
-        .fsync()?;
+    // IMPORTANT: durable before anything is written on the new timeline.
+    file::replace_durably(dir, &history_file_name(new), text.as_bytes(), fsync)
+}
+
+/// Stores a history file fetched from another server (a standby's or a
+/// base backup's copy of its primary's history), durably, after checking
+/// that it parses and ends with the switch to `timeline`'s parent.
+pub fn store_history(
+    dir: &Path,
+    timeline: u32,
+    bytes: &[u8],
+    fsync: bool,
+) -> Result<PathBuf, FileError> {
+    let path = dir.join(history_file_name(timeline));
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| bad(&path, format!("history file is not UTF-8: {e}")))?;
+    let entries = parse_history(text, &path)?;
+    if !entries.last().is_some_and(|e| e.parent < timeline) {
+        return Err(bad(
+            &path,
+            format!("history file does not end with the switch to timeline {timeline}"),
+        ));
     }
-    file::rename(&tmp, &path)?;
-    // IMPORTANT: the rename is durable before anything is written on the
-    // new timeline.
-    if fsync {
-        file::sync_dir(dir)?;
-    }
-    Ok(path)
+    file::replace_durably(dir, &history_file_name(timeline), bytes, fsync)
 }
 
 /// Which timeline's file holds each segment, as one timeline sees the WAL.

@@ -345,3 +345,27 @@ impl Drop for Node {
         self.kill9();
     }
 }
+
+/// The `-c` setting that makes a node a standby of `primary` named `name`.
+pub fn standby_settings(primary: &Node, name: &str) -> Vec<String> {
+    vec![format!(
+        "primary_conninfo=host=127.0.0.1 port={} application_name={name}",
+        primary.port()
+    )]
+}
+
+/// Waits (up to 30 s) until `cond` holds, showing `what` and the nodes'
+/// logs if not.
+pub fn wait_until(what: &str, nodes: &[&Node], mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        if t.elapsed() > Duration::from_secs(30) {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("--- {}:\n{}", n.dir.display(), n.log()))
+                .collect();
+            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
