@@ -135,6 +135,12 @@ impl GroupCommit {
         self.flusher_sleeping.store(false, SeqCst);
     }
 
+    /// Publishes a write LSN ahead of the flush LSN (writes completed, their
+    /// sync not yet): nobody waits for it here; standbys report it.
+    pub fn publish_written(&self, written: Lsn) {
+        self.write_lsn.fetch_max(written.0, Release);
+    }
+
     /// Publishes new positions and wakes the waiters they satisfy.
     pub fn publish(&self, written: Lsn, flushed: Lsn) {
         debug_assert!(written >= flushed);

@@ -589,12 +589,13 @@ impl<Q: WalIo> Pipeline<Q> {
             }
             written = u.end;
         }
-        if written > self.written {
-            self.written = written;
-            advanced = true;
-        }
+        let written_moved = written > self.written;
+        self.written = self.written.max(written);
         if advanced {
             self.publish();
+        } else if written_moved {
+            // Only the write LSN moved: nothing for flush waiters.
+            self.shared.commit.publish_written(self.written);
         }
     }
 
@@ -758,7 +759,7 @@ impl<Q: WalIo> Pipeline<Q> {
             // Written, not yet synced: the write LSN moves now (a standby
             // reports it for `remote_write` while the sync runs).
             self.written = to;
-            self.shared.commit.publish(to, self.flushed);
+            self.shared.commit.publish_written(to);
             if !self.s.test_sync_delay.is_zero() {
                 std::thread::sleep(self.s.test_sync_delay);
             }
