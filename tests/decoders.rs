@@ -1378,7 +1378,9 @@ fn control_layout(b: &[u8]) -> Result<ControlFile, Vec<ControlCheck>> {
         // non-zero reserved byte.
         (
             ControlCheck::Reserved,
-            b[92] <= 1 && b[93..CONTROL_CRC_AT].iter().all(|&x| x == 0),
+            b[92] <= 1
+                && b[93..96].iter().all(|&x| x == 0)
+                && b[112..CONTROL_CRC_AT].iter().all(|&x| x == 0),
         ),
     ]
     .into_iter()
@@ -1403,6 +1405,8 @@ fn control_layout(b: &[u8]) -> Result<ControlFile, Vec<ControlCheck>> {
         wal_block_size: u32_at(84),
         data_checksum_version: u32_at(88),
         full_page_writes: b[92] == 1,
+        term: u64_at(96),
+        acknowledged_lsn: Lsn(u64_at(104)),
     })
 }
 
@@ -1472,12 +1476,14 @@ fn control_file() -> impl Strategy<Value = ControlFile> {
             any::<u64>(),
         ),
         (any::<u32>(), any::<u32>(), 0u32..=1, any::<bool>()),
+        (any::<u64>(), lsn()),
     )
         .prop_map(
             |(
                 (system_identifier, state, time, checkpoint, redo),
                 (timeline, prev_timeline, checkpoint_time, min_recovery_point, wal_segment_size),
                 (block_size, wal_block_size, data_checksum_version, full_page_writes),
+                (term, acknowledged_lsn),
             )| ControlFile {
                 system_identifier,
                 state,
@@ -1493,6 +1499,8 @@ fn control_file() -> impl Strategy<Value = ControlFile> {
                 wal_block_size,
                 data_checksum_version,
                 full_page_writes,
+                term,
+                acknowledged_lsn,
             },
         )
 }
@@ -1503,7 +1511,9 @@ fn control_region() -> impl Strategy<Value = Range<usize>> {
         2 => Just(0..CONTROL_SIZE),
         2 => Just(0..CONTROL_CRC_AT),
         1 => Just(0..93),
-        1 => Just(93..CONTROL_CRC_AT),
+        1 => Just(93..96),
+        1 => Just(96..112),
+        1 => Just(112..CONTROL_CRC_AT),
         1 => Just(CONTROL_CRC_AT..CONTROL_SIZE),
     ]
 }

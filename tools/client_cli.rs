@@ -371,7 +371,15 @@ fn print_replication(r: &serde_json::Value) {
         }
         return;
     }
-    println!("role:                      primary");
+    if r["role"] == "deposed primary" {
+        println!(
+            "role:                      deposed primary (deposed by term {}: no longer acknowledging commits)",
+            text(&r["deposed_by_term"])
+        );
+    } else {
+        println!("role:                      primary");
+    }
+    println!("term:                      {}", text(&r["term"]));
     println!(
         "synchronous_standby_names: {}",
         text(&r["synchronous_standby_names"])
@@ -500,8 +508,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     };
     println!("server:          {}", c.server_name);
     println!("state:           {}", field(&["state"]));
+    if field(&["role"]) != "?" {
+        println!("role:            {}", field(&["role"]));
+    }
     if field(&["timeline"]) != "?" {
         println!("timeline:        {}", field(&["timeline"]));
+    }
+    if field(&["term"]) != "?" {
+        println!("term:            {}", field(&["term"]));
+    }
+    if field(&["deposed_by_term"]) != "?" {
+        println!(
+            "deposed:         by term {}: this server accepts no writes and acknowledges no commits; \
+             rewind it with `walden rewind` and start it as a standby",
+            field(&["deposed_by_term"])
+        );
     }
     if field(&["state"]) == "recovering" {
         println!(

@@ -60,6 +60,10 @@ struct ControlData {
     latest_checkpoint_redo_location: Option<String>,
     latest_checkpoint_timeline_id: u32,
     latest_checkpoint_prev_timeline_id: u32,
+    /// The highest term this server has seen (the timeline when none was stored).
+    latest_term: Option<u64>,
+    /// The highest LSN a quorum of synchronous standbys is known to hold.
+    acknowledged_lsn: Option<String>,
     latest_checkpoint_full_page_writes: Option<bool>,
     time_of_latest_checkpoint: Option<String>,
     wal_start: Option<String>,
@@ -180,6 +184,8 @@ pub fn run(args: ControldataArgs) -> anyhow::Result<()> {
             .map(|c| fmt_lsn(c.redo)),
         latest_checkpoint_timeline_id: control.map_or(TIMELINE, |c| c.timeline),
         latest_checkpoint_prev_timeline_id: control.map_or(TIMELINE, |c| c.prev_timeline),
+        latest_term: control.map(|c| c.latest_term()),
+        acknowledged_lsn: control.map(|c| fmt_lsn(c.acknowledged_lsn)),
         latest_checkpoint_full_page_writes: control.map(|c| c.full_page_writes),
         time_of_latest_checkpoint: control
             .filter(|c| c.checkpoint.is_valid())
@@ -259,6 +265,14 @@ fn print_text(d: &ControlData) {
         (
             "Latest checkpoint's PrevTimeLineID",
             d.latest_checkpoint_prev_timeline_id.to_string(),
+        ),
+        (
+            "Latest term",
+            d.latest_term.map_or("unknown".into(), |t| t.to_string()),
+        ),
+        (
+            "Acknowledged LSN (quorum flushed)",
+            none(&d.acknowledged_lsn, "unknown"),
         ),
         (
             "Latest checkpoint's full_page_writes",

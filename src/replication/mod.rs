@@ -12,6 +12,7 @@
 //! validate the setting with this parser.
 
 pub mod conninfo;
+pub mod fencing;
 pub mod quorum;
 pub mod slots;
 pub mod standby_names;

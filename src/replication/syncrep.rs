@@ -116,6 +116,9 @@ pub struct SyncRep {
     pub indeterminate: AtomicU64,
     /// Commits waiting for standbys now (the shards count them).
     pub waiting: std::sync::atomic::AtomicI64,
+    /// The term that deposed this primary (0: not deposed). Set once, never
+    /// cleared while the server runs: see [`SyncRep::depose`].
+    deposed_by: AtomicU64,
 }
 
 impl SyncRep {
@@ -136,7 +139,26 @@ impl SyncRep {
             degraded: AtomicU64::new(0),
             indeterminate: AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicI64::new(0),
+            deposed_by: AtomicU64::new(0),
         }
+    }
+
+    /// This primary learnt of a higher `term` (already persisted by the
+    /// caller): it stops acknowledging at once. Every shard is woken, ends
+    /// its waits for standbys with INDETERMINATE (reason Deposed) and
+    /// refuses new writes. Returns whether this call deposed it (false: it
+    /// already was, by this or a higher term).
+    pub fn depose(&self, term: u64) -> bool {
+        let before = self.deposed_by.fetch_max(term, SeqCst);
+        for l in self.listeners.read().unwrap().iter() {
+            l.wake.signal();
+        }
+        before == 0
+    }
+
+    /// The term that deposed this primary, if one did.
+    pub fn deposed_by(&self) -> Option<u64> {
+        Some(self.deposed_by.load(SeqCst)).filter(|t| *t != 0)
     }
 
     pub fn add_listener(&self, l: Arc<SyncListener>) {
@@ -454,6 +476,19 @@ mod tests {
         assert_eq!(rep.holders(Lsn(60)), vec!["s2".to_string()]);
         rep.unregister(b);
         assert!(rep.quorum_lost_since().is_some());
+    }
+
+    #[test]
+    fn depose_wakes_every_shard_once_and_keeps_the_highest_term() {
+        let wake = Arc::new(EventFd::new().unwrap());
+        let rep = SyncRep::new(names("ANY 1 (*)"));
+        rep.add_listener(Arc::new(SyncListener::new(Arc::clone(&wake))));
+        assert_eq!(rep.deposed_by(), None);
+        assert!(rep.depose(2));
+        assert!(wake.wait(Duration::ZERO), "the shards are woken");
+        assert!(!rep.depose(3), "already deposed");
+        assert!(!rep.depose(2));
+        assert_eq!(rep.deposed_by(), Some(3));
     }
 
     #[test]

@@ -395,6 +395,21 @@ impl Server {
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
         });
+        if shared.standby_of.is_none() {
+            // The control file's acknowledged_lsn: the quorum flush LSN.
+            let rep = Arc::clone(&shared.syncrep);
+            shared.store.set_acknowledged_source(Arc::new(move || {
+                rep.synced(crate::replication::syncrep::FLUSH)
+            }));
+            // Told of a newer term before it went down: deposed from the start.
+            let term = shared.store.term();
+            if let Some(by) =
+                crate::replication::fencing::deposed_at_start(term, shared.wal.timeline())
+            {
+                shared.syncrep.depose(by);
+                tracing::error!("{}", crate::replication::fencing::deposed_log(by));
+            }
+        }
         let weak = Arc::downgrade(&shared);
         shared
             .metrics
@@ -680,6 +695,17 @@ fn is_loopback(ip: IpAddr) -> bool {
     ip.is_loopback()
 }
 
+/// "primary", "standby", or "deposed primary" (a newer term deposed it).
+fn role(s: &ServerShared) -> &'static str {
+    if s.standby_of.is_some() {
+        "standby"
+    } else if s.syncrep.deposed_by().is_some() {
+        "deposed primary"
+    } else {
+        "primary"
+    }
+}
+
 pub(crate) fn status_json(s: &ServerShared) -> String {
     let wal = &s.wal;
     let cfg = &s.cfg;
@@ -689,7 +715,10 @@ pub(crate) fn status_json(s: &ServerShared) -> String {
     serde_json::json!({
         "server": s.name,
         "state": c.state.name(),
+        "role": role(s),
         "timeline": wal.timeline(),
+        "term": c.latest_term(),
+        "deposed_by_term": s.syncrep.deposed_by(),
         "uptime_seconds": (s.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         "insert_lsn": wal.insert_lsn().to_string(),
         "write_lsn": wal.write_lsn().to_string(),
@@ -821,7 +850,9 @@ fn replication_json(s: &ServerShared) -> serde_json::Value {
         .collect();
     let lost = rep.quorum_lost_since();
     serde_json::json!({
-        "role": if s.standby_of.is_some() { "standby" } else { "primary" },
+        "role": role(s),
+        "term": s.store.term(),
+        "deposed_by_term": rep.deposed_by(),
         "timeline": s.wal.timeline(),
         "synchronous_standby_names": s.runtime.read().unwrap().config.synchronous_standby_names,
         "quorum_write_lsn": rep.synced(WRITE).to_string(),

@@ -396,6 +396,9 @@ pub(crate) fn run(
 /// emptied): a few atomic loads, for the poll loop.
 fn sync_due(pending: &[VecDeque<PendingAck>; QUEUES], shared: &ServerShared) -> bool {
     let rep = &shared.syncrep;
+    if rep.deposed_by().is_some() {
+        return pending[1..].iter().any(|q| !q.is_empty());
+    }
     let flushed = shared.wal.flush_lsn();
     (1..QUEUES).any(|q| {
         pending[q]
@@ -471,13 +474,19 @@ impl Shard<'_> {
         let grace_over = self
             .stopping_since
             .is_some_and(|t| t.elapsed() >= SHUTDOWN_GRACE);
+        // Deposed by a newer term: stop acknowledging at once. Every wait
+        // for standbys ends INDETERMINATE, flushed locally or not, even one
+        // a quorum had confirmed: the new primary's timeline decides.
+        let deposed = rep.deposed_by().is_some();
         for q in 1..QUEUES {
             while let Some(p) = self.pending[q].front() {
                 // Every level includes the local flush.
-                if p.end > flushed {
+                if p.end > flushed && !deposed {
                     break;
                 }
-                let outcome = if p.end <= rep.synced(q - 1) {
+                let outcome = if deposed {
+                    Outcome::Indeterminate(IndeterminateReason::Deposed)
+                } else if p.end <= rep.synced(q - 1) {
                     Outcome::Reached
                 } else if !configured {
                     Outcome::Indeterminate(IndeterminateReason::ConfigurationChanged)
@@ -620,11 +629,19 @@ impl Shard<'_> {
         }
     }
 
-    /// On a standby: why appends are refused.
+    /// On a standby, or a primary deposed by a newer term: why writes
+    /// (Append, PageWrite, Checkpoint) are refused. A deposed primary
+    /// accepts no new work at any level, `local` and `off` included.
     fn read_only(&self) -> Option<String> {
-        self.shared.standby_of.as_ref().map(|primary| {
-            format!("this server is a standby of {primary} (read-only): send writes to the primary")
-        })
+        if let Some(primary) = &self.shared.standby_of {
+            return Some(format!(
+                "this server is a standby of {primary} (read-only): send writes to the primary"
+            ));
+        }
+        self.shared
+            .syncrep
+            .deposed_by()
+            .map(crate::replication::fencing::refuse_writes)
     }
 
     /// Takes one of the `max_wal_senders` places (given back when the
@@ -1197,7 +1214,7 @@ impl Shard<'_> {
                 system_id,
                 timeline,
                 start,
-                term: _,
+                term,
                 slot,
                 application_name,
             } => {
@@ -1220,6 +1237,7 @@ impl Shard<'_> {
                     system_id,
                     timeline,
                     start,
+                    term,
                     slot: slot.to_string(),
                     application_name: name.to_string(),
                 }));

@@ -27,6 +27,7 @@ use crate::client::{Client, ClientError};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
 use crate::protocol::{self, Frame};
+use crate::replication::fencing::{self, PrimaryTerm};
 use crate::replication::ConnInfo;
 use crate::store::Store;
 use crate::wal::commit::FlushListener;
@@ -243,13 +244,34 @@ fn session(
         system_id: ours,
         timeline: store.wal().timeline(),
         start,
-        term: 0,
+        term: store.term(),
         slot: s.slot.clone(),
         application_name: s.info.application_name.clone(),
     });
     let first = client.recv_frame();
     match first {
-        Ok(Frame::StreamStart { flush, .. }) => {
+        Ok(Frame::StreamStart {
+            flush,
+            term,
+            commit,
+            ..
+        }) => {
+            // Terms (issue #15): never from a deposed primary; a newer term
+            // persisted before the first StandbyStatus of this stream.
+            match fencing::judge_primary(&addr, store.term(), term) {
+                PrimaryTerm::Same => {}
+                PrimaryTerm::Newer(t) => {
+                    store.raise_term(t);
+                    tracing::info!(
+                        "the primary at {addr} has term {t}: this standby now follows it"
+                    );
+                }
+                PrimaryTerm::Stale(msg) => {
+                    tracing::error!("{msg}");
+                    return Err(msg);
+                }
+            }
+            store.note_acknowledged(commit);
             status.latest_end_lsn.store(flush.0, Relaxed);
         }
         Ok(Frame::Error { code, message, .. }) => {
@@ -302,7 +324,16 @@ fn session(
             .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
     };
     wake.signal();
-    let outcome = receive(&mut client, raw, &shared, wake, status, stop, s.idle_poll);
+    let outcome = receive(
+        &mut client,
+        store,
+        raw,
+        &shared,
+        wake,
+        status,
+        stop,
+        s.idle_poll,
+    );
     shared.done.store(true, SeqCst);
     wake.signal();
     let _ = client.stream().shutdown(Shutdown::Both);
@@ -310,8 +341,10 @@ fn session(
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receive(
     client: &mut Client,
+    store: &Store,
     raw: &mut RawInserter<'_>,
     shared: &Shared,
     wake: &EventFd,
@@ -354,10 +387,12 @@ fn receive(
             Frame::WalData {
                 start,
                 wal_end,
+                commit,
                 send_time,
                 wal,
                 ..
             } => {
+                store.note_acknowledged(commit);
                 status.last_msg_send_time.store(send_time, Relaxed);
                 status.latest_end_lsn.store(wal_end.0, Relaxed);
                 let end = raw
@@ -373,10 +408,12 @@ fn receive(
             }
             Frame::Keepalive {
                 wal_end,
+                commit,
                 send_time,
                 reply_requested,
                 ..
             } => {
+                store.note_acknowledged(commit);
                 status.last_msg_send_time.store(send_time, Relaxed);
                 status.latest_end_lsn.store(wal_end.0, Relaxed);
                 if reply_requested {

@@ -30,6 +30,7 @@ use super::ServerShared;
 use crate::io::uring::EventFd;
 use crate::lsn::{segment_file_name, Lsn};
 use crate::protocol::{self, Direction, ErrorCode, Frame, FrameRef, Limits};
+use crate::replication::fencing::{self, Admission};
 use crate::replication::syncrep::FLUSH;
 use crate::replication::SenderState;
 use crate::wal::commit::FlushListener;
@@ -49,6 +50,8 @@ pub(crate) struct StartRequest {
     pub system_id: u64,
     pub timeline: u32,
     pub start: Lsn,
+    /// The standby's persisted term (0: a walden before terms).
+    pub term: u64,
     pub slot: String,
     pub application_name: String,
 }
@@ -141,6 +144,21 @@ pub(crate) fn run(
             req.system_id
         );
         return refuse(stream, req.request_id, ErrorCode::SYSTEM_MISMATCH, msg);
+    }
+    // Terms first (issue #15): a standby of a newer primary deposes this one.
+    if let Admission::Refuse {
+        deposed_by,
+        message,
+    } = fencing::admit_standby(shared.store.term(), syncrep.deposed_by(), req.term)
+    {
+        if let Some(term) = deposed_by {
+            // IMPORTANT: persisted (fsync) before anything is answered.
+            shared.store.raise_term(term);
+            if syncrep.depose(term) {
+                tracing::error!("{}", fencing::deposed_log(term));
+            }
+        }
+        return refuse(stream, req.request_id, ErrorCode::STALE_TERM, message);
     }
     let timeline = shared.wal.timeline();
     if req.timeline != timeline {
@@ -301,7 +319,7 @@ fn stream_wal(
         stream,
         &Frame::StreamStart {
             request_id,
-            term: wal.timeline() as u64,
+            term: shared.store.term(),
             timeline: wal.timeline(),
             flush,
             commit: syncrep.synced(FLUSH),

@@ -491,6 +491,7 @@ fn run_checkpoint(
         c.full_page_writes = sh.full_page_writes;
         c.timeline = rec.timeline;
         c.prev_timeline = rec.prev_timeline;
+        c.acknowledged_lsn = sh.acknowledged_lsn(c.acknowledged_lsn);
         c.state = if shutdown {
             ClusterState::ShutDown
         } else {
@@ -671,6 +672,7 @@ fn restartpoint(sh: &StoreShared, reason: Reason) -> Result<(Lsn, Lsn)> {
             let mut c = sh.control.lock().unwrap();
             c.checkpoint = ckpt;
             c.redo = redo;
+            c.acknowledged_lsn = sh.acknowledged_lsn(c.acknowledged_lsn);
             c.state = ClusterState::InArchiveRecovery;
             control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
         }
@@ -733,6 +735,7 @@ fn write_out_dirty(sh: &StoreShared, batch: Option<usize>) -> Result<(u64, usize
 fn standby_shutdown(sh: &StoreShared) -> Result<(Lsn, Lsn)> {
     let (written, _) = write_out_dirty(sh, None)?;
     let mut c = sh.control.lock().unwrap();
+    c.acknowledged_lsn = sh.acknowledged_lsn(c.acknowledged_lsn);
     c.state = ClusterState::InArchiveRecovery;
     control::write(&sh.cfg.data_dir, &c, sh.cfg.fsync)?;
     tracing::info!(

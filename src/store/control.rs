@@ -22,7 +22,14 @@
 //!     84    4 wal_block_size      4096
 //!     88    4 data_checksum_version  0 off, 1 crc32c
 //!     92    1 full_page_writes    at the latest checkpoint
-//!     93  415 reserved            zeros
+//!     93    3 reserved            zeros
+//!     96    8 term                the highest term this server has seen
+//!                                 (0, as an older file has it: the
+//!                                 timeline is the term); written >= timeline
+//!    104    8 acknowledged_lsn    the highest LSN known flushed by a quorum
+//!                                 of synchronous standbys: no WAL at or
+//!                                 below it may ever be truncated (rewind)
+//!    112  396 reserved            zeros
 //!    508    4 crc                 crc32c of bytes 0..508
 //! ```
 
@@ -101,6 +108,16 @@ pub struct ControlFile {
     pub wal_block_size: u32,
     pub data_checksum_version: u32,
     pub full_page_writes: bool,
+    /// The highest term this server has seen (issue #15: every timeline is
+    /// a term). 0 in a file written before terms: the timeline is the term.
+    /// Read it with [`ControlFile::latest_term`]. A primary whose term is
+    /// above its timeline was deposed by a newer primary.
+    pub term: u64,
+    /// The highest LSN this server knows a quorum of synchronous standbys
+    /// flushed (the primary's quorum flush LSN, or on a standby the
+    /// `commit` LSN its primary sent): the floor below which no WAL may
+    /// ever be truncated. Written at checkpoints and restartpoints.
+    pub acknowledged_lsn: Lsn,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +162,15 @@ impl ControlFile {
             wal_block_size: crate::io::BLOCK as u32,
             data_checksum_version: data_checksums as u32,
             full_page_writes,
+            term: crate::wal::TIMELINE as u64,
+            acknowledged_lsn: Lsn::INVALID,
         }
+    }
+
+    /// The highest term seen: the stored one, never below the timeline (a
+    /// file from before terms stores 0).
+    pub fn latest_term(&self) -> u64 {
+        self.term.max(self.timeline as u64)
     }
 
     pub fn encode(&self) -> [u8; CONTROL_SIZE] {
@@ -166,6 +191,8 @@ impl ControlFile {
         b[84..88].copy_from_slice(&self.wal_block_size.to_le_bytes());
         b[88..92].copy_from_slice(&self.data_checksum_version.to_le_bytes());
         b[92] = self.full_page_writes as u8;
+        b[96..104].copy_from_slice(&self.term.to_le_bytes());
+        b[104..112].copy_from_slice(&self.acknowledged_lsn.0.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -197,7 +224,7 @@ impl ControlFile {
         }
         let state = ClusterState::from_u32(u32_at(12))
             .ok_or_else(|| format!("unknown state {}", u32_at(12)))?;
-        if b[92] > 1 || b[93..CRC_AT].iter().any(|&x| x != 0) {
+        if b[92] > 1 || b[93..96].iter().chain(&b[112..CRC_AT]).any(|&x| x != 0) {
             return Err("reserved bytes are not zero".into());
         }
         Ok(ControlFile {
@@ -215,6 +242,8 @@ impl ControlFile {
             wal_block_size: u32_at(84),
             data_checksum_version: u32_at(88),
             full_page_writes: b[92] == 1,
+            term: u64_at(96),
+            acknowledged_lsn: Lsn(u64_at(104)),
         })
     }
 }
@@ -260,6 +289,8 @@ pub fn write(data_dir: &Path, c: &ControlFile, fsync: bool) -> Result<(), Contro
     let tmp = data_dir.join(format!("{CONTROL_FILE}.tmp"));
     let mut c = *c;
     c.time = now_secs();
+    // Terms only grow, and a timeline is a term: never store one below it.
+    c.term = c.latest_term();
     let bytes = c.encode();
     // A temporary left by an interrupted write is never trusted: start afresh.
     match file::remove_file(&tmp) {
@@ -334,6 +365,51 @@ mod tests {
         assert_eq!(got.system_identifier, c.system_identifier);
         assert_eq!(std::fs::metadata(path(dir.path())).unwrap().len(), 512);
         assert!(!dir.path().join("walden.control.tmp").exists());
+    }
+
+    #[test]
+    fn term_and_acknowledged_lsn_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ControlFile::new(16 << 20, true, true);
+        assert_eq!(c.latest_term(), 1);
+        c.term = 7;
+        c.acknowledged_lsn = Lsn(0x3_0000_0128);
+        let b = c.encode();
+        assert_eq!(&b[96..104], &7u64.to_le_bytes());
+        assert_eq!(&b[104..112], &0x3_0000_0128u64.to_le_bytes());
+        assert_eq!(ControlFile::decode(&b).unwrap(), c);
+        write(dir.path(), &c, true).unwrap();
+        let got = read(dir.path()).unwrap().unwrap();
+        assert_eq!((got.term, got.latest_term()), (7, 7));
+        assert_eq!(got.acknowledged_lsn, Lsn(0x3_0000_0128));
+        // Written, a term below the timeline is raised to it.
+        c.timeline = 9;
+        c.term = 2;
+        write(dir.path(), &c, true).unwrap();
+        assert_eq!(read(dir.path()).unwrap().unwrap().term, 9);
+    }
+
+    #[test]
+    fn a_file_from_before_terms_reads_term_zero_as_its_timeline() {
+        // An older walden left bytes 96..112 zero (they were reserved).
+        let mut c = ControlFile::new(16 << 20, true, true);
+        c.timeline = 3;
+        c.term = 0;
+        let b = c.encode();
+        assert!(b[93..CRC_AT].iter().all(|&x| x == 0));
+        let got = ControlFile::decode(&b).unwrap();
+        assert_eq!(got.term, 0);
+        assert_eq!(got.latest_term(), 3, "the timeline is the term");
+        assert_eq!(got.acknowledged_lsn, Lsn::INVALID);
+        // A non-zero byte left in what is still reserved is refused.
+        let mut bad = b;
+        bad[200] = 1;
+        let crc = crc32c::crc32c(&bad[..CRC_AT]);
+        bad[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            ControlFile::decode(&bad).unwrap_err(),
+            "reserved bytes are not zero"
+        );
     }
 
     #[test]

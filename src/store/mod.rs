@@ -237,9 +237,28 @@ pub(crate) struct StoreShared {
     /// The start of the latest base backup (PostgreSQL's lastBackupStart):
     /// no two backups share a start, so a copy's BACKUP_END is its own.
     last_backup_start: AtomicU64,
+    /// The highest quorum-flushed LSN noted by [`Store::note_acknowledged`]
+    /// (a standby: its primary's `commit` LSN), for the control file's
+    /// `acknowledged_lsn` at the next checkpoint or restartpoint.
+    acknowledged: AtomicU64,
+    /// A primary's quorum flush LSN, read at each checkpoint.
+    acknowledged_source: Mutex<Option<AcknowledgedSource>>,
 }
 
+/// See [`Store::set_acknowledged_source`].
+pub type AcknowledgedSource = Arc<dyn Fn() -> Lsn + Send + Sync>;
+
 impl StoreShared {
+    /// The control file's next `acknowledged_lsn`: the highest of what it
+    /// holds, what was noted and what the source says, never past the
+    /// flushed WAL (a standby may hear of a quorum position it has not
+    /// received yet).
+    pub fn acknowledged_lsn(&self, stored: Lsn) -> Lsn {
+        let source = self.acknowledged_source.lock().unwrap().clone();
+        let known = Lsn(self.acknowledged.load(SeqCst)).max(source.map_or(Lsn::INVALID, |f| f()));
+        stored.max(known.min(self.wal.flush_lsn()))
+    }
+
     /// The lowest LSN a [`WalHold`] keeps, if any.
     pub fn wal_hold(&self) -> Option<Lsn> {
         self.wal_holds.lock().unwrap().iter().map(|h| h.1).min()
@@ -863,6 +882,8 @@ impl Store {
             wal_holds: Mutex::new(Vec::new()),
             next_hold: AtomicU64::new(1),
             last_backup_start: AtomicU64::new(0),
+            acknowledged: AtomicU64::new(0),
+            acknowledged_source: Mutex::new(None),
             control: Mutex::new(c),
             cfg,
         });
@@ -1240,6 +1261,42 @@ impl Store {
     /// The control file as last written.
     pub fn control(&self) -> ControlFile {
         *self.shared.control.lock().unwrap()
+    }
+
+    /// The highest term this server has seen (the control file's).
+    pub fn term(&self) -> u64 {
+        self.shared.control.lock().unwrap().latest_term()
+    }
+
+    /// Persists `term` in the control file (written and fsynced) if it is
+    /// higher than the one there, before the caller acts in it (invariant
+    /// 9: a server persists a new term before acting in it). Returns whether
+    /// it was higher. A failed write is fatal: the caller must not answer
+    /// as if the term were durable, and the server cannot go on without it.
+    pub fn raise_term(&self, term: u64) -> bool {
+        let mut c = self.shared.control.lock().unwrap();
+        if term <= c.latest_term() {
+            return false;
+        }
+        let mut next = *c;
+        next.term = term;
+        if let Err(e) = control::write(&self.shared.cfg.data_dir, &next, self.shared.cfg.fsync) {
+            crate::fatal::fatal(format_args!("could not persist term {term}: {e}"));
+        }
+        *c = next;
+        true
+    }
+
+    /// A quorum of synchronous standbys is known to have flushed up to
+    /// `lsn` (on a standby: the primary's `commit` LSN): the control file's
+    /// `acknowledged_lsn` at the next checkpoint or restartpoint.
+    pub fn note_acknowledged(&self, lsn: Lsn) {
+        self.shared.acknowledged.fetch_max(lsn.0, SeqCst);
+    }
+
+    /// On a primary: where each checkpoint reads the quorum flush LSN from.
+    pub fn set_acknowledged_source(&self, source: AcknowledgedSource) {
+        *self.shared.acknowledged_source.lock().unwrap() = Some(source);
     }
 
     pub fn stats(&self) -> &StoreStats {
