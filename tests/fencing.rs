@@ -78,12 +78,20 @@ fn a_deposed_primary_acknowledges_nothing_and_stays_deposed() {
     let mut p = Node::start(&dir.path().join("p"), &sync);
     let s = Node::start(&dir.path().join("s"), &standby_settings(&p, "s"));
     let mut c = p.client();
+    let mut acked = Lsn(0);
     for i in 0..50u32 {
-        c.append(Durability::On, &[(Kind::DATA, &[i as u8; 100])])
-            .unwrap();
+        acked = c
+            .append(Durability::On, &[(Kind::DATA, &[i as u8; 100])])
+            .unwrap()
+            .end;
     }
     drop(c);
     p.stop();
+    // The shutdown checkpoint wrote the quorum flush LSN: a floor for rewind.
+    let floor: Lsn = control_line(&controldata(&p.dir), "Acknowledged LSN (quorum flushed)")
+        .parse()
+        .unwrap();
+    assert!(floor >= acked, "acknowledged LSN {floor} below {acked}");
     let o = run_bounded(&["promote", "-D", s.dir.to_str().unwrap(), "-t", "25"]);
     assert!(o.status.success(), "promote: {}\n{}", text(&o), s.log());
     assert_eq!(s.status()["term"], 2, "a promotion's timeline is its term");
