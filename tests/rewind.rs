@@ -284,6 +284,27 @@ fn refusals_change_nothing_and_recover_first_rewinds_an_unclean_target() {
     let o = rewind(&p.dir, &s, &["--recover-first", "-R"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("Done!"), "{}", text(&o));
+    // A rewind cut short (its marker left) refuses to start.
+    let marker = p.dir.join("data/rewind_in_progress");
+    std::fs::write(&marker, b"").unwrap();
+    let o = run_bounded(&[
+        "serve",
+        "-D",
+        p.dir.to_str().unwrap(),
+        "-c",
+        "listen_addr=127.0.0.1:0",
+        "-c",
+        "metrics_addr=",
+        "-c",
+        "wal_segment_size=1MB",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("a rewind of this directory did not finish"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_file(&marker).unwrap();
     // -R: the directory starts as the source's standby by itself.
     let p2 = Node::start(&p.dir, &[] as &[&str]);
     wait_until("the rewound server's pages", &[&s, &p2], || {
