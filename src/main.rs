@@ -39,6 +39,8 @@ enum Command {
     Promote(tools::promote::PromoteArgs),
     /// Copy a running primary's page store and WAL into a new directory, like pg_basebackup.
     Basebackup(tools::basebackup::BasebackupArgs),
+    /// Bring a stopped server whose WAL diverged back in line with a running source, like pg_rewind.
+    Rewind(tools::rewind::RewindArgs),
     /// Load generator, like pgbench: appends records and reports rate and commit latency.
     Bench(tools::bench::BenchArgs),
     /// Compare WAL sync methods on this device, like pg_test_fsync (and through io_uring).
@@ -82,6 +84,7 @@ fn main() {
         Command::Slot(args) => tools::client_cli::slot(args),
         Command::Promote(args) => tools::promote::run(args),
         Command::Basebackup(args) => tools::basebackup::run(args),
+        Command::Rewind(args) => tools::rewind::run(args),
         Command::Bench(args) => tools::bench::run(args),
         Command::TestFsync(args) => tools::test_fsync::run(args),
         Command::Waldump(args) => tools::waldump::run(args),

@@ -441,73 +441,106 @@ fn stream_wal(
         "the backup's WAL opened on timeline {} instead of the primary's {timeline}",
         wal.timeline()
     );
-    let outcome =
-        (|| -> anyhow::Result<Lsn> {
-            let mut raw = wal.raw_inserter()?;
-            anyhow::ensure!(
-                raw.insert_lsn() == redo,
-                "the backup's WAL opened at {} instead of the redo point {redo}",
-                raw.insert_lsn()
-            );
-            let request_id = 1u64 << 32;
-            client.queue(&Frame::StartReplication {
-                request_id,
-                system_id,
-                timeline,
-                start: redo,
-                term: 0,
-                slot: slot.to_string(),
-                application_name: APPLICATION_NAME.to_string(),
-            });
-            match client.recv_frame()? {
-                Frame::StreamStart { .. } => {}
-                Frame::Error { code, message, .. } => {
-                    bail!(
-                "could not start WAL streaming from {redo} (segment {}){}: {code}: {message}",
-                segment_file_name(timeline, redo.segno(segment_size), segment_size),
-                if slot.is_empty() { String::new() } else { format!(" through slot \"{slot}\"") }
-            )
-                }
-                other => bail!("the primary answered StartReplication with {other:?}"),
-            }
-            client.set_read_timeout(Some(Duration::from_millis(200)))?;
-            loop {
-                if abort.load(SeqCst) {
-                    bail!("aborted");
-                }
-                let target = Lsn(end_target.load(SeqCst));
-                let done = raw.last_complete_record_end();
-                if done >= target {
-                    wal.request_flush(done);
-                    wal.wait(done, Durability::Local)?;
-                    return Ok(done);
-                }
-                match client.recv_frame() {
-                    Ok(Frame::WalData {
-                        start, wal: bytes, ..
-                    }) => {
-                        raw.put(start, &bytes)
-                            .with_context(|| format!("could not write the WAL at {start}"))?;
-                    }
-                    Ok(Frame::Keepalive { .. }) => {}
-                    Ok(Frame::ReadEnd { .. }) => {
-                        bail!("the primary ended the WAL stream before the backup's end")
-                    }
-                    Ok(Frame::Error { code, message, .. }) => {
-                        bail!("WAL streaming failed: {code}: {message}")
-                    }
-                    Ok(other) => bail!("unexpected frame in the WAL stream: {other:?}"),
-                    Err(walden::client::ClientError::Io(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => return Err(e).context("lost the WAL connection"),
-                }
-            }
-        })();
+    let outcome = receive_wal(
+        &mut client,
+        &wal,
+        system_id,
+        timeline,
+        redo,
+        segment_size,
+        slot,
+        APPLICATION_NAME,
+        end_target,
+        abort,
+    );
     let _ = wal.close();
     outcome
+}
+
+/// Streams the WAL from `start` on `timeline` into `wal` (a standby WAL,
+/// [`Wal::open_standby`], whose end is `start`) until a record end at or
+/// past the end `end_target` publishes; returns that record end, flushed.
+/// Shared by the base backup's WAL thread and `walden rewind`.
+#[allow(clippy::too_many_arguments)]
+pub fn receive_wal(
+    client: &mut Client,
+    wal: &Wal,
+    system_id: u64,
+    timeline: u32,
+    start: Lsn,
+    segment_size: u64,
+    slot: &str,
+    application_name: &str,
+    end_target: &AtomicU64,
+    abort: &AtomicBool,
+) -> anyhow::Result<Lsn> {
+    let redo = start;
+    let mut raw = wal.raw_inserter()?;
+    anyhow::ensure!(
+        raw.insert_lsn() == redo,
+        "the backup's WAL opened at {} instead of the redo point {redo}",
+        raw.insert_lsn()
+    );
+    let request_id = 1u64 << 32;
+    client.queue(&Frame::StartReplication {
+        request_id,
+        system_id,
+        timeline,
+        start: redo,
+        term: 0,
+        slot: slot.to_string(),
+        application_name: application_name.to_string(),
+    });
+    match client.recv_frame()? {
+        Frame::StreamStart { .. } => {}
+        Frame::Error { code, message, .. } => {
+            bail!(
+                "could not start WAL streaming from {redo} (segment {}){}: {code}: {message}",
+                segment_file_name(timeline, redo.segno(segment_size), segment_size),
+                if slot.is_empty() {
+                    String::new()
+                } else {
+                    format!(" through slot \"{slot}\"")
+                }
+            )
+        }
+        other => bail!("the primary answered StartReplication with {other:?}"),
+    }
+    client.set_read_timeout(Some(Duration::from_millis(200)))?;
+    loop {
+        if abort.load(SeqCst) {
+            bail!("aborted");
+        }
+        let target = Lsn(end_target.load(SeqCst));
+        let done = raw.last_complete_record_end();
+        if done >= target {
+            wal.request_flush(done);
+            wal.wait(done, Durability::Local)?;
+            return Ok(done);
+        }
+        match client.recv_frame() {
+            Ok(Frame::WalData {
+                start, wal: bytes, ..
+            }) => {
+                raw.put(start, &bytes)
+                    .with_context(|| format!("could not write the WAL at {start}"))?;
+            }
+            Ok(Frame::Keepalive { .. }) => {}
+            Ok(Frame::ReadEnd { .. }) => {
+                bail!("the primary ended the WAL stream before the backup's end")
+            }
+            Ok(Frame::Error { code, message, .. }) => {
+                bail!("WAL streaming failed: {code}: {message}")
+            }
+            Ok(other) => bail!("unexpected frame in the WAL stream: {other:?}"),
+            Err(walden::client::ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("lost the WAL connection"),
+        }
+    }
 }
 
 fn write_label(data_dir: &Path, label: &str, s: &Start, end: Lsn) -> anyhow::Result<()> {

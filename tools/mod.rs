@@ -10,6 +10,7 @@ pub mod controldata;
 pub mod crashtest;
 pub mod page_cli;
 pub mod promote;
+pub mod rewind;
 pub mod serve;
 pub mod store_child;
 pub mod test_fsync;

@@ -37,6 +37,7 @@ pub mod page;
 pub mod records;
 pub mod recovery;
 pub mod relfiles;
+pub mod rewind;
 pub mod standby;
 pub mod writeback;
 
@@ -592,6 +593,7 @@ impl Store {
         let is_standby = standby.is_some();
         let data_dir = cfg.data_dir.clone();
         let found = control::read(&data_dir)?;
+        rewind::check_not_in_progress(&data_dir)?;
         // Before anything is changed: a standby of another system would
         // replay a WAL that does not belong to its pages (trap T8).
         if let (Some(c), Some(Some(want))) = (&found, standby) {

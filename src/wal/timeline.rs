@@ -88,7 +88,7 @@ pub fn read_history(dir: &Path, timeline: u32) -> Result<Vec<HistoryEntry>, File
 
 /// PostgreSQL's `readTimeLineHistory`: blank lines and `#` comments are
 /// skipped; parent timelines must increase and stay below the file's own.
-fn parse_history(text: &str, path: &Path) -> Result<Vec<HistoryEntry>, FileError> {
+pub fn parse_history(text: &str, path: &Path) -> Result<Vec<HistoryEntry>, FileError> {
     let mut out: Vec<HistoryEntry> = Vec::new();
     for line in text.lines() {
         let line = line.trim_start();
