@@ -366,7 +366,9 @@ pub struct Config {
     pub wal_sender_timeout: Millis,
     /// Makes this server a standby: how to reach its primary, as
     /// libpq's conninfo (`host=… port=… application_name=s1`). Empty: a
-    /// primary.
+    /// primary. Reloadable on a standby (its walreceiver reconnects to the
+    /// new address, PostgreSQL 13+); becoming or ceasing to be a standby
+    /// needs a restart (or `walden promote`).
     pub primary_conninfo: String,
     /// The replication slot the standby streams from (empty: none).
     pub primary_slot_name: String,

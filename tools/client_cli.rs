@@ -539,6 +539,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     println!("write LSN:       {write}");
     println!("flush LSN:       {flush}");
     println!("WAL starts at:   {}", field(&["start_lsn"]));
+    // A standby's walreceiver, and why it is not streaming (a diverged
+    // standby says so here).
+    if v["replication"]["wal_receiver"].is_object() {
+        println!(
+            "walreceiver:     {} from {}",
+            field(&["replication", "wal_receiver", "status"]),
+            field(&["replication", "wal_receiver", "sender"])
+        );
+        if let Some(e) = v["replication"]["wal_receiver"]["last_error"].as_str() {
+            println!("last error:      {e}");
+        }
+    }
     println!(
         "last checkpoint: {} (redo {}){}",
         field(&["page_store", "checkpoint_lsn"]),

@@ -28,7 +28,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .or_else(|| args.config.is_none().then(|| PathBuf::from("walden-data")));
-    let cfg = super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)?;
+    let mut cfg = super::common::load_config(args.config.as_deref(), dir.as_ref(), &args.set)?;
     // In the data directory, always: it is a directory walden owns and
     // writes (ReadWritePaths= under systemd), while its parent may be
     // read-only (/srv under ProtectSystem=strict). `walden status -D`
@@ -71,6 +71,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for sig in signals.forever() {
         match sig {
             SIGUSR1 => {
+                // A standby that followed its primary to a new timeline.
+                if server.restart_requested() {
+                    tracing::info!("restarting the standby on its new timeline");
+                    // As reloaded: the primary it follows now.
+                    cfg.primary_conninfo = server.primary_conninfo();
+                    server = promote(server, &cfg, &addr_file, metrics_addr)?;
+                    continue;
+                }
                 if !cfg.data_dir.join(PROMOTE_SIGNAL).exists() {
                     continue;
                 }
@@ -113,7 +121,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Promotes a standby in this process: the standby server shuts down (its
+/// Promotes a standby in this process (or restarts one whose walreceiver
+/// moved its WAL to a new timeline): the standby server shuts down (its
 /// walreceiver first, then a restartpoint-style write-out of its pages),
 /// and a server starts again on the same directories and addresses; its
 /// store finds promote.signal, replays everything flushed, and starts a
@@ -124,7 +133,9 @@ fn promote(
     addr_file: &Path,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Server> {
-    tracing::info!("received promote request: stopping the standby to end recovery");
+    if !server.restart_requested() {
+        tracing::info!("received promote request: stopping the standby to end recovery");
+    }
     let listen = server.local_addr();
     let _ = std::fs::remove_file(addr_file);
     server.shutdown()?;

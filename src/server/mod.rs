@@ -126,6 +126,10 @@ pub(crate) struct ServerShared {
     /// (`walden serve` sets it: it restarts the server in its process);
     /// `None`: a Promote frame is refused.
     pub promote_hook: std::sync::Mutex<Option<PromoteHook>>,
+    /// Set by a standby's walreceiver that moved its WAL to its primary's
+    /// next timeline (or must cut an incomplete record): `walden serve`
+    /// restarts the server in its process, as for a promotion.
+    pub restart_requested: AtomicBool,
 }
 
 /// See [`ServerShared::promote_hook`].
@@ -162,7 +166,7 @@ impl Runtime {
 }
 
 /// Settings a reload applies; every other change needs a restart.
-pub const RELOADABLE: [&str; 21] = [
+pub const RELOADABLE: [&str; 22] = [
     "auth_token_file",
     "max_in_flight",
     "max_connections",
@@ -184,6 +188,7 @@ pub const RELOADABLE: [&str; 21] = [
     "synchronous_commit_timeout",
     "synchronous_commit_timeout_action",
     "wal_sender_timeout",
+    "primary_conninfo",
 ];
 
 fn read_token(cfg: &Config) -> Result<Option<Vec<u8>>, ServerError> {
@@ -365,7 +370,7 @@ impl Server {
             .flatten();
         let receiver_status = standby.as_ref().map(|info| {
             Arc::new(walreceiver::ReceiverStatus {
-                primary: info.address(),
+                primary: std::sync::Mutex::new(info.address()),
                 slot_name: cfg.primary_slot_name.clone(),
                 ..Default::default()
             })
@@ -381,6 +386,7 @@ impl Server {
             receiver: receiver_status.clone(),
             slots,
             promote_hook: std::sync::Mutex::new(None),
+            restart_requested: AtomicBool::new(false),
             store,
             wal,
             cfg: cfg.clone(),
@@ -443,12 +449,27 @@ impl Server {
         let receiver = match (&standby, receiver_status) {
             (Some(info), Some(status)) => {
                 let token = shared.runtime.read().unwrap().token.clone();
+                // A restart goes through the serve loop's promotion signal
+                // (which sees `restart_requested`).
+                let weak = Arc::downgrade(&shared);
+                let restart: walreceiver::RestartHook = Arc::new(move || {
+                    let Some(shared) = weak.upgrade() else {
+                        return false;
+                    };
+                    let Some(hook) = shared.promote_hook.lock().unwrap().clone() else {
+                        return false;
+                    };
+                    shared.restart_requested.store(true, SeqCst);
+                    hook();
+                    true
+                });
                 let r = walreceiver::WalReceiver::start(
                     Arc::clone(&shared.store),
                     &cfg,
                     info.clone(),
                     token,
                     status,
+                    restart,
                 )
                 .map_err(|e| ServerError::Thread("start the walreceiver", e))?;
                 tracing::info!(
@@ -484,6 +505,18 @@ impl Server {
     /// frame's promote.signal is written (see [`PROMOTE_SIGNAL`]).
     pub fn set_promote_hook(&self, hook: PromoteHook) {
         *self.shared.promote_hook.lock().unwrap() = Some(hook);
+    }
+
+    /// Whether a standby's walreceiver asked for a restart in this process
+    /// (its WAL moved to its primary's next timeline): the caller shuts
+    /// this server down and starts it again on the same addresses.
+    pub fn restart_requested(&self) -> bool {
+        self.shared.restart_requested.load(SeqCst)
+    }
+
+    /// `primary_conninfo` as last applied (at start or by a reload).
+    pub fn primary_conninfo(&self) -> String {
+        self.applied.lock().unwrap().primary_conninfo.clone()
     }
 
     /// Whether this server is a standby (streaming from a primary).
@@ -538,8 +571,15 @@ impl Server {
         let current = self.shared.runtime.read().unwrap().clone();
         let runtime = Runtime::from_config(new)?;
         let mut lines = Vec::new();
+        let mut conninfo = None;
         for (key, value) in &new_t {
             if old_t.get(key) == Some(value) && key != "auth_token_file" {
+                continue;
+            }
+            if key == "primary_conninfo" {
+                let (line, info) = self.reload_conninfo(new)?;
+                lines.push(line);
+                conninfo = info;
                 continue;
             }
             if RELOADABLE.contains(&key.as_str()) {
@@ -568,6 +608,9 @@ impl Server {
         }
         *self.shared.runtime.write().unwrap() = runtime;
         self.shared.runtime_version.fetch_add(1, SeqCst);
+        if let (Some(info), Some(r)) = (conninfo, self.receiver.lock().unwrap().as_ref()) {
+            r.set_conninfo(info);
+        }
         self.shared.store.reload(new);
         // Remember the reloadable values as applied; the others stay as
         // they run, so a later reload reports them again.
@@ -593,6 +636,9 @@ impl Server {
         next.synchronous_commit_timeout = new.synchronous_commit_timeout;
         next.synchronous_commit_timeout_action = new.synchronous_commit_timeout_action;
         next.wal_sender_timeout = new.wal_sender_timeout;
+        if self.receiver.lock().unwrap().is_some() && !new.primary_conninfo.trim().is_empty() {
+            next.primary_conninfo = new.primary_conninfo.clone();
+        }
         // Checked by validate() before a reload applies.
         let names = crate::replication::StandbyNames::parse(&new.synchronous_standby_names)
             .ok()
@@ -600,6 +646,28 @@ impl Server {
         self.shared.syncrep.set_names(names);
         *applied = next;
         Ok(lines)
+    }
+
+    /// A changed `primary_conninfo` (PostgreSQL 13+): a standby's
+    /// walreceiver reconnects to the new primary. Becoming a standby, or
+    /// ceasing to be one, still needs a restart (or `walden promote`).
+    /// Returns the log line and the connection to apply, if any.
+    fn reload_conninfo(
+        &self,
+        new: &Config,
+    ) -> Result<(String, Option<crate::replication::ConnInfo>), ServerError> {
+        if self.receiver.lock().unwrap().is_none() || new.primary_conninfo.trim().is_empty() {
+            let line =
+                "parameter \"primary_conninfo\" cannot be changed without restarting the server";
+            return Ok((line.to_string(), None));
+        }
+        let info = crate::replication::ConnInfo::parse(&new.primary_conninfo)
+            .map_err(|e| ServerError::Standby(format!("primary_conninfo: {e}")))?;
+        let line = format!(
+            "primary_conninfo changed: walreceiver reconnecting to {}",
+            info.address()
+        );
+        Ok((line, Some(info)))
     }
 
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {

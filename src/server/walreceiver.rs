@@ -15,9 +15,21 @@
 //! flush LSN may lie inside a record the primary has not finished sending.
 //! After a disconnect it reconnects and resumes at its end of WAL: no gap,
 //! no duplicate (the RawInserter refuses both).
+//!
+//! Timelines (PostgreSQL's model, replication-design.md §5): it asks for
+//! its own timeline. A primary on a later one streams it up to the switch
+//! point and ends with TimelineEnd; the receiver then fetches the new
+//! timeline's history file, moves its WAL to it at the switch point
+//! ([`RawInserter::follow_timeline`]) and asks for a restart of the standby
+//! in its process, whose WAL opens on the new timeline and streams on.
+//! A standby whose WAL goes past the switch point diverged: the primary
+//! refuses it (DIVERGED); it says so at ERROR, with the divergence point
+//! and the `walden rewind` to run, and retries later without touching its
+//! WAL. `primary_conninfo` is reloadable ([`WalReceiver::set_conninfo`]).
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError};
 use crate::io::uring::EventFd;
 use crate::lsn::Lsn;
-use crate::protocol::{self, Frame};
+use crate::protocol::{self, ErrorCode, Frame};
 use crate::replication::fencing::{self, PrimaryTerm};
 use crate::replication::ConnInfo;
 use crate::store::Store;
@@ -36,11 +48,19 @@ use crate::wal::standby::RawInserter;
 /// How long to wait before connecting again after a failure.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// How long a diverged standby waits before asking again.
+const DIVERGED_RETRY: Duration = Duration::from_secs(5);
+
+/// Asks for a restart of the standby in its process (the serve loop's);
+/// `false`: nobody can restart it.
+pub(crate) type RestartHook = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// What /status shows of the walreceiver (pg_stat_wal_receiver).
 #[derive(Default)]
 pub(crate) struct ReceiverStatus {
     pub status: Mutex<&'static str>,
-    pub primary: String,
+    /// HOST:PORT of `primary_conninfo` (a reload may change it).
+    pub primary: Mutex<String>,
     pub slot_name: String,
     pub receive_start_lsn: AtomicU64,
     pub received_lsn: AtomicU64,
@@ -58,7 +78,7 @@ impl ReceiverStatus {
         let lsn = |a: &AtomicU64| Lsn(a.load(Relaxed)).to_string();
         serde_json::json!({
             "status": *self.status.lock().unwrap(),
-            "sender": self.primary,
+            "sender": *self.primary.lock().unwrap(),
             "slot_name": self.slot_name,
             "receive_start_lsn": lsn(&self.receive_start_lsn),
             "written_lsn": lsn(&self.received_lsn),
@@ -76,13 +96,19 @@ impl ReceiverStatus {
 /// The running walreceiver; [`WalReceiver::stop`] ends it.
 pub(crate) struct WalReceiver {
     stop: Arc<AtomicBool>,
+    info: Arc<Mutex<ConnInfo>>,
+    status: Arc<ReceiverStatus>,
     socket: Arc<Mutex<Option<TcpStream>>>,
     wake: Arc<EventFd>,
     handle: Option<JoinHandle<()>>,
 }
 
 struct Settings {
-    info: ConnInfo,
+    /// `primary_conninfo`; a reload replaces it.
+    info: Arc<Mutex<ConnInfo>>,
+    /// For the `walden rewind -D DIR` a diverged standby asks for.
+    data_dir: PathBuf,
+    restart: RestartHook,
     slot: String,
     token: Option<Arc<[u8]>>,
     status_interval: Duration,
@@ -100,12 +126,22 @@ impl WalReceiver {
         info: ConnInfo,
         token: Option<Arc<[u8]>>,
         status: Arc<ReceiverStatus>,
+        restart: RestartHook,
     ) -> std::io::Result<WalReceiver> {
         let stop = Arc::new(AtomicBool::new(false));
+        let info = Arc::new(Mutex::new(info));
+        // `walden serve -D DIR` keeps the WAL in DIR/wal and the pages in
+        // DIR/data: name DIR then, the data directory otherwise.
+        let data_dir = match (cfg.data_dir.parent(), cfg.wal_dir.parent()) {
+            (Some(a), Some(b)) if a == b && !a.as_os_str().is_empty() => a.to_path_buf(),
+            _ => cfg.data_dir.clone(),
+        };
         let socket = Arc::new(Mutex::new(None));
         let wake = Arc::new(EventFd::new()?);
         let settings = Settings {
-            info,
+            info: Arc::clone(&info),
+            data_dir,
+            restart,
             slot: cfg.primary_slot_name.clone(),
             token,
             status_interval: cfg.wal_receiver_status_interval.duration(),
@@ -114,15 +150,30 @@ impl WalReceiver {
             idle_poll: Duration::from_micros(cfg.idle_poll_time),
         };
         let (st, so, wk) = (Arc::clone(&stop), Arc::clone(&socket), Arc::clone(&wake));
+        let stat = Arc::clone(&status);
         let handle = std::thread::Builder::new()
             .name("walden-walrcv".into())
-            .spawn(move || run(&store, &settings, &st, &so, &wk, &status))?;
+            .spawn(move || run(&store, &settings, &st, &so, &wk, &stat))?;
         Ok(WalReceiver {
             stop,
+            info,
+            status,
             socket,
             wake,
             handle: Some(handle),
         })
+    }
+
+    /// A reloaded `primary_conninfo`: the current stream ends (its socket
+    /// is shut down under the receiver) and the next connection goes to
+    /// `info` (PostgreSQL 13+).
+    pub fn set_conninfo(&self, info: ConnInfo) {
+        *self.status.primary.lock().unwrap() = info.address();
+        *self.info.lock().unwrap() = info;
+        if let Some(s) = self.socket.lock().unwrap().as_ref() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.wake.signal();
     }
 
     /// Ends streaming (the socket is shut down under the receiver) and
@@ -162,12 +213,64 @@ fn run(
     let mut logged_error: Option<String> = None;
     while !stop.load(SeqCst) {
         *status.status.lock().unwrap() = "connecting";
+        let mut retry = RETRY;
         match session(store, &mut raw, s, stop, socket, wake, &flushed, status) {
-            Ok(()) => {
+            Ok(None) => {
                 logged_error = None;
                 tracing::info!("replication terminated by the primary server");
             }
-            Err(e) => {
+            Ok(Some(end)) => {
+                logged_error = None;
+                *socket.lock().unwrap() = None;
+                match follow(&mut raw, s, store.wal().timeline(), end) {
+                    Ok(()) => {
+                        *status.status.lock().unwrap() = "restarting";
+                        // The restart stops this thread; wait for it.
+                        while !stop.load(SeqCst) {
+                            wake.wait(Duration::from_millis(50));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        *status.last_error.lock().unwrap() = Some(e);
+                    }
+                }
+            }
+            Err(SessionError::Diverged(message)) => {
+                // An incomplete record at the end of the WAL is no WAL yet:
+                // a restart cuts it (startup does), then streaming resumes
+                // at the last complete record, which may not be past the
+                // switch point.
+                if raw.last_complete_record_end() < raw.insert_lsn() {
+                    tracing::info!(
+                        "{message}; this standby's WAL ends with an incomplete record \
+                         at {}: restarting to cut it",
+                        raw.last_complete_record_end()
+                    );
+                    if (s.restart)() {
+                        *status.status.lock().unwrap() = "restarting";
+                        while !stop.load(SeqCst) {
+                            wake.wait(Duration::from_millis(50));
+                        }
+                        break;
+                    }
+                }
+                let address = s.info.lock().unwrap().address();
+                let e = format!(
+                    "could not start WAL streaming: {message}; this standby has WAL its \
+                     primary never had and must be rewound: run `walden rewind -D {} \
+                     --source-server {address}` while it is stopped (its WAL is left as it is)",
+                    s.data_dir.display()
+                );
+                if logged_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!("{e}");
+                    logged_error = Some(e.clone());
+                }
+                *status.last_error.lock().unwrap() = Some(e);
+                retry = DIVERGED_RETRY;
+            }
+            Err(SessionError::Other(e)) => {
                 if stop.load(SeqCst) {
                     break;
                 }
@@ -181,13 +284,77 @@ fn run(
         }
         *socket.lock().unwrap() = None;
         *status.status.lock().unwrap() = "waiting";
-        let until = Instant::now() + RETRY;
+        let until = Instant::now() + retry;
         while !stop.load(SeqCst) && Instant::now() < until {
             wake.wait(Duration::from_millis(50));
         }
     }
     *status.status.lock().unwrap() = "stopped";
     wal.remove_flush_listener(&flushed);
+}
+
+/// Why a session ended without a timeline switch.
+enum SessionError {
+    /// The primary refused the start: this WAL goes past the end of its
+    /// timeline in the primary's history (the message names the point).
+    Diverged(String),
+    Other(String),
+}
+
+impl From<String> for SessionError {
+    fn from(e: String) -> SessionError {
+        SessionError::Other(e)
+    }
+}
+
+/// The end of the timeline streamed (the primary's TimelineEnd).
+#[derive(Clone, Copy, Debug)]
+struct TimelineSwitch {
+    next: u32,
+    switch: Lsn,
+}
+
+/// After TimelineEnd: fetches the next timeline's history file from the
+/// primary and moves the WAL to it at the switch point, then asks for the
+/// restart that reopens the WAL on it.
+fn follow(
+    raw: &mut RawInserter<'_>,
+    s: &Settings,
+    timeline: u32,
+    end: TimelineSwitch,
+) -> Result<(), String> {
+    tracing::info!(
+        "End of WAL reached on timeline {timeline} at {}",
+        end.switch
+    );
+    let addr = s.info.lock().unwrap().address();
+    let history = Client::connect(&addr, s.token.as_deref())
+        .and_then(|mut c| c.timeline_history(end.next))
+        .map_err(|e| {
+            format!(
+                "could not fetch the history file of timeline {} from the primary at {addr}: {e}",
+                end.next
+            )
+        })?;
+    tracing::info!(
+        "fetched timeline history file for timeline {} from primary server",
+        end.next
+    );
+    raw.follow_timeline(end.next, end.switch, &history)
+        .map_err(|e| format!("could not switch to timeline {}: {e}", end.next))?;
+    if !(s.restart)() {
+        return Err(format!(
+            "the WAL is on timeline {} now, but this server cannot restart itself \
+             (it is not run by `walden serve`): restart it to stream on",
+            end.next
+        ));
+    }
+    tracing::info!(
+        "restarting the standby to stream timeline {} from {}",
+        end.next,
+        end.switch
+    );
+    Ok(())
 }
 
 /// What the reporter needs from the receiver.
@@ -210,8 +377,9 @@ fn session(
     wake: &Arc<EventFd>,
     flushed: &Arc<FlushListener>,
     status: &Arc<ReceiverStatus>,
-) -> Result<(), String> {
-    let addr = s.info.address();
+) -> Result<Option<TimelineSwitch>, SessionError> {
+    let info = s.info.lock().unwrap().clone();
+    let addr = info.address();
     let mut client = Client::connect(&addr, s.token.as_deref())
         .map_err(|e| format!("could not connect to the primary server: {e}"))?;
     if client.segment_size != s.segment_size {
@@ -219,7 +387,8 @@ fn session(
             "the primary at {addr} has wal_segment_size {} but this standby has {}: \
              a standby must be created from its primary",
             client.segment_size, s.segment_size
-        ));
+        )
+        .into());
     }
     let ours = store.system_identifier();
     if client.system_id != 0 && client.system_id != ours {
@@ -227,7 +396,8 @@ fn session(
             "database system identifier differs between the primary and standby: \
              the primary's is {}, the standby's is {ours}",
             client.system_id
-        ));
+        )
+        .into());
     }
     let stream = client
         .stream()
@@ -235,7 +405,7 @@ fn session(
         .map_err(|e| format!("could not set up the replication connection: {e}"))?;
     *socket.lock().unwrap() = stream.try_clone().ok();
     if stop.load(SeqCst) {
-        return Ok(());
+        return Ok(None);
     }
     let start = raw.insert_lsn();
     let request_id = 1u64 << 32;
@@ -246,7 +416,7 @@ fn session(
         start,
         term: store.term(),
         slot: s.slot.clone(),
-        application_name: s.info.application_name.clone(),
+        application_name: info.application_name.clone(),
     });
     let first = client.recv_frame();
     match first {
@@ -268,21 +438,22 @@ fn session(
                 }
                 PrimaryTerm::Stale(msg) => {
                     tracing::error!("{msg}");
-                    return Err(msg);
+                    return Err(msg.into());
                 }
             }
             store.note_acknowledged(commit);
             status.latest_end_lsn.store(flush.0, Relaxed);
         }
+        Ok(Frame::Error { code, message, .. }) if code == ErrorCode::DIVERGED => {
+            return Err(SessionError::Diverged(format!("{code}: {message}")))
+        }
         Ok(Frame::Error { code, message, .. }) => {
-            return Err(format!("could not start WAL streaming: {code}: {message}"))
+            return Err(format!("could not start WAL streaming: {code}: {message}").into())
         }
         Ok(other) => {
-            return Err(format!(
-                "the primary answered StartReplication with {other:?}"
-            ))
+            return Err(format!("the primary answered StartReplication with {other:?}").into())
         }
-        Err(e) => return Err(format!("could not start WAL streaming: {e}")),
+        Err(e) => return Err(format!("could not start WAL streaming: {e}").into()),
     }
     status.connections.fetch_add(1, Relaxed);
     status.receive_start_lsn.store(start.0, Relaxed);
@@ -324,21 +495,28 @@ fn session(
             .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
     };
     wake.signal();
-    let outcome = receive(
-        &mut client,
-        store,
-        raw,
-        &shared,
-        wake,
-        status,
-        stop,
-        s.idle_poll,
-    );
+    let outcome = receive(&mut client, store, raw, &shared, wake, status, stop, s.idle_poll);
+    // The end of a timeline: everything up to its switch point is reported
+    // flushed before the stream closes (the primary may be waiting for it).
+    if let Ok(Some(end)) = outcome {
+        if store.wal().flush_lsn() < end.switch {
+            store.wal().request_flush(end.switch);
+        }
+        let t = Instant::now();
+        while Lsn(shared.flushed_end.load(SeqCst)) < end.switch
+            && t.elapsed() < Duration::from_secs(5)
+            && !stop.load(SeqCst)
+        {
+            shared.reply_now.store(true, SeqCst);
+            wake.signal();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     shared.done.store(true, SeqCst);
     wake.signal();
     let _ = client.stream().shutdown(Shutdown::Both);
     let _ = reporter.join();
-    outcome
+    Ok(outcome?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -351,14 +529,15 @@ fn receive(
     status: &ReceiverStatus,
     stop: &AtomicBool,
     idle_poll: Duration,
-) -> Result<(), String> {
+) -> Result<Option<TimelineSwitch>, String> {
     use std::os::fd::AsRawFd;
     let mut last_end = raw.last_complete_record_end();
+    let mut timeline_end = None;
     let fd = client.stream().as_raw_fd();
     let mut last_frame = Instant::now();
     loop {
         if stop.load(SeqCst) || shared.done.load(SeqCst) {
-            return Ok(());
+            return Ok(None);
         }
         // Streaming a moment ago: poll the socket for `idle_poll_time`
         // before blocking in the read (architecture.md, "Idle polling").
@@ -421,7 +600,19 @@ fn receive(
                     wake.signal();
                 }
             }
-            Frame::ReadEnd { .. } => return Ok(()),
+            Frame::TimelineEnd {
+                next_timeline,
+                switch,
+                ..
+            } => {
+                // PostgreSQL's walreceiver says the same.
+                tracing::info!("replication terminated by primary server");
+                timeline_end = Some(TimelineSwitch {
+                    next: next_timeline,
+                    switch,
+                });
+            }
+            Frame::ReadEnd { .. } => return Ok(timeline_end),
             Frame::Error { code, message, .. } => {
                 return Err(format!("the primary ended replication: {code}: {message}"))
             }

@@ -15,7 +15,13 @@
 //! to the standby's flush LSN, and a slot that becomes lost (past
 //! `max_slot_wal_keep_size`) ends the stream with `SLOT_LOST`.
 //!
-//! What it is not (yet): timelines other than 1.
+//! A standby may ask for a timeline of this server's history (it followed
+//! the old primary, or was down during a promotion): that timeline's WAL is
+//! streamed up to its switch point exactly (read from the files the
+//! current timeline's map names: after a promotion the switch segment's
+//! prefix lives in the new timeline's file), then TimelineEnd names the
+//! next timeline and ReadEnd ends the stream. A start past the switch
+//! point is refused with DIVERGED: that standby needs `walden rewind`.
 
 use std::fs::File;
 use std::io::Write;
@@ -34,7 +40,7 @@ use crate::replication::fencing::{self, Admission};
 use crate::replication::syncrep::FLUSH;
 use crate::replication::SenderState;
 use crate::wal::commit::FlushListener;
-use crate::wal::timeline::TimelineMap;
+use crate::wal::timeline::{fate_of, read_history, TimelineFate, TimelineMap};
 
 /// How long a stopping walsender waits for its standby to confirm the
 /// shutdown checkpoint.
@@ -81,6 +87,62 @@ fn refuse(mut stream: TcpStream, request_id: u64, code: ErrorCode, message: Stri
         },
     );
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Where the timeline a standby asked for ends on this server.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TimelineEnd {
+    /// The switch point: the last byte of the requested timeline.
+    pub switch: Lsn,
+    /// The timeline that began there.
+    pub next: u32,
+}
+
+/// `None`: the requested timeline is this server's (stream it live).
+/// `Some`: an ancestor, streamed up to its switch point. Refused: a
+/// timeline not in this server's history (TIMELINE_NOT_IN_HISTORY), or a
+/// start past the switch point (DIVERGED: the standby has WAL this server
+/// never had), with PostgreSQL's wording.
+fn timeline_end(
+    shared: &ServerShared,
+    req: &StartRequest,
+) -> Result<Option<TimelineEnd>, (ErrorCode, String)> {
+    let current = shared.wal.timeline();
+    if req.timeline == current {
+        return Ok(None);
+    }
+    let not_in_history = || {
+        (
+            ErrorCode::TIMELINE_NOT_IN_HISTORY,
+            format!(
+                "requested timeline {} is not in this server's history (it is on timeline {current})",
+                req.timeline
+            ),
+        )
+    };
+    if req.timeline == 0 || req.timeline > current {
+        return Err(not_in_history());
+    }
+    let history = read_history(&shared.cfg.wal_dir, current).map_err(|e| {
+        (
+            ErrorCode::IO_ERROR,
+            format!("could not read this server's timeline history: {e}"),
+        )
+    })?;
+    let TimelineFate::Ended { switch, next } = fate_of(req.timeline, current, &history) else {
+        return Err(not_in_history());
+    };
+    if req.start > switch {
+        return Err((
+            ErrorCode::DIVERGED,
+            format!(
+                "requested starting point {} on timeline {} is not in this server's history; \
+                 this server's history forked from timeline {} at {switch}",
+                req.start, req.timeline, req.timeline
+            ),
+        ));
+    }
+    Ok(Some(TimelineEnd { switch, next }))
 }
 
 /// Reads WAL bytes from the segment files.
@@ -160,19 +222,13 @@ pub(crate) fn run(
         }
         return refuse(stream, req.request_id, ErrorCode::STALE_TERM, message);
     }
-    let timeline = shared.wal.timeline();
-    if req.timeline != timeline {
-        let msg = format!(
-            "requested timeline {} is not in this server's history (it is on timeline {timeline})",
-            req.timeline
-        );
-        return refuse(
-            stream,
-            req.request_id,
-            ErrorCode::TIMELINE_NOT_IN_HISTORY,
-            msg,
-        );
-    }
+    // A timeline of this server's history is streamed up to its switch
+    // point, then the stream names the next one (PostgreSQL's walsender on
+    // a historic timeline).
+    let end = match timeline_end(&shared, &req) {
+        Ok(end) => end,
+        Err((code, msg)) => return refuse(stream, req.request_id, code, msg),
+    };
     // The walsender's id (its "PID" in /status and slot messages).
     let id = syncrep.register(&req.application_name, peer.clone());
     let refused = |stream, code, msg| {
@@ -256,6 +312,7 @@ pub(crate) fn run(
         &shared,
         &mut stream,
         &req,
+        end,
         id,
         &wake,
         &listener,
@@ -283,6 +340,7 @@ fn stream_wal(
     shared: &ServerShared,
     stream: &mut TcpStream,
     req: &StartRequest,
+    end: Option<TimelineEnd>,
     id: u64,
     wake: &EventFd,
     listener: &FlushListener,
@@ -309,7 +367,9 @@ fn stream_wal(
     };
     let request_id = req.request_id;
     let mut sent = req.start;
-    let flush = wal.flush_lsn();
+    // What may be sent: the flush LSN, or the end of a historic timeline.
+    let limit = |flush: Lsn| end.map_or(flush, |e| e.switch.min(flush));
+    let flush = limit(wal.flush_lsn());
     let mut state = if sent == flush {
         SenderState::Streaming
     } else {
@@ -349,7 +409,38 @@ fn stream_wal(
                 return Err(e.message);
             }
         }
-        let flush = wal.flush_lsn();
+        let flush = limit(wal.flush_lsn());
+        if let Some(e) = end.filter(|e| sent >= e.switch) {
+            // The requested timeline ended here: name the next one and end
+            // the stream (the standby switches and asks again).
+            tracing::info!(
+                "standby \"{}\" reached the end of timeline {} at {}: next timeline {}",
+                req.application_name,
+                req.timeline,
+                e.switch,
+                e.next
+            );
+            let mut out = Vec::new();
+            protocol::encode(
+                &Frame::TimelineEnd {
+                    request_id,
+                    next_timeline: e.next,
+                    switch: e.switch,
+                },
+                &mut out,
+            );
+            protocol::encode(
+                &Frame::ReadEnd {
+                    request_id,
+                    end: e.switch,
+                },
+                &mut out,
+            );
+            stream
+                .write_all(&out)
+                .map_err(|e| format!("could not send to the standby: {e}"))?;
+            return Ok(());
+        }
         if sent < flush {
             // One frame: up to CHUNK bytes, within one segment.
             let seg_end = Lsn((sent.segno(seg) + 1) * seg);
@@ -383,7 +474,7 @@ fn stream_wal(
             last_send = Instant::now();
             sent = Lsn(sent.0 + n as u64);
             sent_lsn.store(sent.0, SeqCst);
-            if state == SenderState::Catchup && sent >= wal.flush_lsn() {
+            if state == SenderState::Catchup && sent >= limit(wal.flush_lsn()) {
                 state = SenderState::Streaming;
                 tracing::info!(
                     "standby \"{}\" has now caught up with the primary",

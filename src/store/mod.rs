@@ -650,6 +650,14 @@ impl Store {
             )));
         }
         let start_timeline = promote && !is_standby && !finishing;
+        // A standby that followed its primary to a later timeline (its
+        // walreceiver stored the history file): the control file names it
+        // (written below, at the open), so that a later promotion starts
+        // the next timeline rather than "finishing" this one.
+        if is_standby && wal_timeline > c.timeline {
+            c.prev_timeline = c.timeline;
+            c.timeline = wal_timeline;
+        }
         if finishing {
             tracing::info!(
                 "the WAL is on timeline {wal_timeline} but the control file on timeline {}: \

@@ -399,7 +399,7 @@ impl Wal {
         }
         let promoted_at = if promote {
             let new = tli + 1;
-            start_timeline(&dir, &map, new, end, seg_size, cfg.fsync)?;
+            start_timeline(&dir, &map, new, end, seg_size, cfg.fsync, None)?;
             tracing::info!("selected new timeline ID: {new}");
             tli = new;
             Some(end)
@@ -845,13 +845,17 @@ impl Drop for ReleaseWaitersOnUnwind {
 /// 2. the old timeline's segments after the switch segment (preallocated
 ///    or recycled, never read on the new timeline) are removed;
 /// 3. the history file is written durably. From then on the WAL is on `new`.
-fn start_timeline(
+///
+/// A standby that follows its primary to `new` passes the primary's history
+/// file (`fetched`), which is stored instead of one written here.
+pub(crate) fn start_timeline(
     dir: &std::path::Path,
     map: &timeline::TimelineMap,
     new: u32,
     switch: Lsn,
     seg_size: u64,
     fsync: bool,
+    fetched: Option<&[u8]>,
 ) -> Result<()> {
     let segno = switch.segno(seg_size);
     let used = switch.segment_offset(seg_size) as usize;
@@ -903,7 +907,14 @@ fn start_timeline(
             }
         }
     }
-    timeline::write_history(dir, new, old_tli, switch, timeline::PROMOTE_REASON, fsync)?;
+    match fetched {
+        None => {
+            timeline::write_history(dir, new, old_tli, switch, timeline::PROMOTE_REASON, fsync)?;
+        }
+        Some(bytes) => {
+            timeline::store_history(dir, new, bytes, fsync)?;
+        }
+    }
     failpoint("promote-after-history");
     Ok(())
 }

@@ -19,6 +19,12 @@
 //! record), but a standby must never report such an LSN to its primary
 //! (trap T3): [`RawInserter::flushed_record_end`] is the record-aligned one.
 //!
+//! At the end of its primary's timeline (the primary was promoted, or is a
+//! standby that was), [`RawInserter::follow_timeline`] moves the WAL to
+//! the next timeline at the switch point as a promotion does (the switch
+//! segment's used prefix copied into the new timeline's file, the primary's
+//! history file stored durably); the next open of the WAL is on it.
+//!
 //! What it is not: the walreceiver (no socket, no feedback messages).
 
 use std::collections::VecDeque;
@@ -153,6 +159,66 @@ impl<'a> RawInserter<'a> {
         // commits at `on` wait for this standby's flush.
         w.commit.request(end);
         Ok(end)
+    }
+}
+
+impl RawInserter<'_> {
+    /// Moves this standby's WAL to timeline `new`, which began at `switch`
+    /// (the end of this WAL's timeline on the primary), with `history`, the
+    /// primary's `new` history file. Waits until everything up to `switch`
+    /// is flushed, then (as a promotion, [`super::start_timeline`]) copies
+    /// the switch segment's used prefix into `new`'s file, removes this
+    /// timeline's later segment files and stores the history file durably:
+    /// a crash at any step leaves the old timeline or the new one whole.
+    ///
+    /// The running WAL goes on naming files with the old timeline: nothing
+    /// may be written after this; the caller reopens the WAL (a restart of
+    /// the standby), which then opens on `new`.
+    pub fn follow_timeline(&mut self, new: u32, switch: Lsn, history: &[u8]) -> Result<()> {
+        let w = self.wal;
+        let dir = w.segments.dir().to_path_buf();
+        let seg = w.segments.segment_size();
+        let bad = |message: String| WalError::BadDirectory {
+            dir: dir.display().to_string(),
+            message,
+        };
+        let old = w.segments.timeline();
+        let insert = self.tracker.position();
+        // IMPORTANT: the switch must be this WAL's end exactly. A WAL past
+        // it diverged (never cut here: `walden rewind` does that); one short
+        // of it would leave a hole on the new timeline.
+        if insert != switch || self.tracker.last_complete_record_end() != switch {
+            return Err(bad(format!(
+                "cannot follow timeline {new}: timeline {old} ends at {switch} on the primary, \
+                 but this standby's WAL ends at {insert}"
+            )));
+        }
+        let entries = super::timeline::parse_history_bytes(history).map_err(|why| {
+            bad(format!(
+                "the primary's history file of timeline {new}: {why}"
+            ))
+        })?;
+        match entries.last() {
+            Some(e) if e.parent == old && e.switch == switch => {}
+            last => {
+                return Err(bad(format!(
+                    "the primary's history file of timeline {new} does not say that timeline \
+                     {old} ended at {switch} (its last line: {last:?})"
+                )))
+            }
+        }
+        w.commit.request(switch);
+        if !w.commit.wait_flushed(switch) {
+            return Err(WalError::Closed);
+        }
+        // No segment file may be prepared under the old name from here on.
+        w.segments.stop_preparer();
+        let map = super::timeline::TimelineMap::load(&dir, old, seg)?;
+        super::start_timeline(&dir, &map, new, switch, seg, w.cfg.fsync, Some(history))?;
+        // Nothing more goes into this WAL: the stream continues after a reopen.
+        self.poisoned_at = Some(switch);
+        tracing::info!("new target timeline is {new}");
+        Ok(())
     }
 }
 

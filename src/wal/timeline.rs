@@ -14,8 +14,9 @@
 //! sees it is in the file of the newest timeline in T's history that began
 //! at or before S ([`TimelineMap::timeline_of`]).
 //!
-//! What it is not: the walsender's cross-timeline streaming (a standby of
-//! the old primary following the new one) is not built yet.
+//! A walsender streams a timeline of its history up to its switch point
+//! and names the next one (TimelineEnd); its standby then stores the new
+//! timeline's history file and moves its WAL to it (`RawInserter::follow_timeline`).
 
 use std::path::{Path, PathBuf};
 
@@ -84,6 +85,39 @@ pub fn read_history(dir: &Path, timeline: u32) -> Result<Vec<HistoryEntry>, File
     let path = dir.join(history_file_name(timeline));
     let text = file::read_file(&path).map_err(|e| FileError::new("read file", &path, e))?;
     parse_history(&String::from_utf8_lossy(&text), &path)
+}
+
+/// The lines of a history file's text (as fetched from another server);
+/// the error says what is wrong with it.
+pub fn parse_history_bytes(bytes: &[u8]) -> Result<Vec<HistoryEntry>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    parse_history(text, Path::new("(fetched)")).map_err(|e| e.to_string())
+}
+
+/// What the history of a server on timeline `current` says of a timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimelineFate {
+    /// It is `current`: it has not ended.
+    Current,
+    /// An ancestor: it ended at `switch`, where `next` began.
+    Ended { switch: Lsn, next: u32 },
+    /// Not in the history.
+    Unknown,
+}
+
+/// Where `timeline` ends in the history of `current` (`history`, its
+/// history file's lines, oldest first).
+pub fn fate_of(timeline: u32, current: u32, history: &[HistoryEntry]) -> TimelineFate {
+    if timeline == current {
+        return TimelineFate::Current;
+    }
+    match history.iter().position(|e| e.parent == timeline) {
+        Some(i) => TimelineFate::Ended {
+            switch: history[i].switch,
+            next: history.get(i + 1).map_or(current, |e| e.parent),
+        },
+        None => TimelineFate::Unknown,
+    }
 }
 
 /// PostgreSQL's `readTimeLineHistory`: blank lines and `#` comments are
@@ -321,6 +355,11 @@ mod tests {
         assert_eq!(m.timeline_of(9), 3);
         assert_eq!(TimelineMap::single(1).timeline_of(7), 1);
         assert!(m.contains(1) && m.contains(2) && m.contains(3) && !m.contains(4));
+        let ended = |switch, next| TimelineFate::Ended { switch, next };
+        assert_eq!(fate_of(1, 3, &h), ended(Lsn(3 * seg + 40), 2));
+        assert_eq!(fate_of(2, 3, &h), ended(Lsn(5 * seg), 3));
+        assert_eq!(fate_of(3, 3, &h), TimelineFate::Current);
+        assert_eq!(fate_of(4, 3, &h), TimelineFate::Unknown);
     }
 
     #[test]
