@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{run_bounded, standby_settings, wait_until, Node};
+use walden::protocol::{ErrorCode, Frame};
 use walden::{Durability, Kind, Lsn};
 
 fn text(o: &Output) -> String {
@@ -186,7 +187,7 @@ fn a_standby_follows_the_promoted_standby_to_timeline_2() {
     for l in [
         "replication terminated by primary server",
         &format!("End of WAL reached on timeline 1 at {before}"),
-        "fetched timeline history file for timeline 2 from primary server",
+        "fetching timeline history file for timeline 2 from primary server",
         "new target timeline is 2",
         "started streaming WAL from primary at",
     ] {
@@ -347,6 +348,28 @@ fn a_diverged_standby_is_refused_and_its_wal_is_left_as_it_is() {
     assert!(last_error.contains(&want), "{last_error}");
     let o = run_bounded(&["status", "-D", s2.dir.to_str().unwrap()]);
     assert!(text(&o).contains("DIVERGED"), "{}", text(&o));
+    // A timeline the server never had is refused as such.
+    let mut c = s1.client();
+    c.queue(&Frame::StartReplication {
+        request_id: 7,
+        system_id: 0,
+        timeline: 3,
+        start: switch,
+        term: 0,
+        slot: String::new(),
+        application_name: "x".into(),
+    });
+    c.flush().unwrap();
+    match c.recv_frame().unwrap() {
+        Frame::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::TIMELINE_NOT_IN_HISTORY);
+            assert_eq!(
+                message,
+                "requested timeline 3 is not in this server's history (it is on timeline 2)"
+            );
+        }
+        other => panic!("StartReplication on timeline 3: {other:?}"),
+    }
     // It retries (DIVERGED again, logged once), and changes nothing.
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(s2.log().matches(&want).count(), 1, "{}", s2.log());

@@ -328,6 +328,10 @@ fn follow(
         end.switch
     );
     let addr = s.info.lock().unwrap().address();
+    tracing::info!(
+        "fetching timeline history file for timeline {} from primary server",
+        end.next
+    );
     let history = Client::connect(&addr, s.token.as_deref())
         .and_then(|mut c| c.timeline_history(end.next))
         .map_err(|e| {
@@ -336,10 +340,6 @@ fn follow(
                 end.next
             )
         })?;
-    tracing::info!(
-        "fetched timeline history file for timeline {} from primary server",
-        end.next
-    );
     raw.follow_timeline(end.next, end.switch, &history)
         .map_err(|e| format!("could not switch to timeline {}: {e}", end.next))?;
     if !(s.restart)() {
