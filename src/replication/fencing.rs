@@ -104,6 +104,15 @@ pub fn refuse_writes(by: u64) -> String {
     )
 }
 
+/// The refusal of a base backup on a deposed primary (its WAL is not the
+/// new primary's, and a backup writes WAL).
+pub fn refuse_backup(by: u64) -> String {
+    format!(
+        "this server was deposed by term {by}: it takes no base backups; \
+         take it from the current primary"
+    )
+}
+
 /// The log line of a primary that learns it was deposed.
 pub fn deposed_log(by: u64) -> String {
     format!("deposed by term {by}: no longer acknowledging commits")
