@@ -51,10 +51,12 @@ fn flushed_on_standby(s: &Node) -> Lsn {
         .unwrap_or(Lsn(0))
 }
 
-/// `walden append --level LEVEL -h ADDR` of one line.
+/// `walden append --level LEVEL -h ADDR` of one line (a wait for
+/// standbys given up after 20 s: INDETERMINATE, reason cancelled).
 fn append_cli(addr: &str, level: &str) -> Output {
     let mut child = Command::new(WALDEN)
         .args(["append", "-h", addr, "--level", level])
+        .args(["--wait-timeout", "20s"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -174,6 +176,19 @@ fn a_deposed_primary_acknowledges_nothing_and_stays_deposed() {
         assert!(!o.status.success(), "a {level} append on P: {}", text(&o));
         assert!(text(&o).contains(deposed), "{level}: {}", text(&o));
     }
+    let o = run_bounded(&[
+        "basebackup",
+        "-h",
+        &p.addr,
+        "-D",
+        dir.path().join("from-p").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "a base backup of P: {}", text(&o));
+    assert!(
+        text(&o).contains("this server was deposed by term 2: it takes no base backups"),
+        "{}",
+        text(&o)
+    );
     let st = p.status();
     assert_eq!(st["role"], "deposed primary");
     assert_eq!(st["replication"]["role"], "deposed primary");

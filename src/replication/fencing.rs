@@ -89,10 +89,19 @@ pub fn judge_primary(addr: &str, own: u64, primary: u64) -> PrimaryTerm {
         Equal => PrimaryTerm::Same,
         Greater => PrimaryTerm::Newer(primary),
         Less => PrimaryTerm::Stale(format!(
-            "STALE_TERM: the primary at {addr} has term {primary} but this standby follows \
+            "{STALE_PRIMARY}the primary at {addr} has term {primary} but this standby follows \
              term {own}: it was deposed; not streaming from it"
         )),
     }
+}
+
+/// How [`PrimaryTerm::Stale`]'s message starts.
+const STALE_PRIMARY: &str = "STALE_TERM: ";
+
+/// Whether a walreceiver's error is its refusal of a deposed primary
+/// (logged as an ERROR, where a lost connection is a WARNING).
+pub fn is_stale_primary(error: &str) -> bool {
+    error.starts_with(STALE_PRIMARY)
 }
 
 /// The refusal of a write (Append, PageWrite, Checkpoint) on a deposed
@@ -101,6 +110,15 @@ pub fn refuse_writes(by: u64) -> String {
     format!(
         "this server was deposed by term {by}: it accepts no writes; \
          rewind it with `walden rewind` and start it as a standby"
+    )
+}
+
+/// The refusal of a base backup on a deposed primary (its WAL is not the
+/// new primary's, and a backup writes WAL).
+pub fn refuse_backup(by: u64) -> String {
+    format!(
+        "this server was deposed by term {by}: it takes no base backups; \
+         take it from the current primary"
     )
 }
 
@@ -172,6 +190,13 @@ mod tests {
                     .into()
             )
         );
+        let PrimaryTerm::Stale(msg) = judge_primary("h:1", 3, 2) else {
+            unreachable!()
+        };
+        assert!(is_stale_primary(&msg));
+        assert!(!is_stale_primary(
+            "could not start WAL streaming: STALE_TERM: this server's term 1 is below"
+        ));
     }
 
     #[test]

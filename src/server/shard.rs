@@ -1251,6 +1251,12 @@ impl Shard<'_> {
                     );
                     return self.send_error(id, st, request_id, ErrorCode::BACKUP_REFUSED, msg);
                 }
+                // A backup writes WAL (its checkpoint, BACKUP_START): no new
+                // work on a deposed primary.
+                if let Some(by) = self.shared.syncrep.deposed_by() {
+                    let msg = crate::replication::fencing::refuse_backup(by);
+                    return self.send_error(id, st, request_id, ErrorCode::BACKUP_REFUSED, msg);
+                }
                 // A backup counts as a walsender, as in PostgreSQL.
                 if !self.take_sender_slot(id, st, request_id, "; a base backup counts as one") {
                     return;

@@ -276,7 +276,11 @@ fn run(
                 }
                 // The same failure once, not every half second.
                 if logged_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!("{e}");
+                    if fencing::is_stale_primary(&e) {
+                        tracing::error!("{e}");
+                    } else {
+                        tracing::warn!("{e}");
+                    }
                     logged_error = Some(e.clone());
                 }
                 *status.last_error.lock().unwrap() = Some(e);
@@ -436,10 +440,8 @@ fn session(
                         "the primary at {addr} has term {t}: this standby now follows it"
                     );
                 }
-                PrimaryTerm::Stale(msg) => {
-                    tracing::error!("{msg}");
-                    return Err(msg.into());
-                }
+                // Logged (ERROR, once) and shown as last_error by `run`.
+                PrimaryTerm::Stale(msg) => return Err(msg.into()),
             }
             store.note_acknowledged(commit);
             status.latest_end_lsn.store(flush.0, Relaxed);
