@@ -339,12 +339,12 @@ fn a_rewind_cut_short_refuses_to_start_and_is_resumed() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
         .args(["rewind", "-D", p.dir.to_str().unwrap(), "--source-server"])
         .arg(&s.addr)
-        .env("WALDEN_TEST_REWIND_CRASH_AT", "after-wal-cut")
+        .env("WALDEN_FAILPOINT", "rewind-after-wal-cut")
         .output()
         .unwrap();
     assert!(!o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("aborting at after-wal-cut"),
+        text(&o).contains("failpoint rewind-after-wal-cut: aborting"),
         "{}",
         text(&o)
     );

@@ -306,7 +306,7 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
     rw::truncate_wal(&wal_dir, target_tli, s, seg, true)?;
     timeline::store_history(&wal_dir, source_tli, &history_bytes, true)?;
     rw::copy_switch_segment(&wal_dir, target_tli, source_tli, s, seg, true)?;
-    crash_point("after-wal-cut");
+    walden::wal::failpoint("rewind-after-wal-cut");
     drop(wal_lock);
     let wal_end = stream_wal(
         &addr,
@@ -344,15 +344,6 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
     ));
     say("Done!");
     Ok(())
-}
-
-/// (testing) `WALDEN_TEST_REWIND_CRASH_AT=NAME`: the process aborts at the
-/// point NAME, as a crash there would end it.
-fn crash_point(name: &str) {
-    if std::env::var("WALDEN_TEST_REWIND_CRASH_AT").is_ok_and(|v| v == name) {
-        say(format!("(testing) aborting at {name}"));
-        std::process::abort();
-    }
 }
 
 fn read_control(data_dir: &Path) -> anyhow::Result<ControlFile> {
