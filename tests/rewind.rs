@@ -312,3 +312,72 @@ fn refusals_change_nothing_and_recover_first_rewinds_an_unclean_target() {
     });
     assert!(pages(&p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
 }
+
+/// A rewind that crashes after it cut the target's WAL and stored the
+/// source's history (the WAL is then on the source's timeline): the
+/// directory refuses to start, and `walden rewind` run again resumes from
+/// the plan in its marker rather than finding "the same timeline".
+#[test]
+fn a_rewind_cut_short_refuses_to_start_and_is_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Node::start(&dir.path().join("p"), &[] as &[&str]);
+    let mut s = Node::start(&dir.path().join("s"), &standby_settings(&p, "s"));
+    for b in 0..BLOCKS {
+        write(&p, 1, b, 0, b"common");
+    }
+    let target = flush_lsn(&p);
+    wait_until("the standby's WAL", &[&p, &s], || flush_lsn(&s) >= target);
+    s.kill9();
+    for b in 0..5 {
+        write(&p, 1, b, 10, b"P-ONLY");
+    }
+    p.stop();
+    s.restart();
+    promote(&s);
+    write(&s, 1, 3, 20, b"S-new");
+
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["rewind", "-D", p.dir.to_str().unwrap(), "--source-server"])
+        .arg(&s.addr)
+        .env("WALDEN_FAILPOINT", "rewind-after-wal-cut")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("failpoint rewind-after-wal-cut: aborting"),
+        "{}",
+        text(&o)
+    );
+    assert!(p.dir.join("data/rewind_in_progress").exists());
+    let o = run_bounded(&[
+        "serve",
+        "-D",
+        p.dir.to_str().unwrap(),
+        "-c",
+        "listen_addr=127.0.0.1:0",
+        "-c",
+        "metrics_addr=",
+        "-c",
+        "wal_segment_size=1MB",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("a rewind of this directory did not finish"),
+        "{}",
+        text(&o)
+    );
+
+    let o = rewind(&p.dir, &s, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("resuming an interrupted rewind: servers diverged at WAL location"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("Done!"), "{}", text(&o));
+    let p2 = Node::start(&p.dir, &standby_settings(&s, "p"));
+    wait_until("the rewound server's pages", &[&s, &p2], || {
+        pages(&p2) == pages(&s)
+    });
+    assert!(pages(&p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
+}

@@ -478,7 +478,7 @@ pub fn receive_wal(
     let mut raw = wal.raw_inserter()?;
     anyhow::ensure!(
         raw.insert_lsn() == redo,
-        "the backup's WAL opened at {} instead of the redo point {redo}",
+        "the WAL opened at {} instead of {redo}, where streaming starts",
         raw.insert_lsn()
     );
     let request_id = 1u64 << 32;
@@ -527,7 +527,7 @@ pub fn receive_wal(
             }
             Ok(Frame::Keepalive { .. }) => {}
             Ok(Frame::ReadEnd { .. }) => {
-                bail!("the primary ended the WAL stream before the backup's end")
+                bail!("the server ended the WAL stream before {target}")
             }
             Ok(Frame::Error { code, message, .. }) => {
                 bail!("WAL streaming failed: {code}: {message}")

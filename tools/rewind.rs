@@ -177,12 +177,6 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
     if status["replication"]["role"].as_str() == Some("standby") {
         bail!("the source server is a standby; rewind from a primary");
     }
-    if source_tli == target_tli {
-        say(format!(
-            "source and target are on the same timeline ({target_tli}); no rewind required"
-        ));
-        return Ok(());
-    }
     let history_bytes = if source_tli > 1 {
         source
             .timeline_history(source_tli)
@@ -194,77 +188,112 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
         &String::from_utf8_lossy(&history_bytes),
         Path::new(&timeline::history_file_name(source_tli)),
     )?;
-    let Some(s) = rw::divergence_point(target_tli, &history) else {
-        bail!(
-            "the source's timeline history does not contain the target's timeline {target_tli} \
-             (the source is on timeline {source_tli})"
-        );
-    };
-    if history.last().map(|e| e.parent) != Some(target_tli) {
-        bail!(
-            "the source's timeline {source_tli} does not begin where the target's timeline \
-             {target_tli} ends (there are timelines in between): rewinding across several \
-             timelines is not supported; take a new base backup instead"
-        );
-    }
-    say(format!(
-        "servers diverged at WAL location {s} on timeline {target_tli}"
-    ));
-
-    // 3. The target's WAL.
-    let scan = rw::scan_target(&wal_dir, seg, target_tli, s)?;
-    if scan.end <= s {
-        say(format!(
-            "the target's WAL ends at {}, at or before the divergence point: no rewind required \
-             (it can follow the source as a standby)",
-            scan.end
-        ));
-        return Ok(());
-    }
-    // The quorum floor: the control file's acknowledged LSN (not yet
-    // wired here: none is known).
-    rw::check_truncation_floor(s, Lsn::INVALID).map_err(anyhow::Error::msg)?;
-    let ckpt = match scan.checkpoint {
-        Some(k) if k.redo >= scan.start => k,
-        _ => bail!(
-            "could not find a previous checkpoint before the divergence point {s} in the \
-             target's WAL (it starts at {}); take a new base backup instead",
-            scan.start
-        ),
-    };
-    say(format!(
-        "rewinding from last common checkpoint at {} on timeline {}",
-        ckpt.lsn, ckpt.timeline
-    ));
-    say(format!(
-        "the target's WAL ends at {}: {} record(s) after the divergence point are discarded, \
-         {} page(s) are copied from the source",
-        scan.end,
-        scan.diverged_records,
-        scan.pages.len()
-    ));
-    if args.dry_run {
-        for t in &scan.pages {
-            println!("page rel {} block {}", t.rel, t.block);
+    let plan = match rw::read_marker(&data_dir)? {
+        Some(plan) => {
+            if plan.source_timeline != source_tli {
+                bail!(
+                    "an interrupted rewind to timeline {} must be finished from a source on that \
+                     timeline, but this source is on timeline {source_tli}; take a new base backup",
+                    plan.source_timeline
+                );
+            }
+            say(format!(
+                "resuming an interrupted rewind: servers diverged at WAL location {} on \
+                 timeline {}; {} page(s) are copied again",
+                plan.divergence,
+                plan.target_timeline,
+                plan.pages.len()
+            ));
+            if args.dry_run {
+                say("dry run: nothing was changed");
+                return Ok(());
+            }
+            plan
         }
-        say("dry run: nothing was changed");
-        return Ok(());
-    }
+        None => {
+            if source_tli == target_tli {
+                say(format!(
+                    "source and target are on the same timeline ({target_tli}); no rewind required"
+                ));
+                return Ok(());
+            }
+            let Some(s) = rw::divergence_point(target_tli, &history) else {
+                bail!(
+                    "the source's timeline history does not contain the target's timeline \
+                     {target_tli} (the source is on timeline {source_tli})"
+                );
+            };
+            if history.last().map(|e| e.parent) != Some(target_tli) {
+                bail!(
+                    "the source's timeline {source_tli} does not begin where the target's \
+                     timeline {target_tli} ends (there are timelines in between): rewinding \
+                     across several timelines is not supported; take a new base backup instead"
+                );
+            }
+            say(format!(
+                "servers diverged at WAL location {s} on timeline {target_tli}"
+            ));
 
-    // From here on the directory changes: the marker first.
-    file::replace_durably(
-        &data_dir,
-        REWIND_MARKER,
-        format!("rewinding from {addr}, diverged at {s}\n").as_bytes(),
-        true,
-    )?;
+            // 3. The target's WAL.
+            let scan = rw::scan_target(&wal_dir, seg, target_tli, s)?;
+            if scan.end <= s {
+                say(format!(
+                    "the target's WAL ends at {}, at or before the divergence point: no rewind \
+                     required (it can follow the source as a standby)",
+                    scan.end
+                ));
+                return Ok(());
+            }
+            // The quorum floor: the control file's acknowledged LSN (not yet
+            // wired here: none is known).
+            rw::check_truncation_floor(s, Lsn::INVALID).map_err(anyhow::Error::msg)?;
+            let ckpt = match scan.checkpoint {
+                Some(k) if k.redo >= scan.start => k,
+                _ => bail!(
+                    "could not find a previous checkpoint before the divergence point {s} in \
+                     the target's WAL (it starts at {}); take a new base backup instead",
+                    scan.start
+                ),
+            };
+            say(format!(
+                "rewinding from last common checkpoint at {} on timeline {}",
+                ckpt.lsn, ckpt.timeline
+            ));
+            say(format!(
+                "the target's WAL ends at {}: {} record(s) after the divergence point are \
+                 discarded, {} page(s) are copied from the source",
+                scan.end,
+                scan.diverged_records,
+                scan.pages.len()
+            ));
+            if args.dry_run {
+                for t in &scan.pages {
+                    println!("page rel {} block {}", t.rel, t.block);
+                }
+                say("dry run: nothing was changed");
+                return Ok(());
+            }
+            let plan = rw::RewindPlan {
+                source_timeline: source_tli,
+                target_timeline: target_tli,
+                divergence: s,
+                checkpoint: ckpt,
+                pages: scan.pages,
+            };
+            // From here on the directory changes: the marker (with the plan) first.
+            file::replace_durably(&data_dir, REWIND_MARKER, plan.encode().as_bytes(), true)?;
+            plan
+        }
+    };
+    let (s, target_tli) = (plan.divergence, plan.target_timeline);
+    let ckpt = plan.checkpoint;
 
     // 4. The pages.
     let checksums = c.data_checksum_version == 1;
     let newest_page = copy_pages(
         &mut source,
         &data_dir,
-        &scan.pages,
+        &plan.pages,
         checksums,
         args.progress,
     )?;
@@ -277,6 +306,7 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
     rw::truncate_wal(&wal_dir, target_tli, s, seg, true)?;
     timeline::store_history(&wal_dir, source_tli, &history_bytes, true)?;
     rw::copy_switch_segment(&wal_dir, target_tli, source_tli, s, seg, true)?;
+    walden::wal::failpoint("rewind-after-wal-cut");
     drop(wal_lock);
     let wal_end = stream_wal(
         &addr,

@@ -11,7 +11,8 @@
 //! next start back to the last common checkpoint: replay from its redo
 //! point through the source's WAL makes every page the source's.
 //!
-//! A rewind cut short must not start as anything: [`REWIND_MARKER`] is
+//! A rewind cut short must not start as anything: [`REWIND_MARKER`] (with
+//! the [`RewindPlan`], from which a second run resumes) is
 //! written durably before the first change and removed after the control
 //! file, the last one; a store open refuses while it exists
 //! ([`check_not_in_progress`]).
@@ -50,6 +51,112 @@ pub fn check_not_in_progress(data_dir: &Path) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// What a rewind decided before its first change, kept in
+/// [`REWIND_MARKER`]: a rewind cut short is resumed from it (the target's
+/// WAL after the divergence point, which named the pages, may be gone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RewindPlan {
+    pub source_timeline: u32,
+    pub target_timeline: u32,
+    pub divergence: Lsn,
+    pub checkpoint: CommonCheckpoint,
+    pub pages: BTreeSet<PageTag>,
+}
+
+impl RewindPlan {
+    pub fn encode(&self) -> String {
+        let k = &self.checkpoint;
+        let mut t = format!(
+            "# walden rewind in progress: do not start this directory; run walden rewind again\n\
+             source_timeline {}\ntarget_timeline {}\ndivergence {}\ncheckpoint {} {} {} {} {}\n",
+            self.source_timeline,
+            self.target_timeline,
+            self.divergence,
+            k.lsn,
+            k.redo,
+            k.timeline,
+            k.time_us,
+            k.full_page_writes as u8
+        );
+        for p in &self.pages {
+            t.push_str(&format!("page {} {}\n", p.rel, p.block));
+        }
+        t
+    }
+
+    pub fn decode(text: &str) -> Result<RewindPlan, String> {
+        let mut plan = RewindPlan {
+            source_timeline: 0,
+            target_timeline: 0,
+            divergence: Lsn::INVALID,
+            checkpoint: CommonCheckpoint {
+                lsn: Lsn::INVALID,
+                redo: Lsn::INVALID,
+                timeline: 0,
+                time_us: 0,
+                full_page_writes: true,
+            },
+            pages: BTreeSet::new(),
+        };
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let f: Vec<&str> = line.split(' ').collect();
+            let bad = || format!("cannot parse the line {line:?}");
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad);
+            let lsn = |i: usize| f.get(i).and_then(|v| v.parse::<Lsn>().ok()).ok_or_else(bad);
+            match f[0] {
+                "source_timeline" => plan.source_timeline = num(1)? as u32,
+                "target_timeline" => plan.target_timeline = num(1)? as u32,
+                "divergence" => plan.divergence = lsn(1)?,
+                "checkpoint" => {
+                    plan.checkpoint = CommonCheckpoint {
+                        lsn: lsn(1)?,
+                        redo: lsn(2)?,
+                        timeline: num(3)? as u32,
+                        time_us: num(4)?,
+                        full_page_writes: num(5)? == 1,
+                    }
+                }
+                "page" => {
+                    plan.pages
+                        .insert(PageTag::new(num(1)? as u32, num(2)? as u32));
+                }
+                _ => return Err(bad()),
+            }
+        }
+        if plan.source_timeline == 0
+            || !plan.divergence.is_valid()
+            || !plan.checkpoint.lsn.is_valid()
+        {
+            return Err("a timeline, the divergence point or the checkpoint is missing".into());
+        }
+        Ok(plan)
+    }
+}
+
+/// The plan of an unfinished rewind, if its marker exists.
+pub fn read_marker(data_dir: &Path) -> Result<Option<RewindPlan>, StoreError> {
+    let path = data_dir.join(REWIND_MARKER);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError::Recovery(format!(
+                "could not read file \"{}\": {e}",
+                path.display()
+            )))
+        }
+    };
+    RewindPlan::decode(&text).map(Some).map_err(|what| {
+        StoreError::Recovery(format!(
+            "invalid data in file \"{}\": {what}; take a new base backup",
+            path.display()
+        ))
+    })
 }
 
 /// The truncation floor: the target's WAL at or after `s` is discarded,
@@ -252,6 +359,28 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_plan_round_trips_through_the_marker() {
+        let plan = RewindPlan {
+            source_timeline: 2,
+            target_timeline: 1,
+            divergence: Lsn(0x1_2345_6789),
+            checkpoint: CommonCheckpoint {
+                lsn: Lsn(0x100_0040),
+                redo: Lsn(0x100_0028),
+                timeline: 1,
+                time_us: 1_700_000_000_123_456,
+                full_page_writes: true,
+            },
+            pages: [PageTag::new(1, 0), PageTag::new(7, 1 << 20)]
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(RewindPlan::decode(&plan.encode()).unwrap(), plan);
+        assert!(RewindPlan::decode("page 1 x\n").is_err());
+        assert!(RewindPlan::decode("# nothing\n").is_err());
     }
 
     #[test]
