@@ -150,6 +150,33 @@ fn a_diverged_old_primary_is_rewound_and_follows_the_promoted_standby() {
     let o = rewind(&p.dir, &s, &["-P", "--dry-run"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("nothing was changed"), "{}", text(&o));
+    // A control file that says a quorum acknowledged WAL past the
+    // divergence point: the rewind refuses to discard it, changing nothing.
+    let data = p.dir.join("data");
+    let saved = walden::store::control::read(&data).unwrap().unwrap();
+    let mut lying = saved;
+    lying.acknowledged_lsn = Lsn(target.0 + 4096);
+    walden::store::control::write(&data, &lying, true).unwrap();
+    let before = common::snapshot(&p.dir);
+    let o = rewind(&p.dir, &s, &[]);
+    assert!(
+        !o.status.success(),
+        "rewound past the quorum floor: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(&format!(
+            "would discard WAL at or below {} that was acknowledged by a quorum; refusing",
+            lying.acknowledged_lsn
+        )),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        common::snapshot(&p.dir) == before,
+        "a refused rewind changed the target"
+    );
+    walden::store::control::write(&data, &saved, true).unwrap();
     let o = rewind(&p.dir, &s, &["-P"]);
     let out = text(&o);
     assert!(o.status.success(), "rewind: {out}");

@@ -244,9 +244,9 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
                 ));
                 return Ok(());
             }
-            // The quorum floor: the control file's acknowledged LSN (not yet
-            // wired here: none is known).
-            rw::check_truncation_floor(s, Lsn::INVALID).map_err(anyhow::Error::msg)?;
+            // The quorum floor: the control file's acknowledged LSN (what
+            // this server last knew a quorum of standbys had flushed).
+            rw::check_truncation_floor(s, c.acknowledged_lsn).map_err(anyhow::Error::msg)?;
             let ckpt = match scan.checkpoint {
                 Some(k) if k.redo >= scan.start => k,
                 _ => bail!(

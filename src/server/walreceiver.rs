@@ -497,7 +497,16 @@ fn session(
             .map_err(|e| format!("could not start the walreceiver's reporter: {e}"))?
     };
     wake.signal();
-    let outcome = receive(&mut client, store, raw, &shared, wake, status, stop, s.idle_poll);
+    let outcome = receive(
+        &mut client,
+        store,
+        raw,
+        &shared,
+        wake,
+        status,
+        stop,
+        s.idle_poll,
+    );
     // The end of a timeline: everything up to its switch point is reported
     // flushed before the stream closes (the primary may be waiting for it).
     if let Ok(Some(end)) = outcome {
