@@ -228,49 +228,32 @@ fn a_deposed_primary_acknowledges_nothing_and_stays_deposed() {
     );
 }
 
-/// A standby whose persisted term is below its primary's persists the
-/// primary's term on the first stream, before it reports: here a copy of
-/// a promoted server (timeline 2) whose control file still says timeline 1
-/// and no term (as a standby has it right after it followed the switch).
+/// A standby whose term is below its new primary's persists the primary's
+/// term on the first stream, before it reports anything and while it still
+/// streams its old timeline: S2 was down while S was promoted (timeline 2),
+/// then follows S across the switch.
 #[test]
 fn a_standby_persists_a_higher_term_it_streams_in() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Node::start(&dir.path().join("p"), &[] as &[&str]);
     let s = Node::start(&dir.path().join("s"), &standby_settings(&p, "s"));
+    let mut s2 = Node::start(&dir.path().join("s2"), &standby_settings(&p, "s2"));
     let mut c = p.client();
     let a = c
         .append(Durability::Local, &[(Kind::DATA, b"before")])
         .unwrap();
     drop(c);
-    wait_until("S has P's WAL", &[&p, &s], || {
-        flushed_on_standby(&s) >= a.end
+    wait_until("S and S2 have P's WAL", &[&p, &s, &s2], || {
+        flushed_on_standby(&s) >= a.end && flushed_on_standby(&s2) >= a.end
     });
+    s2.stop();
+    assert_eq!(control_line(&controldata(&s2.dir), "Latest term"), "1");
     p.kill9();
     let o = run_bounded(&["promote", "-D", s.dir.to_str().unwrap(), "-t", "25"]);
     assert!(o.status.success(), "promote: {}\n{}", text(&o), s.log());
 
-    let copy = dir.path().join("s2");
-    let o = run_bounded(&[
-        "basebackup",
-        "-h",
-        &s.addr,
-        "-D",
-        copy.to_str().unwrap(),
-        "-R",
-        "--application-name",
-        "s2",
-    ]);
-    assert!(o.status.success(), "basebackup: {}", text(&o));
-    // Term 1, timeline 1 in the copy's control file.
-    let data = copy.join("data");
-    let mut cf = walden::store::control::read(&data).unwrap().unwrap();
-    cf.timeline = 1;
-    cf.prev_timeline = 1;
-    cf.term = 0;
-    walden::store::control::write(&data, &cf, true).unwrap();
-    assert_eq!(control_line(&controldata(&copy), "Latest term"), "1");
-
-    let mut s2 = Node::start(&copy, &[] as &[&str]);
+    s2.settings = standby_settings(&s, "s2");
+    s2.restart();
     let mut c = s.client();
     let b = c
         .append(Durability::Local, &[(Kind::DATA, b"after")])
@@ -280,13 +263,17 @@ fn a_standby_persists_a_higher_term_it_streams_in() {
         flushed_on_standby(&s2) >= b.end
     });
     assert_eq!(s2.status()["term"], 2);
+    let log = s2.log();
+    let adopted = log
+        .find("has term 2: this standby now follows it")
+        .unwrap_or_else(|| panic!("no term adoption in the log:\n{log}"));
+    let switched = log
+        .find("End of WAL reached on timeline 1")
+        .unwrap_or_else(|| panic!("no timeline switch in the log:\n{log}"));
     assert!(
-        s2.log().contains("has term 2: this standby now follows it"),
-        "{}",
-        s2.log()
+        adopted < switched,
+        "the term was adopted only after the timeline switch:\n{log}"
     );
     s2.stop();
-    let cd = controldata(&copy);
-    assert_eq!(control_line(&cd, "Latest term"), "2");
-    assert_eq!(control_line(&cd, "Latest checkpoint's TimeLineID"), "1");
+    assert_eq!(control_line(&controldata(&s2.dir), "Latest term"), "2");
 }
