@@ -408,3 +408,50 @@ fn a_rewind_cut_short_refuses_to_start_and_is_resumed() {
     });
     assert!(pages(&p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
 }
+
+/// A source that no longer holds its WAL from the divergence point (it
+/// released it: `wal_keep_size = 0`, checkpoints after more WAL): the
+/// rewind is refused before it changes anything, and says to take a new
+/// base backup.
+#[test]
+fn a_source_without_the_wal_from_the_divergence_point_is_refused_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Node::start(&dir.path().join("p"), &[] as &[&str]);
+    let mut s = Node::start(&dir.path().join("s"), &{
+        let mut v = standby_settings(&p, "s");
+        v.push("wal_keep_size=0".into());
+        v
+    });
+    write(&p, 1, 0, 0, b"common");
+    let target = flush_lsn(&p);
+    wait_until("the standby's WAL", &[&p, &s], || flush_lsn(&s) >= target);
+    s.kill9();
+    write(&p, 1, 0, 0, b"P-ONLY-diverged");
+    p.stop();
+    s.restart();
+    promote(&s);
+    // Several segments of new WAL on S, then checkpoints: the WAL of the
+    // divergence point's segment is released.
+    let mut c = s.client();
+    let payload = vec![0x42u8; 8000];
+    for _ in 0..500 {
+        c.append(Durability::Local, &[(walden::Kind::DATA, &payload[..])])
+            .unwrap();
+    }
+    c.checkpoint().unwrap();
+    c.checkpoint().unwrap();
+    drop(c);
+    let before = snapshot(&p.dir);
+    let o = rewind(&p.dir, &s, &[]);
+    let out = text(&o);
+    assert!(
+        !o.status.success(),
+        "rewound without the source's WAL: {out}"
+    );
+    assert!(
+        out.contains("the source has no WAL from the divergence point")
+            && out.contains("take a new base backup instead"),
+        "{out}"
+    );
+    assert_unchanged(&before, &snapshot(&p.dir), "a refused rewind");
+}

@@ -247,6 +247,14 @@ pub fn run(args: RewindArgs) -> anyhow::Result<()> {
             // The quorum floor: the control file's acknowledged LSN (what
             // this server last knew a quorum of standbys had flushed).
             rw::check_truncation_floor(s, c.acknowledged_lsn).map_err(anyhow::Error::msg)?;
+            // The source must still hold its WAL from the divergence point
+            // (it is streamed in below): asked before anything changes.
+            if let Err(e) = source.read(s, 64 * 1024, 1) {
+                bail!(
+                    "the source has no WAL from the divergence point {s} ({e}); \
+                     take a new base backup instead"
+                );
+            }
             let ckpt = match scan.checkpoint {
                 Some(k) if k.redo >= scan.start => k,
                 _ => bail!(
