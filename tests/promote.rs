@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run_bounded, standby_settings, wait_until, Node};
+use common::{control_line, controldata, run_bounded, standby_settings, wait_until, Node};
 use walden::{Durability, Kind, Lsn};
 
 const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
@@ -66,26 +66,6 @@ fn waldump(dir: &Path) -> String {
     let o = run_bounded(&["waldump", "-p", dir.join("wal").to_str().unwrap()]);
     assert!(o.status.success(), "waldump: {}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn controldata(dir: &Path) -> String {
-    let o = run_bounded(&[
-        "controldata",
-        "-D",
-        dir.join("data").to_str().unwrap(),
-        "--wal-dir",
-        dir.join("wal").to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "controldata: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn control_line(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name:?} in\n{out}"))
-        .trim()
-        .to_string()
 }
 
 fn promote_dir(n: &Node) -> Output {

@@ -314,18 +314,7 @@ fn refusals_change_nothing_and_recover_first_rewinds_an_unclean_target() {
     // A rewind cut short (its marker left) refuses to start.
     let marker = p.dir.join("data/rewind_in_progress");
     std::fs::write(&marker, b"").unwrap();
-    let o = run_bounded(&[
-        "serve",
-        "-D",
-        p.dir.to_str().unwrap(),
-        "-c",
-        "listen_addr=127.0.0.1:0",
-        "-c",
-        "metrics_addr=",
-        "-c",
-        "wal_segment_size=1MB",
-    ]);
-    assert!(!o.status.success());
+    let o = common::serve_refused(&p.dir);
     assert!(
         text(&o).contains("a rewind of this directory did not finish"),
         "{}",
@@ -376,18 +365,7 @@ fn a_rewind_cut_short_refuses_to_start_and_is_resumed() {
         text(&o)
     );
     assert!(p.dir.join("data/rewind_in_progress").exists());
-    let o = run_bounded(&[
-        "serve",
-        "-D",
-        p.dir.to_str().unwrap(),
-        "-c",
-        "listen_addr=127.0.0.1:0",
-        "-c",
-        "metrics_addr=",
-        "-c",
-        "wal_segment_size=1MB",
-    ]);
-    assert!(!o.status.success());
+    let o = common::serve_refused(&p.dir);
     assert!(
         text(&o).contains("a rewind of this directory did not finish"),
         "{}",

@@ -368,6 +368,16 @@ pub fn remove_file(path: &Path) -> Result<()> {
 }
 
 /// Whether `path` exists (a file or a directory).
+/// A small text file's contents; `None` if it does not exist; an error
+/// reads as PostgreSQL's `could not read file "…": …`.
+pub fn read_optional_text(path: &Path) -> std::result::Result<Option<String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("could not read file \"{}\": {e}", path.display())),
+    }
+}
+
 pub fn exists(path: &Path) -> bool {
     match sim::disk_for(path) {
         Some(d) => sim::exists(&d, path),

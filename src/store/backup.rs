@@ -92,15 +92,9 @@ pub struct BackupLabel {
 /// a copy that already reached its end).
 pub fn read_label(data_dir: &Path) -> Result<Option<BackupLabel>, StoreError> {
     let path = data_dir.join(BACKUP_LABEL);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(StoreError::Recovery(format!(
-                "could not read file \"{}\": {e}",
-                path.display()
-            )))
-        }
+    let Some(text) = crate::io::file::read_optional_text(&path).map_err(StoreError::Recovery)?
+    else {
+        return Ok(None);
     };
     parse_label(&text).map(Some).map_err(|what| {
         StoreError::Recovery(format!(

@@ -141,15 +141,8 @@ impl RewindPlan {
 /// The plan of an unfinished rewind, if its marker exists.
 pub fn read_marker(data_dir: &Path) -> Result<Option<RewindPlan>, StoreError> {
     let path = data_dir.join(REWIND_MARKER);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(StoreError::Recovery(format!(
-                "could not read file \"{}\": {e}",
-                path.display()
-            )))
-        }
+    let Some(text) = file::read_optional_text(&path).map_err(StoreError::Recovery)? else {
+        return Ok(None);
     };
     RewindPlan::decode(&text).map(Some).map_err(|what| {
         StoreError::Recovery(format!(

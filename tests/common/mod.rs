@@ -324,15 +324,37 @@ impl Node {
             .success());
     }
 
+    /// A connection; retried for up to 10 s while the server restarts in
+    /// its process (a promotion, a standby moving to a new timeline) and
+    /// its port is briefly closed or still recovering.
     pub fn client(&self) -> walden::client::Client {
-        let c = walden::client::Client::connect(&self.addr, None).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        c
+        let t = Instant::now();
+        loop {
+            match walden::client::Client::connect(&self.addr, None) {
+                Ok(c) => {
+                    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    return c;
+                }
+                Err(_) if t.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("could not connect to {}: {e}\n{}", self.addr, self.log()),
+            }
+        }
     }
 
+    /// The status JSON (retried for up to 10 s, as [`Node::client`]).
     pub fn status(&self) -> serde_json::Value {
-        let (_, _, _, json) = self.client().status().unwrap();
-        serde_json::from_str(&json).unwrap()
+        let t = Instant::now();
+        loop {
+            match self.client().status() {
+                Ok((_, _, _, json)) => return serde_json::from_str(&json).unwrap(),
+                Err(_) if t.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("status of {}: {e}\n{}", self.addr, self.log()),
+            }
+        }
     }
 
     pub fn port(&self) -> &str {
@@ -368,4 +390,49 @@ pub fn wait_until(what: &str, nodes: &[&Node], mut cond: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `walden controldata` of a node directory (DIR/data, DIR/wal).
+pub fn controldata(dir: &Path) -> String {
+    let o = run_bounded(&[
+        "controldata",
+        "-D",
+        dir.join("data").to_str().unwrap(),
+        "--wal-dir",
+        dir.join("wal").to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "controldata: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The value of controldata's line `name:`.
+pub fn control_line(out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name:?} in\n{out}"))
+        .trim()
+        .to_string()
+}
+
+/// `walden serve` on `dir` with the test defaults, expected to exit (a
+/// refused start): its output.
+pub fn serve_refused(dir: &Path) -> Output {
+    let o = run_bounded(&[
+        "serve",
+        "-D",
+        dir.to_str().unwrap(),
+        "-c",
+        "listen_addr=127.0.0.1:0",
+        "-c",
+        "metrics_addr=",
+        "-c",
+        "wal_segment_size=1MB",
+    ]);
+    assert!(!o.status.success(), "the start was not refused");
+    o
 }
