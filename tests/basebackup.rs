@@ -534,19 +534,13 @@ fn the_primary_marks_the_backup_in_its_wal() {
 
 /// Args of `walden serve -D DIR` as the tests run it.
 fn serve_args(dir: &Path) -> Vec<String> {
-    [
-        "serve",
-        "-D",
-        dir.to_str().unwrap(),
-        "-c",
-        "listen_addr=127.0.0.1:0",
-        "-c",
-        "metrics_addr=",
-        "-c",
-        "wal_segment_size=1MB",
-    ]
-    .map(String::from)
-    .to_vec()
+    let mut args: Vec<String> = ["serve", "-D", dir.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    for s in common::SERVE_DEFAULTS {
+        args.extend(["-c".to_string(), s.to_string()]);
+    }
+    args
 }
 
 /// The copy's WAL cut right before its BACKUP_END (the rest of that

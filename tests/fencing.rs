@@ -79,17 +79,7 @@ fn a_deposed_primary_acknowledges_nothing_and_stays_deposed() {
 
     // A standby of the new term: a copy of S.
     let copy = dir.path().join("s2");
-    let o = run_bounded(&[
-        "basebackup",
-        "-h",
-        &s.addr,
-        "-D",
-        copy.to_str().unwrap(),
-        "-R",
-        "--application-name",
-        "s2",
-    ]);
-    assert!(o.status.success(), "basebackup: {}", text(&o));
+    common::basebackup_standby(&s, &copy, "s2");
     assert_eq!(control_line(&controldata(&copy), "Latest term"), "2");
 
     // P comes back, not rewound, same settings: still a primary of term 1.

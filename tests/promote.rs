@@ -492,17 +492,7 @@ fn a_base_backup_of_a_promoted_server_is_its_standby_on_timeline_2() {
     }
 
     let copy = dir.path().join("s3");
-    let o = run_bounded(&[
-        "basebackup",
-        "-h",
-        &s1.addr,
-        "-D",
-        copy.to_str().unwrap(),
-        "-R",
-        "--application-name",
-        "s3",
-    ]);
-    assert!(o.status.success(), "basebackup: {}", text(&o));
+    common::basebackup_standby(&s1, &copy, "s3");
     assert_eq!(history(&copy, 2), history(&s1.dir, 2));
     let names = segment_names(&copy);
     assert!(

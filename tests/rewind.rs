@@ -109,6 +109,15 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The rewound server `p2` reaches the source's pages, and none keeps what
+/// the old primary wrote after the divergence.
+fn assert_has_the_sources_pages(p2: &Node, s: &Node) {
+    wait_until("the rewound server's pages", &[s, p2], || {
+        pages(p2) == pages(s)
+    });
+    assert!(pages(p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
+}
+
 /// P with standby S, load; S's stream stops (kill -9); P writes pages that
 /// diverge and stops cleanly; S is promoted (timeline 2) and writes to
 /// some of the same pages and to others; P is rewound from S and started
@@ -323,10 +332,7 @@ fn refusals_change_nothing_and_recover_first_rewinds_an_unclean_target() {
     std::fs::remove_file(&marker).unwrap();
     // -R: the directory starts as the source's standby by itself.
     let p2 = Node::start(&p.dir, &[] as &[&str]);
-    wait_until("the rewound server's pages", &[&s, &p2], || {
-        pages(&p2) == pages(&s)
-    });
-    assert!(pages(&p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
+    assert_has_the_sources_pages(&p2, &s);
 }
 
 /// A rewind that crashes after it cut the target's WAL and stored the
@@ -381,10 +387,7 @@ fn a_rewind_cut_short_refuses_to_start_and_is_resumed() {
     );
     assert!(text(&o).contains("Done!"), "{}", text(&o));
     let p2 = Node::start(&p.dir, &standby_settings(&s, "p"));
-    wait_until("the rewound server's pages", &[&s, &p2], || {
-        pages(&p2) == pages(&s)
-    });
-    assert!(pages(&p2).iter().all(|(_, d)| !contains(d, b"P-ONLY")));
+    assert_has_the_sources_pages(&p2, &s);
 }
 
 /// A source that no longer holds its WAL from the divergence point (it

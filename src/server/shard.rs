@@ -792,10 +792,6 @@ impl Shard<'_> {
         }
     }
 
-    /// A replication frame this connection cannot take: UNKNOWN_TYPE, and
-    /// the connection closes (docs/protocol.md §3). StandbyStatus belongs on
-    /// a replication stream (the walsender reads it there); timelines are
-    /// not served yet.
     /// TimelineHistory: the history file of a timeline in this server's
     /// history (empty for timeline 1, which has none), as PostgreSQL's
     /// TIMELINE_HISTORY. A small file read on the shard thread.
@@ -832,6 +828,9 @@ impl Shard<'_> {
         );
     }
 
+    /// A replication frame this connection cannot take: UNKNOWN_TYPE, and
+    /// the connection closes (docs/protocol.md §3). StandbyStatus belongs on
+    /// a replication stream (the walsender reads it there).
     fn refuse_replication(
         &mut self,
         id: ConnId,

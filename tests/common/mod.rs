@@ -192,6 +192,14 @@ pub fn run_bounded(args: &[&str]) -> Output {
     }
 }
 
+/// The settings every test server gets besides its own: a port the kernel
+/// picks, no metrics listener, 1 MiB segments.
+pub const SERVE_DEFAULTS: [&str; 3] = [
+    "listen_addr=127.0.0.1:0",
+    "metrics_addr=",
+    "wal_segment_size=1MB",
+];
+
 /// A `walden serve` on a directory that outlives it (kill -9, restart).
 pub struct Node {
     pub dir: PathBuf,
@@ -245,14 +253,10 @@ impl Node {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        for s in [
-            "listen_addr=127.0.0.1:0",
-            "metrics_addr=",
-            "wal_segment_size=1MB",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(self.settings.iter().cloned())
+        for s in SERVE_DEFAULTS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.settings.iter().cloned())
         {
             cmd.args(["-c", &s]);
         }
@@ -422,17 +426,31 @@ pub fn control_line(out: &str, name: &str) -> String {
 /// `walden serve` on `dir` with the test defaults, expected to exit (a
 /// refused start): its output.
 pub fn serve_refused(dir: &Path) -> Output {
-    let o = run_bounded(&[
-        "serve",
-        "-D",
-        dir.to_str().unwrap(),
-        "-c",
-        "listen_addr=127.0.0.1:0",
-        "-c",
-        "metrics_addr=",
-        "-c",
-        "wal_segment_size=1MB",
-    ]);
+    let mut args = vec!["serve", "-D", dir.to_str().unwrap()];
+    for s in SERVE_DEFAULTS {
+        args.extend(["-c", s]);
+    }
+    let o = run_bounded(&args);
     assert!(!o.status.success(), "the start was not refused");
     o
+}
+
+/// `walden basebackup -R` of `from` into `copy`, as standby `name`.
+pub fn basebackup_standby(from: &Node, copy: &Path, name: &str) {
+    let o = run_bounded(&[
+        "basebackup",
+        "-h",
+        &from.addr,
+        "-D",
+        copy.to_str().unwrap(),
+        "-R",
+        "--application-name",
+        name,
+    ]);
+    assert!(
+        o.status.success(),
+        "basebackup: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
